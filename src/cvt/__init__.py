@@ -1,0 +1,28 @@
+"""cvt: the CvT image models (Wu et al. 2021) in PyTorch, weight-compatible with transformers."""
+
+from .config import CvtConfig
+from .modeling import (
+    BaseModelOutputWithCLSToken,
+    CvtForImageClassification,
+    CvtModel,
+    CvtPreTrainedModel,
+    ImageClassifierOutputWithNoAttention,
+)
+from .variants import create_model, get_variant, imagenet_1k_labels, list_models
+from .weights import CheckpointError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BaseModelOutputWithCLSToken",
+    "CheckpointError",
+    "CvtConfig",
+    "CvtForImageClassification",
+    "CvtModel",
+    "CvtPreTrainedModel",
+    "ImageClassifierOutputWithNoAttention",
+    "create_model",
+    "get_variant",
+    "imagenet_1k_labels",
+    "list_models",
+]

@@ -1,0 +1,7 @@
+"""`python -m cvt ...` (also how torchrun starts the CLI)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

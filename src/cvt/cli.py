@@ -1,0 +1,125 @@
+"""The `cvt` command line: `cvt info`, `cvt convert`.
+
+Each subcommand is a small function from parsed arguments to an exit status; errors a user can
+fix are printed as one line (`cvt: error: ...`) with exit status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from . import convert, weights
+from .config import CvtConfig, kv_grid, stage_grids
+from .modeling import CvtForImageClassification
+from .variants import VARIANTS, get_variant
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for; printed without a traceback."""
+
+
+def _describe(config: CvtConfig, image_size: int) -> str:
+    with torch.device("meta"):  # shapes only: even CvT-W24 costs no memory
+        params = CvtForImageClassification(config).num_parameters()
+    macs = config.macs_per_image(image_size, image_size)
+    lines = [f"{'stage':<6}{'width':>6}{'heads':>6}{'depth':>6}  {'projection':<11}{'cls':<5}"
+             f"{'tokens':>9}{'kv tokens':>11}"]
+    for s, (h, w) in enumerate(stage_grids(config, image_size, image_size)):
+        kh, kw = kv_grid(config, s, h, w)
+        lines.append(
+            f"{s:<6}{config.embed_dim[s]:>6}{config.num_heads[s]:>6}{config.depth[s]:>6}  "
+            f"{config.qkv_projection_method[s]:<11}{'yes' if config.cls_token[s] else 'no':<5}"
+            f"{f'{h}x{w}':>9}{f'{kh}x{kw}':>11}")
+    lines += [
+        f"activation: {config.hidden_act}   labels: {config.num_labels}",
+        f"parameters: {params:,}",
+        f"multiply-adds per image at {image_size}x{image_size}: {macs / 1e9:.2f} G ({macs:,})",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    source = args.model
+    path = Path(source)
+    if path.is_dir() or path.is_file():
+        config_path = path / weights.CONFIG_NAME if path.is_dir() else path
+        if not config_path.is_file():
+            raise UsageError(f"{path} has no {weights.CONFIG_NAME}")
+        config = weights.read_config(config_path)
+        image_size = args.image_size or _stored_image_size(path) or 224
+        title = str(path)
+    elif source.removeprefix("microsoft/") in VARIANTS:
+        variant = get_variant(source)
+        config, image_size = variant.config(), args.image_size or variant.image_size
+        title = f"{variant.name} ({variant.pretraining} pre-training, ImageNet-1k top-1 {variant.top1} %)"
+    else:
+        raise UsageError(f"{source!r} is neither a folder, a config file, nor a variant "
+                         f"({', '.join(VARIANTS)})")
+    print(title)
+    print(_describe(config, image_size))
+    return 0
+
+
+def _stored_image_size(path: Path) -> int | None:
+    processor = path / "preprocessor_config.json" if path.is_dir() else None
+    if processor is None or not processor.is_file():
+        return None
+    size = weights.read_json(processor).get("size")
+    if isinstance(size, dict):
+        size = size.get("shortest_edge") or size.get("height")
+    return size if isinstance(size, int) else None
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    if args.model and args.config:
+        raise UsageError("give --model or --config, not both")
+    config, fields = None, {}
+    if args.model:
+        config = get_variant(args.model).config(hidden_act="quick_gelu")
+    elif args.config:
+        data = weights.read_json(args.config)
+        if isinstance(data, dict) and convert.is_original_spec(data):
+            fields = convert.spec_fields(data)  # the label count comes from the checkpoint
+        else:
+            config = weights.read_config(args.config)
+    config = weights.convert_original(args.checkpoint, args.output_dir, config=config, **fields)
+    print(f"wrote {args.output_dir} ({config.num_stages} stages, depths {list(config.depth)}, "
+          f"widths {list(config.embed_dim)}, {config.num_labels} labels, {config.hidden_act})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cvt", description="CvT image models: inspect and convert.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="architecture, parameters and multiply-adds of a model")
+    info.add_argument("model", help="variant name (e.g. cvt-13), checkpoint folder or config.json")
+    info.add_argument("--image-size", type=int, help="input size (default: the model's own)")
+    info.set_defaults(run=cmd_info)
+
+    conv = sub.add_parser("convert", help="original microsoft/CvT .pth -> transformers-layout folder")
+    conv.add_argument("checkpoint", help="original checkpoint file (.pth)")
+    conv.add_argument("output_dir", help="folder to write config.json and model.safetensors to")
+    conv.add_argument("--model", choices=list(VARIANTS), help="architecture of a released variant")
+    conv.add_argument("--config", help="config.json, or the original MODEL.SPEC as JSON")
+    conv.set_defaults(run=cmd_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (UsageError, weights.CheckpointError, ValueError, FileNotFoundError) as err:
+        print(f"cvt: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

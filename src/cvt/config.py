@@ -1,0 +1,329 @@
+"""`CvtConfig`: the architecture of a CvT model, with transformers' field names and defaults.
+
+The defaults describe CvT-13 (and equal transformers' `CvtConfig` defaults), so a `config.json`
+written by transformers reads back here unchanged and ours reads back in transformers. Every
+per-stage field is a tuple with one entry per stage; the number of stages is `len(depth)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+PROJECTION_METHODS = ("dw_bn", "avg", "linear")
+ACTIVATIONS = ("gelu", "quick_gelu")
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+# Per-stage fields: name -> (element type, smallest allowed value or None). Order = transformers'.
+_STAGE_INT_FIELDS = {
+    "patch_sizes": 1,
+    "patch_stride": 1,
+    "patch_padding": 0,
+    "embed_dim": 1,
+    "num_heads": 1,
+    "depth": 1,
+    "kernel_qkv": 1,
+    "padding_kv": 0,
+    "stride_kv": 1,
+    "padding_q": 0,
+    "stride_q": 1,
+}
+_STAGE_RATE_FIELDS = ("attention_drop_rate", "drop_rate", "drop_path_rate")
+_STAGE_BOOL_FIELDS = ("qkv_bias", "cls_token")
+
+# Keys transformers writes that describe the file rather than the architecture: read and dropped.
+_IGNORED_JSON_KEYS = {"transformers_version", "architectures", "model_type", "num_labels"}
+
+
+@dataclass
+class CvtConfig:
+    """Configuration of `CvtModel` / `CvtForImageClassification`.
+
+    Differs from transformers' only by `hidden_act`: "gelu" (exact erf, as transformers) or
+    "quick_gelu" (x * sigmoid(1.702 x), as the original microsoft/CvT code that trained the
+    released weights). `layer_norm_eps` is kept for config.json compatibility; like transformers
+    and the original code, every LayerNorm uses eps 1e-5.
+    """
+
+    num_channels: int = 3
+    patch_sizes: tuple[int, ...] = (7, 3, 3)
+    patch_stride: tuple[int, ...] = (4, 2, 2)
+    patch_padding: tuple[int, ...] = (2, 1, 1)
+    embed_dim: tuple[int, ...] = (64, 192, 384)
+    num_heads: tuple[int, ...] = (1, 3, 6)
+    depth: tuple[int, ...] = (1, 2, 10)
+    mlp_ratio: tuple[float, ...] = (4.0, 4.0, 4.0)
+    attention_drop_rate: tuple[float, ...] = (0.0, 0.0, 0.0)
+    drop_rate: tuple[float, ...] = (0.0, 0.0, 0.0)
+    drop_path_rate: tuple[float, ...] = (0.0, 0.0, 0.1)
+    qkv_bias: tuple[bool, ...] = (True, True, True)
+    cls_token: tuple[bool, ...] = (False, False, True)
+    qkv_projection_method: tuple[str, ...] = ("dw_bn", "dw_bn", "dw_bn")
+    kernel_qkv: tuple[int, ...] = (3, 3, 3)
+    padding_kv: tuple[int, ...] = (1, 1, 1)
+    stride_kv: tuple[int, ...] = (2, 2, 2)
+    padding_q: tuple[int, ...] = (1, 1, 1)
+    stride_q: tuple[int, ...] = (1, 1, 1)
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    id2label: dict[int, str] | None = None
+    label2id: dict[str, int] | None = None
+    num_labels: int | None = None
+    problem_type: str | None = None
+    output_hidden_states: bool = False
+    return_dict: bool = True
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+    """Keys of a config.json that this library does not use (e.g. `dtype`), written back on save."""
+
+    def __post_init__(self) -> None:
+        self._validate_and_normalise()
+
+    # ------------------------------------------------------------------ validation
+    def _validate_and_normalise(self) -> None:
+        for name in ("num_channels",):
+            self._check_int(name, getattr(self, name), minimum=1)
+        for name in ("initializer_range", "layer_norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"CvtConfig.{name} must be a positive number, got {value!r}")
+            setattr(self, name, float(value))
+        for name in ("output_hidden_states", "return_dict"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"CvtConfig.{name} must be true or false, got {getattr(self, name)!r}")
+
+        num_stages = None
+        for name in self.stage_fields():
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+                raise ValueError(
+                    f"CvtConfig.{name} must be a list with one value per stage, got {value!r}"
+                )
+            if num_stages is None:
+                num_stages = len(value)
+            elif len(value) != num_stages:
+                raise ValueError(
+                    f"CvtConfig.{name} has {len(value)} entries but {self.stage_fields()[0]} has "
+                    f"{num_stages}: every per-stage list needs one entry per stage"
+                )
+            setattr(self, name, tuple(value))
+        if not num_stages:
+            raise ValueError("CvtConfig needs at least one stage; the per-stage lists are empty")
+
+        for name, minimum in _STAGE_INT_FIELDS.items():
+            for v in getattr(self, name):
+                self._check_int(name, v, minimum)
+        for name in _STAGE_RATE_FIELDS:
+            for v in getattr(self, name):
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+                    raise ValueError(f"CvtConfig.{name} values must be rates in [0, 1), got {v!r}")
+            setattr(self, name, tuple(float(v) for v in getattr(self, name)))
+        for v in self.mlp_ratio:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"CvtConfig.mlp_ratio values must be positive numbers, got {v!r}")
+        self.mlp_ratio = tuple(float(v) for v in self.mlp_ratio)
+        for name in _STAGE_BOOL_FIELDS:
+            for v in getattr(self, name):
+                if not isinstance(v, bool):
+                    raise ValueError(f"CvtConfig.{name} values must be true or false, got {v!r}")
+        for v in self.qkv_projection_method:
+            if v not in PROJECTION_METHODS:
+                raise ValueError(
+                    f"CvtConfig.qkv_projection_method: unknown method {v!r}; "
+                    f"expected one of {', '.join(PROJECTION_METHODS)}"
+                )
+        for stage, (dim, heads) in enumerate(zip(self.embed_dim, self.num_heads)):
+            if dim % heads:
+                raise ValueError(
+                    f"CvtConfig.embed_dim[{stage}] = {dim} is not divisible by "
+                    f"num_heads[{stage}] = {heads}"
+                )
+        for stage, method in enumerate(self.qkv_projection_method):
+            kernel, pad_q, pad_kv = self.kernel_qkv[stage], self.padding_q[stage], self.padding_kv[stage]
+            if method == "dw_bn" and (self.stride_q[stage] != 1 or 2 * pad_q != kernel - 1):
+                raise ValueError(
+                    f"CvtConfig: stage {stage} has stride_q={self.stride_q[stage]}, "
+                    f"padding_q={pad_q} with kernel_qkv={kernel}; the query projection must keep "
+                    f"the token grid (stride_q 1, padding_q (kernel_qkv - 1) / 2) because the "
+                    f"attention output is added back onto the tokens"
+                )
+            if method == "avg" and 2 * pad_kv > kernel:
+                raise ValueError(
+                    f"CvtConfig: stage {stage} uses 'avg' with padding_kv={pad_kv} > half of "
+                    f"kernel_qkv={kernel}; average pooling allows at most half the kernel"
+                )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(
+                f"CvtConfig.hidden_act: unknown activation {self.hidden_act!r}; "
+                f"expected one of {', '.join(ACTIVATIONS)}"
+            )
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(
+                f"CvtConfig.problem_type: unknown value {self.problem_type!r}; "
+                f"expected None or one of {', '.join(PROBLEM_TYPES)}"
+            )
+        self._normalise_labels()
+
+    @staticmethod
+    def _check_int(name: str, value: Any, minimum: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"CvtConfig.{name} values must be integers, got {value!r}")
+        if value < minimum:
+            kind = "positive" if minimum == 1 else "non-negative"
+            raise ValueError(f"CvtConfig.{name} values must be {kind}, got {value}")
+
+    def _normalise_labels(self) -> None:
+        """Make id2label, label2id and num_labels agree (transformers' rules: default 2 labels)."""
+        if self.id2label is not None:
+            if not isinstance(self.id2label, dict):
+                raise ValueError(f"CvtConfig.id2label must be a mapping, got {self.id2label!r}")
+            try:
+                self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"CvtConfig.id2label keys must be class indices, got {list(self.id2label)[:5]}"
+                ) from None
+            if self.num_labels is not None and self.num_labels != len(self.id2label):
+                raise ValueError(
+                    f"CvtConfig: num_labels={self.num_labels} disagrees with id2label, "
+                    f"which has {len(self.id2label)} entries"
+                )
+        else:
+            n = 2 if self.num_labels is None else self.num_labels
+            self._check_int("num_labels", n, minimum=0)
+            self.id2label = {i: f"LABEL_{i}" for i in range(n)}
+            self.label2id = None
+        self.num_labels = len(self.id2label)
+        if self.label2id is None or set(self.label2id.values()) != set(self.id2label):
+            self.label2id = {label: i for i, label in self.id2label.items()}
+        else:
+            self.label2id = {str(k): int(v) for k, v in self.label2id.items()}
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def stage_fields() -> tuple[str, ...]:
+        """Names of the fields that hold one value per stage."""
+        return (
+            "patch_sizes", "patch_stride", "patch_padding", "embed_dim", "num_heads", "depth",
+            "mlp_ratio", "attention_drop_rate", "drop_rate", "drop_path_rate", "qkv_bias",
+            "cls_token", "qkv_projection_method", "kernel_qkv", "padding_kv", "stride_kv",
+            "padding_q", "stride_q",
+        )
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.depth)
+
+    def replace(self, **changes: Any) -> CvtConfig:
+        """A validated copy with some fields changed; `num_labels=` alone relabels the head."""
+        if "num_labels" in changes and "id2label" not in changes:
+            changes = {**changes, "id2label": None, "label2id": None}
+        if "id2label" in changes and "label2id" not in changes:
+            changes = {**changes, "label2id": None}
+        if "id2label" in changes and "num_labels" not in changes:
+            changes = {**changes, "num_labels": None}
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """The config.json content transformers writes for CvT (plus `hidden_act`)."""
+        out: dict[str, Any] = dict(self.extra)
+        for f in dataclasses.fields(self):
+            if f.name in ("extra", "num_labels", "output_hidden_states", "return_dict"):
+                continue
+            value = getattr(self, f.name)
+            if f.name == "problem_type" and value is None:
+                continue
+            if isinstance(value, tuple):
+                value = list(value)
+            elif f.name == "id2label":
+                value = {str(k): v for k, v in value.items()}
+            out[f.name] = value
+        if self.output_hidden_states:
+            out["output_hidden_states"] = True
+        if not self.return_dict:
+            out["return_dict"] = False
+        out["model_type"] = "cvt"
+        return dict(sorted(out.items()))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **overrides: Any) -> CvtConfig:
+        """Build from a config.json dict (transformers' or ours); unknown keys go to `extra`."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a CvT config must be a JSON object, got {type(data).__name__}")
+        model_type = data.get("model_type", "cvt")
+        if model_type != "cvt":
+            raise ValueError(
+                f"this config describes a {model_type!r} model, not CvT (model_type 'cvt' expected)"
+            )
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "num_labels"}
+        kwargs: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in known:
+                kwargs[key] = value
+            elif key not in _IGNORED_JSON_KEYS:
+                extra[key] = value
+        if "num_labels" in data and "id2label" not in data:
+            kwargs["num_labels"] = data["num_labels"]
+        config = cls(**kwargs, extra=extra)
+        return config.replace(**overrides) if overrides else config
+
+    def macs_per_image(self, height: int, width: int) -> int:
+        """Multiply-adds of one forward pass (convolutions, linear layers, attention products)."""
+        return _count_macs(self, height, width)
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, ceil: bool = False) -> int:
+    """Spatial size after a convolution or pooling window (PyTorch's formula)."""
+    span = size + 2 * padding - kernel
+    if span < 0:
+        return 0
+    out = (math.ceil(span / stride) if ceil else span // stride) + 1
+    if ceil and (out - 1) * stride >= size + padding:
+        out -= 1  # PyTorch drops a last window that starts in the right padding
+    return out
+
+
+def kv_grid(config: CvtConfig, stage: int, height: int, width: int) -> tuple[int, int]:
+    """Grid of the key/value tokens of `stage` for a token map of height x width."""
+    method = config.qkv_projection_method[stage]
+    if method == "linear":
+        return height, width
+    k, s, p = config.kernel_qkv[stage], config.stride_kv[stage], config.padding_kv[stage]
+    ceil = method == "avg"
+    return conv_output_size(height, k, s, p, ceil), conv_output_size(width, k, s, p, ceil)
+
+
+def stage_grids(config: CvtConfig, height: int, width: int) -> list[tuple[int, int]]:
+    """Token-map size after each stage's convolutional embedding (0 where the input is too small)."""
+    grids = []
+    for s in range(config.num_stages):
+        k, st, p = config.patch_sizes[s], config.patch_stride[s], config.patch_padding[s]
+        height, width = conv_output_size(height, k, st, p), conv_output_size(width, k, st, p)
+        grids.append((height, width))
+    return grids
+
+
+def _count_macs(config: CvtConfig, height: int, width: int) -> int:
+    macs = 0
+    in_ch = config.num_channels
+    for s, (h, w) in enumerate(stage_grids(config, height, width)):
+        dim, k = config.embed_dim[s], config.patch_sizes[s]
+        macs += h * w * dim * in_ch * k * k  # convolutional token embedding
+        hk, wk = kv_grid(config, s, h, w)
+        cls = int(config.cls_token[s])
+        tokens, kv_tokens = h * w + cls, hk * wk + cls
+        hidden = int(dim * config.mlp_ratio[s])
+        per_layer = 0
+        if config.qkv_projection_method[s] == "dw_bn":
+            per_layer += (h * w + 2 * hk * wk) * dim * config.kernel_qkv[s] ** 2  # depthwise q, k, v
+        per_layer += (tokens + 2 * kv_tokens) * dim * dim  # projection_query / key / value
+        per_layer += 2 * tokens * kv_tokens * dim  # q @ k^T and attn @ v, all heads together
+        per_layer += tokens * dim * dim  # attention output dense
+        per_layer += 2 * tokens * dim * hidden  # MLP
+        macs += config.depth[s] * per_layer
+        in_ch = dim
+    return macs + config.embed_dim[-1] * config.num_labels

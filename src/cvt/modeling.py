@@ -1,0 +1,459 @@
+"""CvT in PyTorch, top to bottom: small blocks, one layer, one stage, the backbone, the classifier.
+
+Module attribute names mirror transformers' CvT, so `state_dict()` keys and shapes are identical
+(`cvt.encoder.stages.{s}.layers.{l}.attention.attention.projection_query.weight`, ...). Inside,
+activations travel as tokens `(B, N, C)`; a token tensor viewed as `(B, C, H, W)` is a
+channels-last feature map, so the convolutions need no layout copies. Attention runs through
+`scaled_dot_product_attention` with CvT's own scale, `embed_dim ** -0.5` (not the head-size
+default), and in eval mode each depthwise convolution absorbs its BatchNorm.
+
+Where transformers' port is wrong, this follows the original microsoft/CvT code: 'avg' and
+'linear' projections work, a cls token may sit in any stage (sized by that stage), a model
+without a cls token classifies from mean-pooled normalised tokens, and stochastic depth ramps
+linearly over each stage's layers and drops only the residual branch.
+
+Model code never reads files: `from_pretrained` / `save_pretrained` delegate to `cvt.weights`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import CvtConfig, stage_grids
+
+LAYER_NORM_EPS = 1e-5  # the original code's and transformers' value (config.layer_norm_eps is unused)
+
+
+# ---------------------------------------------------------------------------------------- outputs
+class ModelOutput:
+    """A dataclass output readable as attributes, by key, or by position (None fields skipped)."""
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(v for v in (getattr(self, f.name) for f in fields(self)) if v is not None)
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def __getitem__(self, key: str | int | slice) -> Any:
+        if isinstance(key, str):
+            if key not in self.keys():
+                raise KeyError(f"{key!r} is not set in this {type(self).__name__}; has {self.keys()}")
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+
+@dataclass
+class BaseModelOutputWithCLSToken(ModelOutput):
+    """`last_hidden_state` (B, C, H, W); `cls_token_value` (B, 1, C) when the last stage has one;
+    `hidden_states`: one (B, C_s, H_s, W_s) map per stage, when asked for."""
+
+    last_hidden_state: Tensor
+    cls_token_value: Tensor | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+
+
+@dataclass
+class ImageClassifierOutputWithNoAttention(ModelOutput):
+    """`loss` when labels were given, `logits` (B, num_labels), per-stage `hidden_states` when asked."""
+
+    loss: Tensor | None = None
+    logits: Tensor | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+
+
+# ---------------------------------------------------------------------------------------- blocks
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the activation the original CvT code trained with."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def make_activation(name: str) -> nn.Module:
+    return QuickGELU() if name == "quick_gelu" else nn.GELU()
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: zero a residual branch for a random subset of samples while training."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate:.4f}"
+
+
+class ConvEmbedding(nn.Module):
+    """Convolutional token embedding: strided conv, then LayerNorm over channels per position."""
+
+    def __init__(self, in_channels: int, dim: int, kernel: int, stride: int, padding: int) -> None:
+        super().__init__()
+        self.projection = nn.Conv2d(in_channels, dim, kernel, stride, padding)
+        self.normalization = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+
+    def forward(self, feature_map: Tensor) -> tuple[Tensor, int, int]:
+        x = self.projection(feature_map)
+        height, width = x.shape[-2:]
+        tokens = x.flatten(2).transpose(1, 2)  # (B, H*W, C); contiguous for channels-last input
+        return self.normalization(tokens), height, width
+
+
+class Embedding(nn.Module):
+    def __init__(self, in_channels: int, dim: int, kernel: int, stride: int, padding: int,
+                 drop_rate: float) -> None:
+        super().__init__()
+        self.convolution_embeddings = ConvEmbedding(in_channels, dim, kernel, stride, padding)
+        self.dropout = nn.Dropout(drop_rate)
+
+    def forward(self, feature_map: Tensor) -> tuple[Tensor, int, int]:
+        tokens, height, width = self.convolution_embeddings(feature_map)
+        return self.dropout(tokens), height, width
+
+
+class DepthwiseConvBatchNorm(nn.Module):
+    """Depthwise conv + BatchNorm; in eval mode the BatchNorm is folded into the conv (exact)."""
+
+    def __init__(self, dim: int, kernel: int, stride: int, padding: int) -> None:
+        super().__init__()
+        self.convolution = nn.Conv2d(dim, dim, kernel, stride, padding, groups=dim, bias=False)
+        self.normalization = nn.BatchNorm2d(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            return self.normalization(self.convolution(x))
+        conv, bn = self.convolution, self.normalization
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        weight = conv.weight * scale.view(-1, 1, 1, 1)
+        bias = bn.bias - bn.running_mean * scale
+        return F.conv2d(x, weight, bias, conv.stride, conv.padding, groups=conv.groups)
+
+
+class SpatialProjection(nn.Module):
+    """The spatial half of a q/k/v projection; turns a (B, C, H, W) map into tokens (B, N, C).
+
+    'dw_bn': depthwise conv + BatchNorm; 'avg': average pooling (ceil mode, as the original);
+    'linear': no spatial operation.
+    """
+
+    def __init__(self, method: str, dim: int, kernel: int, stride: int, padding: int) -> None:
+        super().__init__()
+        if method == "dw_bn":
+            self.convolution_projection = DepthwiseConvBatchNorm(dim, kernel, stride, padding)
+        elif method == "avg":
+            self.convolution_projection = nn.AvgPool2d(kernel, stride, padding, ceil_mode=True)
+        else:
+            self.convolution_projection = nn.Identity()
+
+    def forward(self, feature_map: Tensor) -> Tensor:
+        return self.convolution_projection(feature_map).flatten(2).transpose(1, 2)
+
+
+class SelfAttention(nn.Module):
+    """Convolutional projection of q/k/v, then multi-head attention scaled by embed_dim ** -0.5.
+
+    A cls token skips the spatial projection and is prepended to q, k and v before the linear
+    projections, so it both attends and is attended to.
+    """
+
+    def __init__(self, config: CvtConfig, stage: int) -> None:
+        super().__init__()
+        dim, method = config.embed_dim[stage], config.qkv_projection_method[stage]
+        kernel, bias = config.kernel_qkv[stage], config.qkv_bias[stage]
+        self.num_heads = config.num_heads[stage]
+        self.scale = dim**-0.5
+        self.with_cls_token = config.cls_token[stage]
+        self.attention_drop_rate = config.attention_drop_rate[stage]
+        query_method = "linear" if method == "avg" else method
+        self.convolution_projection_query = SpatialProjection(
+            query_method, dim, kernel, config.stride_q[stage], config.padding_q[stage])
+        self.convolution_projection_key = SpatialProjection(
+            method, dim, kernel, config.stride_kv[stage], config.padding_kv[stage])
+        self.convolution_projection_value = SpatialProjection(
+            method, dim, kernel, config.stride_kv[stage], config.padding_kv[stage])
+        self.projection_query = nn.Linear(dim, dim, bias=bias)
+        self.projection_key = nn.Linear(dim, dim, bias=bias)
+        self.projection_value = nn.Linear(dim, dim, bias=bias)
+
+    def forward(self, x: Tensor, height: int, width: int) -> Tensor:
+        batch, _, dim = x.shape
+        tokens = x[:, 1:] if self.with_cls_token else x
+        feature_map = tokens.transpose(1, 2).unflatten(2, (height, width))
+        feature_map = feature_map.contiguous(memory_format=torch.channels_last)
+        q = self.convolution_projection_query(feature_map)
+        k = self.convolution_projection_key(feature_map)
+        v = self.convolution_projection_value(feature_map)
+        if self.with_cls_token:
+            cls = x[:, :1]
+            q, k, v = torch.cat((cls, q), 1), torch.cat((cls, k), 1), torch.cat((cls, v), 1)
+        heads = (batch, -1, self.num_heads, dim // self.num_heads)
+        q = self.projection_query(q).view(heads).transpose(1, 2)  # (B, heads, T_q, d)
+        k = self.projection_key(k).view(heads).transpose(1, 2)  # (B, heads, T_kv, d)
+        v = self.projection_value(v).view(heads).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.attention_drop_rate if self.training else 0.0, scale=self.scale)
+        return out.transpose(1, 2).reshape(batch, -1, dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: CvtConfig, stage: int) -> None:
+        super().__init__()
+        dim = config.embed_dim[stage]
+        self.attention = SelfAttention(config, stage)
+        self.output = nn.Sequential(OrderedDict(
+            dense=nn.Linear(dim, dim), dropout=nn.Dropout(config.drop_rate[stage])))
+
+    def forward(self, x: Tensor, height: int, width: int) -> Tensor:
+        return self.output(self.attention(x, height, width))
+
+
+class CvtLayer(nn.Module):
+    """Pre-norm transformer block: x + attention(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, config: CvtConfig, stage: int, drop_path_rate: float) -> None:
+        super().__init__()
+        dim, rate = config.embed_dim[stage], config.drop_rate[stage]
+        hidden = int(dim * config.mlp_ratio[stage])
+        self.attention = Attention(config, stage)
+        self.intermediate = nn.Sequential(OrderedDict(
+            dense=nn.Linear(dim, hidden), activation=make_activation(config.hidden_act),
+            dropout=nn.Dropout(rate)))
+        self.output = nn.Sequential(OrderedDict(dense=nn.Linear(hidden, dim), dropout=nn.Dropout(rate)))
+        self.drop_path = DropPath(drop_path_rate)
+        self.layernorm_before = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.layernorm_after = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+
+    def forward(self, x: Tensor, height: int, width: int) -> Tensor:
+        x = x + self.drop_path(self.attention(self.layernorm_before(x), height, width))
+        return x + self.drop_path(self.output(self.intermediate(self.layernorm_after(x))))
+
+
+class CvtStage(nn.Module):
+    """Convolutional token embedding, optional cls token, then `depth` layers."""
+
+    def __init__(self, config: CvtConfig, stage: int) -> None:
+        super().__init__()
+        dim = config.embed_dim[stage]
+        in_channels = config.num_channels if stage == 0 else config.embed_dim[stage - 1]
+        if config.cls_token[stage]:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        else:
+            self.cls_token = None
+        self.embedding = Embedding(
+            in_channels, dim, config.patch_sizes[stage], config.patch_stride[stage],
+            config.patch_padding[stage], config.drop_rate[stage])
+        # stochastic depth ramps linearly from 0 over this stage's layers, as in the original code
+        depth, top_rate = config.depth[stage], config.drop_path_rate[stage]
+        rates = [top_rate * j / (depth - 1) if depth > 1 else 0.0 for j in range(depth)]
+        self.layers = nn.ModuleList(CvtLayer(config, stage, rate) for rate in rates)
+
+    def forward(self, feature_map: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(B, C_in, H, W) -> (B, C, H', W') channels-last map, and the cls token (B, 1, C) or None."""
+        x, height, width = self.embedding(feature_map)
+        if self.cls_token is not None:
+            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        for layer in self.layers:
+            x = layer(x, height, width)
+        cls = None
+        if self.cls_token is not None:
+            cls, x = x[:, :1], x[:, 1:]
+        feature_map = x.transpose(1, 2).unflatten(2, (height, width))
+        return feature_map.contiguous(memory_format=torch.channels_last), cls
+
+
+class CvtEncoder(nn.Module):
+    def __init__(self, config: CvtConfig) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(CvtStage(config, s) for s in range(config.num_stages))
+
+
+# ---------------------------------------------------------------------------------------- models
+class CvtPreTrainedModel(nn.Module):
+    """Shared by both models: configuration, weight initialisation, loading and saving."""
+
+    base_model_prefix = "cvt"
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: CvtConfig) -> None:
+        super().__init__()
+        if not isinstance(config, CvtConfig):
+            raise TypeError(f"expected a cvt.CvtConfig, got {type(config).__name__}")
+        self.config = config
+
+    def init_weights(self) -> None:
+        """The original code's initialisation: truncated normal for Linear layers and cls tokens,
+        zero biases, unit norms; convolutions keep PyTorch's default."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, CvtStage) and module.cls_token is not None:
+                nn.init.trunc_normal_(module.cls_token, std=std)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def _check_pixel_values(self, pixel_values: Any) -> None:
+        """Turn the commonest input mistakes into one clear error instead of a deep torch one."""
+        if not isinstance(pixel_values, Tensor):
+            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+        if pixel_values.dim() != 4:
+            raise ValueError(
+                f"pixel_values must have shape (batch, channels, height, width); got a "
+                f"{pixel_values.dim()}-D tensor of shape {tuple(pixel_values.shape)}"
+                + (" (add a batch dimension with .unsqueeze(0))" if pixel_values.dim() == 3 else ""))
+        if not pixel_values.is_floating_point():
+            raise ValueError(
+                f"pixel_values must be a floating-point tensor, got {pixel_values.dtype}; convert "
+                f"images with cvt.CvtImageProcessor or tensor.float() (and normalise)")
+        channels, height, width = pixel_values.shape[1:]
+        if channels != self.config.num_channels:
+            raise ValueError(
+                f"pixel_values has {channels} channels but the model expects "
+                f"{self.config.num_channels} (config.num_channels); is the tensor channels-last (B, H, W, C)?")
+        grids = stage_grids(self.config, height, width)
+        if any(h < 1 or w < 1 for h, w in grids):
+            stage = next(s for s, (h, w) in enumerate(grids) if h < 1 or w < 1)
+            raise ValueError(
+                f"an input of {height}x{width} pixels is too small for this model: stage {stage}'s "
+                f"token embedding (kernel {self.config.patch_sizes[stage]}, stride "
+                f"{self.config.patch_stride[stage]}, padding {self.config.patch_padding[stage]}) "
+                f"gets an empty map; the smallest input is {min_input_size(self.config)} pixels a side")
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, config: CvtConfig | None = None,
+                        ignore_mismatched_sizes: bool = False, **kwargs: Any):
+        """Load from a local folder (transformers layout), a hub id, or an original CvT `.pth`.
+
+        Keyword arguments that are config fields (`num_labels=`, `hidden_act=`, ...) override the
+        stored config; a different label count re-initialises only the classifier, with a warning.
+        Hub arguments (`revision`, `cache_dir`, `token`, `local_files_only`) are passed through.
+        """
+        from .weights import load_pretrained
+
+        return load_pretrained(cls, name_or_path, config=config,
+                               ignore_mismatched_sizes=ignore_mismatched_sizes, **kwargs)
+
+    def save_pretrained(self, folder: str, *, safe_serialization: bool = True) -> None:
+        """Write config.json + model.safetensors, loadable here and by transformers."""
+        from .weights import save_pretrained
+
+        save_pretrained(self, folder)
+
+
+def min_input_size(config: CvtConfig) -> int:
+    """Smallest square input every stage can embed."""
+    size = 1
+    while any(h < 1 for h, _ in stage_grids(config, size, size)):
+        size += 1
+    return size
+
+
+class CvtModel(CvtPreTrainedModel):
+    """The CvT backbone: per-stage feature maps and the last stage's cls token."""
+
+    def __init__(self, config: CvtConfig) -> None:
+        super().__init__(config)
+        self.encoder = CvtEncoder(config)
+        self.init_weights()
+
+    def forward(self, pixel_values: Tensor, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None) -> BaseModelOutputWithCLSToken | tuple:
+        self._check_pixel_values(pixel_values)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if return_dict is None:
+            return_dict = self.config.return_dict
+        x = pixel_values.contiguous(memory_format=torch.channels_last)
+        hidden_states = []
+        cls = None
+        for stage in self.encoder.stages:
+            x, cls = stage(x)
+            if output_hidden_states:
+                hidden_states.append(x.contiguous())
+        last = hidden_states[-1] if output_hidden_states else x.contiguous()
+        out = BaseModelOutputWithCLSToken(
+            last_hidden_state=last,
+            cls_token_value=cls,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None)
+        return out if return_dict else out.to_tuple()
+
+
+class CvtForImageClassification(CvtPreTrainedModel):
+    """CvT backbone + final LayerNorm + linear classifier over the cls token (or mean-pooled tokens)."""
+
+    def __init__(self, config: CvtConfig) -> None:
+        super().__init__(config)
+        self.cvt = CvtModel(config)
+        dim = config.embed_dim[-1]
+        self.layernorm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.classifier = nn.Linear(dim, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.init_weights()
+
+    def forward(self, pixel_values: Tensor, labels: Tensor | None = None,
+                output_hidden_states: bool | None = None,
+                return_dict: bool | None = None) -> ImageClassifierOutputWithNoAttention | tuple:
+        if return_dict is None:
+            return_dict = self.config.return_dict
+        outputs = self.cvt(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        if outputs.cls_token_value is not None:
+            features = self.layernorm(outputs.cls_token_value)[:, 0]
+        else:
+            tokens = outputs.last_hidden_state.flatten(2).transpose(1, 2)
+            features = self.layernorm(tokens).mean(dim=1)
+        logits = self.classifier(features)
+        loss = self.loss(logits, labels) if labels is not None else None
+        out = ImageClassifierOutputWithNoAttention(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return out if return_dict else out.to_tuple()
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """transformers' choice of loss by `problem_type` (inferred per call when unset; the
+        config is never modified): MSE for regression, cross-entropy for integer class labels,
+        BCE-with-logits for multi-hot float labels."""
+        num_labels = self.config.num_labels
+        problem = self.config.problem_type
+        if problem is None:
+            if num_labels == 1:
+                problem = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+        labels = labels.to(logits.device)
+        if problem == "regression":
+            if num_labels == 1:
+                return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
+            return F.mse_loss(logits, labels.to(logits.dtype))
+        if problem == "single_label_classification":
+            if labels.is_floating_point():
+                raise ValueError(
+                    f"single-label classification needs integer class indices, got {labels.dtype} labels")
+            return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1))
+        if labels.shape != logits.shape:
+            raise ValueError(
+                f"multi-label classification needs float multi-hot labels shaped like the logits "
+                f"{tuple(logits.shape)}, got {labels.dtype} labels of shape {tuple(labels.shape)} "
+                f"(integer class indices select single-label cross-entropy)")
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))

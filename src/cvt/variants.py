@@ -1,0 +1,85 @@
+"""Named CvT variants as data: architecture, input size, preprocessing, labels, hub id.
+
+`list_models()` names them; `create_model(name)` builds one (random weights, or the published
+weights from the hub with `pretrained=True`). The 1000 ImageNet-1k class names ship with the
+package in the standard order (taken from timm's `imagenet_synset_to_lemma.txt`, Apache-2.0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+from .config import CvtConfig
+from .modeling import CvtForImageClassification
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A published CvT checkpoint: its architecture and how its inputs were prepared."""
+
+    name: str
+    architecture: dict[str, Any]
+    image_size: int
+    pretraining: str  # "imagenet-1k" or "imagenet-22k" (all heads are ImageNet-1k)
+    top1: float  # ImageNet-1k top-1 (%) reported by the authors
+    crop_pct: float = 0.875  # below 384: resize the short side to size / crop_pct, centre-crop
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @property
+    def hub_id(self) -> str:
+        return f"microsoft/{self.name}"
+
+    def config(self, **overrides: Any) -> CvtConfig:
+        base = CvtConfig(**self.architecture, id2label=dict(enumerate(imagenet_1k_labels())))
+        return base.replace(**overrides) if overrides else base
+
+
+_CVT_13 = dict(depth=(1, 2, 10))
+_CVT_21 = dict(depth=(1, 4, 16))
+_CVT_W24 = dict(depth=(2, 2, 20), embed_dim=(192, 768, 1024), num_heads=(3, 12, 16),
+                drop_path_rate=(0.0, 0.0, 0.3))
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("cvt-13", _CVT_13, 224, "imagenet-1k", 81.6),
+    Variant("cvt-13-384", _CVT_13, 384, "imagenet-1k", 83.0),
+    Variant("cvt-13-384-22k", _CVT_13, 384, "imagenet-22k", 83.3),
+    Variant("cvt-21", _CVT_21, 224, "imagenet-1k", 82.5),
+    Variant("cvt-21-384", _CVT_21, 384, "imagenet-1k", 83.3),
+    Variant("cvt-21-384-22k", _CVT_21, 384, "imagenet-22k", 84.9),
+    Variant("cvt-w24-384-22k", _CVT_W24, 384, "imagenet-22k", 87.6),
+)}
+
+
+def list_models() -> list[str]:
+    """Names accepted by `create_model` (and as `microsoft/<name>` hub ids)."""
+    return list(VARIANTS)
+
+
+def get_variant(name: str) -> Variant:
+    key = name.removeprefix("microsoft/")
+    if key not in VARIANTS:
+        raise ValueError(f"unknown CvT variant {name!r}; choose one of {', '.join(VARIANTS)}")
+    return VARIANTS[key]
+
+
+def create_model(name: str, pretrained: bool = False, **config_overrides: Any) -> CvtForImageClassification:
+    """Build a named variant; `pretrained=True` loads `microsoft/<name>` from the hub."""
+    variant = get_variant(name)
+    if pretrained:
+        return CvtForImageClassification.from_pretrained(variant.hub_id, **config_overrides)
+    return CvtForImageClassification(variant.config(**config_overrides))
+
+
+@lru_cache(maxsize=1)
+def imagenet_1k_labels() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k class names, index order as in every CvT checkpoint."""
+    text = resources.files("cvt").joinpath("imagenet_1k_labels.txt").read_text(encoding="utf-8")
+    return tuple(text.splitlines())

@@ -1,0 +1,329 @@
+"""Checkpoint I/O: every file this library reads or writes for a model goes through here.
+
+Reads a transformers-layout folder (config.json + model.safetensors, pytorch_model.bin, or
+either sharded with an index), a hub id (through huggingface_hub's cache, which honours
+HF_HUB_OFFLINE), or a single original microsoft/CvT `.pth` file (renamed by `cvt.convert`).
+Never unpickles code: safetensors first, `torch.load(weights_only=True)` otherwise. Writes
+atomically (temporary file, fsync, rename), so a failed save leaves the old files intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from . import convert
+from .config import CvtConfig
+
+logger = logging.getLogger("cvt")
+
+CONFIG_NAME = "config.json"
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_INDEX_NAME = "model.safetensors.index.json"
+PT_WEIGHTS_NAME = "pytorch_model.bin"
+PT_INDEX_NAME = "pytorch_model.bin.index.json"
+WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME, PT_WEIGHTS_NAME, PT_INDEX_NAME)
+HUB_ARGUMENTS = {"revision", "cache_dir", "token", "local_files_only", "force_download"}
+HEAD_PREFIXES = ("layernorm.", "classifier.")
+
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, of another model, or not matching the config."""
+
+
+# ---------------------------------------------------------------------------------------- reading
+def read_json(path: str | os.PathLike) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+
+
+def read_config(path: str | os.PathLike, **overrides: Any) -> CvtConfig:
+    """A CvtConfig from a config.json (transformers') or an original yaml spec saved as JSON."""
+    data = read_json(path)
+    try:
+        if isinstance(data, dict) and convert.is_original_spec(data):
+            return CvtConfig(**{**convert.spec_fields(data), **overrides})
+        return CvtConfig.from_dict(data, **overrides)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: {err}") from None
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Tensors of one weights file: safetensors, or a torch file loaded with weights_only=True."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no weights file at {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except Exception as err:  # safetensors raises its own error types for damaged files
+            raise CheckpointError(
+                f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and unsafe-global errors alike mean "cannot use this"
+        raise CheckpointError(
+            f"{path} could not be read as a PyTorch weights file with weights_only=True "
+            f"(truncated, corrupt, or it holds Python objects rather than tensors): {err}") from None
+    return _unwrap_state_dict(obj, path)
+
+
+def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
+    """Accept a bare state dict or the usual training wrappers ({'state_dict': ...}, DDP 'module.')."""
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k.removeprefix("module."): v for k, v in obj.items()}
+    return obj
+
+
+def read_folder_weights(folder: Path, fetch: Callable[[str], Path | None]) -> dict[str, Tensor]:
+    """The state dict of a transformers-layout folder; `fetch(name)` returns a local file or None."""
+    for name in WEIGHT_FILES:
+        path = fetch(name)
+        if path is None:
+            continue
+        if not name.endswith(".index.json"):
+            return read_state_dict(path)
+        index = read_json(path)
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+            raise CheckpointError(f"{path} has no 'weight_map'; not a sharded checkpoint index")
+        state_dict: dict[str, Tensor] = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            shard_path = fetch(shard)
+            if shard_path is None:
+                raise CheckpointError(f"shard {shard} named in {path} is missing")
+            state_dict.update(read_state_dict(shard_path))
+        return state_dict
+    raise CheckpointError(f"{folder} holds no weights: expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def _local_fetcher(folder: Path) -> Callable[[str], Path | None]:
+    return lambda name: (folder / name) if (folder / name).is_file() else None
+
+
+def _hub_fetcher(repo_id: str, hub_kwargs: dict[str, Any]) -> Callable[[str], Path | None]:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    def fetch(name: str) -> Path | None:
+        try:
+            return Path(hf_hub_download(repo_id, name, **hub_kwargs))
+        except EntryNotFoundError:
+            return None
+        except LocalEntryNotFoundError as err:
+            if name != CONFIG_NAME:
+                return None  # config.json resolved, so the repo is cached: this file is not there
+            raise CheckpointError(
+                f"{repo_id!r} is neither a local path nor a cached hub model, and the hub cannot be "
+                f"reached (offline, or HF_HUB_OFFLINE=1): {err}") from None
+        except Exception as err:  # repository not found, gated, HTTP errors
+            raise CheckpointError(f"could not fetch {name} of {repo_id!r} from the hub: {err}") from None
+
+    return fetch
+
+
+def resolve(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any] | None = None
+            ) -> tuple[CvtConfig | None, dict[str, Tensor], Callable[[str], Path | None] | None]:
+    """Find a checkpoint: (stored config or None, state dict in transformers layout, file fetcher).
+
+    The fetcher finds companion files of a folder or hub repo (e.g. preprocessor_config.json).
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        state_dict = read_state_dict(path)
+        return None, state_dict, None
+    if path.is_dir():
+        fetch = _local_fetcher(path)
+    elif _looks_like_hub_id(str(name_or_path)):
+        fetch = _hub_fetcher(str(name_or_path), hub_kwargs or {})
+    else:
+        raise CheckpointError(f"{name_or_path}: no such file or folder, and not a hub id (org/name)")
+    config_path = fetch(CONFIG_NAME)
+    if config_path is None:
+        raise CheckpointError(f"{name_or_path} has no {CONFIG_NAME}")
+    config = read_config(config_path)
+    return config, read_folder_weights(path, fetch), fetch
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return 1 <= len(parts) <= 2 and all(parts) and not name.startswith((".", "~"))
+
+
+# ---------------------------------------------------------------------------------------- loading
+def load_pretrained(cls: type[M], name_or_path: str | os.PathLike, *, config: CvtConfig | None,
+                    ignore_mismatched_sizes: bool, **kwargs: Any) -> M:
+    """Build `cls` from a checkpoint; see `CvtPreTrainedModel.from_pretrained`."""
+    hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_ARGUMENTS}
+    config_fields = {f.name for f in dataclasses.fields(CvtConfig)}
+    unknown = set(kwargs) - config_fields
+    if unknown:
+        raise TypeError(f"from_pretrained got unexpected arguments: {', '.join(sorted(unknown))}")
+    stored, state_dict, _ = resolve(name_or_path, hub_kwargs)
+    return build_from_state_dict(cls, state_dict, name_or_path, stored=stored, config=config,
+                                 ignore_mismatched_sizes=ignore_mismatched_sizes, **kwargs)
+
+
+def build_from_state_dict(cls: type[M], state_dict: dict[str, Tensor], source: Any, *,
+                          stored: CvtConfig | None, config: CvtConfig | None,
+                          ignore_mismatched_sizes: bool, **kwargs: Any) -> M:
+    """A `cls` in eval mode holding `state_dict` (transformers or original layout)."""
+    name_or_path = source
+    if convert.is_original_checkpoint(state_dict):
+        if config is None:
+            try:
+                config = convert.infer_config(state_dict, **kwargs)
+            except ValueError as err:
+                raise CheckpointError(f"{name_or_path}: {err}") from None
+            kwargs = {}
+        state_dict = convert.original_to_transformers(state_dict)
+    base = config or stored
+    if base is None:
+        raise CheckpointError(
+            f"{name_or_path} is a single weights file in transformers layout with no config.json "
+            f"beside it; pass config=")
+    relabel = bool({"num_labels", "id2label"} & kwargs.keys())
+    config = base.replace(**kwargs) if kwargs else base
+    model = cls(config)
+    state_dict = _match_prefix(state_dict, model, name_or_path)
+    load_state_dict_checked(model, state_dict, name_or_path,
+                            reinit_head=relabel or ignore_mismatched_sizes)
+    return model.eval()
+
+
+def _match_prefix(state_dict: dict[str, Tensor], model: torch.nn.Module, source: Any
+                  ) -> dict[str, Tensor]:
+    """Move backbone weights between `CvtModel` ('encoder.*') and the classifier ('cvt.encoder.*')."""
+    wants_prefix = any(k.startswith("cvt.") for k in model.state_dict())
+    has_prefix = any(k.startswith("cvt.") for k in state_dict)
+    if wants_prefix and not has_prefix:
+        return {f"cvt.{k}": v for k, v in state_dict.items()}
+    if has_prefix and not wants_prefix:
+        dropped = [k for k in state_dict if k.startswith(HEAD_PREFIXES)]
+        if dropped:
+            logger.info("%s: classification head not used by CvtModel: %s", source, ", ".join(dropped))
+        return {k.removeprefix("cvt."): v for k, v in state_dict.items() if k.startswith("cvt.")}
+    return state_dict
+
+
+def load_state_dict_checked(model: torch.nn.Module, state_dict: dict[str, Tensor], source: Any,
+                            reinit_head: bool = False) -> None:
+    """Strict loading with one readable error listing every missing, unexpected or mis-shaped key.
+
+    A missing head (loading a backbone checkpoint into the classifier) is initialised and
+    reported; with `reinit_head` a head of another size is too. Nothing else is tolerated.
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    if expected and len(missing) == len(expected):
+        sample = ", ".join(list(state_dict)[:5])
+        raise CheckpointError(
+            f"{source} does not look like a CvT checkpoint: none of the {len(expected)} weights of "
+            f"{type(model).__name__} is in it (its keys start: {sample})")
+    new_head = [k for k in missing if k.startswith(HEAD_PREFIXES)]
+    if reinit_head:
+        new_head += [k for k in mismatched if k.startswith(HEAD_PREFIXES)]
+    missing = [k for k in missing if k not in new_head]
+    mismatched = [k for k in mismatched if k not in new_head]
+    if missing or unexpected or mismatched:
+        problems = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected)):
+            if keys:
+                problems.append(f"{len(keys)} {label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
+        if mismatched:
+            shapes = [f"{k} (checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)})"
+                      for k in mismatched[:8]]
+            hint = (" — to train a new classifier head pass num_labels= (or ignore_mismatched_sizes=True)"
+                    if all(k.startswith(HEAD_PREFIXES) for k in mismatched) else "")
+            problems.append(f"{len(mismatched)} with another shape: {', '.join(shapes)}{hint}")
+        raise CheckpointError(
+            f"{source} does not match this {type(model).__name__} configuration; " + "; ".join(problems))
+    for key in new_head:
+        state_dict.pop(key, None)
+    if new_head:
+        logger.warning("%s: newly initialised (train before use): %s", source, ", ".join(new_head))
+        model.load_state_dict(state_dict, strict=False)
+    else:
+        model.load_state_dict(state_dict, strict=True)
+
+
+# ---------------------------------------------------------------------------------------- writing
+def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call `write(tmp_path)`, fsync it, then rename over `path`: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+
+    write_atomic(path, write)
+
+
+def save_pretrained(model: torch.nn.Module, folder: str | os.PathLike) -> None:
+    """config.json + model.safetensors in transformers' layout (removing stale weight files)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]
+    config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    write_atomic(folder / SAFE_WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_json(folder / CONFIG_NAME, dict(sorted(config.items())))
+    for stale in (SAFE_INDEX_NAME, PT_WEIGHTS_NAME, PT_INDEX_NAME):
+        (folder / stale).unlink(missing_ok=True)
+
+
+def convert_original(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
+                     config: CvtConfig | None = None, **fields: Any) -> CvtConfig:
+    """Write an original microsoft/CvT checkpoint as a transformers-layout folder.
+
+    The architecture comes from `config`, else from the tensor shapes plus `fields`
+    (e.g. those of an original yaml spec, `cvt.convert.spec_fields`)."""
+    from .modeling import CvtForImageClassification
+
+    state_dict = read_state_dict(checkpoint)
+    if not convert.is_original_checkpoint(state_dict):
+        raise CheckpointError(
+            f"{checkpoint} is not an original microsoft/CvT checkpoint (no stage0.patch_embed.proj.weight)")
+    model = build_from_state_dict(CvtForImageClassification, state_dict, checkpoint, stored=None,
+                                  config=config, ignore_mismatched_sizes=False, **fields)
+    save_pretrained(model, output_dir)
+    return model.config
