@@ -307,6 +307,27 @@ def stage_grids(config: CvtConfig, height: int, width: int) -> list[tuple[int, i
     return grids
 
 
+def input_size_problem(config: CvtConfig, height: int, width: int) -> str | None:
+    """Why a height x width input is too small for this architecture, or None if it fits."""
+    for s, (h, w) in enumerate(stage_grids(config, height, width)):
+        if h < 1 or w < 1:
+            return (f"stage {s}'s token embedding (kernel {config.patch_sizes[s]}, stride "
+                    f"{config.patch_stride[s]}, padding {config.patch_padding[s]}) gets an empty map")
+        kh, kw = kv_grid(config, s, h, w)
+        if kh < 1 or kw < 1:
+            return (f"stage {s}'s {h}x{w} token map is smaller than its key/value projection "
+                    f"window (kernel {config.kernel_qkv[s]}, padding {config.padding_kv[s]})")
+    return None
+
+
+def min_input_size(config: CvtConfig) -> int:
+    """Smallest square input the architecture accepts."""
+    size = 1
+    while input_size_problem(config, size, size) is not None:
+        size += 1
+    return size
+
+
 def _count_macs(config: CvtConfig, height: int, width: int) -> int:
     macs = 0
     in_ch = config.num_channels

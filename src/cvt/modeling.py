@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import CvtConfig, stage_grids
+from .config import CvtConfig, input_size_problem, kv_grid, min_input_size, stage_grids
 
 LAYER_NORM_EPS = 1e-5  # the original code's and transformers' value (config.layer_norm_eps is unused)
 
@@ -332,14 +332,19 @@ class CvtPreTrainedModel(nn.Module):
             raise ValueError(
                 f"pixel_values has {channels} channels but the model expects "
                 f"{self.config.num_channels} (config.num_channels); is the tensor channels-last (B, H, W, C)?")
-        grids = stage_grids(self.config, height, width)
-        if any(h < 1 or w < 1 for h, w in grids):
-            stage = next(s for s, (h, w) in enumerate(grids) if h < 1 or w < 1)
+        problem = input_size_problem(self.config, height, width)
+        if problem:
             raise ValueError(
-                f"an input of {height}x{width} pixels is too small for this model: stage {stage}'s "
-                f"token embedding (kernel {self.config.patch_sizes[stage]}, stride "
-                f"{self.config.patch_stride[stage]}, padding {self.config.patch_padding[stage]}) "
-                f"gets an empty map; the smallest input is {min_input_size(self.config)} pixels a side")
+                f"an input of {height}x{width} pixels is too small for this model: {problem}; "
+                f"the smallest square input is {min_input_size(self.config)} pixels a side")
+        if self.training and pixel_values.shape[0] == 1:
+            for s, (h, w) in enumerate(stage_grids(self.config, height, width)):
+                kv = kv_grid(self.config, s, h, w)
+                if self.config.qkv_projection_method[s] == "dw_bn" and kv == (1, 1):
+                    raise ValueError(
+                        f"training on one {height}x{width} image leaves stage {s}'s BatchNorm a "
+                        f"single value per channel (a 1x1 key/value map); train with a batch of "
+                        f"2 or more, on larger images, or call model.eval() for inference")
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, config: CvtConfig | None = None,
@@ -360,14 +365,6 @@ class CvtPreTrainedModel(nn.Module):
         from .weights import save_pretrained
 
         save_pretrained(self, folder)
-
-
-def min_input_size(config: CvtConfig) -> int:
-    """Smallest square input every stage can embed."""
-    size = 1
-    while any(h < 1 for h, _ in stage_grids(config, size, size)):
-        size += 1
-    return size
 
 
 class CvtModel(CvtPreTrainedModel):
