@@ -23,8 +23,8 @@ def testdata() -> Path:
 
 
 def tiny_config(**overrides) -> CvtConfig:
-    """A 3-stage CvT small enough for unit tests (about 0.35 M parameters)."""
-    fields = dict(embed_dim=(16, 32, 48), num_heads=(1, 2, 3), depth=(1, 2, 2), num_labels=5)
+    """A 3-stage CvT small enough for unit tests (about 140 k parameters)."""
+    fields = dict(embed_dim=(16, 32, 48), num_heads=(1, 2, 3), depth=(1, 2, 3), num_labels=5)
     return CvtConfig(**{**fields, **overrides})
 
 

@@ -129,14 +129,14 @@ def _hub_fetcher(repo_id: str, hub_kwargs: dict[str, Any]) -> Callable[[str], Pa
     def fetch(name: str) -> Path | None:
         try:
             return Path(hf_hub_download(repo_id, name, **hub_kwargs))
-        except EntryNotFoundError:
-            return None
-        except LocalEntryNotFoundError as err:
+        except LocalEntryNotFoundError as err:  # (a subclass of EntryNotFoundError: first)
             if name != CONFIG_NAME:
                 return None  # config.json resolved, so the repo is cached: this file is not there
             raise CheckpointError(
                 f"{repo_id!r} is neither a local path nor a cached hub model, and the hub cannot be "
                 f"reached (offline, or HF_HUB_OFFLINE=1): {err}") from None
+        except EntryNotFoundError:
+            return None
         except Exception as err:  # repository not found, gated, HTTP errors
             raise CheckpointError(f"could not fetch {name} of {repo_id!r} from the hub: {err}") from None
 
