@@ -143,6 +143,19 @@ def _hub_fetcher(repo_id: str, hub_kwargs: dict[str, Any]) -> Callable[[str], Pa
     return fetch
 
 
+def fetcher(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any] | None = None
+            ) -> Callable[[str], Path | None]:
+    """`fetch(filename) -> local Path or None` for a local folder or a hub repo id."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return _local_fetcher(path)
+    if path.suffix in {".pth", ".pt", ".bin", ".safetensors", ".json"}:
+        raise CheckpointError(f"{name_or_path}: no such file")
+    if _looks_like_hub_id(str(name_or_path)) and not path.exists():
+        return _hub_fetcher(str(name_or_path), hub_kwargs or {})
+    raise CheckpointError(f"{name_or_path}: no such folder, and not a hub id (org/name)")
+
+
 def resolve(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any] | None = None
             ) -> tuple[CvtConfig | None, dict[str, Tensor], Callable[[str], Path | None] | None]:
     """Find a checkpoint: (stored config or None, state dict in transformers layout, file fetcher).
@@ -153,12 +166,7 @@ def resolve(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any] | None =
     if path.is_file():
         state_dict = read_state_dict(path)
         return None, state_dict, None
-    if path.is_dir():
-        fetch = _local_fetcher(path)
-    elif _looks_like_hub_id(str(name_or_path)):
-        fetch = _hub_fetcher(str(name_or_path), hub_kwargs or {})
-    else:
-        raise CheckpointError(f"{name_or_path}: no such file or folder, and not a hub id (org/name)")
+    fetch = fetcher(name_or_path, hub_kwargs)
     config_path = fetch(CONFIG_NAME)
     if config_path is None:
         raise CheckpointError(f"{name_or_path} has no {CONFIG_NAME}")
