@@ -1,6 +1,7 @@
 """cvt: the CvT image models (Wu et al. 2021) in PyTorch, weight-compatible with transformers."""
 
 from .config import CvtConfig
+from .images import ImageError, load_image
 from .modeling import (
     BaseModelOutputWithCLSToken,
     CvtForImageClassification,
@@ -8,6 +9,7 @@ from .modeling import (
     CvtPreTrainedModel,
     ImageClassifierOutputWithNoAttention,
 )
+from .processing import CvtImageProcessor
 from .variants import create_model, get_variant, imagenet_1k_labels, list_models
 from .weights import CheckpointError
 
@@ -18,11 +20,14 @@ __all__ = [
     "CheckpointError",
     "CvtConfig",
     "CvtForImageClassification",
+    "CvtImageProcessor",
     "CvtModel",
     "CvtPreTrainedModel",
     "ImageClassifierOutputWithNoAttention",
+    "ImageError",
     "create_model",
     "get_variant",
     "imagenet_1k_labels",
     "list_models",
+    "load_image",
 ]
