@@ -2,6 +2,7 @@
 
 from .config import CvtConfig
 from .images import ImageError, load_image
+from .inference import ImageClassificationPipeline, pipeline
 from .modeling import (
     BaseModelOutputWithCLSToken,
     CvtForImageClassification,
@@ -23,6 +24,7 @@ __all__ = [
     "CvtImageProcessor",
     "CvtModel",
     "CvtPreTrainedModel",
+    "ImageClassificationPipeline",
     "ImageClassifierOutputWithNoAttention",
     "ImageError",
     "create_model",
@@ -30,4 +32,5 @@ __all__ = [
     "imagenet_1k_labels",
     "list_models",
     "load_image",
+    "pipeline",
 ]

@@ -1,4 +1,4 @@
-"""The `cvt` command line: `cvt info`, `cvt convert`.
+"""The `cvt` command line: `cvt info`, `cvt convert`, `cvt predict`.
 
 Each subcommand is a small function from parsed arguments to an exit status; errors a user can
 fix are printed as one line (`cvt: error: ...`) with exit status 2, never as a traceback.
@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from . import convert, weights
+from . import convert, predict, weights
 from .config import CvtConfig, kv_grid, stage_grids
 from .modeling import CvtForImageClassification
+from .processing import CvtImageProcessor
 from .variants import VARIANTS, get_variant
 
 
@@ -88,13 +89,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
         else:
             config = weights.read_config(args.config)
     config = weights.convert_original(args.checkpoint, args.output_dir, config=config, **fields)
+    if args.model:  # the variant's evaluation preprocessing travels with its weights
+        CvtImageProcessor.from_pretrained(args.model).save_pretrained(args.output_dir)
     print(f"wrote {args.output_dir} ({config.num_stages} stages, depths {list(config.depth)}, "
           f"widths {list(config.embed_dim)}, {config.num_labels} labels, {config.hidden_act})")
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    return predict.run(args.model, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
+                       device=args.device, fmt=args.format, output=args.output)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cvt", description="CvT image models: inspect and convert.")
+    parser = argparse.ArgumentParser(prog="cvt", description="CvT image models: inspect, convert, classify.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="architecture, parameters and multiply-adds of a model")
@@ -108,6 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--model", choices=list(VARIANTS), help="architecture of a released variant")
     conv.add_argument("--config", help="config.json, or the original MODEL.SPEC as JSON")
     conv.set_defaults(run=cmd_convert)
+
+    pred = sub.add_parser("predict", help="classify images: top-k labels per file",
+                          description="Classify image files, and the images found (recursively) in "
+                          "folders. Exit status 1: some files could not be classified.")
+    pred.add_argument("model", help="checkpoint folder, hub id (microsoft/cvt-13) or variant name")
+    pred.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    pred.add_argument("--top-k", type=int, default=5, help="labels per image (default: 5)")
+    pred.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    pred.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda or mps if available)")
+    pred.add_argument("--format", choices=predict.FORMATS, default="table", help="default: table")
+    pred.add_argument("--output", help="write the results to this file instead of stdout")
+    pred.set_defaults(run=cmd_predict)
     return parser
 
 
