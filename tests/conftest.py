@@ -52,3 +52,17 @@ def randomise_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
             else:
                 t.copy_(0.1 * torch.randn(t.shape, generator=g))
     return model
+
+
+TINY_LABELS = ("tabby cat", "espresso", "astronaut", "pagoda", "teapot")
+
+
+def save_tiny_classifier(folder: Path, image_size: int = 64, seed: int = 0) -> Path:
+    """A checkpoint folder as users have them: a randomised tiny classifier with named labels,
+    in transformers' layout, with its preprocessor_config.json."""
+    from cvt import CvtForImageClassification, CvtImageProcessor
+
+    model = CvtForImageClassification(tiny_config(id2label=dict(enumerate(TINY_LABELS))))
+    randomise_(model, seed).save_pretrained(folder)
+    CvtImageProcessor(size=image_size).save_pretrained(folder)
+    return folder
