@@ -28,6 +28,8 @@ from torch import Tensor, nn
 from .config import CvtConfig, input_size_problem, kv_grid, min_input_size, stage_grids
 
 LAYER_NORM_EPS = 1e-5  # the original code's and transformers' value (config.layer_norm_eps is unused)
+MLP_CHUNK_ELEMENTS = 1 << 20  # fast path: MLP hidden rows per chunk x width (4 MB in fp32)
+GROUP_TOKENS = 16384  # fast path: images per group x first-stage tokens (keeps activations in cache)
 
 
 # ---------------------------------------------------------------------------------------- outputs
@@ -71,15 +73,36 @@ class ImageClassifierOutputWithNoAttention(ModelOutput):
 
 
 # ---------------------------------------------------------------------------------------- blocks
+def fast_inference(module: nn.Module) -> bool:
+    """True in eval mode with autograd off: the inference fast path (BatchNorm folded, residual
+    stream updated in place, batch processed in cache-sized groups). Otherwise the plain,
+    differentiable path runs; both give the same outputs."""
+    return not module.training and not torch.is_grad_enabled()
+
+
+class GELU(nn.Module):
+    """Exact (erf) GELU, as transformers' CvT."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(x)
+
+    def forward_(self, x: Tensor) -> Tensor:
+        """In place, for the inference fast path."""
+        return torch.ops.aten.gelu_(x)
+
+
 class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the activation the original CvT code trained with."""
 
     def forward(self, x: Tensor) -> Tensor:
         return x * torch.sigmoid(1.702 * x)
 
+    def forward_(self, x: Tensor) -> Tensor:
+        return x.mul_(torch.sigmoid(1.702 * x))
+
 
 def make_activation(name: str) -> nn.Module:
-    return QuickGELU() if name == "quick_gelu" else nn.GELU()
+    return QuickGELU() if name == "quick_gelu" else GELU()
 
 
 class DropPath(nn.Module):
@@ -128,21 +151,38 @@ class Embedding(nn.Module):
 
 
 class DepthwiseConvBatchNorm(nn.Module):
-    """Depthwise conv + BatchNorm; in eval mode the BatchNorm is folded into the conv (exact)."""
+    """Depthwise conv + BatchNorm. On the inference fast path the BatchNorm is folded into the
+    conv (exact up to rounding); the folded weights are cached until a weight or statistic
+    changes (in place or by replacement). Training always uses the BatchNorm itself."""
 
     def __init__(self, dim: int, kernel: int, stride: int, padding: int) -> None:
         super().__init__()
         self.convolution = nn.Conv2d(dim, dim, kernel, stride, padding, groups=dim, bias=False)
         self.normalization = nn.BatchNorm2d(dim)
+        self._folded: tuple[tuple, Tensor, Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training:
+        if not fast_inference(self):
             return self.normalization(self.convolution(x))
-        conv, bn = self.convolution, self.normalization
-        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-        weight = conv.weight * scale.view(-1, 1, 1, 1)
-        bias = bn.bias - bn.running_mean * scale
+        weight, bias = self.folded_weights()
+        conv = self.convolution
         return F.conv2d(x, weight, bias, conv.stride, conv.padding, groups=conv.groups)
+
+    def folded_weights(self) -> tuple[Tensor, Tensor]:
+        conv, bn = self.convolution, self.normalization
+        if torch.compiler.is_compiling():  # the compiler fuses this; a Python cache would break the graph
+            return self._fold(conv, bn)
+        sources = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        key = tuple((t.data_ptr(), t._version, t.dtype) for t in sources)
+        if self._folded is None or self._folded[0] != key:
+            self._folded = (key, *self._fold(conv, bn))
+        return self._folded[1], self._folded[2]
+
+    @staticmethod
+    def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        weight = (conv.weight * scale.view(-1, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
+        return weight, bn.bias - bn.running_mean * scale
 
 
 class SpatialProjection(nn.Module):
@@ -240,8 +280,25 @@ class CvtLayer(nn.Module):
         self.layernorm_after = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
 
     def forward(self, x: Tensor, height: int, width: int) -> Tensor:
+        if fast_inference(self):
+            return self._forward_inference(x, height, width)
         x = x + self.drop_path(self.attention(self.layernorm_before(x), height, width))
         return x + self.drop_path(self.output(self.intermediate(self.layernorm_after(x))))
+
+    def _forward_inference(self, x: Tensor, height: int, width: int) -> Tensor:
+        """The same block writing both residual updates into `x` itself, and running the MLP over
+        row chunks so its 4x-wide hidden activation stays small and cache-resident."""
+        residual = x.view(-1, x.shape[-1])  # (B*T, C), updated in place
+        attended = self.attention.attention(self.layernorm_before(x), height, width)
+        dense = self.attention.output.dense
+        residual.addmm_(attended.view(residual.shape), dense.weight.t()).add_(dense.bias)
+        fc1, fc2 = self.intermediate.dense, self.output.dense
+        activation = self.intermediate.activation
+        rows = max(1, MLP_CHUNK_ELEMENTS // fc1.out_features)
+        for part in residual.split(rows):
+            hidden = activation.forward_(torch.addmm(fc1.bias, self.layernorm_after(part), fc1.weight.t()))
+            part.addmm_(hidden, fc2.weight.t()).add_(fc2.bias)
+        return x
 
 
 class CvtStage(nn.Module):
@@ -382,19 +439,33 @@ class CvtModel(CvtPreTrainedModel):
             output_hidden_states = self.config.output_hidden_states
         if return_dict is None:
             return_dict = self.config.return_dict
+        group = self._inference_group_size(pixel_values) if fast_inference(self) else 0
+        if group and group < pixel_values.shape[0]:
+            parts = [self._encode(chunk) for chunk in pixel_values.split(group)]
+            maps = [torch.cat(level) for level in zip(*(p[0] for p in parts))]
+            cls = torch.cat([p[1] for p in parts]) if parts[0][1] is not None else None
+        else:
+            maps, cls = self._encode(pixel_values)
+        out = BaseModelOutputWithCLSToken(
+            last_hidden_state=maps[-1],
+            cls_token_value=cls,
+            hidden_states=tuple(maps) if output_hidden_states else None)
+        return out if return_dict else out.to_tuple()
+
+    def _encode(self, pixel_values: Tensor) -> tuple[list[Tensor], Tensor | None]:
+        """Per-stage (B, C, H, W) contiguous feature maps and the last stage's cls token."""
         x = pixel_values.contiguous(memory_format=torch.channels_last)
-        hidden_states = []
-        cls = None
+        maps, cls = [], None
         for stage in self.encoder.stages:
             x, cls = stage(x)
-            if output_hidden_states:
-                hidden_states.append(x.contiguous())
-        last = hidden_states[-1] if output_hidden_states else x.contiguous()
-        out = BaseModelOutputWithCLSToken(
-            last_hidden_state=last,
-            cls_token_value=cls,
-            hidden_states=tuple(hidden_states) if output_hidden_states else None)
-        return out if return_dict else out.to_tuple()
+            maps.append(x)
+        return [m.contiguous() for m in maps], cls
+
+    def _inference_group_size(self, pixel_values: Tensor) -> int:
+        """Images per group on the fast path: large batches run in groups whose activations fit
+        in cache (and below the allocator's fresh-mapping threshold); outputs are unchanged."""
+        height, width = stage_grids(self.config, *pixel_values.shape[-2:])[0]
+        return max(1, GROUP_TOKENS // (height * width))
 
 
 class CvtForImageClassification(CvtPreTrainedModel):
