@@ -77,7 +77,10 @@ def report(classifier: ImageClassificationPipeline, paths: list[Path], fmt: str,
     width = min(max(len(str(p)) for p in paths), MAX_PATH_COLUMN)
 
     def emit(line: str) -> None:
-        tqdm.write(line, file=out)  # (not print: tqdm.write keeps a progress bar intact)
+        if out.isatty():  # lift the progress bar off the terminal, write, put it back
+            tqdm.write(line, file=out)
+        else:
+            print(line, file=out)
 
     if fmt == "table":
         emit(f"{'image':<{width}}  {'score':>6}  label")
@@ -86,7 +89,7 @@ def report(classifier: ImageClassificationPipeline, paths: list[Path], fmt: str,
     else:
         emit("[")
     failures = 0
-    with tqdm(total=len(paths), unit="image", desc="classifying", file=sys.stderr, delay=1.0,
+    with tqdm(total=len(paths), unit="image", desc="classifying", file=sys.stderr, delay=1.0, leave=False,
               disable=not sys.stderr.isatty()) as bar:
         for index, (path, result) in enumerate(classifier.classify_files(paths)):
             if isinstance(result, ImageError):
