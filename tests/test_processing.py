@@ -110,6 +110,7 @@ def test_every_kind_of_input_gives_the_same_pixel_values(tmp_path) -> None:
         "torch float32 CHW in [0, 1]": torch.from_numpy(chw).float() / 255,
         "torch float16 CHW": (torch.from_numpy(chw).float() / 255).half(),
         "numpy uint16": rgb.astype(np.uint16) * 257,
+        "numpy big-endian uint16": (rgb.astype(np.uint16) * 257).astype(">u2"),
         "numpy int64": rgb.astype(np.int64),
     }
     for kind, image in inputs.items():

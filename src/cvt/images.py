@@ -143,7 +143,7 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     """8-bit values for an array of any supported dtype (see `as_rgb_image`); a new array or `array`."""
     if array.dtype == np.uint8:
         return array
-    if array.dtype == np.uint16:
+    if array.dtype.kind == "u" and array.dtype.itemsize == 2:  # uint16, either byte order
         return np.round(array / 257.0).astype(np.uint8)  # 257 * v -> v exactly
     if array.dtype == np.bool_ or not (np.issubdtype(array.dtype, np.integer)
                                        or np.issubdtype(array.dtype, np.floating)):
