@@ -133,3 +133,24 @@ def test_torch_compile_on_cpu(tmp_path) -> None:
     torch.testing.assert_close(compiled_loss, eager_loss, atol=1e-5, rtol=1e-5)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, eager_grads[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("hidden_act", ["gelu", "quick_gelu"])
+def test_memory_saving_mlp_has_autograd_gradients(hidden_act) -> None:
+    """Training's MLP recomputes its activation in backward; gradients equal plain autograd's,
+    also with frozen layers (only the needed gradients are computed)."""
+    layer = randomise_(CvtForImageClassification(tiny_config(hidden_act=hidden_act)), 2).cvt.encoder.stages[1].layers[0]
+    x = torch.randn(2, 37, 32, requires_grad=True)
+    layer.intermediate.dense.weight.requires_grad_(False)
+    out = layer._mlp(x)
+    reference = layer.output(layer.intermediate(x))
+    torch.testing.assert_close(out, reference, atol=0, rtol=0)
+    grad = torch.randn_like(out)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    ours = torch.autograd.grad(out, [x, *params], grad, allow_unused=True)
+    theirs = torch.autograd.grad(reference, [x, *params], grad, allow_unused=True)
+    for a, b in zip(ours, theirs):
+        if b is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
