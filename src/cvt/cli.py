@@ -17,6 +17,7 @@ from . import convert, predict, weights
 from .config import CvtConfig, kv_grid, stage_grids
 from .modeling import CvtForImageClassification
 from .processing import CvtImageProcessor
+from .training.commands import add_parsers as add_training_parsers
 from .variants import VARIANTS, get_variant
 
 
@@ -116,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--model", choices=list(VARIANTS), help="architecture of a released variant")
     conv.add_argument("--config", help="config.json, or the original MODEL.SPEC as JSON")
     conv.set_defaults(run=cmd_convert)
+
+    add_training_parsers(sub)  # train, eval, demo
 
     pred = sub.add_parser("predict", help="classify images: top-k labels per file",
                           description="Classify image files, and the images found (recursively) in "

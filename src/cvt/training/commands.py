@@ -1,0 +1,134 @@
+"""`cvt train`, `cvt eval` and `cvt demo`: argument parsing and printing around `cvt.training`.
+
+All three run unchanged under `torchrun` (`torchrun --nproc_per_node N -m cvt train ...`); only
+rank 0 prints results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .recipes import RECIPES
+from .trainer import PRECISIONS, EvalResult, TrainOptions, evaluate_model, train
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    tr = sub.add_parser("train", help="fine-tune or train a CvT on labelled images (torchrun for DDP)",
+                        description="Fine-tune a checkpoint or train a variant from scratch. Recipe "
+                                    "values are overridden by the options given.")
+    tr.add_argument("--model", required=True,
+                    help="hub id (microsoft/cvt-13), checkpoint folder, original .pth, or a variant "
+                         "name (cvt-13: random weights)")
+    tr.add_argument("--data", required=True,
+                    help="image folder (<class>/ subfolders, or train/ and val/), a .csv/.jsonl of "
+                         "path,label, or hf:<datasets name or saved folder>")
+    tr.add_argument("--output-dir", required=True, type=Path, help="where best/, last/, metrics go")
+    tr.add_argument("--val-data", help="separate validation data (any layout --data accepts)")
+    tr.add_argument("--val-split", type=float, default=0.1,
+                    help="fraction of each class held out when the data has no validation part "
+                         "(default 0.1; 0: no validation)")
+    tr.add_argument("--recipe", choices=list(RECIPES), default="finetune")
+    tr.add_argument("--epochs", type=int)
+    tr.add_argument("--batch-size", type=int, help="images per optimiser step over all processes")
+    tr.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's, scaled by batch)")
+    tr.add_argument("--weight-decay", type=float)
+    tr.add_argument("--warmup-epochs", type=float)
+    tr.add_argument("--label-smoothing", type=float)
+    tr.add_argument("--hflip", type=float, help="horizontal flip probability (0 for text, digits)")
+    tr.add_argument("--mixup", type=float, help="MixUp alpha (0: off)")
+    tr.add_argument("--cutmix", type=float, help="CutMix alpha (0: off)")
+    tr.add_argument("--clip-grad", type=float, help="maximum gradient norm")
+    tr.add_argument("--ema-decay", type=float, help="keep an EMA of the weights (e.g. 0.9998)")
+    tr.add_argument("--image-size", type=int, help="input size (default: the model's preprocessing)")
+    tr.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation steps")
+    tr.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                    help="bf16: autocast on CPU or GPU; fp16: autocast with a grad scaler (GPU)")
+    tr.add_argument("--freeze-backbone", action="store_true", help="train only the head (linear probe)")
+    tr.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs under torchrun")
+    tr.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                    help="DataLoader worker processes per training process")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--resume", action="store_true", help="continue the run saved in --output-dir")
+    tr.add_argument("--save-every", type=int, help="also save the resumable state every N steps")
+    tr.add_argument("--stop-at-step", type=int,
+                    help="save the state and stop after step N (continue later with --resume)")
+    tr.set_defaults(run=cmd_train)
+
+    ev = sub.add_parser("eval", help="top-1/top-5/loss and per-class accuracy of a model on labelled images")
+    ev.add_argument("--model", required=True, help="checkpoint folder or hub id")
+    ev.add_argument("--data", required=True, help="folder of class subfolders, or any layout train accepts")
+    ev.add_argument("--format", choices=("table", "json"), default="table")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    ev.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    ev.set_defaults(run=cmd_eval)
+
+    demo = sub.add_parser("demo", help="offline: train a compact CvT on scikit-learn's digits, "
+                                       "evaluate it and classify held-out images")
+    demo.add_argument("--output-dir", type=Path, default=Path("cvt-demo"),
+                      help="where the data, the run and the plots go (default ./cvt-demo)")
+    demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's)")
+    demo.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    demo.set_defaults(run=cmd_demo)
+
+
+def log_to_stderr() -> None:
+    """Show the library's progress messages (INFO) and problems (WARNING) on stderr."""
+    logger = logging.getLogger("cvt")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.INFO)
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    log_to_stderr()
+    fields = {k: v for k, v in vars(args).items() if k in TrainOptions.__dataclass_fields__}
+    result = train(TrainOptions(**fields))
+    if _is_main_process():
+        where = args.output_dir.resolve()
+        if result is None:
+            print(f"saved the training state in {where}; continue with --resume")
+        else:
+            print(f"validation top-1 {result.top1:.4f}, top-5 {result.top5:.4f}, loss {result.loss:.4f}; "
+                  f"models in {where / 'best'} and {where / 'last'}")
+    return 0
+
+
+def format_table(result: EvalResult) -> str:
+    counts = result.confusion.sum(dim=1).tolist()
+    width = max(12, *(len(name) for name in result.classes)) + 2
+    lines = [f"images {result.count}   top-1 {result.top1:.4f}   top-5 {result.top5:.4f}   "
+             f"loss {result.loss:.4f}", "", f"{'class':<{width}}{'accuracy':>9}{'images':>8}"]
+    for (name, accuracy), count in zip(result.per_class().items(), counts):
+        shown = f"{accuracy:.4f}" if accuracy is not None else "-"
+        lines.append(f"{name:<{width}}{shown:>9}{count:>8}")
+    return "\n".join(lines)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    log_to_stderr()
+    result = evaluate_model(args.model, args.data, batch_size=args.batch_size, workers=args.workers,
+                            precision=args.precision)
+    if _is_main_process():
+        print(json.dumps(result.to_dict(), indent=2) if args.format == "json" else format_table(result))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    log_to_stderr()
+    run_demo(args.output_dir, epochs=args.epochs, workers=args.workers)
+    return 0

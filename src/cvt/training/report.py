@@ -1,0 +1,93 @@
+"""What a run leaves for people to read: metrics.jsonl, curves.png and a confusion matrix."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..weights import write_atomic
+
+METRICS_NAME = "metrics.jsonl"
+CURVES_NAME = "curves.png"
+
+
+class MetricsLog:
+    """Append-only JSON lines: step records (`step`, `loss`, `lr`, `images_per_s`) and epoch
+    records (`epoch`, `train_loss`, `val_loss`, `val_top1`, `val_top5`)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def rewind(self, step: int) -> None:
+        """Forget records written after `step` (by a run that died before its next saved state)."""
+        kept = [r for r in self.records() if r.get("step", 0) <= step]
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+
+        write_atomic(self.path, write)
+
+
+def _figure(*args, **kwargs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt, plt.subplots(*args, **kwargs)
+
+
+def _save(fig, plt, path: Path) -> None:
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def plot_curves(records: Sequence[dict[str, Any]], path: Path) -> None:
+    """Training loss per step and validation loss per epoch; validation top-1/top-5 per epoch."""
+    steps = [r for r in records if "loss" in r]
+    epochs = [r for r in records if "train_loss" in r]
+    plt, (fig, (ax_loss, ax_acc)) = _figure(1, 2, figsize=(10, 4))
+    ax_loss.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, label="train (per step)")
+    with_val = [r for r in epochs if r.get("val_loss") is not None]
+    ax_loss.plot([r["step"] for r in with_val], [r["val_loss"] for r in with_val], "o-", label="validation")
+    ax_loss.set(xlabel="optimiser step", ylabel="loss", title="loss")
+    ax_loss.legend()
+    for key in ("val_top1", "val_top5"):
+        ax_acc.plot([r["epoch"] for r in with_val], [r[key] for r in with_val], "o-", label=key)
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1), title="validation accuracy")
+    ax_acc.legend()
+    fig.tight_layout()
+    _save(fig, plt, path)
+
+
+def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], path: Path) -> None:
+    """Rows: true class, columns: predicted class, counts written in the cells."""
+    plt, (fig, ax) = _figure(figsize=(1 + 0.5 * len(classes), 0.8 + 0.5 * len(classes)))
+    ax.imshow(confusion.numpy(), cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=90)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix")
+    high = confusion.max().item() / 2
+    for (i, j), count in zip(torch.cartesian_prod(torch.arange(len(classes)), torch.arange(len(classes))).tolist(),
+                             confusion.flatten().tolist()):
+        if count:
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                    color="white" if count > high else "black")
+    fig.tight_layout()
+    _save(fig, plt, path)

@@ -1,0 +1,434 @@
+"""The training loop behind `cvt train` and the scoring behind `cvt eval`.
+
+One code path for one process and for many (torchrun): every rank builds the same model and
+data, a `ResumableSampler` gives each rank its share of one global shuffled order, and
+DistributedDataParallel averages gradients. Only rank 0 writes files. A step is `batch_size`
+images over all ranks and accumulation steps, so a run's weights do not depend on how many
+processes computed them (up to float rounding, and BatchNorm statistics; see the README).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import CvtConfig
+from ..modeling import CvtForImageClassification
+from ..processing import PROCESSOR_CONFIG_NAME, CvtImageProcessor
+from ..variants import VARIANTS, create_model
+from ..weights import CheckpointError
+from . import distributed
+from .augment import BatchMixer, soft_cross_entropy, train_transform
+from .data import (DataError, LabelledImages, ResumableSampler, ShardSampler, TransformedImages,
+                   load_eval_source, load_source, make_loader)
+from .optim import WarmupCosine, WeightEMA, parameter_groups
+from .recipes import Recipe, get_recipe
+from .report import CURVES_NAME, METRICS_NAME, MetricsLog, plot_curves
+from .state import STATE_NAME, load_state, rng_state, save_state, set_rng_state
+
+logger = logging.getLogger("cvt")
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainOptions:
+    """Everything `cvt train` accepts. Recipe fields left as None take the recipe's value."""
+
+    model: str | CvtConfig  # hub id, folder, original .pth, variant name (from scratch) or a config
+    data: Any  # folder, .csv/.jsonl, hf:<name>, or a datasets Dataset/DatasetDict
+    output_dir: Path
+    val_data: Any = None
+    val_split: float = 0.1
+    recipe: str | Recipe = "finetune"  # a name in RECIPES, or a Recipe
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None  # absolute peak learning rate (instead of the recipe's scaled one)
+    weight_decay: float | None = None
+    warmup_epochs: float | None = None
+    label_smoothing: float | None = None
+    hflip: float | None = None
+    mixup: float | None = None
+    cutmix: float | None = None
+    clip_grad: float | None = None
+    ema_decay: float | None = None
+    image_size: int | None = None
+    accum_steps: int = 1
+    precision: str = "fp32"
+    freeze_backbone: bool = False
+    sync_bn: bool = False
+    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    seed: int = 0
+    resume: bool = False
+    save_every: int | None = None  # optimiser steps between saved states (besides each epoch end)
+    stop_at_step: int | None = None  # save the state and return after this step (resume later)
+
+
+@dataclass
+class EvalResult:
+    """Accuracies are fractions in [0, 1]; `confusion[true, predicted]` counts images."""
+
+    top1: float
+    top5: float
+    loss: float
+    count: int
+    classes: list[str]
+    confusion: torch.Tensor
+
+    def per_class(self) -> dict[str, float | None]:
+        totals = self.confusion.sum(dim=1)
+        return {name: (self.confusion[i, i].item() / totals[i].item() if totals[i] else None)
+                for i, name in enumerate(self.classes)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"top1": self.top1, "top5": self.top5, "loss": self.loss, "count": self.count,
+                "per_class": self.per_class()}
+
+
+# ---------------------------------------------------------------------------------------- model
+def load_model(source: str | CvtConfig, classes: list[str]) -> CvtForImageClassification:
+    """The model to train, with a head for `classes`.
+
+    A checkpoint whose labels are exactly `classes` keeps its head (and its label order: the data
+    is re-indexed to it); otherwise only the classifier is replaced by a new one."""
+    labels = dict(enumerate(classes))
+    if isinstance(source, CvtConfig):
+        return CvtForImageClassification(source.replace(id2label=labels))
+    if source in VARIANTS:
+        return create_model(source, id2label=labels)
+    stored = CvtForImageClassification.from_pretrained(source)
+    if set(stored.config.id2label.values()) == set(classes):
+        return stored
+    if stored.config.num_labels == len(classes):
+        model = CvtForImageClassification.from_pretrained(source, id2label=labels)
+        nn.init.trunc_normal_(model.classifier.weight, std=model.config.initializer_range)
+        nn.init.zeros_(model.classifier.bias)
+        logger.warning("%s: its %d labels are not the data's classes; the classifier starts anew",
+                       source, len(classes))
+        return model
+    return CvtForImageClassification.from_pretrained(source, id2label=labels)
+
+
+def load_processor(source: str | CvtConfig, image_size: int | None) -> CvtImageProcessor:
+    """The model's own preprocessing (its preprocessor_config.json, or its variant's), at
+    `image_size` if given; CvT's standard preprocessing for a model that has none."""
+    processor = None
+    if not isinstance(source, CvtConfig):
+        try:
+            processor = CvtImageProcessor.from_pretrained(source)
+        except CheckpointError:
+            logger.warning("%s has no %s; using CvT's standard preprocessing", source,
+                           PROCESSOR_CONFIG_NAME)
+    processor = processor or CvtImageProcessor()
+    return dataclasses.replace(processor, size=image_size) if image_size else processor
+
+
+def eval_transform(processor: CvtImageProcessor) -> Callable[[Any], torch.Tensor]:
+    """One image -> (3, H, W) pixel values, exactly as `cvt predict` prepares it."""
+    return functools.partial(_single_pixel_values, processor)
+
+
+def _single_pixel_values(processor: CvtImageProcessor, image: Any) -> torch.Tensor:
+    return processor(image, return_tensors="pt")["pixel_values"][0]
+
+
+def _unwrap(model: nn.Module) -> CvtForImageClassification:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def save_model_folder(model: nn.Module, processor: CvtImageProcessor, folder: Path) -> None:
+    """A transformers-layout folder `cvt predict` and `from_pretrained` read directly."""
+    _unwrap(model).save_pretrained(str(folder))
+    processor.save_pretrained(str(folder))
+
+
+# ---------------------------------------------------------------------------------------- training
+def _autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def _check_options(options: TrainOptions, device: torch.device) -> None:
+    if options.precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {options.precision!r}")
+    if options.precision == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 needs a GPU (its grad scaler is CUDA-only); on CPU use bf16")
+    if options.sync_bn and device.type != "cuda":
+        raise ValueError("--sync-bn needs GPUs (SyncBatchNorm runs on CUDA only)")
+    if options.accum_steps < 1:
+        raise ValueError(f"--accum-steps must be 1 or more, got {options.accum_steps}")
+
+
+def train(options: TrainOptions) -> EvalResult | None:
+    """Run (or resume) a training run; returns the final validation result (None without one)."""
+    ctx = distributed.start()
+    try:
+        return _train(options, ctx)
+    finally:
+        distributed.stop(ctx)
+
+
+def _train(options: TrainOptions, ctx: distributed.Context) -> EvalResult | None:
+    _check_options(options, ctx.device)
+    base = options.recipe if isinstance(options.recipe, Recipe) else get_recipe(options.recipe)
+    recipe = base.replace(
+        epochs=options.epochs, batch_size=options.batch_size, weight_decay=options.weight_decay,
+        warmup_epochs=options.warmup_epochs, label_smoothing=options.label_smoothing,
+        hflip=options.hflip, mixup=options.mixup, cutmix=options.cutmix,
+        clip_grad=options.clip_grad, ema_decay=options.ema_decay)
+    per_step = ctx.world_size * options.accum_steps
+    if recipe.batch_size % per_step:
+        raise ValueError(f"--batch-size {recipe.batch_size} must be a multiple of processes x "
+                         f"--accum-steps = {ctx.world_size} x {options.accum_steps}")
+    micro_batch = recipe.batch_size // per_step
+    out = Path(options.output_dir)
+
+    torch.manual_seed(options.seed)
+    train_images, val_images = load_source(options.data, options.val_data, options.val_split, options.seed)
+    model = load_model(options.model, train_images.classes)
+    classes = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    train_images = train_images.relabel(classes, "training data")
+    val_images = val_images.relabel(classes, "validation data") if val_images is not None else None
+    processor = load_processor(options.model, options.image_size)
+    transform = train_transform(recipe, processor)
+
+    train_set = TransformedImages(train_images, transform, options.seed)
+    sampler = ResumableSampler(train_set, ctx.world_size, ctx.rank, options.seed)
+    loader = make_loader(train_set, micro_batch, sampler, options.workers, drop_last=True)
+    steps_per_epoch = (sampler.num_samples // micro_batch) // options.accum_steps
+    if steps_per_epoch == 0:
+        raise DataError(f"{len(train_images)} training images make no full step of {recipe.batch_size}; "
+                        f"lower --batch-size")
+    total_steps = steps_per_epoch * recipe.epochs
+
+    model.to(ctx.device)
+    if options.freeze_backbone:
+        model.cvt.requires_grad_(False)
+    if options.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    peak_lr = options.lr if options.lr is not None else recipe.peak_lr(recipe.batch_size)
+    optimizer = torch.optim.AdamW(parameter_groups(model, recipe.weight_decay), lr=peak_lr)
+    schedule = WarmupCosine(peak_lr, total_steps, round(recipe.warmup_epochs * steps_per_epoch),
+                            start=min(recipe.warmup_lr, peak_lr), floor=min(recipe.min_lr, peak_lr))
+    scaler = torch.amp.GradScaler("cuda") if options.precision == "fp16" else None
+    ema = WeightEMA(model, recipe.ema_decay) if recipe.ema_decay else None
+    mixer = BatchMixer(recipe, len(classes))
+    order = {"batch_size": recipe.batch_size, "seed": options.seed, "train_images": len(train_images),
+             "steps_per_epoch": steps_per_epoch, "epochs": recipe.epochs}
+
+    step, best_top1 = 0, -1.0
+    log = MetricsLog(out / METRICS_NAME)
+    if options.resume:
+        state = load_state(out / STATE_NAME)
+        if state["order"] != order:
+            raise ValueError(f"cannot resume {out}: the saved run had {state['order']}, this one "
+                             f"{order}; resume with the same data, batch size, epochs and seed")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None:
+            scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        step, best_top1 = state["step"], state["best_top1"]
+        set_rng_state(state["rng"][ctx.rank % len(state["rng"])])
+        if ctx.is_main:
+            log.rewind(step)
+            logger.info("resuming %s at step %d of %d", out, step, total_steps)
+    elif ctx.is_main and (out / STATE_NAME).exists():
+        raise ValueError(f"{out} already holds a training run; pass --resume to continue it or "
+                         f"choose another --output-dir")
+
+    ddp_model = model
+    if ctx.distributed:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+    def save(result: EvalResult | None = None) -> None:
+        states = ctx.gather(rng_state())  # every rank takes part; rank 0 writes
+        if not ctx.is_main:
+            return
+        save_state(out / STATE_NAME, {
+            "step": step, "best_top1": best_top1, "order": order, "rng": states,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "ema": ema.state_dict() if ema is not None else None})
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    result = None
+    show = ctx.is_main and sys.stderr.isatty()
+    from tqdm.auto import tqdm
+
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        first = step % steps_per_epoch
+        train_set.epoch = epoch
+        sampler.set_epoch(epoch)
+        sampler.start = first * options.accum_steps * micro_batch
+        ddp_model.train()
+        if options.freeze_backbone:
+            model.cvt.eval()  # frozen BatchNorm statistics and no stochastic depth in the backbone
+        batches = iter(loader)
+        losses = []
+        bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{recipe.epochs}",
+                   unit="step", disable=not show, leave=False)
+        for _ in range(first, steps_per_epoch):
+            started = time.perf_counter()
+            lr = schedule(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum, images_seen = 0.0, 0
+            for micro in range(options.accum_steps):
+                images, labels = next(batches)
+                images = images.to(ctx.device, non_blocking=True)
+                labels = labels.to(ctx.device, non_blocking=True)
+                last_micro = micro == options.accum_steps - 1
+                sync = contextlib.nullcontext() if last_micro or not ctx.distributed else ddp_model.no_sync()
+                with sync:
+                    loss = _micro_step_loss(ddp_model, images, labels, mixer, recipe.label_smoothing,
+                                            options.precision, ctx, trainable,
+                                            seed=hash((options.seed, step, micro, ctx.rank)) % 2**63)
+                    scaled = loss / options.accum_steps
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                loss_sum += loss.item()
+                images_seen += len(images)
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if recipe.clip_grad:
+                torch.nn.utils.clip_grad_norm_(trainable, recipe.clip_grad)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(model)
+            step += 1
+            step_loss = ctx.mean(loss_sum / options.accum_steps)
+            images_per_s = ctx.sum(torch.tensor([float(images_seen)], device=ctx.device)).item() / (
+                time.perf_counter() - started)
+            losses.append(step_loss)
+            if ctx.is_main:
+                log.append({"step": step, "epoch": epoch + 1, "loss": step_loss, "lr": lr,
+                            "images_per_s": images_per_s})
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
+            bar.update()
+            end_of_epoch = step % steps_per_epoch == 0
+            stopping = options.stop_at_step is not None and step >= options.stop_at_step
+            if not end_of_epoch and (stopping or (options.save_every and step % options.save_every == 0)):
+                save()
+            if stopping and not end_of_epoch:
+                bar.close()
+                return None
+        bar.close()
+
+        eval_model = ema.model if ema is not None else model
+        record: dict[str, Any] = {"epoch": epoch + 1, "step": step,
+                                  "train_loss": sum(losses) / len(losses) if losses else None}
+        if val_images is not None:
+            result = evaluate(eval_model, val_images, processor, micro_batch, options.workers,
+                              options.precision, ctx)
+            record.update(val_loss=result.loss, val_top1=result.top1, val_top5=result.top5)
+            if ctx.is_main and result.top1 > best_top1:
+                best_top1 = result.top1
+                save_model_folder(eval_model, processor, out / "best")
+        if ctx.is_main:
+            log.append(record)
+            save_model_folder(eval_model, processor, out / "last")
+            plot_curves(log.records(), out / CURVES_NAME)
+            logger.info("epoch %d/%d: %s", epoch + 1, recipe.epochs,
+                           ", ".join(f"{k} {v:.4f}" for k, v in record.items()
+                                     if isinstance(v, float)))
+        save()
+        if options.stop_at_step is not None and step >= options.stop_at_step:
+            return result
+    return result
+
+
+def _micro_step_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mixer: BatchMixer,
+                     label_smoothing: float, precision: str, ctx: distributed.Context,
+                     trainable: list[nn.Parameter], seed: int) -> torch.Tensor:
+    """The loss of one micro-batch (zero, still connected to every weight, if all its images
+    turned out unreadable, so that the other ranks' gradient exchange still completes)."""
+    if len(images) == 0:
+        return sum(p.sum() for p in trainable) * 0.0
+    if mixer.active:
+        images, targets = mixer(images, labels, seed)
+    with _autocast(precision, ctx.device):
+        logits = model(images).logits
+    if mixer.active:
+        return soft_cross_entropy(logits, targets)
+    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+
+
+# ---------------------------------------------------------------------------------------- scoring
+@torch.no_grad()
+def evaluate(model: nn.Module, images: LabelledImages, processor: CvtImageProcessor, batch_size: int, workers: int,
+             precision: str, ctx: distributed.Context) -> EvalResult:
+    """Top-1, top-5, mean cross-entropy and the confusion matrix over `images`; each rank scores
+    its own shard and the counts are summed, so every image counts exactly once."""
+    model = _unwrap(model)
+    was_training = model.training
+    model.eval()
+    dataset = TransformedImages(images, eval_transform(processor))
+    loader = make_loader(dataset, batch_size, ShardSampler(len(dataset), ctx.world_size, ctx.rank),
+                         workers, drop_last=False)
+    k = len(images.classes)
+    confusion = torch.zeros(k, k, dtype=torch.float64, device=ctx.device)
+    totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # top-5 hits, loss sum, count
+    show = ctx.is_main and sys.stderr.isatty()
+    from tqdm.auto import tqdm
+
+    for batch, labels in tqdm(loader, desc="evaluating", unit="batch", disable=not show, leave=False):
+        if len(labels) == 0:
+            continue
+        batch, labels = batch.to(ctx.device), labels.to(ctx.device)
+        with _autocast(precision, ctx.device):
+            logits = model(batch).logits.float()
+        top = logits.topk(min(5, k), dim=-1).indices
+        totals[0] += (top == labels[:, None]).any(dim=-1).sum()
+        totals[1] += F.cross_entropy(logits, labels, reduction="sum")
+        totals[2] += len(labels)
+        confusion.index_put_((labels, top[:, 0]), torch.ones_like(labels, dtype=torch.float64),
+                             accumulate=True)
+    ctx.sum(confusion)
+    ctx.sum(totals)
+    model.train(was_training)
+    count = int(totals[2].item())
+    if count == 0:
+        raise DataError("no readable images to evaluate")
+    confusion = confusion.round().long().cpu()
+    return EvalResult(top1=confusion.diag().sum().item() / count, top5=totals[0].item() / count,
+                      loss=totals[1].item() / count, count=count, classes=list(images.classes),
+                      confusion=confusion)
+
+
+def evaluate_model(model_source: str, data: Any, batch_size: int = 64, workers: int | None = None,
+                   precision: str = "fp32") -> EvalResult:
+    """`cvt eval`: score a saved model on a labelled dataset (distributed under torchrun)."""
+    ctx = distributed.start()
+    try:
+        if precision not in PRECISIONS or (precision == "fp16" and ctx.device.type != "cuda"):
+            raise ValueError(f"--precision must be fp32 or bf16 (fp16 on a GPU), got {precision!r}")
+        model = CvtForImageClassification.from_pretrained(model_source).to(ctx.device)
+        classes = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        images = load_eval_source(data).relabel(classes, f"{data}")
+        processor = load_processor(model_source, None)
+        return evaluate(model, images, processor, batch_size,
+                        min(4, os.cpu_count() or 1) if workers is None else workers, precision, ctx)
+    finally:
+        distributed.stop(ctx)
