@@ -7,10 +7,12 @@ rank 0 prints results.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from .recipes import RECIPES
@@ -48,7 +50,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation steps")
     tr.add_argument("--precision", choices=PRECISIONS, default="fp32",
                     help="bf16: autocast on CPU or GPU; fp16: autocast with a grad scaler (GPU)")
-    tr.add_argument("--freeze-backbone", action="store_true", help="train only the head (linear probe)")
+    tr.add_argument("--freeze-backbone", action="store_true", help="train only the head: final LayerNorm and classifier (linear probe)")
     tr.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs under torchrun")
     tr.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                     help="DataLoader worker processes per training process")
@@ -77,15 +79,23 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     demo.set_defaults(run=cmd_demo)
 
 
-def log_to_stderr() -> None:
-    """Show the library's progress messages (INFO) and problems (WARNING) on stderr."""
+@contextlib.contextmanager
+def messages_on_stderr() -> Iterator[None]:
+    """Show the library's progress messages (INFO) and problems (WARNING) on stderr while a
+    command runs."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("cvt")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.propagate = False
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def _is_main_process() -> bool:
@@ -93,9 +103,9 @@ def _is_main_process() -> bool:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    log_to_stderr()
     fields = {k: v for k, v in vars(args).items() if k in TrainOptions.__dataclass_fields__}
-    result = train(TrainOptions(**fields))
+    with messages_on_stderr():
+        result = train(TrainOptions(**fields))
     if _is_main_process():
         where = args.output_dir.resolve()
         if result is None:
@@ -118,9 +128,9 @@ def format_table(result: EvalResult) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    log_to_stderr()
-    result = evaluate_model(args.model, args.data, batch_size=args.batch_size, workers=args.workers,
-                            precision=args.precision)
+    with messages_on_stderr():
+        result = evaluate_model(args.model, args.data, batch_size=args.batch_size,
+                                workers=args.workers, precision=args.precision)
     if _is_main_process():
         print(json.dumps(result.to_dict(), indent=2) if args.format == "json" else format_table(result))
     return 0
@@ -129,6 +139,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    log_to_stderr()
-    run_demo(args.output_dir, epochs=args.epochs, workers=args.workers)
+    with messages_on_stderr():
+        run_demo(args.output_dir, epochs=args.epochs, workers=args.workers)
     return 0

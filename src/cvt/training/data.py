@@ -307,6 +307,8 @@ class ShardSampler(torch.utils.data.Sampler):
 
 def make_loader(dataset: Dataset, batch_size: int, sampler: torch.utils.data.Sampler, workers: int,
                 drop_last: bool) -> DataLoader:
+    """A DataLoader with its own generator: starting an epoch (or a resumed one) draws nothing
+    from the global generator, which stochastic depth and dropout use."""
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       collate_fn=collate, drop_last=drop_last, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False)
+                      generator=torch.Generator())
