@@ -27,7 +27,7 @@ from torch import nn
 
 from ..config import CvtConfig
 from ..modeling import CvtForImageClassification
-from ..processing import PROCESSOR_CONFIG_NAME, CvtImageProcessor
+from ..processing import CvtImageProcessor
 from ..variants import VARIANTS, create_model
 from ..weights import CheckpointError
 from . import distributed
@@ -124,15 +124,21 @@ def load_model(source: str | CvtConfig, classes: list[str]) -> CvtForImageClassi
 
 def load_processor(source: str | CvtConfig, image_size: int | None) -> CvtImageProcessor:
     """The model's own preprocessing (its preprocessor_config.json, or its variant's), at
-    `image_size` if given; CvT's standard preprocessing for a model that has none."""
+    `image_size` if given. A model without one needs `image_size`: CvT's standard preprocessing
+    at that size is used (guessing a size silently would degrade results)."""
     processor = None
-    if not isinstance(source, CvtConfig):
+    if not isinstance(source, CvtConfig) and not Path(source).is_file():
         try:
             processor = CvtImageProcessor.from_pretrained(source)
-        except CheckpointError:
-            logger.warning("%s has no %s; using CvT's standard preprocessing", source,
-                           PROCESSOR_CONFIG_NAME)
-    processor = processor or CvtImageProcessor()
+        except CheckpointError as err:
+            if image_size is None:
+                raise ValueError(f"{err}; or pass --image-size to train with CvT's standard "
+                                 f"preprocessing at that size") from None
+    if processor is None:
+        if image_size is None:
+            raise ValueError(f"{source} carries no preprocessing (a weights file or a config); "
+                             f"pass --image-size")
+        processor = CvtImageProcessor()
     return dataclasses.replace(processor, size=image_size) if image_size else processor
 
 
