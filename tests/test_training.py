@@ -363,3 +363,30 @@ def test_training_option_errors_are_one_line(tmp_path, capsys):
     assert "must be a multiple" in capsys.readouterr().err
     assert cli.main([*base, "--batch-size", "64", "--val-split", "0"]) == 2
     assert "no full step" in capsys.readouterr().err
+
+
+def test_hugging_face_datasets_source(tmp_path):
+    """A DatasetDict with image and ClassLabel columns, given as an object or saved to disk."""
+    import datasets  # the optional `hf` extra, part of dev
+    folder = make_folder(tmp_path / "images", per_class=4)
+    files = sorted(folder.rglob("*.png"))
+    names = ["ant", "bee", "cat"]
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+
+    def part(paths):
+        return datasets.Dataset.from_dict(
+            {"img": [str(p) for p in paths], "label": [names.index(p.parent.name) for p in paths]},
+            features=features)
+
+    dataset = datasets.DatasetDict(train=part(files[::2] + files[1::4]), validation=part(files[3::4]))
+    dataset.save_to_disk(str(tmp_path / "saved"))
+    for source in (dataset, f"hf:{tmp_path / 'saved'}"):
+        train_images, val_images = load_source(source)
+        assert train_images.classes == names and (len(train_images), len(val_images)) == (9, 3)
+        image = train_images.load(train_images.items[0])
+        assert image.mode == "RGB" and image.size == (40, 40)
+
+    result = train(TrainOptions(model=tiny_config(num_labels=3), data=dataset, output_dir=tmp_path / "run",
+                                epochs=1, batch_size=3, image_size=IMAGE_SIZE, workers=0))
+    assert result.count == 3
+

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ..images import IMAGE_EXTENSIONS, load_image
+from ..images import IMAGE_EXTENSIONS, as_rgb_image, load_image
 from .augment import seeded
 
 logger = logging.getLogger("cvt")
@@ -226,7 +226,7 @@ def _hf_split(ds: Any) -> LabelledImages:
     images = ds.select_columns([image_col])
 
     def load(row: int) -> Image.Image:
-        return images[row][image_col].convert("RGB")
+        return as_rgb_image(images[row][image_col])
 
     return LabelledImages(list(range(len(ds))), labels, classes, load)
 
