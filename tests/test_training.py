@@ -32,6 +32,16 @@ from conftest import REPO_ROOT, randomise_, tiny_config
 IMAGE_SIZE = 32
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """These tiny models gain nothing from a second thread, and on a shared 2-core machine a
+    busy core stalls every two-thread kernel; one thread keeps the tests' time predictable."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_folder(root: Path, classes=("ant", "bee", "cat"), per_class: int = 8, seed: int = 0) -> Path:
     """An ImageFolder of small images whose class is visible (a tinted square at a class-specific
     place), so that a model can learn it."""
