@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ..images import IMAGE_EXTENSIONS, as_rgb_image, load_image
+from ..images import IMAGE_EXTENSIONS, ImageError, as_rgb_image, load_image
 from .augment import seeded
 
 logger = logging.getLogger("cvt")
@@ -263,7 +263,7 @@ class TransformedImages(Dataset):
         item = self.images.items[index]
         try:
             image = self.images.load(item)
-        except Exception as err:  # a file that changed or fails to decode fully: skip, never crash
+        except (ImageError, OSError) as err:  # damaged deeper than the header check saw: skip it
             logger.warning("unreadable image %s skipped (%s)", item, err)
             return None
         with seeded(hash((self.seed, self.epoch, index)) % 2**63):

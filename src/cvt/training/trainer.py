@@ -233,16 +233,20 @@ def _train(options: TrainOptions, ctx: distributed.Context) -> EvalResult | None
     scaler = torch.amp.GradScaler("cuda") if options.precision == "fp16" else None
     ema = WeightEMA(model, recipe.ema_decay) if recipe.ema_decay else None
     mixer = BatchMixer(recipe, len(classes))
-    order = {"batch_size": recipe.batch_size, "seed": options.seed, "train_images": len(train_images),
-             "steps_per_epoch": steps_per_epoch, "epochs": recipe.epochs}
+    run = {"batch_size": recipe.batch_size, "seed": options.seed, "train_images": len(train_images),
+           "steps_per_epoch": steps_per_epoch, "epochs": recipe.epochs, "ema": ema is not None,
+           "grad_scaler": scaler is not None}  # what a saved state must agree with
 
     step, best_top1 = 0, -1.0
     log = MetricsLog(out / METRICS_NAME)
     if options.resume:
         state = load_state(out / STATE_NAME)
-        if state["order"] != order:
-            raise ValueError(f"cannot resume {out}: the saved run had {state['order']}, this one "
-                             f"{order}; resume with the same data, batch size, epochs and seed")
+        if state["run"] != run:
+            raise ValueError(f"cannot resume {out}: the saved run had {state['run']}, this one "
+                             f"{run}; resume with the same data, batch size, epochs, seed, EMA "
+                             f"and precision")
+        if state["step"] >= total_steps:
+            raise ValueError(f"{out} holds a finished run ({total_steps} steps); nothing to resume")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None:
@@ -254,7 +258,7 @@ def _train(options: TrainOptions, ctx: distributed.Context) -> EvalResult | None
         if ctx.is_main:
             log.rewind(step)
             logger.info("resuming %s at step %d of %d", out, step, total_steps)
-    elif ctx.is_main and (out / STATE_NAME).exists():
+    elif (out / STATE_NAME).exists() or (out / METRICS_NAME).exists():
         raise ValueError(f"{out} already holds a training run; pass --resume to continue it or "
                          f"choose another --output-dir")
 
@@ -268,7 +272,7 @@ def _train(options: TrainOptions, ctx: distributed.Context) -> EvalResult | None
         if not ctx.is_main:
             return
         save_state(out / STATE_NAME, {
-            "step": step, "best_top1": best_top1, "order": order, "rng": states,
+            "step": step, "best_top1": best_top1, "run": run, "rng": states,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "ema": ema.state_dict() if ema is not None else None})
