@@ -400,3 +400,23 @@ def test_hugging_face_datasets_source(tmp_path):
                                 epochs=1, batch_size=3, image_size=IMAGE_SIZE, workers=0))
     assert result.count == 3
 
+
+
+def test_cvt_demo_reaches_ninety_percent_offline(tmp_path, capsys):
+    """The README's demo, as a user runs it: real digits, >= 0.9 held-out accuracy, and the
+    `cvt train` layout plus a confusion matrix and predictions of held-out files."""
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--output-dir", str(out), "--workers", "0"]) == 0
+    printed = capsys.readouterr().out
+    top1 = float(printed.split("top-1 ")[1].split()[0])
+    assert top1 >= 0.9, printed
+    assert {p.name for p in out.iterdir()} >= {"best", "last", "metrics.jsonl", "curves.png",
+                                               "confusion_matrix.png", STATE_NAME, "data"}
+    predictions = [line for line in printed.splitlines() if " predicted " in line]
+    assert len(predictions) == 8 and all(str(out / "data" / "val") in line for line in predictions)
+    assert sum(line.endswith("right") for line in predictions) >= 6
+    epochs = [r for r in records(out) if "val_top1" in r]
+    assert max(r["val_top1"] for r in epochs) == pytest.approx(top1, abs=1e-4)  # printed to 4 places
+
+    assert cli.main(["demo", "--output-dir", str(out)]) == 2  # an existing run is never overwritten
+    assert "already holds a demo run" in capsys.readouterr().err
