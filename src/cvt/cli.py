@@ -131,10 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--format", choices=predict.FORMATS, default="table", help="default: table")
     pred.add_argument("--output", help="write the results to this file instead of stdout")
     pred.set_defaults(run=cmd_predict)
+
+    # listed for --help; main() hands `cvt bench ...` to cvt.benchmark, which has its own options
+    sub.add_parser("bench", help="speed and memory against transformers' CvT (cvt bench --help)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        from .benchmark import main as bench_main
+
+        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
