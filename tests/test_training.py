@@ -291,6 +291,33 @@ def test_same_labels_in_another_order_keep_the_head(tmp_path):
     assert [relabelled.classes[y] for y in relabelled.labels] == [train_images.classes[y] for y in train_images.labels]
 
 
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    data = make_folder(tmp_path / "data", per_class=4)
+    config = tiny_config(qkv_projection_method=("avg", "avg", "avg"), qkv_bias=(False, False, False),
+                         drop_path_rate=(0.0, 0.0, 0.0), num_labels=3)  # as for DDP: no BatchNorm
+    start = make_model_folder(tmp_path / "start", config)
+    common = dict(model=str(start), data=data, epochs=1, batch_size=4, lr=3e-3, val_split=0, workers=0)
+    train(TrainOptions(output_dir=tmp_path / "whole", **common))
+    train(TrainOptions(output_dir=tmp_path / "accumulated", accum_steps=2, **common))
+    whole = weights(tmp_path / "whole" / "last")
+    assert max_change(whole, weights(start)) > 1e-2
+    assert_same_weights(whole, weights(tmp_path / "accumulated" / "last"), atol=1e-5)
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    """`--precision bf16` on the CPU: mixed-precision forward and backward, float32 weights.
+    (Fails while modeling.py's `_MLPFunction.backward` and the inference fast path mix bf16
+    activations with float32 weights under autocast: see the commit that added this test.)"""
+    data = make_folder(tmp_path / "data", per_class=4)
+    start = make_model_folder(tmp_path / "start", tiny_config(num_labels=3))
+    train(TrainOptions(model=str(start), data=data, output_dir=tmp_path / "bf16", precision="bf16",
+                       epochs=1, batch_size=4, lr=3e-3, val_split=0.25, workers=0))
+    bf16 = weights(tmp_path / "bf16" / "last")
+    assert all(t.dtype == torch.float32 for t in bf16.values() if t.is_floating_point())
+    assert max_change(bf16, weights(start)) > 1e-2
+    assert all(np.isfinite(r["loss"]) for r in records(tmp_path / "bf16") if "loss" in r)
+
+
 # ------------------------------------------------------------------------------ data sources
 def test_val_split_is_stratified_and_reproducible(tmp_path):
     images, _ = load_source(make_folder(tmp_path / "d", per_class=10), val_split=0)
