@@ -142,6 +142,12 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
     steps_parts = [r for r in records(tmp_path / "parts") if "loss" in r]
     assert [r["step"] for r in steps_parts] == [r["step"] for r in steps_whole] == list(range(1, 7))
     np.testing.assert_allclose([r["loss"] for r in steps_parts], [r["loss"] for r in steps_whole], atol=1e-6)
+    epochs_whole = [r for r in records(tmp_path / "whole") if "train_loss" in r]
+    epochs_parts = [r for r in records(tmp_path / "parts") if "train_loss" in r]
+    assert len(epochs_parts) == len(epochs_whole) == 2
+    for a, b in zip(epochs_whole, epochs_parts):
+        for key in ("train_loss", "val_loss", "val_top1", "val_top5"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6)
 
 
 def test_truncated_state_is_refused_and_a_failed_save_keeps_the_previous_state(tmp_path, capsys, monkeypatch):

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
 
 from ..images import IMAGE_EXTENSIONS, ImageError, as_rgb_image, load_image
 from .augment import seeded
@@ -173,8 +174,6 @@ def read_table(path: Path) -> LabelledImages:
 def _drop_unreadable(images: LabelledImages) -> LabelledImages:
     """Leave out files that are missing or not images, naming each one. (A cheap header check:
     damage deeper in a file surfaces when it is decoded, and the loader skips it then.)"""
-    from tqdm.auto import tqdm
-
     keep, problems = [], list(images.problems)
     for i, path in enumerate(tqdm(images.items, desc="checking images", unit="img", leave=False,
                                   disable=not sys.stderr.isatty())):

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..config import CvtConfig
 from ..modeling import CvtForImageClassification
@@ -267,7 +268,7 @@ def _train(options: TrainOptions, ctx: distributed.Context) -> EvalResult | None
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
-    def save(result: EvalResult | None = None) -> None:
+    def save() -> None:
         states = ctx.gather(rng_state())  # every rank takes part; rank 0 writes
         if not ctx.is_main:
             return
@@ -280,8 +281,6 @@ def _train(options: TrainOptions, ctx: distributed.Context) -> EvalResult | None
     trainable = [p for p in model.parameters() if p.requires_grad]
     result = None
     show = ctx.is_main and sys.stderr.isatty()
-    from tqdm.auto import tqdm
-
     while step < total_steps:
         epoch = step // steps_per_epoch
         first = step % steps_per_epoch
@@ -292,7 +291,9 @@ def _train(options: TrainOptions, ctx: distributed.Context) -> EvalResult | None
         if options.freeze_backbone:
             model.cvt.eval()  # frozen BatchNorm statistics and no stochastic depth in the backbone
         batches = iter(loader)
-        losses = []
+        # the epoch's mean training loss also counts steps run before an interruption
+        losses = [r["loss"] for r in log.records() if r.get("epoch") == epoch + 1 and "loss" in r
+                  ] if first and ctx.is_main else []
         bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{recipe.epochs}",
                    unit="step", disable=not show, leave=False)
         for _ in range(first, steps_per_epoch):
@@ -401,8 +402,6 @@ def evaluate(model: nn.Module, images: LabelledImages, processor: CvtImageProces
     confusion = torch.zeros(k, k, dtype=torch.float64, device=ctx.device)
     totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # top-5 hits, loss sum, count
     show = ctx.is_main and sys.stderr.isatty()
-    from tqdm.auto import tqdm
-
     for batch, labels in tqdm(loader, desc="evaluating", unit="batch", disable=not show, leave=False):
         if len(labels) == 0:
             continue
