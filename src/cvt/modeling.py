@@ -321,7 +321,8 @@ class CvtLayer(nn.Module):
 
     def _mlp(self, x: Tensor) -> Tensor:
         fc1, fc2 = self.intermediate.dense, self.output.dense
-        if torch.is_grad_enabled() and self.dropout_rate == 0.0:  # save memory for backward
+        # save memory for backward (under torch.compile the compiler plans memory itself)
+        if torch.is_grad_enabled() and self.dropout_rate == 0.0 and not torch.compiler.is_compiling():
             return _MLPFunction.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
                                       self.intermediate.activation)
         return self.output(self.intermediate(x))
