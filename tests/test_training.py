@@ -81,7 +81,7 @@ def records(out: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------ distributed
-def test_torchrun_two_processes_equal_one_process(tmp_path):
+def test_torchrun_two_processes_equal_one_process(tmp_path, capsys):
     """2 gloo processes with global batch B give the weights of 1 process with batch B: same data
     order, per-image augmentation independent of the rank, gradients averaged by DDP.
     ('avg' projections: no BatchNorm, whose batch statistics would depend on the split. No
@@ -116,6 +116,21 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
     for a, b in zip(epochs_one, epochs_two):
         assert a["val_top1"] == b["val_top1"]
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
+
+    # cvt eval under torchrun: each process scores its share, every image counted exactly once
+    evaluate = ["eval", "--model", str(tmp_path / "one" / "last"), "--data", str(data), "--format", "json",
+                "--workers", "0"]
+    run = subprocess.run([*torchrun, "-m", "cvt", *evaluate], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    two_processes = json.loads(run.stdout)  # printed once, by rank 0
+    capsys.readouterr()
+    assert cli.main(evaluate) == 0
+    one_process = json.loads(capsys.readouterr().out)
+    assert two_processes["count"] == one_process["count"] == 24
+    assert two_processes["per_class"] == one_process["per_class"]
+    for key in ("top1", "top5", "loss"):
+        assert two_processes[key] == pytest.approx(one_process[key], abs=1e-6)
 
 
 # ------------------------------------------------------------------------------ resume
