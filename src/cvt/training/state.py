@@ -1,8 +1,8 @@
 """The resumable training state: one file, written atomically, read without unpickling code.
 
 It holds the model, optimiser, grad-scaler and EMA state dicts, the optimiser step, the best
-validation accuracy, every rank's random-number-generator states, and what the data order
-depends on. Writing goes through `cvt.weights.write_atomic` (temporary file, fsync, rename), so
+validation accuracy, every rank's random-number-generator states, and the settings a resumed
+run must share with it (batch size, data size, epochs, seed, EMA, precision). Writing goes through `cvt.weights.write_atomic` (temporary file, fsync, rename), so
 an interrupted save leaves the previous state in place.
 """
 
