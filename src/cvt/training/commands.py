@@ -67,7 +67,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--format", choices=("table", "json"), default="table")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
-    ev.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    ev.add_argument("--precision", choices=PRECISIONS, default="fp32")
     ev.set_defaults(run=cmd_eval)
 
     demo = sub.add_parser("demo", help="offline: train a compact CvT on scikit-learn's digits, "

@@ -354,16 +354,16 @@ def _train(options: TrainOptions, ctx: distributed.Context) -> EvalResult | None
             result = evaluate(eval_model, val_images, processor, micro_batch, options.workers,
                               options.precision, ctx)
             record.update(val_loss=result.loss, val_top1=result.top1, val_top5=result.top5)
-            if ctx.is_main and result.top1 > best_top1:
+            if result.top1 > best_top1:
                 best_top1 = result.top1
-                save_model_folder(eval_model, processor, out / "best")
+                if ctx.is_main:
+                    save_model_folder(eval_model, processor, out / "best")
         if ctx.is_main:
             log.append(record)
             save_model_folder(eval_model, processor, out / "last")
             plot_curves(log.records(), out / CURVES_NAME)
             logger.info("epoch %d/%d: %s", epoch + 1, recipe.epochs,
-                           ", ".join(f"{k} {v:.4f}" for k, v in record.items()
-                                     if isinstance(v, float)))
+                        ", ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float)))
         save()
         if options.stop_at_step is not None and step >= options.stop_at_step:
             return result
@@ -373,8 +373,8 @@ def _train(options: TrainOptions, ctx: distributed.Context) -> EvalResult | None
 def _micro_step_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mixer: BatchMixer,
                      label_smoothing: float, precision: str, ctx: distributed.Context,
                      trainable: list[nn.Parameter], seed: int) -> torch.Tensor:
-    """The loss of one micro-batch (zero, still connected to every weight, if all its images
-    turned out unreadable, so that the other ranks' gradient exchange still completes)."""
+    """The loss of one micro-batch; zero (with zero gradients) if every one of its images
+    turned out unreadable when decoded."""
     if len(images) == 0:
         return sum(p.sum() for p in trainable) * 0.0
     if mixer.active:
