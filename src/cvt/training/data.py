@@ -197,8 +197,11 @@ def _read_hf(data: Any, want_val: bool) -> tuple[LabelledImages, LabelledImages 
     except ImportError:
         raise DataError("Hugging Face datasets need the optional package: pip install datasets") from None
     if isinstance(data, str):
-        data = (datasets.load_from_disk(data) if (Path(data) / "dataset_dict.json").is_file()
-                or (Path(data) / "dataset_info.json").is_file() else datasets.load_dataset(data))
+        saved = (Path(data) / "dataset_dict.json").is_file() or (Path(data) / "dataset_info.json").is_file()
+        try:
+            data = datasets.load_from_disk(data) if saved else datasets.load_dataset(data)
+        except Exception as err:  # datasets raises many types (not found, offline, bad files)
+            raise DataError(f"could not load the datasets dataset {data!r}: {err}") from None
     if isinstance(data, datasets.DatasetDict):
         train_name = next((s for s in ("train",) if s in data), next(iter(data)))
         val_name = next((s for s in ("validation", "val", "valid", "test") if s in data), None)
