@@ -222,7 +222,9 @@ def _train(options: TrainOptions, ctx: distributed.Context) -> EvalResult | None
                         f"lower --batch-size")
     total_steps = steps_per_epoch * recipe.epochs
 
-    model.to(ctx.device)
+    # the model computes in channels-last; weights laid out the same way get gradients in the
+    # layout DistributedDataParallel's buckets expect
+    model.to(ctx.device, memory_format=torch.channels_last)
     if options.freeze_backbone:
         model.cvt.requires_grad_(False)
     if options.sync_bn:
