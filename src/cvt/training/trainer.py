@@ -108,7 +108,7 @@ def load_model(source: str | CvtConfig, classes: list[str]) -> CvtForImageClassi
     labels = dict(enumerate(classes))
     if isinstance(source, CvtConfig):
         return CvtForImageClassification(source.replace(id2label=labels))
-    if source in VARIANTS:
+    if source in VARIANTS and not Path(source).exists():  # a variant name: random weights
         return create_model(source, id2label=labels)
     stored = CvtForImageClassification.from_pretrained(source)
     if set(stored.config.id2label.values()) == set(classes):
