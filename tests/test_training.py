@@ -97,7 +97,9 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, capsys):
     assert cli.main([*args, "--output-dir", str(tmp_path / "one")]) == 0
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT / "src")}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    launcher = Path(sys.executable).with_name("torchrun")  # torch's own, beside this interpreter
+    assert launcher.is_file(), f"torchrun not found at {launcher}"
+    torchrun = [str(launcher), "--standalone", "--nproc_per_node", "2"]
     run = subprocess.run([*torchrun, "-m", "cvt", *args, "--output-dir", str(tmp_path / "two")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
