@@ -225,12 +225,18 @@ def _hf_split(ds: Any) -> LabelledImages:
         classes = sorted({str(v) for v in values})
         index = {name: i for i, name in enumerate(classes)}
         labels = [index[str(v)] for v in values]
-    images = ds.select_columns([image_col])
+    return LabelledImages(list(range(len(ds))), labels, classes, _ImageColumn(ds, image_col))
 
-    def load(row: int) -> Image.Image:
-        return as_rgb_image(images[row][image_col])
 
-    return LabelledImages(list(range(len(ds))), labels, classes, load)
+class _ImageColumn:
+    """Row -> RGB image of a `datasets` dataset (a class, not a closure: DataLoader workers
+    started with 'spawn', the default on macOS and Windows, need to pickle it)."""
+
+    def __init__(self, ds: Any, column: str) -> None:
+        self.images, self.column = ds.select_columns([column]), column
+
+    def __call__(self, row: int) -> Image.Image:
+        return as_rgb_image(self.images[row][self.column])
 
 
 def split(images: LabelledImages, fraction: float, seed: int) -> tuple[LabelledImages, LabelledImages]:
