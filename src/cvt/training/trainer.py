@@ -265,6 +265,12 @@ def _train(options: TrainOptions, ctx: distributed.Context) -> EvalResult | None
         raise ValueError(f"{out} already holds a training run; pass --resume to continue it or "
                          f"choose another --output-dir")
 
+    if ctx.is_main and not options.resume:
+        logger.info("training on %d images of %d classes, validating on %s; %d epoch(s) x %d steps x "
+                    "%d images, peak lr %.3g; %d process(es) on %s", len(train_images), len(classes),
+                    len(val_images) if val_images is not None else "none", recipe.epochs,
+                    steps_per_epoch, recipe.batch_size, peak_lr, ctx.world_size, ctx.device.type)
+
     ddp_model = model
     if ctx.distributed:
         ddp_model = nn.parallel.DistributedDataParallel(
