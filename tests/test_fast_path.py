@@ -154,3 +154,15 @@ def test_memory_saving_mlp_has_autograd_gradients(hidden_act) -> None:
             assert a is None
         else:
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_autocast_inference_takes_the_plain_path() -> None:
+    """bf16 autocast (CPU here; the same switch on CUDA) runs, close to float32."""
+    model = randomise_(CvtForImageClassification(tiny_config()), 6).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(x).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x).logits
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), reference, atol=0.1, rtol=0.05)

@@ -74,10 +74,12 @@ class ImageClassifierOutputWithNoAttention(ModelOutput):
 
 # ---------------------------------------------------------------------------------------- blocks
 def fast_inference(module: nn.Module) -> bool:
-    """True in eval mode with autograd off: the inference fast path (BatchNorm folded, residual
-    stream updated in place, batch processed in cache-sized groups). Otherwise the plain,
-    differentiable path runs; both give the same outputs."""
-    return not module.training and not torch.is_grad_enabled()
+    """True in eval mode with autograd and autocast off: the inference fast path (BatchNorm
+    folded, residual stream updated in place, batch processed in cache-sized groups). Otherwise
+    the plain, differentiable path runs; both give the same outputs. (In-place updates cannot
+    follow autocast's dtype changes, so mixed precision takes the plain path.)"""
+    return (not module.training and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu") and not torch.is_autocast_enabled("cuda"))
 
 
 class GELU(nn.Module):
@@ -167,18 +169,21 @@ class _MLPFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         x, hidden, w1, w2 = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
+        dtype = hidden.dtype  # the compute dtype: lower than the weights' under autocast
         with torch.enable_grad():
             hidden = hidden.detach().requires_grad_()
             activated = ctx.activation(hidden)
-        (grad_hidden,) = torch.autograd.grad(activated, hidden, grad_out @ w2)
+        grad_out = grad_out.to(dtype)
+        (grad_hidden,) = torch.autograd.grad(activated, hidden, grad_out @ w2.to(dtype))
         flat_out = grad_out.reshape(-1, grad_out.shape[-1])
         flat_hidden = grad_hidden.reshape(-1, grad_hidden.shape[-1])
         return (
-            grad_hidden @ w1 if need_x else None,
-            flat_hidden.t() @ x.reshape(-1, x.shape[-1]) if need_w1 else None,
-            flat_hidden.sum(0) if need_b1 else None,
-            flat_out.t() @ activated.detach().reshape(-1, activated.shape[-1]) if need_w2 else None,
-            flat_out.sum(0) if need_b2 else None,
+            (grad_hidden @ w1.to(dtype)).to(x.dtype) if need_x else None,
+            (flat_hidden.t() @ x.reshape(-1, x.shape[-1]).to(dtype)).to(w1.dtype) if need_w1 else None,
+            flat_hidden.sum(0).to(w1.dtype) if need_b1 else None,
+            (flat_out.t() @ activated.detach().reshape(-1, activated.shape[-1])).to(w2.dtype)
+            if need_w2 else None,
+            flat_out.sum(0).to(w2.dtype) if need_b2 else None,
             None,
         )
 
