@@ -158,7 +158,7 @@ def run_case(case: Case, device: torch.device, rounds: int | None = None) -> dic
     }
 
 
-def gemm_peak(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+def gemm_peak(device: torch.device, n: int = 2048, repeats: int = 9) -> float:
     """Median GFLOP/s of an n x n fp32 matrix product: the roof the model runs under."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     torch.mm(a, b)
@@ -180,9 +180,19 @@ def peak_memory(case: Case, side: str, device: torch.device) -> float:
         step()
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
+    return _peak_rss_mb()
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux's VmHWM belongs to the current program image;
+    ru_maxrss would carry over the (larger) parent's peak across fork + exec."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _memory_in_subprocess(case: Case, side: str) -> float:
