@@ -97,9 +97,8 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, capsys):
     assert cli.main([*args, "--output-dir", str(tmp_path / "one")]) == 0
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT / "src")}
-    launcher = Path(sys.executable).with_name("torchrun")  # torch's own, beside this interpreter
-    assert launcher.is_file(), f"torchrun not found at {launcher}"
-    torchrun = [str(launcher), "--standalone", "--nproc_per_node", "2"]
+    # torchrun is the console name of torch.distributed.run: this form works in any environment
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     run = subprocess.run([*torchrun, "-m", "cvt", *args, "--output-dir", str(tmp_path / "two")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -108,16 +107,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, capsys):
     assert max_change(one, weights(start)) > 1e-2  # the runs really trained
     assert_same_weights(one, two, atol=1e-5)
     # the same steps and validation scores, each written once (only rank 0 writes)
-    steps_one = [r for r in records(tmp_path / "one") if "loss" in r]
-    steps_two = [r for r in records(tmp_path / "two") if "loss" in r]
-    assert [r["step"] for r in steps_two] == [r["step"] for r in steps_one] == list(range(1, 5))
-    np.testing.assert_allclose([r["loss"] for r in steps_two], [r["loss"] for r in steps_one], atol=1e-5)
-    epochs_one = [r for r in records(tmp_path / "one") if "val_top1" in r]
-    epochs_two = [r for r in records(tmp_path / "two") if "val_top1" in r]
-    assert len(epochs_one) == len(epochs_two) == 2
-    for a, b in zip(epochs_one, epochs_two):
-        assert a["val_top1"] == b["val_top1"]
-        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
+    assert_same_metrics(tmp_path / "one", tmp_path / "two", steps=4, epochs=2, atol=1e-5)
 
     # cvt eval under torchrun: each process scores its share, every image counted exactly once
     evaluate = ["eval", "--model", str(tmp_path / "one" / "last"), "--data", str(data), "--format", "json",
@@ -133,6 +123,19 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, capsys):
     assert two_processes["per_class"] == one_process["per_class"]
     for key in ("top1", "top5", "loss"):
         assert two_processes[key] == pytest.approx(one_process[key], abs=1e-6)
+
+
+def assert_same_metrics(a: Path, b: Path, steps: int, epochs: int, atol: float) -> None:
+    """Two runs' metrics.jsonl: steps 1..steps once each with the same losses, and the same
+    per-epoch scores."""
+    steps_a, steps_b = ([r for r in records(run) if "loss" in r] for run in (a, b))
+    assert [r["step"] for r in steps_b] == [r["step"] for r in steps_a] == list(range(1, steps + 1))
+    np.testing.assert_allclose([r["loss"] for r in steps_b], [r["loss"] for r in steps_a], atol=atol)
+    epochs_a, epochs_b = ([r for r in records(run) if "val_top1" in r] for run in (a, b))
+    assert len(epochs_a) == len(epochs_b) == epochs
+    for x, y in zip(epochs_a, epochs_b):
+        for key in ("train_loss", "val_loss", "val_top1", "val_top5"):
+            assert x[key] == pytest.approx(y[key], abs=atol), key
 
 
 # ------------------------------------------------------------------------------ resume
@@ -155,16 +158,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
     assert max_change(whole, weights(start)) > 1e-2
     assert_same_weights(whole, parts, atol=1e-6)
     # metrics.jsonl reads as one run: each step once, the same losses
-    steps_whole = [r for r in records(tmp_path / "whole") if "loss" in r]
-    steps_parts = [r for r in records(tmp_path / "parts") if "loss" in r]
-    assert [r["step"] for r in steps_parts] == [r["step"] for r in steps_whole] == list(range(1, 7))
-    np.testing.assert_allclose([r["loss"] for r in steps_parts], [r["loss"] for r in steps_whole], atol=1e-6)
-    epochs_whole = [r for r in records(tmp_path / "whole") if "train_loss" in r]
-    epochs_parts = [r for r in records(tmp_path / "parts") if "train_loss" in r]
-    assert len(epochs_parts) == len(epochs_whole) == 2
-    for a, b in zip(epochs_whole, epochs_parts):
-        for key in ("train_loss", "val_loss", "val_top1", "val_top5"):
-            assert a[key] == pytest.approx(b[key], abs=1e-6)
+    assert_same_metrics(tmp_path / "whole", tmp_path / "parts", steps=6, epochs=2, atol=1e-6)
 
 
 def test_truncated_state_is_refused_and_a_failed_save_keeps_the_previous_state(tmp_path, capsys, monkeypatch):
