@@ -202,3 +202,13 @@ def test_failed_save_leaves_previous_files(saved, monkeypatch) -> None:
 def test_missing_path_is_explained() -> None:
     with pytest.raises(CheckpointError, match="no such folder"):
         CvtForImageClassification.from_pretrained("./does/not/exist")
+
+
+def test_original_checkpoint_with_a_new_label_count(testdata) -> None:
+    """num_labels= on an original .pth (architecture inferred) replaces only the head."""
+    path = testdata / "tiny_dwbn" / "original_state_dict.pth"
+    model = CvtForImageClassification.from_pretrained(path, num_heads=[1, 2, 3], num_labels=4)
+    assert model.classifier.out_features == 4 and model.config.hidden_act == "quick_gelu"
+    reference = CvtForImageClassification.from_pretrained(path, num_heads=[1, 2, 3])
+    for key, tensor in reference.cvt.state_dict().items():
+        assert torch.equal(model.cvt.state_dict()[key], tensor), key

@@ -400,11 +400,12 @@ class CvtPreTrainedModel(nn.Module):
             raise TypeError(f"expected a cvt.CvtConfig, got {type(config).__name__}")
         self.config = config
 
-    def init_weights(self) -> None:
-        """The original code's initialisation: truncated normal for Linear layers and cls tokens,
-        zero biases, unit norms; convolutions keep PyTorch's default."""
+    def init_weights(self, root: nn.Module | None = None) -> None:
+        """The original code's initialisation (of `root`'s modules, default all): truncated
+        normal for Linear layers and cls tokens, zero biases, unit norms; convolutions keep
+        PyTorch's default."""
         std = self.config.initializer_range
-        for module in self.modules():
+        for module in (root or self).modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=std)
                 if module.bias is not None:
@@ -464,7 +465,7 @@ class CvtPreTrainedModel(nn.Module):
         return load_pretrained(cls, name_or_path, config=config,
                                ignore_mismatched_sizes=ignore_mismatched_sizes, **kwargs)
 
-    def save_pretrained(self, folder: str, *, safe_serialization: bool = True) -> None:
+    def save_pretrained(self, folder: str) -> None:
         """Write config.json + model.safetensors, loadable here and by transformers."""
         from .weights import save_pretrained
 
@@ -524,7 +525,7 @@ class CvtForImageClassification(CvtPreTrainedModel):
         dim = config.embed_dim[-1]
         self.layernorm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.classifier = nn.Linear(dim, config.num_labels) if config.num_labels > 0 else nn.Identity()
-        self.init_weights()
+        self.init_weights(self.classifier)  # the backbone initialised itself
 
     def forward(self, pixel_values: Tensor, labels: Tensor | None = None,
                 output_hidden_states: bool | None = None,

@@ -195,28 +195,27 @@ def load_pretrained(cls: type[M], name_or_path: str | os.PathLike, *, config: Cv
 
 def build_from_state_dict(cls: type[M], state_dict: dict[str, Tensor], source: Any, *,
                           stored: CvtConfig | None, config: CvtConfig | None,
-                          ignore_mismatched_sizes: bool, **kwargs: Any) -> M:
-    """A `cls` in eval mode holding `state_dict` (transformers or original layout)."""
-    name_or_path = source
+                          ignore_mismatched_sizes: bool, **overrides: Any) -> M:
+    """A `cls` in eval mode holding `state_dict` (transformers or original layout); `overrides`
+    are config fields, and asking for another label count re-initialises the head."""
+    relabel = bool({"num_labels", "id2label"} & overrides.keys())
     if convert.is_original_checkpoint(state_dict):
         if config is None:
             try:
-                config = convert.infer_config(state_dict, **kwargs)
+                config = convert.infer_config(state_dict, **overrides)
             except ValueError as err:
-                raise CheckpointError(f"{name_or_path}: {err}") from None
-            kwargs = {}
+                raise CheckpointError(f"{source}: {err}") from None
+            overrides = {}
         state_dict = convert.original_to_transformers(state_dict)
     base = config or stored
     if base is None:
         raise CheckpointError(
-            f"{name_or_path} is a single weights file in transformers layout with no config.json "
+            f"{source} is a single weights file in transformers layout with no config.json "
             f"beside it; pass config=")
-    relabel = bool({"num_labels", "id2label"} & kwargs.keys())
-    config = base.replace(**kwargs) if kwargs else base
+    config = base.replace(**overrides) if overrides else base
     model = cls(config)
-    state_dict = _match_prefix(state_dict, model, name_or_path)
-    load_state_dict_checked(model, state_dict, name_or_path,
-                            reinit_head=relabel or ignore_mismatched_sizes)
+    state_dict = _match_prefix(state_dict, model, source)
+    load_state_dict_checked(model, state_dict, source, reinit_head=relabel or ignore_mismatched_sizes)
     return model.eval()
 
 
