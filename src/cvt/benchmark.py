@@ -12,7 +12,6 @@ Run with `cvt bench` or `python benchmarks/bench.py`; transformers must be insta
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -27,6 +26,7 @@ import torch
 
 from .config import CvtConfig
 from .modeling import CvtForImageClassification
+from .weights import write_json
 
 TOLERANCE = 1e-4
 
@@ -264,8 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = [by_name[n] for n in args.case] if args.case else CASES
     results = run(cases, memory=not args.no_memory, rounds=args.rounds)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": _machine(), "results": results}, f, indent=2)
+        write_json(args.json, {"machine": _machine(), "results": results})
     return 0
 
 

@@ -314,7 +314,6 @@ class CvtLayer(nn.Module):
             dropout=nn.Dropout(rate)))
         self.output = nn.Sequential(OrderedDict(dense=nn.Linear(hidden, dim), dropout=nn.Dropout(rate)))
         self.drop_path = DropPath(drop_path_rate)
-        self.dropout_rate = rate
         self.layernorm_before = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.layernorm_after = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
 
@@ -327,7 +326,8 @@ class CvtLayer(nn.Module):
     def _mlp(self, x: Tensor) -> Tensor:
         fc1, fc2 = self.intermediate.dense, self.output.dense
         # save memory for backward (under torch.compile the compiler plans memory itself)
-        if torch.is_grad_enabled() and self.dropout_rate == 0.0 and not torch.compiler.is_compiling():
+        no_dropout = self.output.dropout.p == 0.0
+        if torch.is_grad_enabled() and no_dropout and not torch.compiler.is_compiling():
             return _MLPFunction.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
                                       self.intermediate.activation)
         return self.output(self.intermediate(x))
@@ -489,25 +489,27 @@ class CvtModel(CvtPreTrainedModel):
             return_dict = self.config.return_dict
         group = self._inference_group_size(pixel_values) if fast_inference(self) else 0
         if group and group < pixel_values.shape[0]:
-            parts = [self._encode(chunk) for chunk in pixel_values.split(group)]
+            parts = [self._encode(chunk, output_hidden_states) for chunk in pixel_values.split(group)]
             maps = [torch.cat(level) for level in zip(*(p[0] for p in parts))]
             cls = torch.cat([p[1] for p in parts]) if parts[0][1] is not None else None
         else:
-            maps, cls = self._encode(pixel_values)
+            maps, cls = self._encode(pixel_values, output_hidden_states)
         out = BaseModelOutputWithCLSToken(
             last_hidden_state=maps[-1],
             cls_token_value=cls,
             hidden_states=tuple(maps) if output_hidden_states else None)
         return out if return_dict else out.to_tuple()
 
-    def _encode(self, pixel_values: Tensor) -> tuple[list[Tensor], Tensor | None]:
-        """Per-stage (B, C, H, W) contiguous feature maps and the last stage's cls token."""
+    def _encode(self, pixel_values: Tensor, every_stage: bool) -> tuple[list[Tensor], Tensor | None]:
+        """Contiguous (B, C, H, W) feature maps — of every stage, or of the last only — and the
+        last stage's cls token."""
         x = pixel_values.contiguous(memory_format=torch.channels_last)
         maps, cls = [], None
         for stage in self.encoder.stages:
             x, cls = stage(x)
-            maps.append(x)
-        return [m.contiguous() for m in maps], cls
+            if every_stage:
+                maps.append(x.contiguous())
+        return maps if every_stage else [x.contiguous()], cls
 
     def _inference_group_size(self, pixel_values: Tensor) -> int:
         """Images per group on the fast path: large batches run in groups whose activations fit

@@ -157,21 +157,17 @@ def fetcher(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any] | None =
 
 
 def resolve(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any] | None = None
-            ) -> tuple[CvtConfig | None, dict[str, Tensor], Callable[[str], Path | None] | None]:
-    """Find a checkpoint: (stored config or None, state dict in transformers layout, file fetcher).
-
-    The fetcher finds companion files of a folder or hub repo (e.g. preprocessor_config.json).
-    """
+            ) -> tuple[CvtConfig | None, dict[str, Tensor]]:
+    """Find a checkpoint: (its config.json, or None for a single weights file; its state dict,
+    in whatever layout the file holds)."""
     path = Path(name_or_path)
     if path.is_file():
-        state_dict = read_state_dict(path)
-        return None, state_dict, None
+        return None, read_state_dict(path)
     fetch = fetcher(name_or_path, hub_kwargs)
     config_path = fetch(CONFIG_NAME)
     if config_path is None:
         raise CheckpointError(f"{name_or_path} has no {CONFIG_NAME}")
-    config = read_config(config_path)
-    return config, read_folder_weights(path, fetch), fetch
+    return read_config(config_path), read_folder_weights(path, fetch)
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -188,7 +184,7 @@ def load_pretrained(cls: type[M], name_or_path: str | os.PathLike, *, config: Cv
     unknown = set(kwargs) - config_fields
     if unknown:
         raise TypeError(f"from_pretrained got unexpected arguments: {', '.join(sorted(unknown))}")
-    stored, state_dict, _ = resolve(name_or_path, hub_kwargs)
+    stored, state_dict = resolve(name_or_path, hub_kwargs)
     return build_from_state_dict(cls, state_dict, name_or_path, stored=stored, config=config,
                                  ignore_mismatched_sizes=ignore_mismatched_sizes, **kwargs)
 
