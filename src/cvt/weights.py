@@ -314,6 +314,25 @@ def save_pretrained(model: torch.nn.Module, folder: str | os.PathLike) -> None:
         (folder / stale).unlink(missing_ok=True)
 
 
+def save_arrays_pretrained(folder: str | os.PathLike, arrays: dict[str, Any], config: CvtConfig,
+                           architecture: str) -> None:
+    """`save_pretrained` for weights held as numpy arrays in the PyTorch layout (the TensorFlow
+    models): the same config.json + model.safetensors, loadable by the PyTorch models and
+    transformers; `architecture` is the PyTorch class name written into config.json."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    arrays = {k: np.array(v, order="C") for k, v in arrays.items()}  # (keeps 0-d arrays 0-d)
+    data = config.to_dict()
+    data["architectures"] = [architecture]
+    data["dtype"] = next((str(v.dtype) for v in arrays.values() if v.dtype.kind == "f"), "float32")
+    write_atomic(folder / SAFE_WEIGHTS_NAME, lambda tmp: save_file(arrays, tmp, metadata={"format": "pt"}))
+    write_json(folder / CONFIG_NAME, dict(sorted(data.items())))
+    for stale in (SAFE_INDEX_NAME, PT_WEIGHTS_NAME, PT_INDEX_NAME):
+        (folder / stale).unlink(missing_ok=True)
+
+
 def convert_original(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
                      config: CvtConfig | None = None, **fields: Any) -> CvtConfig:
     """Write an original microsoft/CvT checkpoint as a transformers-layout folder.
