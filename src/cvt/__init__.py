@@ -16,6 +16,28 @@ from .weights import CheckpointError
 
 __version__ = "0.1.0"
 
+# TensorFlow is an optional extra: its models load on first access, so `import cvt` stays fast.
+_TF_EXPORTS = (
+    "TFBaseModelOutputWithCLSToken",
+    "TFCvtForImageClassification",
+    "TFCvtModel",
+    "TFCvtPreTrainedModel",
+    "TFImageClassifierOutputWithNoAttention",
+)
+
+
+def __getattr__(name: str):
+    if name in _TF_EXPORTS:
+        from . import modeling_tf  # without TensorFlow: an ImportError saying pip install "cvt[tf]"
+
+        return getattr(modeling_tf, name)
+    raise AttributeError(f"module 'cvt' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_TF_EXPORTS))
+
+
 __all__ = [
     "BaseModelOutputWithCLSToken",
     "CheckpointError",

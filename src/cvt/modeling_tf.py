@@ -1,0 +1,696 @@
+"""CvT in TensorFlow (Keras 3), the twin of `cvt.modeling`: same configs, weights and outputs.
+
+Top to bottom: small Keras layers (PyTorch-style padded convolutions, BatchNorm with PyTorch's
+running statistics, average pooling in ceil mode, stochastic depth), then the attention, layer,
+stage and encoder, then `TFCvtModel` and `TFCvtForImageClassification`.
+
+The maths is that of our PyTorch model, fixes over transformers included: 'avg' and 'linear'
+projections, a cls token in any stage, mean pooling when the last stage has no cls token,
+stochastic depth ramping linearly over each stage's layers and dropping only the residual
+branch, exact GELU or `hidden_act="quick_gelu"`, LayerNorm eps 1e-5, attention scaled by
+`embed_dim ** -0.5`. Inputs and outputs are NCHW as in PyTorch; inside, maps are NHWC
+(`(B, H, W, C)`, whose flattening is the token tensor `(B, H*W, C)`).
+
+Weights: every layer lists its variables under the PyTorch state-dict key they correspond to
+(`weight_map`), with the layout change between the two (`LAYOUTS`). `pytorch_state_dict()` /
+`load_pytorch_state_dict()` convert in memory through numpy; `from_pretrained` and
+`save_pretrained` go through `cvt.weights`, so the TensorFlow models read and write exactly the
+files the PyTorch models do (config.json + model.safetensors in transformers' layout, hub ids,
+original microsoft/CvT .pth files).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+# TensorFlow and triton (the compiler behind torch.compile, installed with torch on Linux) each
+# carry their own LLVM, and loading triton's after TensorFlow's crashes the process (a segfault
+# at `import torch._dynamo`, i.e. at the first torch.compile or transformers model). The other
+# order is safe, so triton (0.1 s) loads first when TensorFlow is not loaded yet.
+if "tensorflow" not in sys.modules and importlib.util.find_spec("triton") is not None:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # a broken triton only matters to torch.compile, not here
+        pass
+
+try:
+    import keras
+    import tensorflow as tf
+except ImportError as err:  # pragma: no cover - exercised only without the extra installed
+    raise ImportError(
+        f'cvt\'s TensorFlow models need TensorFlow and Keras 3: pip install "cvt[tf]" ({err})') from err
+
+if keras.backend.backend() != "tensorflow":  # pragma: no cover
+    raise ImportError(
+        f"cvt's TensorFlow models need Keras' TensorFlow backend, but Keras is using "
+        f"{keras.backend.backend()!r} (KERAS_BACKEND={os.environ.get('KERAS_BACKEND')!r}); "
+        f"set KERAS_BACKEND=tensorflow before importing keras")
+
+from .config import CvtConfig, conv_output_size, input_size_problem, kv_grid, min_input_size, stage_grids
+from .modeling import ModelOutput
+
+LAYER_NORM_EPS = 1e-5  # as the PyTorch side (config.layer_norm_eps is unused there too)
+BATCH_NORM_EPS = 1e-5
+BATCH_NORM_MOMENTUM = 0.1  # PyTorch's convention: running = (1 - m) * running + m * batch
+
+# PyTorch layout -> TensorFlow layout of each kind of weight (and back). Depthwise kernels:
+# PyTorch (C, 1, kh, kw) <-> Keras DepthwiseConv2D (kh, kw, C, 1); the permutation is its own inverse.
+LAYOUTS = {
+    "same": (lambda a: a, lambda a: a),
+    "linear": (lambda a: a.T, lambda a: a.T),  # (out, in) <-> (in, out)
+    "conv": (lambda a: a.transpose(2, 3, 1, 0), lambda a: a.transpose(3, 2, 0, 1)),  # (O,I,kh,kw) <-> (kh,kw,I,O)
+    "depthwise": (lambda a: a.transpose(2, 3, 0, 1), lambda a: a.transpose(2, 3, 0, 1)),
+}
+
+
+# ---------------------------------------------------------------------------------------- outputs
+@dataclass
+class TFBaseModelOutputWithCLSToken(ModelOutput):
+    """`last_hidden_state` (B, C, H, W); `cls_token_value` (B, 1, C) when the last stage has one;
+    `hidden_states`: one (B, C_s, H_s, W_s) map per stage, when asked for."""
+
+    last_hidden_state: tf.Tensor
+    cls_token_value: tf.Tensor | None = None
+    hidden_states: tuple[tf.Tensor, ...] | None = None
+
+
+@dataclass
+class TFImageClassifierOutputWithNoAttention(ModelOutput):
+    """`loss` when labels were given, `logits` (B, num_labels), per-stage `hidden_states` when asked."""
+
+    loss: tf.Tensor | None = None
+    logits: tf.Tensor | None = None
+    hidden_states: tuple[tf.Tensor, ...] | None = None
+
+
+# ---------------------------------------------------------------------------------------- small layers
+def _dense_init(config: CvtConfig) -> keras.initializers.Initializer:
+    return keras.initializers.TruncatedNormal(stddev=config.initializer_range)
+
+
+def _conv_init() -> keras.initializers.Initializer:
+    # PyTorch's Conv2d default, kaiming_uniform(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    return keras.initializers.VarianceScaling(scale=1 / 3, mode="fan_in", distribution="uniform")
+
+
+def _dense(units: int, input_dim: int, config: CvtConfig, use_bias: bool = True,
+           name: str | None = None) -> keras.layers.Dense:
+    layer = keras.layers.Dense(units, use_bias=use_bias, kernel_initializer=_dense_init(config),
+                               name=name)
+    layer.build((None, input_dim))
+    return layer
+
+
+def _layer_norm(dim: int, name: str | None = None) -> keras.layers.LayerNormalization:
+    layer = keras.layers.LayerNormalization(epsilon=LAYER_NORM_EPS, name=name)
+    layer.build((None, dim))
+    return layer
+
+
+def _pytorch_pad(x: tf.Tensor, padding: int) -> tf.Tensor:
+    """Zero padding on both sides of H and W, as PyTorch's `padding=` (TF 'same' is asymmetric)."""
+    if padding == 0:
+        return x
+    return tf.pad(x, [[0, 0], [padding, padding], [padding, padding], [0, 0]])
+
+
+def _weights(prefix: str, **variables: tuple[Any, str]) -> list[tuple[str, Any, str]]:
+    """[(PyTorch key, variable, layout)] for `name=(variable, layout)` pairs."""
+    return [(f"{prefix}{name}", var, layout) for name, (var, layout) in variables.items()]
+
+
+def _dense_weights(prefix: str, layer: keras.layers.Dense) -> list[tuple[str, Any, str]]:
+    out = _weights(prefix, weight=(layer.kernel, "linear"))
+    return out + (_weights(prefix, bias=(layer.bias, "same")) if layer.use_bias else [])
+
+
+def _norm_weights(prefix: str, layer: keras.layers.LayerNormalization) -> list[tuple[str, Any, str]]:
+    return _weights(prefix, weight=(layer.gamma, "same"), bias=(layer.beta, "same"))
+
+
+class Conv(keras.layers.Layer):
+    """A dense 2-D convolution with PyTorch's symmetric zero padding (NHWC)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int, padding: int,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.padding = padding
+        self.conv = keras.layers.Conv2D(out_channels, kernel, strides=stride, padding="valid",
+                                        kernel_initializer=_conv_init(), name="conv")
+        self.conv.build((None, None, None, in_channels))
+        self.built = True
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        return self.conv(_pytorch_pad(x, self.padding))
+
+    def weight_map(self, prefix: str) -> list[tuple[str, Any, str]]:
+        return _weights(prefix, weight=(self.conv.kernel, "conv"), bias=(self.conv.bias, "same"))
+
+
+class BatchNorm(keras.layers.Layer):
+    """BatchNorm over the channels of NHWC maps with PyTorch's semantics: in training, normalise
+    with the batch's (biased) statistics and update the running ones as
+    `running = 0.9 * running + 0.1 * batch`, the variance unbiased (n / (n - 1)); otherwise
+    normalise with the running statistics. Variables are named as PyTorch's BatchNorm2d buffers."""
+
+    def __init__(self, dim: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.weight = self.add_weight(shape=(dim,), initializer="ones", name="weight")
+        self.bias = self.add_weight(shape=(dim,), initializer="zeros", name="bias")
+        self.running_mean = self.add_weight(shape=(dim,), initializer="zeros", trainable=False,
+                                            name="running_mean")
+        self.running_var = self.add_weight(shape=(dim,), initializer="ones", trainable=False,
+                                           name="running_var")
+        self.num_batches_tracked = self.add_weight(shape=(), dtype="int64", initializer="zeros",
+                                                   trainable=False, name="num_batches_tracked")
+        self.built = True
+
+    def call(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
+        if training:
+            mean, var = tf.nn.moments(x, axes=[0, 1, 2])
+            count = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), x.dtype)
+            m = BATCH_NORM_MOMENTUM
+            self.running_mean.assign((1 - m) * self.running_mean + m * tf.stop_gradient(mean))
+            unbiased = tf.stop_gradient(var) * count / tf.maximum(count - 1, 1)
+            self.running_var.assign((1 - m) * self.running_var + m * unbiased)
+            self.num_batches_tracked.assign_add(1)
+        else:
+            mean, var = self.running_mean, self.running_var
+        return tf.nn.batch_normalization(x, mean, var, self.bias, self.weight, BATCH_NORM_EPS)
+
+    def weight_map(self, prefix: str) -> list[tuple[str, Any, str]]:
+        return _weights(prefix, **{name: (getattr(self, name), "same") for name in (
+            "weight", "bias", "running_mean", "running_var", "num_batches_tracked")})
+
+
+class DepthwiseConvBatchNorm(keras.layers.Layer):
+    """Depthwise convolution (Keras DepthwiseConv2D, which also backpropagates on CPU) + BatchNorm."""
+
+    def __init__(self, dim: int, kernel: int, stride: int, padding: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.padding = padding
+        self.convolution = keras.layers.DepthwiseConv2D(
+            kernel, strides=stride, padding="valid", use_bias=False,
+            depthwise_initializer=_conv_init(), name="convolution")
+        self.convolution.build((None, None, None, dim))
+        self.normalization = BatchNorm(dim, name="normalization")
+        self.built = True
+
+    def call(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
+        return self.normalization(self.convolution(_pytorch_pad(x, self.padding)), training=training)
+
+    def weight_map(self, prefix: str) -> list[tuple[str, Any, str]]:
+        return (_weights(prefix, **{"convolution.weight": (self.convolution.kernel, "depthwise")})
+                + self.normalization.weight_map(f"{prefix}normalization."))
+
+
+class AvgPool(keras.layers.Layer):
+    """PyTorch's AvgPool2d(kernel, stride, padding, ceil_mode=True) with count_include_pad: zero
+    padding counts in each window's divisor, the extra cells that ceil mode adds do not."""
+
+    def __init__(self, kernel: int, stride: int, padding: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.kernel, self.stride, self.padding = kernel, stride, padding
+        self.built = True
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        k, s, p = self.kernel, self.stride, self.padding
+        height, width = x.shape[1], x.shape[2]
+        extra = [max(0, (conv_output_size(n, k, s, p, ceil=True) - 1) * s + k - (n + 2 * p))
+                 for n in (height, width)]
+        overhang = [[0, 0], [0, extra[0]], [0, extra[1]], [0, 0]]
+        padded = tf.pad(_pytorch_pad(x, p), overhang)
+        inside = tf.pad(tf.ones((1, height + 2 * p, width + 2 * p, 1), x.dtype), overhang)
+        window_sums = tf.nn.avg_pool2d(padded, k, s, "VALID")  # both means share the factor k*k
+        window_counts = tf.nn.avg_pool2d(inside, k, s, "VALID")
+        return window_sums / window_counts
+
+
+class DropPath(keras.layers.Layer):
+    """Stochastic depth: zero a residual branch for a random subset of samples while training."""
+
+    def __init__(self, rate: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.rate = rate
+        self.built = True
+
+    def call(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
+        if not training or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        shape = tf.concat([tf.shape(x)[:1], tf.ones([tf.rank(x) - 1], tf.int32)], 0)
+        mask = tf.floor(keep + tf.random.uniform(shape, dtype=x.dtype))
+        return x * mask / keep
+
+
+def quick_gelu(x: tf.Tensor) -> tf.Tensor:
+    """x * sigmoid(1.702 x): the activation the original CvT code trained with."""
+    return x * tf.sigmoid(1.702 * x)
+
+
+def exact_gelu(x: tf.Tensor) -> tf.Tensor:
+    """Exact (erf) GELU, as transformers' CvT."""
+    return tf.nn.gelu(x, approximate=False)
+
+
+# ---------------------------------------------------------------------------------------- attention
+class SpatialProjection(keras.layers.Layer):
+    """The spatial half of a q/k/v projection, NHWC map -> tokens (B, N, C): 'dw_bn' depthwise
+    conv + BatchNorm, 'avg' average pooling (ceil mode), 'linear' none."""
+
+    def __init__(self, method: str, dim: int, kernel: int, stride: int, padding: int,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.method = method
+        if method == "dw_bn":
+            self.projection = DepthwiseConvBatchNorm(dim, kernel, stride, padding, name="convolution_projection")
+        elif method == "avg":
+            self.projection = AvgPool(kernel, stride, padding, name="convolution_projection")
+        else:
+            self.projection = None
+        self.built = True
+
+    def call(self, feature_map: tf.Tensor, training: bool = False) -> tf.Tensor:
+        if self.method == "dw_bn":
+            feature_map = self.projection(feature_map, training=training)
+        elif self.method == "avg":
+            feature_map = self.projection(feature_map)
+        _, height, width, channels = feature_map.shape
+        return tf.reshape(feature_map, [-1, height * width, channels])
+
+    def weight_map(self, prefix: str) -> list[tuple[str, Any, str]]:
+        if self.method != "dw_bn":
+            return []
+        return self.projection.weight_map(f"{prefix}convolution_projection.")
+
+
+class SelfAttention(keras.layers.Layer):
+    """Convolutional projection of q/k/v, then multi-head attention scaled by embed_dim ** -0.5.
+    A cls token skips the spatial projection and is prepended to q, k and v."""
+
+    def __init__(self, config: CvtConfig, stage: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        dim, method = config.embed_dim[stage], config.qkv_projection_method[stage]
+        kernel, bias = config.kernel_qkv[stage], config.qkv_bias[stage]
+        self.dim, self.num_heads = dim, config.num_heads[stage]
+        self.scale = dim**-0.5
+        self.with_cls_token = config.cls_token[stage]
+        query_method = "linear" if method == "avg" else method
+        self.convolution_projection_query = SpatialProjection(
+            query_method, dim, kernel, config.stride_q[stage], config.padding_q[stage],
+            name="convolution_projection_query")
+        self.convolution_projection_key = SpatialProjection(
+            method, dim, kernel, config.stride_kv[stage], config.padding_kv[stage],
+            name="convolution_projection_key")
+        self.convolution_projection_value = SpatialProjection(
+            method, dim, kernel, config.stride_kv[stage], config.padding_kv[stage],
+            name="convolution_projection_value")
+        self.projection_query = _dense(dim, dim, config, bias, name="projection_query")
+        self.projection_key = _dense(dim, dim, config, bias, name="projection_key")
+        self.projection_value = _dense(dim, dim, config, bias, name="projection_value")
+        self.attention_dropout = keras.layers.Dropout(config.attention_drop_rate[stage])
+        self.built = True
+
+    def call(self, x: tf.Tensor, height: int, width: int, training: bool = False) -> tf.Tensor:
+        tokens = x[:, 1:] if self.with_cls_token else x
+        feature_map = tf.reshape(tokens, [-1, height, width, self.dim])
+        q = self.convolution_projection_query(feature_map, training=training)
+        k = self.convolution_projection_key(feature_map, training=training)
+        v = self.convolution_projection_value(feature_map, training=training)
+        if self.with_cls_token:
+            cls = x[:, :1]
+            q, k, v = tf.concat([cls, q], 1), tf.concat([cls, k], 1), tf.concat([cls, v], 1)
+        q = self._split_heads(self.projection_query(q))  # (B, heads, T_q, d)
+        k = self._split_heads(self.projection_key(k))  # (B, heads, T_kv, d)
+        v = self._split_heads(self.projection_value(v))
+        weights = tf.nn.softmax(tf.matmul(q, k, transpose_b=True) * self.scale, axis=-1)
+        weights = self.attention_dropout(weights, training=training)
+        out = tf.transpose(tf.matmul(weights, v), [0, 2, 1, 3])  # (B, T_q, heads, d)
+        return tf.reshape(out, [-1, out.shape[1], self.dim])
+
+    def _split_heads(self, x: tf.Tensor) -> tf.Tensor:
+        x = tf.reshape(x, [-1, x.shape[1], self.num_heads, self.dim // self.num_heads])
+        return tf.transpose(x, [0, 2, 1, 3])
+
+    def weight_map(self, prefix: str) -> list[tuple[str, Any, str]]:
+        out = []
+        for name in ("query", "key", "value"):
+            out += getattr(self, f"convolution_projection_{name}").weight_map(
+                f"{prefix}convolution_projection_{name}.")
+        for name in ("query", "key", "value"):
+            out += _dense_weights(f"{prefix}projection_{name}.", getattr(self, f"projection_{name}"))
+        return out
+
+
+# ---------------------------------------------------------------------------------------- layer, stage, encoder
+class CvtLayer(keras.layers.Layer):
+    """Pre-norm transformer block: x + attention(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, config: CvtConfig, stage: int, drop_path_rate: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        dim, rate = config.embed_dim[stage], config.drop_rate[stage]
+        hidden = int(dim * config.mlp_ratio[stage])
+        self.attention = SelfAttention(config, stage, name="attention")
+        self.attention_output = _dense(dim, dim, config, name="attention_output")
+        self.intermediate = _dense(hidden, dim, config, name="intermediate")
+        self.activation = quick_gelu if config.hidden_act == "quick_gelu" else exact_gelu
+        self.output_dense = _dense(dim, hidden, config, name="output")
+        self.dropout = keras.layers.Dropout(rate)
+        self.drop_path = DropPath(drop_path_rate)
+        self.layernorm_before = _layer_norm(dim, name="layernorm_before")
+        self.layernorm_after = _layer_norm(dim, name="layernorm_after")
+        self.built = True
+
+    def call(self, x: tf.Tensor, height: int, width: int, training: bool = False) -> tf.Tensor:
+        attended = self.attention(self.layernorm_before(x), height=height, width=width, training=training)
+        attended = self.dropout(self.attention_output(attended), training=training)
+        x = x + self.drop_path(attended, training=training)
+        hidden = self.dropout(self.activation(self.intermediate(self.layernorm_after(x))), training=training)
+        mlp = self.dropout(self.output_dense(hidden), training=training)
+        return x + self.drop_path(mlp, training=training)
+
+    def weight_map(self, prefix: str) -> list[tuple[str, Any, str]]:
+        return (self.attention.weight_map(f"{prefix}attention.attention.")
+                + _dense_weights(f"{prefix}attention.output.dense.", self.attention_output)
+                + _dense_weights(f"{prefix}intermediate.dense.", self.intermediate)
+                + _dense_weights(f"{prefix}output.dense.", self.output_dense)
+                + _norm_weights(f"{prefix}layernorm_before.", self.layernorm_before)
+                + _norm_weights(f"{prefix}layernorm_after.", self.layernorm_after))
+
+
+class CvtStage(keras.layers.Layer):
+    """Convolutional token embedding (conv + LayerNorm), optional cls token, then `depth` layers."""
+
+    def __init__(self, config: CvtConfig, stage: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        dim = config.embed_dim[stage]
+        in_channels = config.num_channels if stage == 0 else config.embed_dim[stage - 1]
+        self.dim = dim
+        self.cls_token = None
+        if config.cls_token[stage]:
+            self.cls_token = self.add_weight(shape=(1, 1, dim), initializer=_dense_init(config),
+                                             name="cls_token")
+        self.projection = Conv(in_channels, dim, config.patch_sizes[stage], config.patch_stride[stage],
+                               config.patch_padding[stage], name="projection")
+        self.normalization = _layer_norm(dim, name="normalization")
+        self.embedding_dropout = keras.layers.Dropout(config.drop_rate[stage])
+        # stochastic depth ramps linearly from 0 over this stage's layers, as in the original code
+        depth, top_rate = config.depth[stage], config.drop_path_rate[stage]
+        rates = [top_rate * j / (depth - 1) if depth > 1 else 0.0 for j in range(depth)]
+        self.layers = [CvtLayer(config, stage, rate, name=f"layers.{j}") for j, rate in enumerate(rates)]
+        self.built = True
+
+    def call(self, feature_map: tf.Tensor, training: bool = False) -> tuple[tf.Tensor, tf.Tensor | None]:
+        """(B, H, W, C_in) -> (B, H', W', C) map, and the cls token (B, 1, C) or None."""
+        feature_map = self.projection(feature_map)
+        _, height, width, _ = feature_map.shape
+        x = self.normalization(tf.reshape(feature_map, [-1, height * width, self.dim]))
+        x = self.embedding_dropout(x, training=training)
+        if self.cls_token is not None:
+            cls = tf.tile(tf.convert_to_tensor(self.cls_token), [tf.shape(x)[0], 1, 1])
+            x = tf.concat([cls, x], axis=1)
+        for layer in self.layers:
+            x = layer(x, height=height, width=width, training=training)
+        cls = None
+        if self.cls_token is not None:
+            cls, x = x[:, :1], x[:, 1:]
+        return tf.reshape(x, [-1, height, width, self.dim]), cls
+
+    def weight_map(self, prefix: str) -> list[tuple[str, Any, str]]:
+        out = _weights(prefix, cls_token=(self.cls_token, "same")) if self.cls_token is not None else []
+        out += self.projection.weight_map(f"{prefix}embedding.convolution_embeddings.projection.")
+        out += _norm_weights(f"{prefix}embedding.convolution_embeddings.normalization.", self.normalization)
+        for j, layer in enumerate(self.layers):
+            out += layer.weight_map(f"{prefix}layers.{j}.")
+        return out
+
+
+class CvtMainLayer(keras.layers.Layer):
+    """The backbone: NCHW pixels -> per-stage NCHW feature maps and the last stage's cls token."""
+
+    def __init__(self, config: CvtConfig, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.config = config
+        self.stages = [CvtStage(config, s, name=f"stages.{s}") for s in range(config.num_stages)]
+        self.built = True
+
+    def call(self, pixel_values: tf.Tensor, output_hidden_states: bool = False,
+             training: bool = False) -> TFBaseModelOutputWithCLSToken:
+        x = tf.transpose(pixel_values, [0, 2, 3, 1])  # NCHW -> NHWC
+        maps, cls = [], None
+        for stage in self.stages:
+            x, cls = stage(x, training=training)
+            if output_hidden_states:
+                maps.append(x)
+        to_nchw = lambda m: tf.transpose(m, [0, 3, 1, 2])  # noqa: E731
+        return TFBaseModelOutputWithCLSToken(
+            last_hidden_state=to_nchw(x), cls_token_value=cls,
+            hidden_states=tuple(to_nchw(m) for m in maps) if output_hidden_states else None)
+
+    def weight_map(self, prefix: str) -> list[tuple[str, Any, str]]:
+        out = []
+        for s, stage in enumerate(self.stages):
+            out += stage.weight_map(f"{prefix}encoder.stages.{s}.")
+        return out
+
+
+# ---------------------------------------------------------------------------------------- models
+class TFCvtPreTrainedModel(keras.Model):
+    """Shared by both models: configuration, input checks, and weights in PyTorch's layout.
+
+    `state_dict()` / `load_state_dict()` / `eval()` mirror the PyTorch names so that
+    `cvt.weights` (which builds, checks and saves models by those names) serves both frameworks.
+    """
+
+    base_model_prefix = "cvt"
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: CvtConfig, **kwargs: Any) -> None:
+        if not isinstance(config, CvtConfig):
+            raise TypeError(f"expected a cvt.CvtConfig, got {type(config).__name__}")
+        super().__init__(**kwargs)
+        self.config = config
+
+    # --------------------------------------------------------------- weights in PyTorch's layout
+    def weight_map(self) -> list[tuple[str, Any, str]]:
+        """[(PyTorch state-dict key, Keras variable, layout)], in PyTorch's key order."""
+        raise NotImplementedError
+
+    def pytorch_state_dict(self) -> dict[str, np.ndarray]:
+        """The weights as numpy arrays under PyTorch keys and shapes (our CvT's and transformers')."""
+        return {key: np.array(LAYOUTS[layout][1](np.asarray(var.numpy())), order="C")
+                for key, var, layout in self.weight_map()}
+
+    def load_pytorch_state_dict(self, state_dict: dict[str, Any], source: str = "state dict") -> None:
+        """Load PyTorch-layout weights (torch tensors or numpy arrays): transformers' keys with or
+        without the 'cvt.' prefix, or an original microsoft/CvT state dict. Any missing,
+        unexpected or mis-shaped key is a CheckpointError naming it (a missing classifier head
+        is initialised, with a warning, as in the PyTorch model)."""
+        from . import convert, weights
+
+        if convert.is_original_checkpoint(state_dict):
+            state_dict = convert.original_to_transformers(state_dict)
+        state_dict = weights._match_prefix(dict(state_dict), self, source)
+        weights.load_state_dict_checked(self, state_dict, source)
+
+    # PyTorch-named aliases used by cvt.weights
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return self.pytorch_state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
+        """Assign PyTorch-layout arrays; with `strict`, every key must be present and known."""
+        from .weights import CheckpointError
+
+        variables = {key: (var, layout) for key, var, layout in self.weight_map()}
+        missing = [k for k in variables if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in variables]
+        if unexpected or (strict and missing):
+            raise CheckpointError(f"{type(self).__name__}: missing keys {missing}, unexpected keys {unexpected}")
+        for key, value in state_dict.items():
+            var, layout = variables[key]
+            array = LAYOUTS[layout][0](_to_numpy(value))
+            if tuple(array.shape) != tuple(var.shape):
+                raise CheckpointError(
+                    f"{key}: shape {tuple(_to_numpy(value).shape)} does not fit this model's "
+                    f"{tuple(LAYOUTS[layout][1](np.zeros(var.shape)).shape)}")
+            var.assign(array.astype(var.dtype))
+
+    def eval(self) -> TFCvtPreTrainedModel:
+        """No-op kept for symmetry with PyTorch: Keras picks the mode per call (`training=`)."""
+        return self
+
+    def num_parameters(self) -> int:
+        return sum(int(np.prod(v.shape)) for v in self.trainable_variables)
+
+    # --------------------------------------------------------------- files
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, config: CvtConfig | None = None,
+                        ignore_mismatched_sizes: bool = False, **kwargs: Any):
+        """Load exactly what the PyTorch `from_pretrained` loads: a local folder (transformers
+        layout), a hub id, or an original CvT `.pth`. Keyword arguments that are config fields
+        override the stored config (`num_labels=` re-initialises only the classifier); hub
+        arguments (`revision`, `cache_dir`, `token`, `local_files_only`) are passed through."""
+        from .weights import load_pretrained
+
+        return load_pretrained(cls, name_or_path, config=config,
+                               ignore_mismatched_sizes=ignore_mismatched_sizes, **kwargs)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write config.json + model.safetensors in the PyTorch layout: loadable by this class,
+        cvt's PyTorch models and transformers."""
+        from .weights import save_arrays_pretrained
+
+        save_arrays_pretrained(folder, self.pytorch_state_dict(), self.config,
+                               architecture=type(self).__name__.removeprefix("TF"))
+
+    # --------------------------------------------------------------- inputs
+    def _check_pixel_values(self, pixel_values: Any, training: bool) -> tf.Tensor:
+        """The PyTorch model's input checks, returning a float32 tensor."""
+        try:
+            pixel_values = tf.convert_to_tensor(pixel_values)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"pixel_values must be a tensor or array, got {type(pixel_values).__name__}: {err}") from None
+        shape = tuple(pixel_values.shape)
+        if len(shape) != 4:
+            raise ValueError(
+                f"pixel_values must have shape (batch, channels, height, width); got a "
+                f"{len(shape)}-D tensor of shape {shape}"
+                + (" (add a batch dimension with tf.expand_dims(x, 0))" if len(shape) == 3 else ""))
+        if not pixel_values.dtype.is_floating:
+            raise ValueError(
+                f"pixel_values must be a floating-point tensor, got {pixel_values.dtype.name}; convert "
+                f"images with cvt.CvtImageProcessor(..., return_tensors='np') or tf.cast (and normalise)")
+        channels, height, width = shape[1:]
+        if None in (height, width, channels):
+            raise ValueError(f"pixel_values needs a known channel count, height and width, got {shape}")
+        if channels != self.config.num_channels:
+            raise ValueError(
+                f"pixel_values has {channels} channels but the model expects "
+                f"{self.config.num_channels} (config.num_channels); is the tensor channels-last (B, H, W, C)?")
+        problem = input_size_problem(self.config, height, width)
+        if problem:
+            raise ValueError(
+                f"an input of {height}x{width} pixels is too small for this model: {problem}; "
+                f"the smallest square input is {min_input_size(self.config)} pixels a side")
+        if training and shape[0] == 1:
+            for s, (h, w) in enumerate(stage_grids(self.config, height, width)):
+                if self.config.qkv_projection_method[s] == "dw_bn" and kv_grid(self.config, s, h, w) == (1, 1):
+                    raise ValueError(
+                        f"training on one {height}x{width} image leaves stage {s}'s BatchNorm a "
+                        f"single value per channel (a 1x1 key/value map); train with a batch of "
+                        f"2 or more, on larger images, or call the model with training=False")
+        return tf.cast(pixel_values, self.compute_dtype)
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    """A numpy array from a numpy array, a TF tensor or a torch tensor (without importing torch)."""
+    if hasattr(value, "detach"):  # torch.Tensor
+        value = value.detach().cpu()
+        if value.is_floating_point():
+            value = value.float()  # numpy has no bfloat16
+        return value.numpy()
+    return np.asarray(value)
+
+
+class TFCvtModel(TFCvtPreTrainedModel):
+    """The CvT backbone: per-stage feature maps and the last stage's cls token."""
+
+    def __init__(self, config: CvtConfig, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self.cvt = CvtMainLayer(config, name="cvt")
+        self.built = True
+
+    def call(self, pixel_values: Any, output_hidden_states: bool | None = None,
+             return_dict: bool | None = None, training: bool = False
+             ) -> TFBaseModelOutputWithCLSToken | tuple:
+        pixel_values = self._check_pixel_values(pixel_values, training)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if return_dict is None:
+            return_dict = self.config.return_dict
+        out = self.cvt(pixel_values, output_hidden_states=output_hidden_states, training=training)
+        return out if return_dict else out.to_tuple()
+
+    def weight_map(self) -> list[tuple[str, Any, str]]:
+        return self.cvt.weight_map("")
+
+
+class TFCvtForImageClassification(TFCvtPreTrainedModel):
+    """CvT backbone + final LayerNorm + linear classifier over the cls token (or mean-pooled tokens)."""
+
+    def __init__(self, config: CvtConfig, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        dim = config.embed_dim[-1]
+        self.cvt = CvtMainLayer(config, name="cvt")
+        self.layernorm = _layer_norm(dim, name="layernorm")
+        self.classifier = _dense(config.num_labels, dim, config, name="classifier") if config.num_labels > 0 else None
+        self.built = True
+
+    def call(self, pixel_values: Any, labels: Any = None, output_hidden_states: bool | None = None,
+             return_dict: bool | None = None, training: bool = False
+             ) -> TFImageClassifierOutputWithNoAttention | tuple:
+        pixel_values = self._check_pixel_values(pixel_values, training)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if return_dict is None:
+            return_dict = self.config.return_dict
+        outputs = self.cvt(pixel_values, output_hidden_states=output_hidden_states, training=training)
+        if outputs.cls_token_value is not None:
+            features = self.layernorm(outputs.cls_token_value)[:, 0]
+        else:
+            last = outputs.last_hidden_state  # (B, C, H, W)
+            tokens = tf.reshape(tf.transpose(last, [0, 2, 3, 1]), [-1, last.shape[2] * last.shape[3], last.shape[1]])
+            features = tf.reduce_mean(self.layernorm(tokens), axis=1)
+        logits = self.classifier(features) if self.classifier is not None else features
+        loss = self.classification_loss(logits, labels) if labels is not None else None
+        out = TFImageClassifierOutputWithNoAttention(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return out if return_dict else out.to_tuple()
+
+    def classification_loss(self, logits: tf.Tensor, labels: Any) -> tf.Tensor:
+        """The PyTorch model's `loss` (transformers' rules by `problem_type`, inferred per call
+        when unset; the config is never modified): MSE for regression, cross-entropy for integer
+        class indices (ignoring -100, as PyTorch), BCE-with-logits for multi-hot float labels.
+        (Not named `loss`: Keras models own that attribute.)"""
+        labels = tf.convert_to_tensor(labels)
+        num_labels = self.config.num_labels
+        problem = self.config.problem_type
+        if problem is None:
+            if num_labels == 1:
+                problem = "regression"
+            elif labels.dtype.is_integer:
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+        if problem == "regression":
+            labels = tf.cast(labels, logits.dtype)
+            if num_labels == 1:
+                return tf.reduce_mean(tf.square(tf.squeeze(logits) - tf.squeeze(labels)))
+            return tf.reduce_mean(tf.square(logits - labels))
+        if problem == "single_label_classification":
+            if not labels.dtype.is_integer:
+                raise ValueError(
+                    f"single-label classification needs integer class indices, got {labels.dtype.name} labels")
+            labels = tf.reshape(tf.cast(labels, tf.int64), [-1])
+            keep = labels != -100
+            per_sample = tf.nn.sparse_softmax_cross_entropy_with_logits(
+                tf.where(keep, labels, 0), tf.reshape(logits, [-1, num_labels]))
+            kept = tf.cast(keep, logits.dtype)
+            return tf.reduce_sum(per_sample * kept) / tf.reduce_sum(kept)
+        if tuple(labels.shape) != tuple(logits.shape):
+            raise ValueError(
+                f"multi-label classification needs float multi-hot labels shaped like the logits "
+                f"{tuple(logits.shape)}, got {labels.dtype.name} labels of shape {tuple(labels.shape)} "
+                f"(integer class indices select single-label cross-entropy)")
+        return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(
+            tf.cast(labels, logits.dtype), logits))
+
+    def weight_map(self) -> list[tuple[str, Any, str]]:
+        out = self.cvt.weight_map("cvt.") + _norm_weights("layernorm.", self.layernorm)
+        return out + (_dense_weights("classifier.", self.classifier) if self.classifier is not None else [])
