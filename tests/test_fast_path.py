@@ -4,6 +4,7 @@ batch groups) gives the plain path's outputs, never leaks into training, and com
 from __future__ import annotations
 
 import random
+import threading
 
 import pytest
 import torch
@@ -36,9 +37,30 @@ def random_config(seed: int) -> CvtConfig:
 
 @pytest.fixture
 def small_groups(monkeypatch):
-    """Force several batch groups and MLP chunks even on tiny inputs."""
+    """Force several batch groups, run by two worker threads, and MLP chunks even on tiny inputs."""
     monkeypatch.setattr(modeling, "GROUP_TOKENS", 1)  # one image per group
     monkeypatch.setattr(modeling, "MLP_CHUNK_ELEMENTS", 257)  # a few rows per MLP chunk
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_groups_run_in_worker_threads_with_the_callers_modes(small_groups) -> None:
+    model = randomise_(CvtForImageClassification(tiny_config()), 4).eval()
+    x = torch.randn(5, 3, 48, 40)
+    seen = []
+    model.cvt.encoder.stages[0].register_forward_hook(
+        lambda module, args, out: seen.append((threading.current_thread().name, out[0].is_inference())))
+    with torch.no_grad():
+        no_grad = model(x).logits
+    with torch.inference_mode():
+        inference = model(x).logits
+    assert torch.get_num_threads() == 2  # the caller's setting survives
+    assert len(seen) == 10 and all(name.startswith("cvt-group") for name, _ in seen)
+    assert [flag for _, flag in seen] == [False] * 5 + [True] * 5
+    assert not no_grad.is_inference() and inference.is_inference()
+    torch.testing.assert_close(no_grad, model(x).logits.detach(), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("seed", range(10))

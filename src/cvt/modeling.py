@@ -18,6 +18,8 @@ Model code never reads files: `from_pretrained` / `save_pretrained` delegate to 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -72,14 +74,51 @@ class ImageClassifierOutputWithNoAttention(ModelOutput):
     hidden_states: tuple[Tensor, ...] | None = None
 
 
+# ---------------------------------------------------------------------------------------- threads
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _single_threaded() -> None:
+    torch.set_num_threads(1)  # per thread: the caller's own setting is untouched
+
+
+def _map_in_threads(fn: Callable[[Tensor], Any], chunks: Sequence[Tensor]) -> list[Any]:
+    """`[fn(c) for c in chunks]`, spread over as many single-threaded workers as the caller has
+    intra-op threads. Whole groups in parallel beat every small op split across threads (no
+    fork/join barriers per op; single-threaded GEMMs are the most efficient). Grad and inference
+    mode are per thread, so the caller's are carried over."""
+    workers = min(torch.get_num_threads(), len(chunks))
+    if workers < 2:
+        return [fn(chunk) for chunk in chunks]
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(workers, "cvt-group", initializer=_single_threaded)
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+    def run(chunk: Tensor) -> Any:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return fn(chunk)
+
+    return list(_POOLS[workers].map(run, chunks))
+
+
 # ---------------------------------------------------------------------------------------- blocks
 def fast_inference(module: nn.Module) -> bool:
     """True in eval mode with autograd and autocast off: the inference fast path (BatchNorm
-    folded, residual stream updated in place, batch processed in cache-sized groups). Otherwise
+    folded, residual stream updated in place, a CPU batch processed in cache-sized groups by
+    single-threaded workers). Otherwise
     the plain, differentiable path runs; both give the same outputs. (In-place updates cannot
     follow autocast's dtype changes, so mixed precision takes the plain path.)"""
     return (not module.training and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu") and not torch.is_autocast_enabled("cuda"))
+
+
+def tokens_to_map(tokens: Tensor, height: int, width: int) -> Tensor:
+    """Tokens (B, H*W, C) as a dense channels-last map (B, C, H, W): a view when the tokens are
+    dense (even one image behind a cls token), else one copy. Convolutions copy their input on
+    every call unless its strides are exactly those of a dense channels-last map."""
+    batch, _, dim = tokens.shape
+    feature_map = tokens.reshape(batch, height, width, dim).permute(0, 3, 1, 2)
+    return feature_map.contiguous(memory_format=torch.channels_last)
 
 
 class GELU(nn.Module):
@@ -271,9 +310,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor, height: int, width: int) -> Tensor:
         batch, _, dim = x.shape
-        tokens = x[:, 1:] if self.with_cls_token else x
-        feature_map = tokens.transpose(1, 2).unflatten(2, (height, width))
-        feature_map = feature_map.contiguous(memory_format=torch.channels_last)
+        feature_map = tokens_to_map(x[:, 1:] if self.with_cls_token else x, height, width)
         q = self.convolution_projection_query(feature_map)
         k = self.convolution_projection_key(feature_map)
         v = self.convolution_projection_value(feature_map)
@@ -377,8 +414,7 @@ class CvtStage(nn.Module):
         cls = None
         if self.cls_token is not None:
             cls, x = x[:, :1], x[:, 1:]
-        feature_map = x.transpose(1, 2).unflatten(2, (height, width))
-        return feature_map.contiguous(memory_format=torch.channels_last), cls
+        return tokens_to_map(x, height, width), cls
 
 
 class CvtEncoder(nn.Module):
@@ -487,9 +523,10 @@ class CvtModel(CvtPreTrainedModel):
             output_hidden_states = self.config.output_hidden_states
         if return_dict is None:
             return_dict = self.config.return_dict
-        group = self._inference_group_size(pixel_values) if fast_inference(self) else 0
-        if group and group < pixel_values.shape[0]:
-            parts = [self._encode(chunk, output_hidden_states) for chunk in pixel_values.split(group)]
+        groups = self._inference_groups(pixel_values) if fast_inference(self) else 1
+        if groups > 1:
+            chunks = pixel_values.tensor_split(groups)
+            parts = _map_in_threads(lambda chunk: self._encode(chunk, output_hidden_states), chunks)
             maps = [torch.cat(level) for level in zip(*(p[0] for p in parts))]
             cls = torch.cat([p[1] for p in parts]) if parts[0][1] is not None else None
         else:
@@ -511,11 +548,17 @@ class CvtModel(CvtPreTrainedModel):
                 maps.append(x.contiguous())
         return maps if every_stage else [x.contiguous()], cls
 
-    def _inference_group_size(self, pixel_values: Tensor) -> int:
-        """Images per group on the fast path: large batches run in groups whose activations fit
-        in cache (and below the allocator's fresh-mapping threshold); outputs are unchanged."""
+    def _inference_groups(self, pixel_values: Tensor) -> int:
+        """How many groups the fast path splits a CPU batch into: groups small enough that their
+        activations stay in cache (and below the allocator's fresh-mapping threshold), and a
+        multiple of the worker threads so that each thread gets an equal share."""
+        batch = pixel_values.shape[0]
+        if pixel_values.device.type != "cpu" or batch == 1:
+            return 1
         height, width = stage_grids(self.config, *pixel_values.shape[-2:])[0]
-        return max(1, GROUP_TOKENS // (height * width))
+        groups = -(-batch // max(1, GROUP_TOKENS // (height * width)))
+        workers = min(torch.get_num_threads(), batch)
+        return min(batch, -(-groups // workers) * workers)
 
 
 class CvtForImageClassification(CvtPreTrainedModel):
