@@ -17,6 +17,7 @@ Model code never reads files: `from_pretrained` / `save_pretrained` delegate to 
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -75,7 +76,7 @@ class ImageClassifierOutputWithNoAttention(ModelOutput):
 
 
 # ---------------------------------------------------------------------------------------- threads
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
 def _single_threaded() -> None:
@@ -90,15 +91,16 @@ def _map_in_threads(fn: Callable[[Tensor], Any], chunks: Sequence[Tensor]) -> li
     workers = min(torch.get_num_threads(), len(chunks))
     if workers < 2:
         return [fn(chunk) for chunk in chunks]
-    if workers not in _POOLS:
-        _POOLS[workers] = ThreadPoolExecutor(workers, "cvt-group", initializer=_single_threaded)
+    key = (os.getpid(), workers)  # a forked child (a DataLoader worker) must not reuse dead threads
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(workers, "cvt-group", initializer=_single_threaded)
     inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
 
     def run(chunk: Tensor) -> Any:
         with torch.inference_mode(inference), torch.set_grad_enabled(grad):
             return fn(chunk)
 
-    return list(_POOLS[workers].map(run, chunks))
+    return list(_POOLS[key].map(run, chunks))
 
 
 # ---------------------------------------------------------------------------------------- blocks
