@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from .config import CvtConfig, input_size_problem, kv_grid, min_input_size, stage_grids
 
 LAYER_NORM_EPS = 1e-5  # the original code's and transformers' value (config.layer_norm_eps is unused)
-MLP_CHUNK_ELEMENTS = 1 << 20  # fast path: MLP hidden rows per chunk x width (4 MB in fp32)
-GROUP_TOKENS = 16384  # fast path: images per group x first-stage tokens (keeps activations in cache)
+MLP_CHUNK_ELEMENTS = 1 << 20  # CPU fast path: MLP hidden rows per chunk x width (4 MB in fp32)
+GROUP_TOKENS = 16384  # CPU fast path: images per group x first-stage tokens (keeps activations in cache)
 
 
 # ---------------------------------------------------------------------------------------- outputs
@@ -380,7 +380,8 @@ class CvtLayer(nn.Module):
         residual.addmm_(attended.view(residual.shape), dense.weight.t()).add_(dense.bias)
         fc1, fc2 = self.intermediate.dense, self.output.dense
         activation = self.intermediate.activation
-        rows = max(1, MLP_CHUNK_ELEMENTS // fc1.out_features)
+        # row chunks keep a CPU's cache warm; a GPU wants the whole batch in one kernel
+        rows = max(1, MLP_CHUNK_ELEMENTS // fc1.out_features) if x.is_cpu else residual.shape[0]
         for part in residual.split(rows):
             hidden = activation.forward_(torch.addmm(fc1.bias, self.layernorm_after(part), fc1.weight.t()))
             part.addmm_(hidden, fc2.weight.t()).add_(fc2.bias)
