@@ -40,13 +40,13 @@ if "tensorflow" not in sys.modules and importlib.util.find_spec("triton") is not
         pass
 
 try:
-    import keras
     import tensorflow as tf
-except ImportError as err:  # pragma: no cover - exercised only without the extra installed
+    import keras
+except ImportError as err:  # (tests/test_modeling_tf.py hides TensorFlow to check this message)
     raise ImportError(
         f'cvt\'s TensorFlow models need TensorFlow and Keras 3: pip install "cvt[tf]" ({err})') from err
 
-if keras.backend.backend() != "tensorflow":  # pragma: no cover
+if keras.backend.backend() != "tensorflow":
     raise ImportError(
         f"cvt's TensorFlow models need Keras' TensorFlow backend, but Keras is using "
         f"{keras.backend.backend()!r} (KERAS_BACKEND={os.environ.get('KERAS_BACKEND')!r}); "
