@@ -380,9 +380,10 @@ class CvtLayer(nn.Module):
         residual.addmm_(attended.view(residual.shape), dense.weight.t()).add_(dense.bias)
         fc1, fc2 = self.intermediate.dense, self.output.dense
         activation = self.intermediate.activation
-        # row chunks keep a CPU's cache warm; a GPU wants the whole batch in one kernel
-        rows = max(1, MLP_CHUNK_ELEMENTS // fc1.out_features) if x.is_cpu else residual.shape[0]
-        for part in residual.split(rows):
+        # equal row chunks keep a CPU's cache warm (a small remainder chunk would run a slow GEMM);
+        # a GPU wants the whole batch in one kernel
+        chunks = -(-residual.numel() * fc1.out_features // (MLP_CHUNK_ELEMENTS * residual.shape[1]))
+        for part in residual.tensor_split(chunks if x.is_cpu else 1):
             hidden = activation.forward_(torch.addmm(fc1.bias, self.layernorm_after(part), fc1.weight.t()))
             part.addmm_(hidden, fc2.weight.t()).add_(fc2.bias)
         return x
