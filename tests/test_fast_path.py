@@ -159,13 +159,14 @@ def test_torch_compile_on_cpu(tmp_path) -> None:
 
 @pytest.mark.parametrize("hidden_act", ["gelu", "quick_gelu"])
 def test_memory_saving_mlp_has_autograd_gradients(hidden_act) -> None:
-    """Training's MLP recomputes its activation in backward; gradients equal plain autograd's,
-    also with frozen layers (only the needed gradients are computed)."""
+    """Training's MLP recomputes its LayerNorm and activation in backward; gradients equal plain
+    autograd's, also with frozen weights (only the needed gradients are computed)."""
     layer = randomise_(CvtForImageClassification(tiny_config(hidden_act=hidden_act)), 2).cvt.encoder.stages[1].layers[0]
     x = torch.randn(2, 37, 32, requires_grad=True)
     layer.intermediate.dense.weight.requires_grad_(False)
+    layer.layernorm_after.bias.requires_grad_(False)
     out = layer._mlp(x)
-    reference = layer.output(layer.intermediate(x))
+    reference = layer.output(layer.intermediate(layer.layernorm_after(x)))
     torch.testing.assert_close(out, reference, atol=0, rtol=0)
     grad = torch.randn_like(out)
     params = [p for p in layer.parameters() if p.requires_grad]

@@ -194,33 +194,41 @@ class Embedding(nn.Module):
 
 
 class _MLPFunction(torch.autograd.Function):
-    """fc2(activation(fc1(x))) that keeps only x and fc1(x) for backward: the activation's output,
-    as large as fc1(x), is recomputed there (an elementwise pass), which cuts one 4C-wide tensor
-    per layer from training memory. Gradients equal autograd's through the plain modules."""
+    """fc2(activation(fc1(LayerNorm(x)))) that keeps only x and fc1(LayerNorm(x)) for backward:
+    the LayerNorm's output and the activation's output (as large as fc1's) are recomputed there,
+    cheap elementwise passes that cut one C-wide and one 4C-wide tensor per layer from training
+    memory. Gradients equal autograd's through the plain modules."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
-                activation: nn.Module) -> Tensor:
-        hidden = F.linear(x, w1, b1)
-        ctx.save_for_backward(x, hidden, w1, w2)
+    def forward(ctx, x: Tensor, norm_weight: Tensor, norm_bias: Tensor, w1: Tensor, b1: Tensor,
+                w2: Tensor, b2: Tensor, activation: nn.Module) -> Tensor:
+        normed = F.layer_norm(x, x.shape[-1:], norm_weight, norm_bias, LAYER_NORM_EPS)
+        hidden = F.linear(normed, w1, b1)
+        ctx.save_for_backward(x, norm_weight, norm_bias, hidden, w1, w2)
         ctx.activation = activation
         return F.linear(activation(hidden), w2, b2)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, hidden, w1, w2 = ctx.saved_tensors
-        need_x, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
+        x, norm_weight, norm_bias, hidden, w1, w2 = ctx.saved_tensors
+        *need_norm, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
         dtype = hidden.dtype  # the compute dtype: lower than the weights' under autocast
         with torch.enable_grad():
+            norm_inputs = [t.detach().requires_grad_(need) for t, need in zip((x, norm_weight, norm_bias), need_norm)]
+            normed = F.layer_norm(norm_inputs[0], x.shape[-1:], *norm_inputs[1:], LAYER_NORM_EPS)
             hidden = hidden.detach().requires_grad_()
             activated = ctx.activation(hidden)
         grad_out = grad_out.to(dtype)
         (grad_hidden,) = torch.autograd.grad(activated, hidden, grad_out @ w2.to(dtype))
         flat_out = grad_out.reshape(-1, grad_out.shape[-1])
         flat_hidden = grad_hidden.reshape(-1, grad_hidden.shape[-1])
+        wanted = [t for t, need in zip(norm_inputs, need_norm) if need]
+        norm_grads = iter(torch.autograd.grad(
+            normed, wanted, (grad_hidden @ w1.to(dtype)).to(normed.dtype)) if wanted else ())
         return (
-            (grad_hidden @ w1.to(dtype)).to(x.dtype) if need_x else None,
-            (flat_hidden.t() @ x.reshape(-1, x.shape[-1]).to(dtype)).to(w1.dtype) if need_w1 else None,
+            *(next(norm_grads) if need else None for need in need_norm),
+            (flat_hidden.t() @ normed.detach().reshape(-1, x.shape[-1]).to(dtype)).to(w1.dtype)
+            if need_w1 else None,
             flat_hidden.sum(0).to(w1.dtype) if need_b1 else None,
             (flat_out.t() @ activated.detach().reshape(-1, activated.shape[-1])).to(w2.dtype)
             if need_w2 else None,
@@ -360,16 +368,17 @@ class CvtLayer(nn.Module):
         if fast_inference(self):
             return self._forward_inference(x, height, width)
         x = x + self.drop_path(self.attention(self.layernorm_before(x), height, width))
-        return x + self.drop_path(self._mlp(self.layernorm_after(x)))
+        return x + self.drop_path(self._mlp(x))
 
     def _mlp(self, x: Tensor) -> Tensor:
-        fc1, fc2 = self.intermediate.dense, self.output.dense
+        """MLP(LayerNorm(x))."""
+        fc1, fc2, norm = self.intermediate.dense, self.output.dense, self.layernorm_after
         # save memory for backward (under torch.compile the compiler plans memory itself)
         no_dropout = self.output.dropout.p == 0.0
         if torch.is_grad_enabled() and no_dropout and not torch.compiler.is_compiling():
-            return _MLPFunction.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
-                                      self.intermediate.activation)
-        return self.output(self.intermediate(x))
+            return _MLPFunction.apply(x, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight,
+                                      fc2.bias, self.intermediate.activation)
+        return self.output(self.intermediate(norm(x)))
 
     def _forward_inference(self, x: Tensor, height: int, width: int) -> Tensor:
         """The same block writing both residual updates into `x` itself, and running the MLP over
@@ -557,8 +566,8 @@ class CvtModel(CvtPreTrainedModel):
         activations stay in cache (and below the allocator's fresh-mapping threshold), and a
         multiple of the worker threads so that each thread gets an equal share."""
         batch = pixel_values.shape[0]
-        if pixel_values.device.type != "cpu" or batch == 1:
-            return 1
+        if pixel_values.device.type != "cpu" or batch == 1 or torch.compiler.is_compiling():
+            return 1  # (the compiler plans memory itself and cannot trace worker threads)
         height, width = stage_grids(self.config, *pixel_values.shape[-2:])[0]
         groups = -(-batch // max(1, GROUP_TOKENS // (height * width)))
         workers = min(torch.get_num_threads(), batch)
