@@ -123,6 +123,18 @@ def test_output_containers_and_defaults(pair) -> None:
         assert tuple(outputs[1].shape) == (2, 1, torch_model.config.embed_dim[-1])
 
 
+@pytest.mark.parametrize("channels, kernel", [(16, 3), (64, 3), (32, 5)])
+def test_depthwise_kernels_initialise_as_pytorch(channels, kernel) -> None:
+    """PyTorch's depthwise Conv2d default is U(-1/k, 1/k) (fan_in = k*k), whatever the channels."""
+    from cvt.modeling_tf import DepthwiseConvBatchNorm
+
+    keras.utils.set_random_seed(0)
+    layer = DepthwiseConvBatchNorm(channels, kernel, 1, kernel // 2)
+    bound = 1 / np.sqrt(kernel * kernel)
+    largest = np.abs(layer.convolution.kernel.numpy()).max()
+    assert 0.5 * bound < largest <= bound, (largest, bound)
+
+
 # ---------------------------------------------------------------------------------------- losses
 def test_losses_match_pytorch_for_every_problem_type() -> None:
     config, size = CONFIGS["dw_bn-cls_last-gelu"]

@@ -22,6 +22,7 @@ original microsoft/CvT .pth files).
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -95,8 +96,17 @@ def _dense_init(config: CvtConfig) -> keras.initializers.Initializer:
 
 
 def _conv_init() -> keras.initializers.Initializer:
-    # PyTorch's Conv2d default, kaiming_uniform(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    # PyTorch's Conv2d default, kaiming_uniform(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)), with
+    # fan_in = in_channels * kh * kw; Keras' fan_in of a dense (kh, kw, I, O) kernel is the same.
     return keras.initializers.VarianceScaling(scale=1 / 3, mode="fan_in", distribution="uniform")
+
+
+def _depthwise_init(kernel: int) -> keras.initializers.Initializer:
+    # PyTorch's depthwise Conv2d (groups = channels) has fan_in = kernel * kernel, so its default
+    # is U(-1/kernel, 1/kernel). Keras would take fan_in = C * kernel * kernel from the
+    # (k, k, C, 1) kernel shape, sqrt(C) times too small: give the bound explicitly.
+    bound = 1 / math.sqrt(kernel * kernel)
+    return keras.initializers.RandomUniform(-bound, bound)
 
 
 def _dense(units: int, input_dim: int, config: CvtConfig, use_bias: bool = True,
@@ -197,7 +207,7 @@ class DepthwiseConvBatchNorm(keras.layers.Layer):
         self.padding = padding
         self.convolution = keras.layers.DepthwiseConv2D(
             kernel, strides=stride, padding="valid", use_bias=False,
-            depthwise_initializer=_conv_init(), name="convolution")
+            depthwise_initializer=_depthwise_init(kernel), name="convolution")
         self.convolution.build((None, None, None, dim))
         self.normalization = BatchNorm(dim, name="normalization")
         self.built = True
