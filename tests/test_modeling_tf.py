@@ -142,6 +142,9 @@ def test_losses_match_pytorch_for_every_problem_type() -> None:
     cases = [
         (config, torch.tensor([0, 4, 1, -100])),  # integer classes; -100 is ignored, as in PyTorch
         (config, torch.tensor([[1.0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [1, 1, 1, 1, 1], [0] * 5])),
+        # any other integer dtype than int64 / int32 is multi-label in PyTorch
+        (config, torch.tensor([[1, 0, 1, 0, 0], [0, 0, 1, 1, 0], [1, 1, 1, 1, 1], [0] * 5], dtype=torch.uint8)),
+        (config, torch.tensor([[0, 1, 0, 0, 1], [1, 0, 0, 1, 0], [0, 0, 0, 0, 0], [1] * 5], dtype=torch.int16)),
         (config.replace(num_labels=1), torch.randn(4)),  # one label: regression
         (config.replace(problem_type="regression"), torch.randn(4, 5)),
     ]
@@ -152,6 +155,8 @@ def test_losses_match_pytorch_for_every_problem_type() -> None:
             expected = torch_model(x, labels=labels).loss
         out = tf_model(x.numpy(), labels=labels.numpy())
         close(out.loss, expected, msg=str(labels))
+        if labels.dtype == torch.long:  # int32 (torch.int) selects single-label too, as in PyTorch
+            close(tf_model(x.numpy(), labels=labels.numpy().astype(np.int32)).loss, expected, msg="int32")
         assert tf_model.config.problem_type == case_config.problem_type  # never written back
     with pytest.raises(ValueError, match="multi-hot"):
         tf_model = TFCvtForImageClassification(config)

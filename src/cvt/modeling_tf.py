@@ -665,8 +665,9 @@ class TFCvtForImageClassification(TFCvtPreTrainedModel):
 
     def classification_loss(self, logits: tf.Tensor, labels: Any) -> tf.Tensor:
         """The PyTorch model's `loss` (transformers' rules by `problem_type`, inferred per call
-        when unset; the config is never modified): MSE for regression, cross-entropy for integer
-        class indices (ignoring -100, as PyTorch), BCE-with-logits for multi-hot float labels.
+        when unset, exactly as PyTorch: one label is regression, int64/int32 labels single-label,
+        any other dtype multi-label; the config is never modified): MSE for regression,
+        cross-entropy for class indices (ignoring -100, as PyTorch), BCE-with-logits for multi-hot labels.
         (Not named `loss`: Keras models own that attribute.)"""
         labels = tf.convert_to_tensor(labels)
         num_labels = self.config.num_labels
@@ -674,7 +675,7 @@ class TFCvtForImageClassification(TFCvtPreTrainedModel):
         if problem is None:
             if num_labels == 1:
                 problem = "regression"
-            elif labels.dtype.is_integer:
+            elif labels.dtype in (tf.int64, tf.int32):  # PyTorch's torch.long / torch.int
                 problem = "single_label_classification"
             else:
                 problem = "multi_label_classification"
@@ -697,7 +698,7 @@ class TFCvtForImageClassification(TFCvtPreTrainedModel):
             raise ValueError(
                 f"multi-label classification needs float multi-hot labels shaped like the logits "
                 f"{tuple(logits.shape)}, got {labels.dtype.name} labels of shape {tuple(labels.shape)} "
-                f"(integer class indices select single-label cross-entropy)")
+                f"(int64/int32 class indices select single-label cross-entropy)")
         return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(
             tf.cast(labels, logits.dtype), logits))
 
