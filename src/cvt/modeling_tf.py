@@ -70,6 +70,11 @@ LAYOUTS = {
 }
 
 
+def _pytorch_shape(var: Any, layout: str) -> tuple[int, ...]:
+    """The PyTorch shape of a Keras variable stored in `layout` (a zero-copy view does the sums)."""
+    return tuple(LAYOUTS[layout][1](np.broadcast_to(np.zeros((), np.int8), tuple(var.shape))).shape)
+
+
 # ---------------------------------------------------------------------------------------- outputs
 @dataclass
 class TFBaseModelOutputWithCLSToken(ModelOutput):
@@ -492,6 +497,10 @@ class TFCvtPreTrainedModel(keras.Model):
         """[(PyTorch state-dict key, Keras variable, layout)], in PyTorch's key order."""
         raise NotImplementedError
 
+    def pytorch_shapes(self) -> dict[str, tuple[int, ...]]:
+        """PyTorch key -> PyTorch shape of every weight, without reading (copying) any of them."""
+        return {key: _pytorch_shape(var, layout) for key, var, layout in self.weight_map()}
+
     def pytorch_state_dict(self) -> dict[str, np.ndarray]:
         """The weights as numpy arrays under PyTorch keys and shapes (our CvT's and transformers')."""
         return {key: np.array(LAYOUTS[layout][1](np.asarray(var.numpy())), order="C")
@@ -506,8 +515,9 @@ class TFCvtPreTrainedModel(keras.Model):
 
         if convert.is_original_checkpoint(state_dict):
             state_dict = convert.original_to_transformers(state_dict)
-        state_dict = weights._match_prefix(dict(state_dict), self, source)
-        weights.load_state_dict_checked(self, state_dict, source)
+        shapes = self.pytorch_shapes()
+        state_dict = weights.match_prefix(dict(state_dict), shapes, source)
+        weights.load_state_dict_checked(self, state_dict, source, shapes=shapes)
 
     # PyTorch-named aliases used by cvt.weights
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -528,7 +538,7 @@ class TFCvtPreTrainedModel(keras.Model):
             if tuple(array.shape) != tuple(var.shape):
                 raise CheckpointError(
                     f"{key}: shape {tuple(_to_numpy(value).shape)} does not fit this model's "
-                    f"{tuple(LAYOUTS[layout][1](np.zeros(var.shape)).shape)}")
+                    f"{_pytorch_shape(var, layout)}")
             var.assign(array.astype(var.dtype))
 
     def eval(self) -> TFCvtPreTrainedModel:

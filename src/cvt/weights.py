@@ -14,9 +14,9 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -35,7 +35,23 @@ WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME, PT_WEIGHTS_NAME, PT_INDEX_NA
 HUB_ARGUMENTS = {"revision", "cache_dir", "token", "local_files_only", "force_download"}
 HEAD_PREFIXES = ("layernorm.", "classifier.")
 
-M = TypeVar("M", bound=torch.nn.Module)
+
+class CvtCheckpointModel(Protocol):
+    """What loading and saving need of a model: the PyTorch models (`torch.nn.Module`) and the
+    TensorFlow ones (`cvt.modeling_tf`, whose `state_dict` / `load_state_dict` speak PyTorch's
+    keys and layouts) alike. A model may also offer `pytorch_shapes()` (key -> shape) so that
+    checking a checkpoint needs no copy of its weights."""
+
+    config: CvtConfig
+
+    def state_dict(self) -> Mapping[str, Any]: ...
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
+
+
+M = TypeVar("M", bound=CvtCheckpointModel)
 
 
 class CheckpointError(ValueError):
@@ -209,16 +225,26 @@ def build_from_state_dict(cls: type[M], state_dict: dict[str, Tensor], source: A
             f"{source} is a single weights file in transformers layout with no config.json "
             f"beside it; pass config=")
     config = base.replace(**overrides) if overrides else base
-    model = cls(config)
-    state_dict = _match_prefix(state_dict, model, source)
-    load_state_dict_checked(model, state_dict, source, reinit_head=relabel or ignore_mismatched_sizes)
+    model = cls(config)  # type: ignore[call-arg]  (every CvT model class takes its config)
+    shapes = model_shapes(model)
+    state_dict = match_prefix(state_dict, shapes, source)
+    load_state_dict_checked(model, state_dict, source, reinit_head=relabel or ignore_mismatched_sizes,
+                            shapes=shapes)
     return model.eval()
 
 
-def _match_prefix(state_dict: dict[str, Tensor], model: torch.nn.Module, source: Any
-                  ) -> dict[str, Tensor]:
-    """Move backbone weights between `CvtModel` ('encoder.*') and the classifier ('cvt.encoder.*')."""
-    wants_prefix = any(k.startswith("cvt.") for k in model.state_dict())
+def model_shapes(model: CvtCheckpointModel) -> dict[str, tuple[int, ...]]:
+    """The model's state-dict keys -> shapes, in PyTorch's layout and key order."""
+    pytorch_shapes = getattr(model, "pytorch_shapes", None)
+    if pytorch_shapes is not None:
+        return dict(pytorch_shapes())
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def match_prefix(state_dict: dict[str, Any], model_keys: Iterable[str], source: Any) -> dict[str, Any]:
+    """Move backbone weights between `CvtModel` ('encoder.*') and the classifier ('cvt.encoder.*');
+    `model_keys` are the state-dict keys of the model to load into."""
+    wants_prefix = any(k.startswith("cvt.") for k in model_keys)
     has_prefix = any(k.startswith("cvt.") for k in state_dict)
     if wants_prefix and not has_prefix:
         return {f"cvt.{k}": v for k, v in state_dict.items()}
@@ -230,17 +256,19 @@ def _match_prefix(state_dict: dict[str, Tensor], model: torch.nn.Module, source:
     return state_dict
 
 
-def load_state_dict_checked(model: torch.nn.Module, state_dict: dict[str, Tensor], source: Any,
-                            reinit_head: bool = False) -> None:
+def load_state_dict_checked(model: CvtCheckpointModel, state_dict: dict[str, Any], source: Any,
+                            reinit_head: bool = False,
+                            shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
     """Strict loading with one readable error listing every missing, unexpected or mis-shaped key.
 
     A missing head (loading a backbone checkpoint into the classifier) is initialised and
     reported; with `reinit_head` a head of another size is too. Nothing else is tolerated.
+    `shapes` is `model_shapes(model)`, when the caller has it already.
     """
-    expected = model.state_dict()
+    expected = dict(shapes) if shapes is not None else model_shapes(model)
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    mismatched = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k])]
     if expected and len(missing) == len(expected):
         sample = ", ".join(list(state_dict)[:5])
         raise CheckpointError(
@@ -257,11 +285,11 @@ def load_state_dict_checked(model: torch.nn.Module, state_dict: dict[str, Tensor
             if keys:
                 problems.append(f"{len(keys)} {label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
         if mismatched:
-            shapes = [f"{k} (checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)})"
-                      for k in mismatched[:8]]
+            details = [f"{k} (checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k])})"
+                       for k in mismatched[:8]]
             hint = (" — to train a new classifier head pass num_labels= (or ignore_mismatched_sizes=True)"
                     if all(k.startswith(HEAD_PREFIXES) for k in mismatched) else "")
-            problems.append(f"{len(mismatched)} with another shape: {', '.join(shapes)}{hint}")
+            problems.append(f"{len(mismatched)} with another shape: {', '.join(details)}{hint}")
         raise CheckpointError(
             f"{source} does not match this {type(model).__name__} configuration; " + "; ".join(problems))
     for key in new_head:
