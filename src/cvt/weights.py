@@ -329,33 +329,25 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 
 def save_pretrained(model: torch.nn.Module, folder: str | os.PathLike) -> None:
     """config.json + model.safetensors in transformers' layout (removing stale weight files)."""
+    save_arrays_pretrained(folder, model.state_dict(), model.config, type(model).__name__)
+
+
+def save_arrays_pretrained(folder: str | os.PathLike, arrays: Mapping[str, Any], config: CvtConfig,
+                           architecture: str) -> None:
+    """config.json + model.safetensors in transformers' layout (removing stale weight files) for
+    weights in the PyTorch layout, as torch tensors or numpy arrays (the TensorFlow models'):
+    loadable by the PyTorch models and transformers. `architecture` is the PyTorch class name
+    written into config.json; its "dtype" is that of the first floating-point weight. Every
+    weight is converted before any file is written, and each file is replaced atomically."""
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    config = model.config.to_dict()
-    config["architectures"] = [type(model).__name__]
-    config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-    write_atomic(folder / SAFE_WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    write_json(folder / CONFIG_NAME, dict(sorted(config.items())))
-    for stale in (SAFE_INDEX_NAME, PT_WEIGHTS_NAME, PT_INDEX_NAME):
-        (folder / stale).unlink(missing_ok=True)
-
-
-def save_arrays_pretrained(folder: str | os.PathLike, arrays: dict[str, Any], config: CvtConfig,
-                           architecture: str) -> None:
-    """`save_pretrained` for weights held as numpy arrays in the PyTorch layout (the TensorFlow
-    models): the same config.json + model.safetensors, loadable by the PyTorch models and
-    transformers; `architecture` is the PyTorch class name written into config.json."""
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    folder = Path(folder)
-    arrays = {k: np.array(v, order="C") for k, v in arrays.items()}  # (keeps 0-d arrays 0-d)
+    tensors = {k: torch.as_tensor(v).detach().to("cpu").contiguous() for k, v in arrays.items()}
     data = config.to_dict()
     data["architectures"] = [architecture]
-    data["dtype"] = next((str(v.dtype) for v in arrays.values() if v.dtype.kind == "f"), "float32")
-    write_atomic(folder / SAFE_WEIGHTS_NAME, lambda tmp: save_file(arrays, tmp, metadata={"format": "pt"}))
+    data["dtype"] = next((str(v.dtype).removeprefix("torch.") for v in tensors.values()
+                          if v.is_floating_point()), "float32")
+    folder = Path(folder)
+    write_atomic(folder / SAFE_WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     write_json(folder / CONFIG_NAME, dict(sorted(data.items())))
     for stale in (SAFE_INDEX_NAME, PT_WEIGHTS_NAME, PT_INDEX_NAME):
         (folder / stale).unlink(missing_ok=True)
