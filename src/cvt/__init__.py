@@ -1,5 +1,7 @@
 """cvt: the CvT image models (Wu et al. 2021) in PyTorch, weight-compatible with transformers."""
 
+from typing import Any
+
 from .config import CvtConfig
 from .images import ImageError, load_image
 from .inference import ImageClassificationPipeline, pipeline
@@ -26,7 +28,7 @@ _TF_EXPORTS = (
 )
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _TF_EXPORTS:
         from . import modeling_tf  # without TensorFlow: an ImportError saying pip install "cvt[tf]"
 

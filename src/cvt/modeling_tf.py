@@ -571,7 +571,7 @@ class TFCvtPreTrainedModel(keras.Model):
 
     # --------------------------------------------------------------- inputs
     def _check_pixel_values(self, pixel_values: Any, training: bool) -> tf.Tensor:
-        """The PyTorch model's input checks, returning a float32 tensor."""
+        """The PyTorch model's input checks, returning the tensor cast to the layers' compute dtype."""
         try:
             pixel_values = tf.convert_to_tensor(pixel_values)
         except (TypeError, ValueError) as err:
