@@ -46,21 +46,50 @@ def small_groups(monkeypatch):
     torch.set_num_threads(threads)
 
 
-def test_groups_run_in_worker_threads_with_the_callers_modes(small_groups) -> None:
+def _threads_of_a_new_thread() -> int:
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    return seen[0]
+
+
+def test_groups_run_in_worker_threads_with_the_callers_modes(small_groups, monkeypatch) -> None:
     model = randomise_(CvtForImageClassification(tiny_config()), 4).eval()
     x = torch.randn(5, 3, 48, 40)
     seen = []
-    model.cvt.encoder.stages[0].register_forward_hook(
-        lambda module, args, out: seen.append((threading.current_thread().name, out[0].is_inference())))
+    encode = model.cvt._encode
+
+    def recording_encode(chunk, every_stage):
+        maps, cls = encode(chunk, every_stage)
+        seen.append((threading.current_thread().name, maps[-1].is_inference()))
+        return maps, cls
+
+    monkeypatch.setattr(model.cvt, "_encode", recording_encode)
+    monkeypatch.setattr(modeling, "_pool", None)  # a fresh pool, started by this test
     with torch.no_grad():
         no_grad = model(x).logits
     with torch.inference_mode():
         inference = model(x).logits
-    assert torch.get_num_threads() == 2  # the caller's setting survives
+    # the caller's thread setting survives, also as the default of threads started later
+    assert torch.get_num_threads() == 2 and _threads_of_a_new_thread() == 2
     assert len(seen) == 10 and all(name.startswith("cvt-group") for name, _ in seen)
     assert [flag for _, flag in seen] == [False] * 5 + [True] * 5
     assert not no_grad.is_inference() and inference.is_inference()
     torch.testing.assert_close(no_grad, model(x).logits.detach(), atol=1e-5, rtol=0)
+
+
+def test_forward_hooks_see_the_whole_batch(small_groups) -> None:
+    """Feature-collecting hooks inside the model get the batch whole, on the caller's thread."""
+    model = randomise_(CvtForImageClassification(tiny_config()), 4).eval()
+    x = torch.randn(5, 3, 48, 40)
+    seen = []
+    model.cvt.encoder.stages[0].register_forward_hook(
+        lambda module, args, out: seen.append((threading.current_thread().name, out[0].shape[0])))
+    with torch.no_grad():
+        fast = model(x).logits
+    assert seen == [(threading.current_thread().name, 5)]
+    torch.testing.assert_close(fast, model(x).logits.detach(), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("seed", range(10))

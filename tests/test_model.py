@@ -243,6 +243,7 @@ class TestLoss:
     (torch.randn(1, 3, 16, 16), "batch of 2"),
     (torch.randn(1, 64, 64, 3), "channels"),
     ([[0.0]], "torch.Tensor"),
+    (torch.randn(0, 3, 64, 64), "empty batch"),
 ])
 def test_bad_input_is_explained(pixel_values, message) -> None:
     model = CvtForImageClassification(tiny_config())

@@ -18,6 +18,7 @@ Model code never reads files: `from_pretrained` / `save_pretrained` delegate to 
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -76,31 +77,49 @@ class ImageClassifierOutputWithNoAttention(ModelOutput):
 
 
 # ---------------------------------------------------------------------------------------- threads
-_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (process id, workers, pool)
+_pool_lock = threading.Lock()
 
 
-def _single_threaded() -> None:
-    torch.set_num_threads(1)  # per thread: the caller's own setting is untouched
+def _worker_pool(workers: int) -> ThreadPoolExecutor:
+    """This process's pool of `workers` single-threaded workers. They start at once, so that the
+    caller's thread setting can be restored after theirs: torch.set_num_threads also changes
+    process-wide defaults. A forked child (a DataLoader worker) gets a pool of its own."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[:2] != (os.getpid(), workers):
+            if _pool is not None and _pool[0] == os.getpid():
+                _pool[2].shutdown(wait=False)
+            pool = ThreadPoolExecutor(workers, "cvt-group")
+            caller_threads = torch.get_num_threads()
+            started = threading.Barrier(workers, timeout=60)
+            list(pool.map(lambda _: (torch.set_num_threads(1), started.wait()), range(workers)))
+            torch.set_num_threads(caller_threads)
+            _pool = (os.getpid(), workers, pool)
+        return _pool[2]
 
 
-def _map_in_threads(fn: Callable[[Tensor], Any], chunks: Sequence[Tensor]) -> list[Any]:
-    """`[fn(c) for c in chunks]`, spread over as many single-threaded workers as the caller has
-    intra-op threads. Whole groups in parallel beat every small op split across threads (no
-    fork/join barriers per op; single-threaded GEMMs are the most efficient). Grad and inference
-    mode are per thread, so the caller's are carried over."""
-    workers = min(torch.get_num_threads(), len(chunks))
+def _map_in_threads(fn: Callable[[Tensor], Any], chunks: Sequence[Tensor], workers: int) -> list[Any]:
+    """`[fn(c) for c in chunks]` on `workers` single-threaded worker threads (or here, for one).
+    Whole groups in parallel beat every small op split across threads: no fork/join barrier per
+    op, and single-threaded GEMMs are the most efficient. Grad and inference mode are per
+    thread, so the caller's are carried over."""
     if workers < 2:
         return [fn(chunk) for chunk in chunks]
-    key = (os.getpid(), workers)  # a forked child (a DataLoader worker) must not reuse dead threads
-    if key not in _POOLS:
-        _POOLS[key] = ThreadPoolExecutor(workers, "cvt-group", initializer=_single_threaded)
     inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
 
     def run(chunk: Tensor) -> Any:
         with torch.inference_mode(inference), torch.set_grad_enabled(grad):
             return fn(chunk)
 
-    return list(_POOLS[key].map(run, chunks))
+    return list(_worker_pool(workers).map(run, chunks))
+
+
+def _has_forward_hooks(module: nn.Module) -> bool:
+    hooks = torch.nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
 # ---------------------------------------------------------------------------------------- blocks
@@ -112,6 +131,10 @@ def fast_inference(module: nn.Module) -> bool:
     follow autocast's dtype changes, so mixed precision takes the plain path.)"""
     return (not module.training and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu") and not torch.is_autocast_enabled("cuda"))
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def tokens_to_map(tokens: Tensor, height: int, width: int) -> Tensor:
@@ -200,22 +223,22 @@ class _MLPFunction(torch.autograd.Function):
     memory. Gradients equal autograd's through the plain modules."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, norm_weight: Tensor, norm_bias: Tensor, w1: Tensor, b1: Tensor,
-                w2: Tensor, b2: Tensor, activation: nn.Module) -> Tensor:
-        normed = F.layer_norm(x, x.shape[-1:], norm_weight, norm_bias, LAYER_NORM_EPS)
+    def forward(ctx, x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float, w1: Tensor,
+                b1: Tensor, w2: Tensor, b2: Tensor, activation: nn.Module) -> Tensor:
+        normed = F.layer_norm(x, x.shape[-1:], norm_weight, norm_bias, eps)
         hidden = F.linear(normed, w1, b1)
         ctx.save_for_backward(x, norm_weight, norm_bias, hidden, w1, w2)
-        ctx.activation = activation
+        ctx.eps, ctx.activation = eps, activation
         return F.linear(activation(hidden), w2, b2)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, norm_weight, norm_bias, hidden, w1, w2 = ctx.saved_tensors
-        *need_norm, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
+        *need_norm, _, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
         dtype = hidden.dtype  # the compute dtype: lower than the weights' under autocast
         with torch.enable_grad():
             norm_inputs = [t.detach().requires_grad_(need) for t, need in zip((x, norm_weight, norm_bias), need_norm)]
-            normed = F.layer_norm(norm_inputs[0], x.shape[-1:], *norm_inputs[1:], LAYER_NORM_EPS)
+            normed = F.layer_norm(norm_inputs[0], x.shape[-1:], *norm_inputs[1:], ctx.eps)
             hidden = hidden.detach().requires_grad_()
             activated = ctx.activation(hidden)
         grad_out = grad_out.to(dtype)
@@ -227,6 +250,7 @@ class _MLPFunction(torch.autograd.Function):
             normed, wanted, (grad_hidden @ w1.to(dtype)).to(normed.dtype)) if wanted else ())
         return (
             *(next(norm_grads) if need else None for need in need_norm),
+            None,
             (flat_hidden.t() @ normed.detach().reshape(-1, x.shape[-1]).to(dtype)).to(w1.dtype)
             if need_w1 else None,
             flat_hidden.sum(0).to(w1.dtype) if need_b1 else None,
@@ -374,10 +398,10 @@ class CvtLayer(nn.Module):
         """MLP(LayerNorm(x))."""
         fc1, fc2, norm = self.intermediate.dense, self.output.dense, self.layernorm_after
         # save memory for backward (under torch.compile the compiler plans memory itself)
-        no_dropout = self.output.dropout.p == 0.0
+        no_dropout = self.intermediate.dropout.p == 0.0 and self.output.dropout.p == 0.0
         if torch.is_grad_enabled() and no_dropout and not torch.compiler.is_compiling():
-            return _MLPFunction.apply(x, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight,
-                                      fc2.bias, self.intermediate.activation)
+            return _MLPFunction.apply(x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias,
+                                      fc2.weight, fc2.bias, self.intermediate.activation)
         return self.output(self.intermediate(norm(x)))
 
     def _forward_inference(self, x: Tensor, height: int, width: int) -> Tensor:
@@ -391,8 +415,8 @@ class CvtLayer(nn.Module):
         activation = self.intermediate.activation
         # equal row chunks keep a CPU's cache warm (a small remainder chunk would run a slow GEMM);
         # a GPU wants the whole batch in one kernel
-        chunks = -(-residual.numel() * fc1.out_features // (MLP_CHUNK_ELEMENTS * residual.shape[1]))
-        for part in residual.tensor_split(chunks if x.is_cpu else 1):
+        chunks = max(1, _ceil_div(residual.shape[0] * fc1.out_features, MLP_CHUNK_ELEMENTS)) if x.is_cpu else 1
+        for part in residual.tensor_split(chunks):
             hidden = activation.forward_(torch.addmm(fc1.bias, self.layernorm_after(part), fc1.weight.t()))
             part.addmm_(hidden, fc2.weight.t()).add_(fc2.bias)
         return x
@@ -481,6 +505,8 @@ class CvtPreTrainedModel(nn.Module):
             raise ValueError(
                 f"pixel_values must be a floating-point tensor, got {pixel_values.dtype}; convert "
                 f"images with cvt.CvtImageProcessor or tensor.float() (and normalise)")
+        if pixel_values.shape[0] == 0:
+            raise ValueError(f"pixel_values is an empty batch (shape {tuple(pixel_values.shape)}); pass at least one image")
         channels, height, width = pixel_values.shape[1:]
         if channels != self.config.num_channels:
             raise ValueError(
@@ -536,10 +562,10 @@ class CvtModel(CvtPreTrainedModel):
             output_hidden_states = self.config.output_hidden_states
         if return_dict is None:
             return_dict = self.config.return_dict
-        groups = self._inference_groups(pixel_values) if fast_inference(self) else 1
+        groups, workers = self._inference_plan(pixel_values) if fast_inference(self) else (1, 1)
         if groups > 1:
             chunks = pixel_values.tensor_split(groups)
-            parts = _map_in_threads(lambda chunk: self._encode(chunk, output_hidden_states), chunks)
+            parts = _map_in_threads(lambda chunk: self._encode(chunk, output_hidden_states), chunks, workers)
             maps = [torch.cat(level) for level in zip(*(p[0] for p in parts))]
             cls = torch.cat([p[1] for p in parts]) if parts[0][1] is not None else None
         else:
@@ -561,17 +587,22 @@ class CvtModel(CvtPreTrainedModel):
                 maps.append(x.contiguous())
         return maps if every_stage else [x.contiguous()], cls
 
-    def _inference_groups(self, pixel_values: Tensor) -> int:
-        """How many groups the fast path splits a CPU batch into: groups small enough that their
-        activations stay in cache (and below the allocator's fresh-mapping threshold), and a
-        multiple of the worker threads so that each thread gets an equal share."""
+    def _inference_plan(self, pixel_values: Tensor) -> tuple[int, int]:
+        """(groups, worker threads) for a batch on the fast path. On a CPU, a batch runs in
+        groups small enough that their activations stay in cache (and below the allocator's
+        fresh-mapping threshold); when there is at least one image per intra-op thread, the
+        groups go to as many single-threaded workers, in equal shares. A batch runs whole on
+        the caller's thread on a GPU, under torch.compile (which plans memory itself and cannot
+        trace threads), and when forward hooks inside the model expect to see it whole."""
         batch = pixel_values.shape[0]
-        if pixel_values.device.type != "cpu" or batch == 1 or torch.compiler.is_compiling():
-            return 1  # (the compiler plans memory itself and cannot trace worker threads)
+        if (batch <= 1 or pixel_values.device.type != "cpu" or torch.compiler.is_compiling()
+                or _has_forward_hooks(self.encoder)):
+            return 1, 1
         height, width = stage_grids(self.config, *pixel_values.shape[-2:])[0]
-        groups = -(-batch // max(1, GROUP_TOKENS // (height * width)))
-        workers = min(torch.get_num_threads(), batch)
-        return min(batch, -(-groups // workers) * workers)
+        groups = _ceil_div(batch, max(1, GROUP_TOKENS // (height * width)))
+        threads = torch.get_num_threads()
+        workers = threads if batch >= threads >= 2 else 1
+        return min(batch, _ceil_div(groups, workers) * workers), workers
 
 
 class CvtForImageClassification(CvtPreTrainedModel):
