@@ -212,9 +212,10 @@ class TestLoss:
     model = CvtForImageClassification(tiny_config(num_labels=3)).eval()
     x = torch.randn(4, 3, 32, 32)
 
-    def test_single_label(self) -> None:
+    @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+    def test_single_label(self, dtype) -> None:
         labels = torch.tensor([0, 2, 1, 1])
-        out = self.model(self.x, labels=labels)
+        out = self.model(self.x, labels=labels.to(dtype))
         torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, labels))
         assert self.model.config.problem_type is None  # not modified behind the user's back
 

@@ -655,7 +655,7 @@ class CvtForImageClassification(CvtPreTrainedModel):
             if labels.is_floating_point():
                 raise ValueError(
                     f"single-label classification needs integer class indices, got {labels.dtype} labels")
-            return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1))
+            return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1).long())
         if labels.shape != logits.shape:
             raise ValueError(
                 f"multi-label classification needs float multi-hot labels shaped like the logits "
