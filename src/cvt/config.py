@@ -320,6 +320,32 @@ def input_size_problem(config: CvtConfig, height: int, width: int) -> str | None
     return None
 
 
+def pixel_values_problem(config: CvtConfig, shape: tuple[int | None, ...], training: bool) -> str | None:
+    """Why an input of this shape cannot go through the model (in training mode or not), or None.
+    The shape checks that the PyTorch and the TensorFlow models share; each adds its own type and
+    dtype checks."""
+    if len(shape) != 4:
+        return (f"pixel_values must have shape (batch, channels, height, width); got a "
+                f"{len(shape)}-D tensor of shape {shape}" + (" (add a batch dimension)" if len(shape) == 3 else ""))
+    batch, channels, height, width = shape
+    if batch == 0:
+        return f"pixel_values is an empty batch (shape {shape}); pass at least one image"
+    if channels != config.num_channels:
+        return (f"pixel_values has {channels} channels but the model expects {config.num_channels} "
+                f"(config.num_channels); is the tensor channels-last (B, H, W, C)?")
+    problem = input_size_problem(config, height, width)
+    if problem:
+        return (f"an input of {height}x{width} pixels is too small for this model: {problem}; "
+                f"the smallest square input is {min_input_size(config)} pixels a side")
+    if training and batch == 1:
+        for s, (h, w) in enumerate(stage_grids(config, height, width)):
+            if config.qkv_projection_method[s] == "dw_bn" and kv_grid(config, s, h, w) == (1, 1):
+                return (f"training on one {height}x{width} image leaves stage {s}'s BatchNorm a "
+                        f"single value per channel (a 1x1 key/value map); train with a batch of 2 "
+                        f"or more, on larger images, or run the model in inference mode")
+    return None
+
+
 def min_input_size(config: CvtConfig) -> int:
     """Smallest square input the architecture accepts."""
     size = 1

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import CvtConfig, input_size_problem, kv_grid, min_input_size, stage_grids
+from .config import CvtConfig, pixel_values_problem, stage_grids
 
 LAYER_NORM_EPS = 1e-5  # the original code's and transformers' value (config.layer_norm_eps is unused)
 MLP_CHUNK_ELEMENTS = 1 << 20  # CPU fast path: MLP hidden rows per chunk x width (4 MB in fp32)
@@ -496,35 +496,13 @@ class CvtPreTrainedModel(nn.Module):
         """Turn the commonest input mistakes into one clear error instead of a deep torch one."""
         if not isinstance(pixel_values, Tensor):
             raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
-        if pixel_values.dim() != 4:
-            raise ValueError(
-                f"pixel_values must have shape (batch, channels, height, width); got a "
-                f"{pixel_values.dim()}-D tensor of shape {tuple(pixel_values.shape)}"
-                + (" (add a batch dimension with .unsqueeze(0))" if pixel_values.dim() == 3 else ""))
         if not pixel_values.is_floating_point():
             raise ValueError(
                 f"pixel_values must be a floating-point tensor, got {pixel_values.dtype}; convert "
                 f"images with cvt.CvtImageProcessor or tensor.float() (and normalise)")
-        if pixel_values.shape[0] == 0:
-            raise ValueError(f"pixel_values is an empty batch (shape {tuple(pixel_values.shape)}); pass at least one image")
-        channels, height, width = pixel_values.shape[1:]
-        if channels != self.config.num_channels:
-            raise ValueError(
-                f"pixel_values has {channels} channels but the model expects "
-                f"{self.config.num_channels} (config.num_channels); is the tensor channels-last (B, H, W, C)?")
-        problem = input_size_problem(self.config, height, width)
+        problem = pixel_values_problem(self.config, tuple(pixel_values.shape), self.training)
         if problem:
-            raise ValueError(
-                f"an input of {height}x{width} pixels is too small for this model: {problem}; "
-                f"the smallest square input is {min_input_size(self.config)} pixels a side")
-        if self.training and pixel_values.shape[0] == 1:
-            for s, (h, w) in enumerate(stage_grids(self.config, height, width)):
-                kv = kv_grid(self.config, s, h, w)
-                if self.config.qkv_projection_method[s] == "dw_bn" and kv == (1, 1):
-                    raise ValueError(
-                        f"training on one {height}x{width} image leaves stage {s}'s BatchNorm a "
-                        f"single value per channel (a 1x1 key/value map); train with a batch of "
-                        f"2 or more, on larger images, or call model.eval() for inference")
+            raise ValueError(problem)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, config: CvtConfig | None = None,

@@ -53,7 +53,7 @@ if keras.backend.backend() != "tensorflow":
         f"{keras.backend.backend()!r} (KERAS_BACKEND={os.environ.get('KERAS_BACKEND')!r}); "
         f"set KERAS_BACKEND=tensorflow before importing keras")
 
-from .config import CvtConfig, conv_output_size, input_size_problem, kv_grid, min_input_size, stage_grids
+from .config import CvtConfig, conv_output_size, pixel_values_problem
 from .modeling import ModelOutput
 
 LAYER_NORM_EPS = 1e-5  # as the PyTorch side (config.layer_norm_eps is unused there too)
@@ -576,35 +576,16 @@ class TFCvtPreTrainedModel(keras.Model):
             pixel_values = tf.convert_to_tensor(pixel_values)
         except (TypeError, ValueError) as err:
             raise TypeError(f"pixel_values must be a tensor or array, got {type(pixel_values).__name__}: {err}") from None
-        shape = tuple(pixel_values.shape)
-        if len(shape) != 4:
-            raise ValueError(
-                f"pixel_values must have shape (batch, channels, height, width); got a "
-                f"{len(shape)}-D tensor of shape {shape}"
-                + (" (add a batch dimension with tf.expand_dims(x, 0))" if len(shape) == 3 else ""))
         if not pixel_values.dtype.is_floating:
             raise ValueError(
                 f"pixel_values must be a floating-point tensor, got {pixel_values.dtype.name}; convert "
                 f"images with cvt.CvtImageProcessor(..., return_tensors='np') or tf.cast (and normalise)")
-        channels, height, width = shape[1:]
-        if None in (height, width, channels):
+        shape = tuple(pixel_values.shape)
+        if len(shape) == 4 and None in shape[1:]:
             raise ValueError(f"pixel_values needs a known channel count, height and width, got {shape}")
-        if channels != self.config.num_channels:
-            raise ValueError(
-                f"pixel_values has {channels} channels but the model expects "
-                f"{self.config.num_channels} (config.num_channels); is the tensor channels-last (B, H, W, C)?")
-        problem = input_size_problem(self.config, height, width)
+        problem = pixel_values_problem(self.config, shape, training)
         if problem:
-            raise ValueError(
-                f"an input of {height}x{width} pixels is too small for this model: {problem}; "
-                f"the smallest square input is {min_input_size(self.config)} pixels a side")
-        if training and shape[0] == 1:
-            for s, (h, w) in enumerate(stage_grids(self.config, height, width)):
-                if self.config.qkv_projection_method[s] == "dw_bn" and kv_grid(self.config, s, h, w) == (1, 1):
-                    raise ValueError(
-                        f"training on one {height}x{width} image leaves stage {s}'s BatchNorm a "
-                        f"single value per channel (a 1x1 key/value map); train with a batch of "
-                        f"2 or more, on larger images, or call the model with training=False")
+            raise ValueError(problem)
         return tf.cast(pixel_values, self.compute_dtype)
 
 
