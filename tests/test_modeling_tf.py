@@ -77,6 +77,16 @@ def test_classifier_outputs_match_pytorch(pair) -> None:
         close(a, b, msg=f"hidden state {s}")
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_tf_function_gives_the_same_logits(pair, jit_compile) -> None:
+    """The README's promise: the model runs inside tf.function, also compiled with XLA."""
+    torch_model, tf_model, x = pair
+    with torch.no_grad():
+        expected = torch_model(x).logits
+    graph = tf.function(lambda pixel_values: tf_model(pixel_values).logits, jit_compile=jit_compile)
+    close(graph(tf.constant(x.numpy())), expected, msg=f"tf.function(jit_compile={jit_compile})")
+
+
 def test_backbone_outputs_match_pytorch(pair) -> None:
     """TFCvtModel loads both the backbone's keys ('encoder.*') and the classifier's ('cvt.*')."""
     torch_model, _, x = pair
