@@ -327,6 +327,15 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     write_atomic(path, write)
 
 
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically (an ONNX file, say)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    write_atomic(path, write)
+
+
 def save_pretrained(model: torch.nn.Module, folder: str | os.PathLike) -> None:
     """config.json + model.safetensors in transformers' layout (removing stale weight files)."""
     save_arrays_pretrained(folder, model.state_dict(), model.config, type(model).__name__)

@@ -1,0 +1,217 @@
+"""ONNX export: `export_onnx(model, "model.onnx")`, and `cvt export` on the command line.
+
+Uses torch's dynamo-based exporter (`torch.onnx.export(..., dynamo=True)`: torch.export, then
+onnxscript's translation and graph optimiser), which gives a clean graph (LayerNormalization,
+Gelu and Conv nodes, weights as initializers) with a symbolic batch axis. The file is written
+only after the optional onnxruntime check has passed, and then atomically, so a failed export
+leaves no file (and an older file at the same path intact).
+
+Needs the `export` extra: `pip install "cvt[export]"` (onnx, onnxscript, onnxruntime).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from . import weights
+from .config import pixel_values_problem
+from .modeling import CvtForImageClassification, CvtModel
+
+logger = logging.getLogger("cvt")
+
+TOLERANCE = 1e-4  # max abs difference allowed between onnxruntime's and PyTorch's outputs
+INPUT_NAME = "pixel_values"
+INSTALL_HINT = 'pip install "cvt[export]"'
+
+
+class ExportCheckError(RuntimeError):
+    """The exported file's outputs, run with onnxruntime, differ from PyTorch's."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    """What `export_report` wrote: the file, its size, its opset, and the max abs difference
+    between onnxruntime's and PyTorch's outputs (None when not checked)."""
+
+    path: Path
+    bytes: int
+    opset: int | None
+    max_abs_diff: float | None
+
+
+class _Outputs(nn.Module):
+    """The model as a function of `pixel_values` alone, returning a tuple of tensors (the
+    exporter cannot return cvt's output dataclasses)."""
+
+    def __init__(self, model: CvtModel | CvtForImageClassification) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: Tensor) -> tuple[Tensor, ...]:
+        out = self.model(pixel_values, return_dict=True)
+        if isinstance(self.model, CvtForImageClassification):
+            return (out.logits,)
+        if out.cls_token_value is None:
+            return (out.last_hidden_state,)
+        return out.last_hidden_state, out.cls_token_value
+
+
+def output_names(model: CvtModel | CvtForImageClassification) -> list[str]:
+    """The ONNX file's output names, in order."""
+    if isinstance(model, CvtForImageClassification):
+        return ["logits"]
+    return ["last_hidden_state"] + (["cls_token_value"] if model.config.cls_token[-1] else [])
+
+
+def export_onnx(model: CvtModel | CvtForImageClassification, path: str | os.PathLike, *,
+                image_size: int | tuple[int, int] = (224, 224), batch_size: int | None = None,
+                opset: int | None = None, check: bool = True) -> Path:
+    """Export `model` to an ONNX file at `path`; returns the path.
+
+    The file has one input, `pixel_values` (batch, channels, height, width) at `image_size`,
+    and the outputs `logits` (CvtForImageClassification), or `last_hidden_state` and, when the
+    last stage has a cls token, `cls_token_value` (CvtModel). The batch axis is symbolic
+    (`batch`) unless `batch_size` fixes it. `opset` defaults to torch's default opset. The model
+    is exported in eval mode (its mode is restored afterwards).
+
+    With `check` (and onnxruntime installed), the file is run once with onnxruntime on a random
+    batch (3 images when the batch axis is dynamic: not the 2 it was traced with) and compared
+    with the PyTorch model; a difference above 1e-4 raises `ExportCheckError` and nothing is
+    written. `export_report` also returns the measured difference, size and opset.
+    """
+    return export_report(model, path, image_size=image_size, batch_size=batch_size, opset=opset,
+                         check=check).path
+
+
+def export_report(model: CvtModel | CvtForImageClassification, path: str | os.PathLike, *,
+                  image_size: int | tuple[int, int] = (224, 224), batch_size: int | None = None,
+                  opset: int | None = None, check: bool = True) -> ExportResult:
+    """`export_onnx`, returning what was written and the difference the check measured."""
+    if not isinstance(model, (CvtModel, CvtForImageClassification)):
+        raise TypeError(f"model must be a cvt.CvtModel or cvt.CvtForImageClassification, "
+                        f"got {type(model).__name__}")
+    height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                   or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None (dynamic), got {batch_size!r}")
+    # the example batch: 2 for a dynamic axis, since torch.export specialises sizes 0 and 1
+    example_batch = batch_size or 2
+    problem = pixel_values_problem(model.config, (example_batch, model.config.num_channels, height, width),
+                                   training=False)
+    if problem:
+        raise ValueError(problem)
+    _require_exporter()
+
+    parameter = next(model.parameters())
+    example = torch.randn(example_batch, model.config.num_channels, height, width,
+                          dtype=parameter.dtype, device=parameter.device)
+    names = output_names(model)
+    dynamic_shapes = None
+    if batch_size is None:
+        dynamic_shapes = {INPUT_NAME: {0: torch.export.Dim("batch", min=1)}}
+    with _eval_mode(model), _plain_path(), _quiet():
+        program = torch.onnx.export(
+            _Outputs(model), (example,), None, input_names=[INPUT_NAME], output_names=names,
+            opset_version=opset, dynamo=True, external_data=False, dynamic_shapes=dynamic_shapes,
+            optimize=True, verbose=False)
+    proto = program.model_proto
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    data = proto.SerializeToString()
+
+    difference = None
+    if check:
+        difference = _check(model, data, names, batch_size or 3, height, width)
+    path = Path(path)
+    weights.write_bytes(path, data)
+    return ExportResult(path, len(data), opset, difference)
+
+
+def _require_exporter() -> None:
+    missing = []
+    for module in ("onnx", "onnxscript"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise ImportError(f"ONNX export needs {' and '.join(missing)}: {INSTALL_HINT}")
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def _plain_path() -> Iterator[None]:
+    """Export the plain path. With autograd on, an eval-mode model takes its plain path, whose
+    ops are all functional; with autograd off it would take the inference fast path, which
+    updates the residual stream in place, keeps BatchNorm folded into the convolutions in a
+    Python-side cache, and sizes its groups, threads and MLP row chunks by the batch (which
+    torch.export then fixes: a file exported that way refuses any other batch size; measured).
+    Both paths compute the same outputs; the plain one is what the tracer is built for. Under the exporter, torch.compiler.is_compiling() is true, so the
+    plain path's MLP is the ordinary modules, not the memory-saving autograd.Function used in
+    eager training. No gradient is computed: nothing calls backward."""
+    with torch.enable_grad(), torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+        yield
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The exporter reports its steps on stdout and through warnings; `cvt export` prints its own."""
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _check(model: CvtModel | CvtForImageClassification, data: bytes, names: list[str], batch: int,
+           height: int, width: int) -> float | None:
+    """Max abs difference between onnxruntime's and PyTorch's outputs on one random batch."""
+    try:
+        import onnxruntime
+    except ImportError:
+        logger.warning("onnxruntime is not installed: the exported file was not checked (%s)", INSTALL_HINT)
+        return None
+    parameter = next(model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    pixel_values = torch.randn(batch, model.config.num_channels, height, width, generator=generator)
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    feed = {INPUT_NAME: pixel_values.to(parameter.dtype).numpy()}
+    try:
+        got = session.run(names, feed)
+    except Exception as err:  # onnxruntime raises its own exception types
+        raise ExportCheckError(f"onnxruntime could not run the exported file on a {batch}x"
+                               f"{model.config.num_channels}x{height}x{width} batch: {err}; "
+                               f"nothing was written") from err
+    with _eval_mode(model), torch.no_grad():
+        want = _Outputs(model)(pixel_values.to(device=parameter.device, dtype=parameter.dtype))
+    difference = 0.0
+    for name, g, w in zip(names, got, want):
+        w = w.float().cpu()
+        if tuple(g.shape) != tuple(w.shape):
+            raise ExportCheckError(f"the exported {name} has shape {tuple(g.shape)} in onnxruntime, "
+                                   f"but PyTorch's is {tuple(w.shape)}")
+        difference = max(difference, (torch.from_numpy(g).float() - w).abs().max().item())
+    if not difference <= TOLERANCE:
+        raise ExportCheckError(
+            f"onnxruntime's outputs differ from PyTorch's by up to {difference:.3g} (allowed "
+            f"{TOLERANCE:g}) on a random {batch}x{model.config.num_channels}x{height}x{width} batch; "
+            f"nothing was written")
+    return difference
