@@ -1,4 +1,4 @@
-"""The `cvt` command line: `cvt info`, `cvt convert`, `cvt predict`.
+"""The `cvt` command line: `cvt info`, `cvt convert`, `cvt predict`, `cvt export`.
 
 Each subcommand is a small function from parsed arguments to an exit status; errors a user can
 fix are printed as one line (`cvt: error: ...`) with exit status 2, never as a traceback.
@@ -97,6 +97,33 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from . import export
+
+    source = args.model
+    if source in VARIANTS and not Path(source).exists():  # as `cvt predict`: cvt-13 is microsoft/cvt-13
+        source = get_variant(source).hub_id
+    variant = VARIANTS.get(source.removeprefix("microsoft/"))
+    image_size = (args.image_size or _stored_image_size(Path(source))
+                  or (variant.image_size if variant else 224))
+    batch = "dynamic" if args.batch_size is None else str(args.batch_size)
+    print(f"exporting {args.model} to ONNX ({image_size}x{image_size} pixels, batch {batch})"
+          + (", checking it with onnxruntime" if not args.no_check else "") + " ...", file=sys.stderr)
+    model = CvtForImageClassification.from_pretrained(source)
+    try:
+        result = export.export_report(model, args.output, image_size=image_size,
+                                      batch_size=args.batch_size, opset=args.opset, check=not args.no_check)
+    except ImportError as err:
+        raise UsageError(str(err)) from err
+    except export.ExportCheckError as err:
+        print(f"cvt: error: {err}", file=sys.stderr)
+        return 1
+    checked = ("not checked" if result.max_abs_diff is None
+               else f"max abs difference from PyTorch {result.max_abs_diff:.2g}")
+    print(f"wrote {result.path} ({result.bytes / 1e6:.1f} MB, opset {result.opset}, batch {batch}); {checked}")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     return predict.run(args.model, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
                        device=args.device, fmt=args.format, output=args.output)
@@ -131,6 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--format", choices=predict.FORMATS, default="table", help="default: table")
     pred.add_argument("--output", help="write the results to this file instead of stdout")
     pred.set_defaults(run=cmd_predict)
+
+    exp = sub.add_parser("export", help="export to ONNX, checked against PyTorch with onnxruntime",
+                         description="Export a classifier to ONNX (input pixel_values, output logits). "
+                         'Needs pip install "cvt[export]".')
+    exp.add_argument("model", help="checkpoint folder, hub id (microsoft/cvt-13) or variant name")
+    exp.add_argument("output", metavar="OUTPUT.onnx", help="the ONNX file to write")
+    exp.add_argument("--image-size", type=int, help="input height and width (default: the model's own, else 224)")
+    exp.add_argument("--batch-size", type=int, help="fix the batch size (default: a dynamic batch axis)")
+    exp.add_argument("--opset", type=int, help="ONNX opset (default: torch's)")
+    exp.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
+    exp.set_defaults(run=cmd_export)
 
     # listed for --help; main() hands `cvt bench ...` to cvt.benchmark, which has its own options
     sub.add_parser("bench", help="speed and memory against transformers' CvT (cvt bench --help)")

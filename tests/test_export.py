@@ -1,0 +1,134 @@
+"""ONNX export (`cvt.export`, `cvt export`): onnxruntime's outputs equal PyTorch's, with a
+dynamic batch axis; clear errors; nothing written when an export fails."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import cvt
+from cvt import export
+from cvt.cli import main
+from cvt.config import min_input_size
+from conftest import randomise_, tiny_config
+
+onnxruntime = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+
+def shallow_config(**overrides) -> cvt.CvtConfig:
+    """tiny_config with one layer per stage: each export takes seconds, more with more layers."""
+    return tiny_config(**{"depth": (1, 1, 1), **overrides})
+
+
+def save_classifier(folder, image_size: int, **overrides):
+    model = randomise_(cvt.CvtForImageClassification(shallow_config(**overrides)), seed=6)
+    model.save_pretrained(folder)
+    cvt.CvtImageProcessor(size=image_size).save_pretrained(folder)
+    return folder
+
+
+def run_onnx(path, pixel_values: torch.Tensor) -> list[np.ndarray]:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"pixel_values": pixel_values.numpy()})
+
+
+def assert_close(got: np.ndarray, want: torch.Tensor) -> None:
+    assert got.shape == tuple(want.shape)
+    assert np.abs(got - want.numpy()).max() <= 1e-4
+
+
+def test_classifier_with_cls_token_non_square_any_batch(tmp_path) -> None:
+    config = shallow_config(cls_token=(False, False, True))
+    model = randomise_(cvt.CvtForImageClassification(config), seed=3).train()  # exported in eval mode
+    result = export.export_report(model, tmp_path / "model.onnx", image_size=(64, 48))
+    assert model.training  # its mode is restored
+    model.eval()
+    assert result.path == tmp_path / "model.onnx" and result.bytes == result.path.stat().st_size
+    assert result.max_abs_diff is not None and result.max_abs_diff <= 1e-4
+    session = onnxruntime.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["pixel_values"]
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+    for batch in (1, 4):  # neither is the batch of 2 it was traced with
+        pixel_values = torch.randn(batch, 3, 64, 48)
+        with torch.no_grad():  # the fast path (in worker threads at batch 4 with 2+ intra-op threads)
+            want = model(pixel_values).logits
+        (got,) = run_onnx(result.path, pixel_values)
+        assert_close(got, want)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no temporary files
+
+
+def test_backbone_exports_feature_map_and_cls_token(tmp_path) -> None:
+    model = randomise_(cvt.CvtModel(shallow_config()), seed=4).eval()  # cls token in the last stage
+    path = export.export_onnx(model, tmp_path / "backbone.onnx", image_size=56)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["last_hidden_state", "cls_token_value"]
+    for batch in (2, 3):
+        pixel_values = torch.randn(batch, 3, 56, 56)
+        with torch.no_grad():
+            want = model(pixel_values)
+        hidden, cls = run_onnx(path, pixel_values)
+        assert_close(hidden, want.last_hidden_state)
+        assert_close(cls, want.cls_token_value)
+
+
+def test_failed_check_writes_nothing(tmp_path, capsys, monkeypatch) -> None:
+    """The file is written only after the check passes: a failed check leaves the older file at
+    the path as it was, and no temporary file; `cvt export` says so in one line, exit status 1."""
+    folder = save_classifier(tmp_path / "model", image_size=32)
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"an older export")
+    monkeypatch.setattr(export, "TOLERANCE", -1.0)
+    assert main(["export", str(folder), str(path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("cvt: error: onnxruntime's outputs differ") and "nothing was written" in err[-1]
+    assert path.read_bytes() == b"an older export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.onnx"]
+
+
+def test_too_small_image_is_the_models_own_error(tmp_path) -> None:
+    model = cvt.CvtForImageClassification(tiny_config()).eval()
+    smallest = min_input_size(model.config)
+    with pytest.raises(ValueError, match=f"too small.*smallest square input is {smallest} pixels"):
+        export.export_onnx(model, tmp_path / "m.onnx", image_size=smallest - 1)
+    with pytest.raises(ValueError, match="batch_size"):
+        export.export_onnx(model, tmp_path / "m.onnx", image_size=64, batch_size=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_onnx_names_the_extra(tmp_path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # import fails
+    model = cvt.CvtForImageClassification(tiny_config()).eval()
+    with pytest.raises(ImportError, match=r'pip install "cvt\[export\]"'):
+        export.export_onnx(model, tmp_path / "m.onnx", image_size=64)
+    folder = save_classifier(tmp_path / "model", image_size=64)
+    assert main(["export", str(folder), str(tmp_path / "m.onnx")]) == 2
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_end_to_end(tmp_path, capsys) -> None:
+    """A saved folder without cls tokens (mean pooling), a fixed batch and an opset."""
+    folder = save_classifier(tmp_path / "model", image_size=48, cls_token=(False, False, False))
+    out = tmp_path / "onnx" / "tiny.onnx"
+    assert main(["export", str(folder), str(out), "--batch-size", "3", "--opset", "18"]) == 0
+    captured = capsys.readouterr()
+    assert "exporting" in captured.err and "48x48" in captured.err  # preprocessor_config.json's size
+    last = captured.out.strip().splitlines()[-1]
+    assert last.startswith(f"wrote {out} (") and "MB, opset 18, batch 3" in last
+    assert "max abs difference from PyTorch" in last
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == [3, 3, 48, 48]
+    model = cvt.CvtForImageClassification.from_pretrained(str(folder))
+    pixel_values = torch.randn(3, 3, 48, 48)
+    with torch.no_grad():
+        want = model(pixel_values).logits
+    assert_close(run_onnx(out, pixel_values)[0], want)
+
+    # too small: one clear line, exit status 2, no file
+    assert main(["export", str(folder), str(tmp_path / "small.onnx"), "--image-size", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("cvt: error:") and "too small" in err[-1] and "Traceback" not in "".join(err)
+    assert not (tmp_path / "small.onnx").exists()
