@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -37,6 +39,18 @@ def test_saved_folder_layout(saved) -> None:
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "cvt" and config["architectures"] == ["CvtForImageClassification"]
     assert load_file(folder / "model.safetensors").keys() == model.state_dict().keys()
+
+
+def test_saved_files_have_ordinary_permissions(tmp_path) -> None:
+    """Atomic writes go through a temporary file; the result still gets the umask's permissions
+    (mkstemp's owner-only 0600 would hide a shared checkpoint from its other users)."""
+    old = os.umask(0o022)
+    try:
+        CvtForImageClassification(tiny_config()).save_pretrained(tmp_path / "model")
+    finally:
+        os.umask(old)
+    for name in ("config.json", "model.safetensors"):
+        assert stat.S_IMODE((tmp_path / "model" / name).stat().st_mode) == 0o644, name
 
 
 def test_pytorch_model_bin(saved, tmp_path) -> None:
