@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+import onnxruntime  # the export extra (onnx, onnxscript, onnxruntime), which the dev extra includes
 import pytest
 import torch
 
@@ -15,8 +16,6 @@ from cvt.cli import main
 from cvt.config import min_input_size
 from conftest import randomise_, tiny_config
 
-onnxruntime = pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
 
 
 def shallow_config(**overrides) -> cvt.CvtConfig:
@@ -44,7 +43,7 @@ def assert_close(got: np.ndarray, want: torch.Tensor) -> None:
 def test_classifier_with_cls_token_non_square_any_batch(tmp_path) -> None:
     config = shallow_config(cls_token=(False, False, True))
     model = randomise_(cvt.CvtForImageClassification(config), seed=3).train()  # exported in eval mode
-    result = export.export_report(model, tmp_path / "model.onnx", image_size=(64, 48))
+    result = export.export_onnx(model, tmp_path / "model.onnx", image_size=(64, 48))
     assert model.training  # its mode is restored
     model.eval()
     assert result.path == tmp_path / "model.onnx" and result.bytes == result.path.stat().st_size
@@ -63,7 +62,7 @@ def test_classifier_with_cls_token_non_square_any_batch(tmp_path) -> None:
 
 def test_backbone_exports_feature_map_and_cls_token(tmp_path) -> None:
     model = randomise_(cvt.CvtModel(shallow_config()), seed=4).eval()  # cls token in the last stage
-    path = export.export_onnx(model, tmp_path / "backbone.onnx", image_size=56)
+    path = export.export_onnx(model, tmp_path / "backbone.onnx", image_size=56).path
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == ["last_hidden_state", "cls_token_value"]
     for batch in (2, 3):
@@ -84,7 +83,7 @@ def test_failed_check_writes_nothing(tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.setattr(export, "TOLERANCE", -1.0)
     assert main(["export", str(folder), str(path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("cvt: error: onnxruntime's outputs differ") and "nothing was written" in err[-1]
+    assert err[-1].startswith("cvt: error: onnxruntime's logits output differs") and "nothing was written" in err[-1]
     assert path.read_bytes() == b"an older export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.onnx"]
 
@@ -109,15 +108,38 @@ def test_missing_onnx_names_the_extra(tmp_path, monkeypatch) -> None:
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_missing_onnxruntime_refuses_a_checked_export(tmp_path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    model = cvt.CvtForImageClassification(tiny_config()).eval()
+    with pytest.raises(ImportError, match=r"onnxruntime.*pip install"):
+        export.export_onnx(model, tmp_path / "m.onnx", image_size=64)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_exports_a_backbone_folder_as_a_backbone(tmp_path, capsys) -> None:
+    """A saved CvtModel has no classifier: its features are exported, never a random head."""
+    backbone = randomise_(cvt.CvtModel(shallow_config()), seed=8).eval()
+    backbone.save_pretrained(tmp_path / "backbone")
+    out = tmp_path / "backbone.onnx"
+    assert main(["export", str(tmp_path / "backbone"), str(out), "--image-size", "40"]) == 0
+    assert "(CvtModel)" in capsys.readouterr().err
+    pixel_values = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        want = backbone(pixel_values)
+    got = run_onnx(out, pixel_values)
+    assert_close(got[0], want.last_hidden_state)
+    assert_close(got[1], want.cls_token_value)
+
+
 def test_cli_end_to_end(tmp_path, capsys) -> None:
     """A saved folder without cls tokens (mean pooling), a fixed batch and an opset."""
     folder = save_classifier(tmp_path / "model", image_size=48, cls_token=(False, False, False))
     out = tmp_path / "onnx" / "tiny.onnx"
-    assert main(["export", str(folder), str(out), "--batch-size", "3", "--opset", "18"]) == 0
+    assert main(["export", str(folder), str(out), "--batch-size", "3", "--opset", "20"]) == 0
     captured = capsys.readouterr()
     assert "exporting" in captured.err and "48x48" in captured.err  # preprocessor_config.json's size
     last = captured.out.strip().splitlines()[-1]
-    assert last.startswith(f"wrote {out} (") and "MB, opset 18, batch 3" in last
+    assert last.startswith(f"wrote {out} (") and "MB, opset 20, batch 3" in last
     assert "max abs difference from PyTorch" in last
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape == [3, 3, 48, 48]

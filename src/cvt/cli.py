@@ -15,7 +15,7 @@ import torch
 
 from . import convert, predict, weights
 from .config import CvtConfig, kv_grid, stage_grids
-from .modeling import CvtForImageClassification
+from .modeling import CvtForImageClassification, CvtModel
 from .processing import CvtImageProcessor
 from .training.commands import add_parsers as add_training_parsers
 from .variants import VARIANTS, get_variant
@@ -53,7 +53,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         if not config_path.is_file():
             raise UsageError(f"{path} has no {weights.CONFIG_NAME}")
         config = weights.read_config(config_path)
-        image_size = args.image_size or _stored_image_size(path) or 224
+        image_size = args.image_size or _stored_image_size(str(path if path.is_dir() else path.parent))
         title = str(path)
     elif source.removeprefix("microsoft/") in VARIANTS:
         variant = get_variant(source)
@@ -67,14 +67,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stored_image_size(path: Path) -> int | None:
-    processor = path / "preprocessor_config.json" if path.is_dir() else None
-    if processor is None or not processor.is_file():
-        return None
-    size = weights.read_json(processor).get("size")
-    if isinstance(size, dict):
-        size = size.get("shortest_edge") or size.get("height")
-    return size if isinstance(size, int) else None
+def _stored_image_size(source: str) -> int:
+    """The input size a checkpoint's image processor gives (224 when it has none)."""
+    try:
+        return CvtImageProcessor.from_pretrained(source).size
+    except weights.CheckpointError:
+        return 224
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -103,16 +101,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     source = args.model
     if source in VARIANTS and not Path(source).exists():  # as `cvt predict`: cvt-13 is microsoft/cvt-13
         source = get_variant(source).hub_id
-    variant = VARIANTS.get(source.removeprefix("microsoft/"))
-    image_size = (args.image_size or _stored_image_size(Path(source))
-                  or (variant.image_size if variant else 224))
+    stored, state_dict = weights.resolve(source)
+    # a classifier checkpoint exports its logits; a backbone its features (never a random head)
+    with_head = any(key.split(".")[0] in ("classifier", "head") for key in state_dict)
+    model_class = CvtForImageClassification if with_head else CvtModel
+    model = weights.build_from_state_dict(model_class, state_dict, source, stored=stored, config=None,
+                                          ignore_mismatched_sizes=False)
+    image_size = args.image_size or _stored_image_size(source)
     batch = "dynamic" if args.batch_size is None else str(args.batch_size)
-    print(f"exporting {args.model} to ONNX ({image_size}x{image_size} pixels, batch {batch})"
-          + (", checking it with onnxruntime" if not args.no_check else "") + " ...", file=sys.stderr)
-    model = CvtForImageClassification.from_pretrained(source)
+    print(f"exporting {args.model} ({model_class.__name__}) to ONNX ({image_size}x{image_size} pixels, "
+          f"batch {batch})" + (", checking it with onnxruntime" if not args.no_check else "") + " ...",
+          file=sys.stderr)
     try:
-        result = export.export_report(model, args.output, image_size=image_size,
-                                      batch_size=args.batch_size, opset=args.opset, check=not args.no_check)
+        result = export.export_onnx(model, args.output, image_size=image_size,
+                                    batch_size=args.batch_size, opset=args.opset, check=not args.no_check)
     except ImportError as err:
         raise UsageError(str(err)) from err
     except export.ExportCheckError as err:

@@ -323,10 +323,10 @@ def input_size_problem(config: CvtConfig, height: int, width: int) -> str | None
 def pixel_values_problem(config: CvtConfig, shape: tuple[int | None, ...], training: bool) -> str | None:
     """Why an input of this shape cannot go through the model (in training mode or not), or None.
     The shape checks that the PyTorch and the TensorFlow models share; each adds its own type and
-    dtype checks."""
+    dtype checks. Only the batch may be unknown (None, in a traced TensorFlow graph)."""
     if len(shape) != 4:
         return (f"pixel_values must have shape (batch, channels, height, width); got a "
-                f"{len(shape)}-D tensor of shape {shape}" + (" (add a batch dimension)" if len(shape) == 3 else ""))
+                f"{len(shape)}-D tensor of shape {shape}" + (" (add a batch dimension: x[None])" if len(shape) == 3 else ""))
     batch, channels, height, width = shape
     if batch == 0:
         return f"pixel_values is an empty batch (shape {shape}); pass at least one image"
@@ -342,7 +342,8 @@ def pixel_values_problem(config: CvtConfig, shape: tuple[int | None, ...], train
             if config.qkv_projection_method[s] == "dw_bn" and kv_grid(config, s, h, w) == (1, 1):
                 return (f"training on one {height}x{width} image leaves stage {s}'s BatchNorm a "
                         f"single value per channel (a 1x1 key/value map); train with a batch of 2 "
-                        f"or more, on larger images, or run the model in inference mode")
+                        f"or more, on larger images, or switch training off for inference "
+                        f"(model.eval() in PyTorch, training=False in TensorFlow)")
     return None
 
 

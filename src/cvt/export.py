@@ -40,7 +40,7 @@ class ExportCheckError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class ExportResult:
-    """What `export_report` wrote: the file, its size, its opset, and the max abs difference
+    """What `export_onnx` wrote: the file, its size, its opset, and the max abs difference
     between onnxruntime's and PyTorch's outputs (None when not checked)."""
 
     path: Path
@@ -75,8 +75,9 @@ def output_names(model: CvtModel | CvtForImageClassification) -> list[str]:
 
 def export_onnx(model: CvtModel | CvtForImageClassification, path: str | os.PathLike, *,
                 image_size: int | tuple[int, int] = (224, 224), batch_size: int | None = None,
-                opset: int | None = None, check: bool = True) -> Path:
-    """Export `model` to an ONNX file at `path`; returns the path.
+                opset: int | None = None, check: bool = True) -> ExportResult:
+    """Export `model` to an ONNX file at `path`; returns what was written (`.path`, `.bytes`,
+    `.opset`) and the difference the check measured (`.max_abs_diff`).
 
     The file has one input, `pixel_values` (batch, channels, height, width) at `image_size`,
     and the outputs `logits` (CvtForImageClassification), or `last_hidden_state` and, when the
@@ -84,19 +85,11 @@ def export_onnx(model: CvtModel | CvtForImageClassification, path: str | os.Path
     (`batch`) unless `batch_size` fixes it. `opset` defaults to torch's default opset. The model
     is exported in eval mode (its mode is restored afterwards).
 
-    With `check` (and onnxruntime installed), the file is run once with onnxruntime on a random
-    batch (3 images when the batch axis is dynamic: not the 2 it was traced with) and compared
-    with the PyTorch model; a difference above 1e-4 raises `ExportCheckError` and nothing is
-    written. `export_report` also returns the measured difference, size and opset.
+    With `check` (needs onnxruntime), the file is run once with onnxruntime on a random batch
+    (3 images when the batch axis is dynamic: not the 2 it was traced with) and compared with
+    the PyTorch model; a difference above 1e-4 (or NaN) raises `ExportCheckError` and nothing is
+    written.
     """
-    return export_report(model, path, image_size=image_size, batch_size=batch_size, opset=opset,
-                         check=check).path
-
-
-def export_report(model: CvtModel | CvtForImageClassification, path: str | os.PathLike, *,
-                  image_size: int | tuple[int, int] = (224, 224), batch_size: int | None = None,
-                  opset: int | None = None, check: bool = True) -> ExportResult:
-    """`export_onnx`, returning what was written and the difference the check measured."""
     if not isinstance(model, (CvtModel, CvtForImageClassification)):
         raise TypeError(f"model must be a cvt.CvtModel or cvt.CvtForImageClassification, "
                         f"got {type(model).__name__}")
@@ -110,7 +103,7 @@ def export_report(model: CvtModel | CvtForImageClassification, path: str | os.Pa
                                    training=False)
     if problem:
         raise ValueError(problem)
-    _require_exporter()
+    _require_exporter(check)
 
     parameter = next(model.parameters())
     example = torch.randn(example_batch, model.config.num_channels, height, width,
@@ -136,9 +129,9 @@ def export_report(model: CvtModel | CvtForImageClassification, path: str | os.Pa
     return ExportResult(path, len(data), opset, difference)
 
 
-def _require_exporter() -> None:
+def _require_exporter(check: bool) -> None:
     missing = []
-    for module in ("onnx", "onnxscript"):
+    for module in ("onnx", "onnxscript") + (("onnxruntime",) if check else ()):
         try:
             __import__(module)
         except ImportError:
@@ -180,38 +173,34 @@ def _quiet() -> Iterator[None]:
 
 
 def _check(model: CvtModel | CvtForImageClassification, data: bytes, names: list[str], batch: int,
-           height: int, width: int) -> float | None:
+           height: int, width: int) -> float:
     """Max abs difference between onnxruntime's and PyTorch's outputs on one random batch."""
-    try:
-        import onnxruntime
-    except ImportError:
-        logger.warning("onnxruntime is not installed: the exported file was not checked (%s)", INSTALL_HINT)
-        return None
+    import onnxruntime  # present: _require_exporter checked
+
     parameter = next(model.parameters())
     generator = torch.Generator().manual_seed(0)
     pixel_values = torch.randn(batch, model.config.num_channels, height, width, generator=generator)
+    batch_text = f"{batch}x{model.config.num_channels}x{height}x{width} batch"
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # errors only
-    session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    feed = {INPUT_NAME: pixel_values.to(parameter.dtype).numpy()}
     try:
-        got = session.run(names, feed)
+        session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        got = session.run(names, {INPUT_NAME: pixel_values.to(parameter.dtype).numpy()})
     except Exception as err:  # onnxruntime raises its own exception types
-        raise ExportCheckError(f"onnxruntime could not run the exported file on a {batch}x"
-                               f"{model.config.num_channels}x{height}x{width} batch: {err}; "
-                               f"nothing was written") from err
+        raise ExportCheckError(f"onnxruntime could not load or run the exported file on a {batch_text}: "
+                               f"{err}; nothing was written") from err
     with _eval_mode(model), torch.no_grad():
         want = _Outputs(model)(pixel_values.to(device=parameter.device, dtype=parameter.dtype))
-    difference = 0.0
+    worst = 0.0
     for name, g, w in zip(names, got, want):
         w = w.float().cpu()
         if tuple(g.shape) != tuple(w.shape):
             raise ExportCheckError(f"the exported {name} has shape {tuple(g.shape)} in onnxruntime, "
-                                   f"but PyTorch's is {tuple(w.shape)}")
-        difference = max(difference, (torch.from_numpy(g).float() - w).abs().max().item())
-    if not difference <= TOLERANCE:
-        raise ExportCheckError(
-            f"onnxruntime's outputs differ from PyTorch's by up to {difference:.3g} (allowed "
-            f"{TOLERANCE:g}) on a random {batch}x{model.config.num_channels}x{height}x{width} batch; "
-            f"nothing was written")
-    return difference
+                                   f"but PyTorch's is {tuple(w.shape)}; nothing was written")
+        difference = (torch.from_numpy(g).float() - w).abs().max().item()
+        if not difference <= TOLERANCE:  # (NaN fails too)
+            raise ExportCheckError(
+                f"onnxruntime's {name} output differs from PyTorch's by up to {difference:.3g} (allowed "
+                f"{TOLERANCE:g}) on a random {batch_text}; nothing was written")
+        worst = max(worst, difference)
+    return worst

@@ -309,8 +309,8 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp")
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-    mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0666 less the umask, as open() gives
     try:
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0666 less the umask, as open() gives
         write(tmp)
         os.chmod(tmp, mode)  # some writers replace the file with an owner-only one (safetensors does)
         with open(tmp, "rb") as f:
