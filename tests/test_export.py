@@ -95,6 +95,8 @@ def test_too_small_image_is_the_models_own_error(tmp_path) -> None:
         export.export_onnx(model, tmp_path / "m.onnx", image_size=smallest - 1)
     with pytest.raises(ValueError, match="batch_size"):
         export.export_onnx(model, tmp_path / "m.onnx", image_size=64, batch_size=0)
+    with pytest.raises(ValueError, match="float32"):
+        export.export_onnx(model.to(torch.bfloat16), tmp_path / "m.onnx", image_size=64)
     assert list(tmp_path.iterdir()) == []
 
 
