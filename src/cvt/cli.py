@@ -53,7 +53,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         if not config_path.is_file():
             raise UsageError(f"{path} has no {weights.CONFIG_NAME}")
         config = weights.read_config(config_path)
-        image_size = args.image_size or _stored_image_size(str(path if path.is_dir() else path.parent))
+        image_size = args.image_size or _processor_image_size(str(path if path.is_dir() else path.parent))
         title = str(path)
     elif source.removeprefix("microsoft/") in VARIANTS:
         variant = get_variant(source)
@@ -67,7 +67,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stored_image_size(source: str) -> int:
+def _processor_image_size(source: str) -> int:
     """The input size a checkpoint's image processor gives (224 when it has none)."""
     try:
         return CvtImageProcessor.from_pretrained(source).size
@@ -107,7 +107,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     model_class = CvtForImageClassification if with_head else CvtModel
     model = weights.build_from_state_dict(model_class, state_dict, source, stored=stored, config=None,
                                           ignore_mismatched_sizes=False)
-    image_size = args.image_size or _stored_image_size(source)
+    image_size = args.image_size or _processor_image_size(args.model)  # a variant name: offline
     batch = "dynamic" if args.batch_size is None else str(args.batch_size)
     print(f"exporting {args.model} ({model_class.__name__}) to ONNX ({image_size}x{image_size} pixels, "
           f"batch {batch})" + (", checking it with onnxruntime" if not args.no_check else "") + " ...",

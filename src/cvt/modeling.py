@@ -126,9 +126,9 @@ def _has_forward_hooks(module: nn.Module) -> bool:
 def fast_inference(module: nn.Module) -> bool:
     """True in eval mode with autograd and autocast off: the inference fast path (BatchNorm
     folded, residual stream updated in place, a CPU batch processed in cache-sized groups by
-    single-threaded workers). Otherwise
-    the plain, differentiable path runs; both give the same outputs. (In-place updates cannot
-    follow autocast's dtype changes, so mixed precision takes the plain path.)"""
+    single-threaded workers). Otherwise the plain, differentiable path runs; both give the same
+    outputs. (In-place updates cannot follow autocast's dtype changes, so mixed precision takes
+    the plain path.)"""
     return (not module.training and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu") and not torch.is_autocast_enabled("cuda"))
 
