@@ -67,3 +67,14 @@ def save_tiny_classifier(folder: Path, image_size: int = 64, seed: int = 1) -> P
     randomise_(model, seed).save_pretrained(folder)
     CvtImageProcessor(size=image_size).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(autouse=True, scope="session")
+def engine_cache(tmp_path_factory) -> Path:
+    """Built engines go to one folder per test session, never to the user's cache; tests that
+    build the same tiny model's engine twice reuse it, as users' second runs do."""
+    folder = tmp_path_factory.mktemp("engine-cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("CVT_CACHE_DIR", str(folder))
+    yield folder
+    patch.undo()

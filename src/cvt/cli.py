@@ -15,8 +15,10 @@ import torch
 
 from . import convert, predict, weights
 from .config import CvtConfig, kv_grid, stage_grids
+from .engines import EngineError
 from .modeling import CvtForImageClassification, CvtModel
 from .processing import CvtImageProcessor
+from .training.commands import add_engine_arguments, messages_on_stderr
 from .training.commands import add_parsers as add_training_parsers
 from .variants import VARIANTS, get_variant
 
@@ -109,12 +111,18 @@ def cmd_export(args: argparse.Namespace) -> int:
                                           ignore_mismatched_sizes=False)
     image_size = args.image_size or _processor_image_size(args.model)  # a variant name: offline
     batch = "dynamic" if args.batch_size is None else str(args.batch_size)
-    print(f"exporting {args.model} ({model_class.__name__}) to ONNX ({image_size}x{image_size} pixels, "
-          f"batch {batch})" + (", checking it with onnxruntime" if not args.no_check else "") + " ...",
-          file=sys.stderr)
+    if args.format == "openvino" and (args.batch_size is not None or args.opset is not None):
+        raise UsageError("--batch-size and --opset apply to --format onnx only")
+    check = "" if args.no_check else (" checking it with onnxruntime" if args.format == "onnx"
+                                      else " checking it with OpenVINO")
+    print(f"exporting {args.model} ({model_class.__name__}) to {args.format} ({image_size}x{image_size} "
+          f"pixels, batch {batch}){',' + check if check else ''} ...", file=sys.stderr)
     try:
-        result = export.export_onnx(model, args.output, image_size=image_size,
-                                    batch_size=args.batch_size, opset=args.opset, check=not args.no_check)
+        if args.format == "onnx":
+            result = export.export_onnx(model, args.output, image_size=image_size, batch_size=args.batch_size,
+                                        opset=args.opset, check=not args.no_check)
+        else:
+            result = export.export_openvino(model, args.output, image_size=image_size, check=not args.no_check)
     except ImportError as err:
         raise UsageError(str(err)) from err
     except export.ExportCheckError as err:
@@ -122,13 +130,18 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 1
     checked = ("not checked" if result.max_abs_diff is None
                else f"max abs difference from PyTorch {result.max_abs_diff:.2g}")
-    print(f"wrote {result.path} ({result.bytes / 1e6:.1f} MB, opset {result.opset}, batch {batch}); {checked}")
+    written = str(result.path) + (f" + {result.path.with_suffix('.bin').name}" if args.format == "openvino" else "")
+    opset = f", opset {result.opset}" if result.opset else ""
+    print(f"wrote {written} ({result.bytes / 1e6:.1f} MB{opset}, batch {batch}); {checked}")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    return predict.run(args.model, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
-                       device=args.device, fmt=args.format, output=args.output)
+    with messages_on_stderr():
+        return predict.run(args.model, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
+                           device=args.device, fmt=args.format, output=args.output,
+                           engine=args.engine, precision=args.precision,
+                           calibration=args.calibration)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,13 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda or mps if available)")
     pred.add_argument("--format", choices=predict.FORMATS, default="table", help="default: table")
     pred.add_argument("--output", help="write the results to this file instead of stdout")
+    add_engine_arguments(pred)
     pred.set_defaults(run=cmd_predict)
 
-    exp = sub.add_parser("export", help="export to ONNX, checked against PyTorch with onnxruntime",
-                         description="Export a classifier to ONNX (input pixel_values, output logits). "
-                         'Needs pip install "cvt[export]".')
+    exp = sub.add_parser("export", help="export to ONNX or OpenVINO IR, checked against PyTorch",
+                         description="Export a classifier (input pixel_values, output logits) or a "
+                         "backbone to ONNX or OpenVINO IR (.xml + .bin). Needs pip install "
+                         '"cvt[export]" (and "cvt[openvino]" for OpenVINO).')
     exp.add_argument("model", help="checkpoint folder, hub id (microsoft/cvt-13) or variant name")
-    exp.add_argument("output", metavar="OUTPUT.onnx", help="the ONNX file to write")
+    exp.add_argument("output", metavar="OUTPUT", help="the file to write (.onnx; .xml for openvino, "
+                     "with the .bin beside it)")
+    exp.add_argument("--format", choices=("onnx", "openvino"), default="onnx", help="default: onnx")
     exp.add_argument("--image-size", type=int, help="input height and width (default: the model's own, else 224)")
     exp.add_argument("--batch-size", type=int, help="fix the batch size (default: a dynamic batch axis)")
     exp.add_argument("--opset", type=int, help="ONNX opset (default: torch's)")
@@ -187,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (UsageError, weights.CheckpointError, ValueError, FileNotFoundError) as err:
+    except (UsageError, weights.CheckpointError, ValueError, FileNotFoundError, EngineError) as err:
         print(f"cvt: error: {err}", file=sys.stderr)
         return 2
 

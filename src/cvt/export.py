@@ -16,6 +16,7 @@ import dataclasses
 import io
 import logging
 import os
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,35 +98,44 @@ def export_onnx(model: CvtModel | CvtForImageClassification, path: str | os.Path
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                    or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer or None (dynamic), got {batch_size!r}")
-    # the example batch: 2 for a dynamic axis, since torch.export specialises sizes 0 and 1
-    example_batch = batch_size or 2
-    problem = pixel_values_problem(model.config, (example_batch, model.config.num_channels, height, width),
+    problem = pixel_values_problem(model.config, (batch_size or 2, model.config.num_channels, height, width),
                                    training=False)
     if problem:
         raise ValueError(problem)
     _require_exporter(check)
+    data = onnx_bytes(model, (height, width), batch_size=batch_size, opset=opset)
+    difference = None
+    if check:
+        difference = _check(model, data, output_names(model), batch_size or 3, height, width)
+    path = Path(path)
+    weights.write_bytes(path, data)
+    return ExportResult(path, len(data), _opset_of(data), difference)
 
+
+def onnx_bytes(model: CvtModel | CvtForImageClassification, image_size: tuple[int, int], *,
+               batch_size: int | None = None, opset: int | None = None) -> bytes:
+    """The serialised ONNX graph of `model` (in eval mode) at `image_size`, unchecked; the
+    batch axis is symbolic unless `batch_size` fixes it. Used by `export_onnx` and the engines."""
+    height, width = image_size
     device = next(model.parameters()).device
-    example = torch.randn(example_batch, model.config.num_channels, height, width, device=device)
-    names = output_names(model)
+    # the example batch: 2 for a dynamic axis, since torch.export specialises sizes 0 and 1
+    example = torch.randn(batch_size or 2, model.config.num_channels, height, width, device=device)
     dynamic_shapes = None
     if batch_size is None:
         dynamic_shapes = {INPUT_NAME: {0: torch.export.Dim("batch", min=1)}}
-    with _eval_mode(model), _plain_path(), _quiet():
+    with _eval_mode(model), torch.no_grad(), _quiet():
         program = torch.onnx.export(
-            _Outputs(model), (example,), None, input_names=[INPUT_NAME], output_names=names,
+            _Outputs(model), (example,), None, input_names=[INPUT_NAME], output_names=output_names(model),
             opset_version=opset, dynamo=True, external_data=False, dynamic_shapes=dynamic_shapes,
             optimize=True, verbose=False)
-    proto = program.model_proto
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    data = proto.SerializeToString()
+    return program.model_proto.SerializeToString()
 
-    difference = None
-    if check:
-        difference = _check(model, data, names, batch_size or 3, height, width)
-    path = Path(path)
-    weights.write_bytes(path, data)
-    return ExportResult(path, len(data), opset, difference)
+
+def _opset_of(data: bytes) -> int | None:
+    import onnx  # present: _require_exporter checked
+
+    proto = onnx.load_model_from_string(data)
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 def _require_exporter(check: bool) -> None:
@@ -150,25 +160,15 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _plain_path() -> Iterator[None]:
-    """Export the plain path. With autograd on, an eval-mode model takes its plain path, whose
-    ops are all functional; with autograd off it would take the inference fast path, which
-    updates the residual stream in place, keeps BatchNorm folded into the convolutions in a
-    Python-side cache, and sizes its groups, threads and MLP row chunks by the batch (which
-    torch.export then fixes: a file exported that way refuses any other batch size; measured).
-    Both paths compute the same outputs; the plain one is what the tracer is built for. Under the exporter, torch.compiler.is_compiling() is true, so the
-    plain path's MLP is the ordinary modules, not the memory-saving autograd.Function used in
-    eager training. No gradient is computed: nothing calls backward."""
-    with torch.enable_grad(), torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
-        yield
-
-
-@contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """The exporter reports its steps on stdout and through warnings; `cvt export` prints its own."""
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        yield
+        logging.disable(logging.INFO)  # onnxscript's optimiser logs each rewrite at INFO
+        try:
+            yield
+        finally:
+            logging.disable(logging.NOTSET)
 
 
 def _check(model: CvtModel | CvtForImageClassification, data: bytes, names: list[str], batch: int,
@@ -201,5 +201,55 @@ def _check(model: CvtModel | CvtForImageClassification, data: bytes, names: list
             raise ExportCheckError(
                 f"onnxruntime's {name} output differs from PyTorch's by up to {difference:.3g} (allowed "
                 f"{TOLERANCE:g}) on a random {batch_text}; nothing was written")
+        worst = max(worst, difference)
+    return worst
+
+
+def export_openvino(model: CvtModel | CvtForImageClassification, path: str | os.PathLike, *,
+                    image_size: int | tuple[int, int] = (224, 224), check: bool = True) -> ExportResult:
+    """Export `model` as OpenVINO IR: `path` (.xml) and the weights beside it (.bin, fp32), with a
+    dynamic batch axis. With `check`, OpenVINO's fp32 outputs on a random batch must equal
+    PyTorch's within 1e-4 before anything is written (`ExportCheckError` otherwise). Needs the
+    `openvino` extra."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise ImportError('OpenVINO export needs openvino: pip install "cvt[openvino]"') from None
+    height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    problem = pixel_values_problem(model.config, (2, model.config.num_channels, height, width), training=False)
+    if problem:
+        raise ValueError(problem)
+    _require_exporter(check=False)
+    xml = Path(path).with_suffix(".xml")
+    with tempfile.TemporaryDirectory(dir=xml.parent if xml.parent.exists() else None) as tmp:
+        onnx_file = Path(tmp) / "model.onnx"
+        onnx_file.write_bytes(onnx_bytes(model, (height, width)))
+        graph = ov.Core().read_model(str(onnx_file))
+        staged = Path(tmp) / xml.name
+        ov.save_model(graph, str(staged), compress_to_fp16=False)
+        difference = _check_openvino(model, staged, height, width) if check else None
+        xml.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged.with_suffix(".bin"), xml.with_suffix(".bin"))
+        os.replace(staged, xml)
+    size = xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
+    return ExportResult(xml, size, None, difference)
+
+
+def _check_openvino(model: CvtModel | CvtForImageClassification, xml: Path, height: int, width: int) -> float:
+    import openvino as ov
+
+    generator = torch.Generator().manual_seed(0)
+    pixel_values = torch.randn(3, model.config.num_channels, height, width, generator=generator)
+    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                          "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"})
+    got = compiled({0: pixel_values.numpy()})
+    with _eval_mode(model), torch.no_grad():
+        want = _Outputs(model)(pixel_values.to(next(model.parameters()).device))
+    worst = 0.0
+    for index, (name, w) in enumerate(zip(output_names(model), want)):
+        difference = (torch.from_numpy(got[index]).float() - w.float().cpu()).abs().max().item()
+        if not difference <= TOLERANCE:
+            raise ExportCheckError(f"OpenVINO's {name} output differs from PyTorch's by up to "
+                                   f"{difference:.3g} (allowed {TOLERANCE:g}); nothing was written")
         worst = max(worst, difference)
     return worst

@@ -165,3 +165,25 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
             f"float pixel values must lie in [0, 1]; got values in [{low:g}, {high:g}] (for 0-255 "
             f"values pass a uint8 array, e.g. array.astype(np.uint8))")
     return np.round(array.astype(np.float64) * 255).astype(np.uint8)
+
+
+def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files named directly (whatever their extension), plus the image files found recursively in
+    named folders, in sorted order. Files are picked by extension, and hidden files and folders
+    (".*") are skipped. A missing path, or no image at all, is an error."""
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            for root, folders, files in os.walk(path):
+                folders[:] = sorted(f for f in folders if not f.startswith("."))
+                found += [Path(root, name) for name in sorted(files) if not name.startswith(".")
+                          and Path(name).suffix.lower() in IMAGE_EXTENSIONS]
+        elif path.exists():
+            found.append(path)
+        else:
+            raise ValueError(f"{item}: no such file or folder")
+    if not found:
+        raise ValueError(f"no image files in {', '.join(map(str, inputs))} "
+                         f"(looked for {' '.join(sorted(IMAGE_EXTENSIONS))})")
+    return list(dict.fromkeys(found))

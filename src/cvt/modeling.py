@@ -5,7 +5,12 @@ Module attribute names mirror transformers' CvT, so `state_dict()` keys and shap
 activations travel as tokens `(B, N, C)`; a token tensor viewed as `(B, C, H, W)` is a
 channels-last feature map, so the convolutions need no layout copies. Attention runs through
 `scaled_dot_product_attention` with CvT's own scale, `embed_dim ** -0.5` (not the head-size
-default), and in eval mode each depthwise convolution absorbs its BatchNorm.
+default).
+
+The model is plain: every module's `forward` is its computation, so hooks, adapters swapped into
+a layer, quantisation, `torch.func` and FLOP counters see what really runs. Faster inference
+(BatchNorm folded, in-place residuals, worker threads, other runtimes) lives in `cvt.engines`,
+which checks itself against this model.
 
 Where transformers' port is wrong, this follows the original microsoft/CvT code: 'avg' and
 'linear' projections work, a cls token may sit in any stage (sized by that stage), a model
@@ -17,23 +22,21 @@ Model code never reads files: `from_pretrained` / `save_pretrained` delegate to 
 
 from __future__ import annotations
 
-import os
-import threading
+import contextlib
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils import flop_counter
+from torch.utils.checkpoint import checkpoint
 
-from .config import CvtConfig, pixel_values_problem, stage_grids
+from .config import CvtConfig, pixel_values_problem
 
 LAYER_NORM_EPS = 1e-5  # the original code's and transformers' value (config.layer_norm_eps is unused)
-MLP_CHUNK_ELEMENTS = 1 << 20  # CPU fast path: MLP hidden rows per chunk x width (4 MB in fp32)
-GROUP_TOKENS = 16384  # CPU fast path: images per group x first-stage tokens (keeps activations in cache)
 
 
 # ---------------------------------------------------------------------------------------- outputs
@@ -76,67 +79,7 @@ class ImageClassifierOutputWithNoAttention(ModelOutput):
     hidden_states: tuple[Tensor, ...] | None = None
 
 
-# ---------------------------------------------------------------------------------------- threads
-_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (process id, workers, pool)
-_pool_lock = threading.Lock()
-
-
-def _worker_pool(workers: int) -> ThreadPoolExecutor:
-    """This process's pool of `workers` single-threaded workers. They start at once, so that the
-    caller's thread setting can be restored after theirs: torch.set_num_threads also changes
-    process-wide defaults. A forked child (a DataLoader worker) gets a pool of its own."""
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool[:2] != (os.getpid(), workers):
-            if _pool is not None and _pool[0] == os.getpid():
-                _pool[2].shutdown(wait=False)
-            pool = ThreadPoolExecutor(workers, "cvt-group")
-            caller_threads = torch.get_num_threads()
-            started = threading.Barrier(workers, timeout=60)
-            list(pool.map(lambda _: (torch.set_num_threads(1), started.wait()), range(workers)))
-            torch.set_num_threads(caller_threads)
-            _pool = (os.getpid(), workers, pool)
-        return _pool[2]
-
-
-def _map_in_threads(fn: Callable[[Tensor], Any], chunks: Sequence[Tensor], workers: int) -> list[Any]:
-    """`[fn(c) for c in chunks]` on `workers` single-threaded worker threads (or here, for one).
-    Whole groups in parallel beat every small op split across threads: no fork/join barrier per
-    op, and single-threaded GEMMs are the most efficient. Grad and inference mode are per
-    thread, so the caller's are carried over."""
-    if workers < 2:
-        return [fn(chunk) for chunk in chunks]
-    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
-
-    def run(chunk: Tensor) -> Any:
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-            return fn(chunk)
-
-    return list(_worker_pool(workers).map(run, chunks))
-
-
-def _has_forward_hooks(module: nn.Module) -> bool:
-    hooks = torch.nn.modules.module
-    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
-
-
 # ---------------------------------------------------------------------------------------- blocks
-def fast_inference(module: nn.Module) -> bool:
-    """True in eval mode with autograd and autocast off: the inference fast path (BatchNorm
-    folded, residual stream updated in place, a CPU batch processed in cache-sized groups by
-    single-threaded workers). Otherwise the plain, differentiable path runs; both give the same
-    outputs. (In-place updates cannot follow autocast's dtype changes, so mixed precision takes
-    the plain path.)"""
-    return (not module.training and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu") and not torch.is_autocast_enabled("cuda"))
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def tokens_to_map(tokens: Tensor, height: int, width: int) -> Tensor:
     """Tokens (B, H*W, C) as a dense channels-last map (B, C, H, W): a view when the tokens are
     dense (even one image behind a cls token), else one copy. Convolutions copy their input on
@@ -152,19 +95,12 @@ class GELU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return F.gelu(x)
 
-    def forward_(self, x: Tensor) -> Tensor:
-        """In place, for the inference fast path."""
-        return torch.ops.aten.gelu_(x)
-
 
 class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the activation the original CvT code trained with."""
 
     def forward(self, x: Tensor) -> Tensor:
         return x * torch.sigmoid(1.702 * x)
-
-    def forward_(self, x: Tensor) -> Tensor:
-        return x.mul_(torch.sigmoid(1.702 * x))
 
 
 def make_activation(name: str) -> nn.Module:
@@ -216,84 +152,16 @@ class Embedding(nn.Module):
         return self.dropout(tokens), height, width
 
 
-class _MLPFunction(torch.autograd.Function):
-    """fc2(activation(fc1(LayerNorm(x)))) that keeps only x and fc1(LayerNorm(x)) for backward:
-    the LayerNorm's output and the activation's output (as large as fc1's) are recomputed there,
-    cheap elementwise passes that cut one C-wide and one 4C-wide tensor per layer from training
-    memory. Gradients equal autograd's through the plain modules."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float, w1: Tensor,
-                b1: Tensor, w2: Tensor, b2: Tensor, activation: nn.Module) -> Tensor:
-        normed = F.layer_norm(x, x.shape[-1:], norm_weight, norm_bias, eps)
-        hidden = F.linear(normed, w1, b1)
-        ctx.save_for_backward(x, norm_weight, norm_bias, hidden, w1, w2)
-        ctx.eps, ctx.activation = eps, activation
-        return F.linear(activation(hidden), w2, b2)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        x, norm_weight, norm_bias, hidden, w1, w2 = ctx.saved_tensors
-        *need_norm, _, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
-        dtype = hidden.dtype  # the compute dtype: lower than the weights' under autocast
-        with torch.enable_grad():
-            norm_inputs = [t.detach().requires_grad_(need) for t, need in zip((x, norm_weight, norm_bias), need_norm)]
-            normed = F.layer_norm(norm_inputs[0], x.shape[-1:], *norm_inputs[1:], ctx.eps)
-            hidden = hidden.detach().requires_grad_()
-            activated = ctx.activation(hidden)
-        grad_out = grad_out.to(dtype)
-        (grad_hidden,) = torch.autograd.grad(activated, hidden, grad_out @ w2.to(dtype))
-        flat_out = grad_out.reshape(-1, grad_out.shape[-1])
-        flat_hidden = grad_hidden.reshape(-1, grad_hidden.shape[-1])
-        wanted = [t for t, need in zip(norm_inputs, need_norm) if need]
-        norm_grads = iter(torch.autograd.grad(
-            normed, wanted, (grad_hidden @ w1.to(dtype)).to(normed.dtype)) if wanted else ())
-        return (
-            *(next(norm_grads) if need else None for need in need_norm),
-            None,
-            (flat_hidden.t() @ normed.detach().reshape(-1, x.shape[-1]).to(dtype)).to(w1.dtype)
-            if need_w1 else None,
-            flat_hidden.sum(0).to(w1.dtype) if need_b1 else None,
-            (flat_out.t() @ activated.detach().reshape(-1, activated.shape[-1])).to(w2.dtype)
-            if need_w2 else None,
-            flat_out.sum(0).to(w2.dtype) if need_b2 else None,
-            None,
-        )
-
-
 class DepthwiseConvBatchNorm(nn.Module):
-    """Depthwise conv + BatchNorm. On the inference fast path the BatchNorm is folded into the
-    conv (exact up to rounding); the folded weights are cached until a weight or statistic
-    changes (in place or by replacement). Training always uses the BatchNorm itself."""
+    """Depthwise convolution, then BatchNorm ('dw_bn' projection)."""
 
     def __init__(self, dim: int, kernel: int, stride: int, padding: int) -> None:
         super().__init__()
         self.convolution = nn.Conv2d(dim, dim, kernel, stride, padding, groups=dim, bias=False)
         self.normalization = nn.BatchNorm2d(dim)
-        self._folded: tuple[tuple, Tensor, Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if not fast_inference(self):
-            return self.normalization(self.convolution(x))
-        weight, bias = self.folded_weights()
-        conv = self.convolution
-        return F.conv2d(x, weight, bias, conv.stride, conv.padding, groups=conv.groups)
-
-    def folded_weights(self) -> tuple[Tensor, Tensor]:
-        conv, bn = self.convolution, self.normalization
-        if torch.compiler.is_compiling():  # the compiler fuses this; a Python cache would break the graph
-            return self._fold(conv, bn)
-        sources = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        key = tuple((t.data_ptr(), t._version, t.dtype) for t in sources)
-        if self._folded is None or self._folded[0] != key:
-            self._folded = (key, *self._fold(conv, bn))
-        return self._folded[1], self._folded[2]
-
-    @staticmethod
-    def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-        weight = (conv.weight * scale.view(-1, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
-        return weight, bn.bias - bn.running_mean * scale
+        return self.normalization(self.convolution(x))
 
 
 class SpatialProjection(nn.Module):
@@ -314,6 +182,27 @@ class SpatialProjection(nn.Module):
 
     def forward(self, feature_map: Tensor) -> Tensor:
         return self.convolution_projection(feature_map).flatten(2).transpose(1, 2)
+
+
+def _register_cpu_attention_flops() -> None:
+    """torch's FlopCounterMode has formulas for the GPU attention kernels but not for the CPU
+    flash kernel SDPA runs here; without these a CPU count silently leaves attention out."""
+    aten = torch.ops.aten
+    forward_op = aten._scaled_dot_product_flash_attention_for_cpu
+    backward_op = aten._scaled_dot_product_flash_attention_for_cpu_backward
+    if forward_op in flop_counter.flop_registry:  # a newer torch has its own
+        return
+
+    @flop_counter.register_flop_formula(forward_op)
+    def _forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query, key, value)
+
+    @flop_counter.register_flop_formula(backward_op)
+    def _backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+_register_cpu_attention_flops()
 
 
 class SelfAttention(nn.Module):
@@ -389,37 +278,23 @@ class CvtLayer(nn.Module):
         self.layernorm_after = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
 
     def forward(self, x: Tensor, height: int, width: int) -> Tensor:
-        if fast_inference(self):
-            return self._forward_inference(x, height, width)
         x = x + self.drop_path(self.attention(self.layernorm_before(x), height, width))
-        return x + self.drop_path(self._mlp(x))
+        return x + self.drop_path(self.output(self.intermediate(self.layernorm_after(x))))
 
-    def _mlp(self, x: Tensor) -> Tensor:
-        """MLP(LayerNorm(x))."""
-        fc1, fc2, norm = self.intermediate.dense, self.output.dense, self.layernorm_after
-        # save memory for backward (under torch.compile the compiler plans memory itself)
-        no_dropout = self.intermediate.dropout.p == 0.0 and self.output.dropout.p == 0.0
-        if torch.is_grad_enabled() and no_dropout and not torch.compiler.is_compiling():
-            return _MLPFunction.apply(x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias,
-                                      fc2.weight, fc2.bias, self.intermediate.activation)
-        return self.output(self.intermediate(norm(x)))
 
-    def _forward_inference(self, x: Tensor, height: int, width: int) -> Tensor:
-        """The same block writing both residual updates into `x` itself, and running the MLP over
-        row chunks so its 4x-wide hidden activation stays small and cache-resident."""
-        residual = x.view(-1, x.shape[-1])  # (B*T, C), updated in place
-        attended = self.attention.attention(self.layernorm_before(x), height, width)
-        dense = self.attention.output.dense
-        residual.addmm_(attended.view(residual.shape), dense.weight.t()).add_(dense.bias)
-        fc1, fc2 = self.intermediate.dense, self.output.dense
-        activation = self.intermediate.activation
-        # equal row chunks keep a CPU's cache warm (a small remainder chunk would run a slow GEMM);
-        # a GPU wants the whole batch in one kernel
-        chunks = max(1, _ceil_div(residual.shape[0] * fc1.out_features, MLP_CHUNK_ELEMENTS)) if x.is_cpu else 1
-        for part in residual.tensor_split(chunks):
-            hidden = activation.forward_(torch.addmm(fc1.bias, self.layernorm_after(part), fc1.weight.t()))
-            part.addmm_(hidden, fc2.weight.t()).add_(fc2.bias)
-        return x
+@contextlib.contextmanager
+def _batchnorm_statistics_kept(module: nn.Module) -> Iterator[None]:
+    """Gradient checkpointing re-runs a layer's forward in backward; its BatchNorms must not
+    update their running statistics a second time, so they are restored afterwards."""
+    buffers = [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               for b in m.buffers()]
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)
 
 
 class CvtStage(nn.Module):
@@ -440,6 +315,7 @@ class CvtStage(nn.Module):
         depth, top_rate = config.depth[stage], config.drop_path_rate[stage]
         rates = [top_rate * j / (depth - 1) if depth > 1 else 0.0 for j in range(depth)]
         self.layers = nn.ModuleList(CvtLayer(config, stage, rate) for rate in rates)
+        self.grad_checkpointing = False
 
     def forward(self, feature_map: Tensor) -> tuple[Tensor, Tensor | None]:
         """(B, C_in, H, W) -> (B, C, H', W') channels-last map, and the cls token (B, 1, C) or None."""
@@ -447,7 +323,12 @@ class CvtStage(nn.Module):
         if self.cls_token is not None:
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         for layer in self.layers:
-            x = layer(x, height, width)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, height, width, use_reentrant=False,
+                               context_fn=lambda layer=layer: (contextlib.nullcontext(),
+                                                               _batchnorm_statistics_kept(layer)))
+            else:
+                x = layer(x, height, width)
         cls = None
         if self.cls_token is not None:
             cls, x = x[:, :1], x[:, 1:]
@@ -491,6 +372,28 @@ class CvtPreTrainedModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each layer's activations in backward instead of keeping them (timm's name):
+        training memory falls to about a layer's worth per stage, for one more forward pass.
+        Outputs, gradients and BatchNorm statistics are those of the model without it."""
+        for module in self.modules():
+            if isinstance(module, CvtStage):
+                module.grad_checkpointing = bool(enable)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """transformers' name for `set_grad_checkpointing(True)`; cvt always recomputes
+        non-reentrantly, so `gradient_checkpointing_kwargs` may only ask for that."""
+        if gradient_checkpointing_kwargs and gradient_checkpointing_kwargs.get("use_reentrant", False):
+            raise ValueError("cvt's gradient checkpointing is non-reentrant (use_reentrant=False) only")
+        self.set_grad_checkpointing(True)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.set_grad_checkpointing(False)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(m.grad_checkpointing for m in self.modules() if isinstance(m, CvtStage))
 
     def _check_pixel_values(self, pixel_values: Any) -> None:
         """Turn the commonest input mistakes into one clear error instead of a deep torch one."""
@@ -540,14 +443,7 @@ class CvtModel(CvtPreTrainedModel):
             output_hidden_states = self.config.output_hidden_states
         if return_dict is None:
             return_dict = self.config.return_dict
-        groups, workers = self._inference_plan(pixel_values) if fast_inference(self) else (1, 1)
-        if groups > 1:
-            chunks = pixel_values.tensor_split(groups)
-            parts = _map_in_threads(lambda chunk: self._encode(chunk, output_hidden_states), chunks, workers)
-            maps = [torch.cat(level) for level in zip(*(p[0] for p in parts))]
-            cls = torch.cat([p[1] for p in parts]) if parts[0][1] is not None else None
-        else:
-            maps, cls = self._encode(pixel_values, output_hidden_states)
+        maps, cls = self._encode(pixel_values, output_hidden_states)
         out = BaseModelOutputWithCLSToken(
             last_hidden_state=maps[-1],
             cls_token_value=cls,
@@ -564,23 +460,6 @@ class CvtModel(CvtPreTrainedModel):
             if every_stage:
                 maps.append(x.contiguous())
         return maps if every_stage else [x.contiguous()], cls
-
-    def _inference_plan(self, pixel_values: Tensor) -> tuple[int, int]:
-        """(groups, worker threads) for a batch on the fast path. On a CPU, a batch runs in
-        groups small enough that their activations stay in cache (and below the allocator's
-        fresh-mapping threshold); when there is at least one image per intra-op thread, the
-        groups go to as many single-threaded workers, in equal shares. A batch runs whole on
-        the caller's thread on a GPU, under torch.compile (which plans memory itself and cannot
-        trace threads), and when forward hooks inside the model expect to see it whole."""
-        batch = pixel_values.shape[0]
-        if (batch <= 1 or pixel_values.device.type != "cpu" or torch.compiler.is_compiling()
-                or _has_forward_hooks(self.encoder)):
-            return 1, 1
-        height, width = stage_grids(self.config, *pixel_values.shape[-2:])[0]
-        groups = _ceil_div(batch, max(1, GROUP_TOKENS // (height * width)))
-        threads = torch.get_num_threads()
-        workers = threads if batch >= threads >= 2 else 1
-        return min(batch, _ceil_div(groups, workers) * workers), workers
 
 
 class CvtForImageClassification(CvtPreTrainedModel):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-from .images import IMAGE_EXTENSIONS, ImageError
+from .images import ImageError, find_images
 from .inference import ImageClassificationPipeline, Prediction, pipeline
 from .weights import write_atomic
 
@@ -27,30 +26,9 @@ FORMATS = ("table", "json", "csv")
 MAX_PATH_COLUMN = 60  # the table's path column grows to the longest path, up to this
 
 
-def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files named directly (whatever their extension), plus the image files found recursively in
-    named folders, in sorted order. Files are picked by extension, and hidden files and folders
-    (".*") are skipped. A missing path, or no image at all, is an error."""
-    found: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            for root, folders, files in os.walk(path):
-                folders[:] = sorted(f for f in folders if not f.startswith("."))
-                found += [Path(root, name) for name in sorted(files) if not name.startswith(".")
-                          and Path(name).suffix.lower() in IMAGE_EXTENSIONS]
-        elif path.exists():
-            found.append(path)
-        else:
-            raise ValueError(f"{item}: no such file or folder")
-    if not found:
-        raise ValueError(f"no image files in {', '.join(map(str, inputs))} "
-                         f"(looked for {' '.join(sorted(IMAGE_EXTENSIONS))})")
-    return list(dict.fromkeys(found))
-
-
 def run(model: str, inputs: Sequence[str], *, top_k: int = 5, batch_size: int = 8,
-        device: str | None = None, fmt: str = "table", output: str | None = None) -> int:
+        device: str | None = None, fmt: str = "table", output: str | None = None,
+        engine: str = "auto", precision: str = "fp32", calibration: str | None = None) -> int:
     """Classify every image under `inputs`. Returns 0 if all were classified, 1 if some could not be."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -58,7 +36,8 @@ def run(model: str, inputs: Sequence[str], *, top_k: int = 5, batch_size: int = 
     if output is not None and Path(output).resolve() in {p.resolve() for p in paths}:
         raise ValueError(f"--output {output} is one of the input images and would be overwritten")
     classifier = pipeline("image-classification", model, device=device, top_k=top_k,
-                          batch_size=batch_size)
+                          batch_size=batch_size, engine=engine, precision=precision,
+                          calibration=calibration)
     if output is None:
         return 1 if report(classifier, paths, fmt, sys.stdout) else 0
     failures = 0

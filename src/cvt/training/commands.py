@@ -15,6 +15,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..engines import ENGINES
+from ..engines import PRECISIONS as ENGINE_PRECISIONS
 from .recipes import RECIPES
 from .trainer import PRECISIONS, EvalResult, TrainOptions, evaluate_model, train
 
@@ -67,7 +69,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--format", choices=("table", "json"), default="table")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
-    ev.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    add_engine_arguments(ev)
     ev.set_defaults(run=cmd_eval)
 
     demo = sub.add_parser("demo", help="offline: train a compact CvT on scikit-learn's digits, "
@@ -77,6 +79,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's)")
     demo.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     demo.set_defaults(run=cmd_demo)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """--engine, --precision and --calibration, shared by `cvt predict` and `cvt eval`."""
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
+                        help="how to run the model (default auto: the fastest installed fp32 engine "
+                             "for the device)")
+    parser.add_argument("--precision", choices=ENGINE_PRECISIONS, default="fp32",
+                        help="fp32 (exact), bf16 (CPUs with bf16 units, GPUs), int8 (needs "
+                             "--calibration), fp16 (CUDA); reduced precision reports its cost")
+    parser.add_argument("--calibration", metavar="DIR",
+                        help="folder of your images for int8 calibration (class subfolders named "
+                             "after the labels also report accuracy)")
 
 
 @contextlib.contextmanager
@@ -130,7 +145,8 @@ def format_table(result: EvalResult) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     with messages_on_stderr():
         result = evaluate_model(args.model, args.data, batch_size=args.batch_size,
-                                workers=args.workers, precision=args.precision)
+                                workers=args.workers, engine=args.engine, precision=args.precision,
+                                calibration=args.calibration)
     if _is_main_process():
         print(json.dumps(result.to_dict(), indent=2) if args.format == "json" else format_table(result))
     return 0

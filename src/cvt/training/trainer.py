@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import CvtConfig
+from ..engines import build_engine
 from ..modeling import CvtForImageClassification
 from ..processing import CvtImageProcessor
 from ..variants import VARIANTS, create_model
@@ -395,14 +396,31 @@ def _micro_step_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
 
 
 # ---------------------------------------------------------------------------------------- scoring
-@torch.no_grad()
-def evaluate(model: nn.Module, images: LabelledImages, processor: CvtImageProcessor, batch_size: int, workers: int,
-             precision: str, ctx: distributed.Context) -> EvalResult:
-    """Top-1, top-5, mean cross-entropy and the confusion matrix over `images`; each rank scores
-    its own shard and the counts are summed, so every image counts exactly once."""
+def evaluate(model: nn.Module, images: LabelledImages, processor: CvtImageProcessor, batch_size: int,
+             workers: int, precision: str, ctx: distributed.Context) -> EvalResult:
+    """`score` of the plain model in eval mode (under autocast at bf16/fp16), as validation
+    during training measures it."""
     model = _unwrap(model)
     was_training = model.training
     model.eval()
+
+    def logits_of(batch: torch.Tensor) -> torch.Tensor:
+        with _autocast(precision, ctx.device):
+            return model(batch).logits
+
+    try:
+        return score(logits_of, images, processor, batch_size, workers, ctx)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def score(logits_of: Callable[[torch.Tensor], torch.Tensor], images: LabelledImages,
+          processor: CvtImageProcessor, batch_size: int, workers: int, ctx: distributed.Context
+          ) -> EvalResult:
+    """Top-1, top-5, mean cross-entropy and the confusion matrix of `logits_of(pixel_values)`
+    over `images`; each rank scores its own shard and the counts are summed, so every image
+    counts exactly once."""
     dataset = TransformedImages(images, eval_transform(processor))
     loader = make_loader(dataset, batch_size, ShardSampler(len(dataset), ctx.world_size, ctx.rank),
                          workers, drop_last=False)
@@ -414,8 +432,7 @@ def evaluate(model: nn.Module, images: LabelledImages, processor: CvtImageProces
         if len(labels) == 0:
             continue
         batch, labels = batch.to(ctx.device), labels.to(ctx.device)
-        with _autocast(precision, ctx.device):
-            logits = model(batch).logits.float()
+        logits = logits_of(batch).float().to(ctx.device)
         top = logits.topk(min(5, k), dim=-1).indices
         totals[0] += (top == labels[:, None]).any(dim=-1).sum()
         totals[1] += F.cross_entropy(logits, labels, reduction="sum")
@@ -424,7 +441,6 @@ def evaluate(model: nn.Module, images: LabelledImages, processor: CvtImageProces
                              accumulate=True)
     ctx.sum(confusion)
     ctx.sum(totals)
-    model.train(was_training)
     count = int(totals[2].item())
     if count == 0:
         raise DataError("no readable images to evaluate")
@@ -435,17 +451,21 @@ def evaluate(model: nn.Module, images: LabelledImages, processor: CvtImageProces
 
 
 def evaluate_model(model_source: str, data: Any, batch_size: int = 64, workers: int | None = None,
-                   precision: str = "fp32") -> EvalResult:
-    """`cvt eval`: score a saved model on a labelled dataset (distributed under torchrun)."""
+                   engine: str = "auto", precision: str = "fp32", calibration: str | None = None
+                   ) -> EvalResult:
+    """`cvt eval`: score a saved model on a labelled dataset with an inference engine
+    (distributed under torchrun)."""
     ctx = distributed.start()
     try:
-        if precision not in PRECISIONS or (precision == "fp16" and ctx.device.type != "cuda"):
-            raise ValueError(f"--precision must be fp32 or bf16 (fp16 on a GPU), got {precision!r}")
         model = CvtForImageClassification.from_pretrained(model_source).to(ctx.device)
         classes = [model.config.id2label[i] for i in range(model.config.num_labels)]
         images = load_eval_source(data).relabel(classes, f"{data}")
         processor = load_processor(model_source, None)
-        return evaluate(model, images, processor, batch_size,
-                        min(4, os.cpu_count() or 1) if workers is None else workers, precision, ctx)
+        runner = build_engine(model, engine, device=ctx.device, precision=precision,
+                              image_size=processor.size, calibration=calibration, processor=processor)
+        if runner.report is not None:
+            logger.info("cvt: %s at %s: %s", runner.name, precision, runner.report)
+        return score(runner, images, processor, batch_size,
+                     min(4, os.cpu_count() or 1) if workers is None else workers, ctx)
     finally:
         distributed.stop(ctx)

@@ -1,0 +1,94 @@
+"""Inference engines: the fastest way to run a cvt model, chosen explicitly.
+
+`build_engine(model, "openvino")` returns a callable that maps a `pixel_values` batch to logits
+(or, for a `CvtModel`, the last feature map). Each engine checks itself against the plain model
+when built: fp32 within 1e-4, else `EngineError` and nothing is cached; reduced precision (bf16,
+int8) reports what it costs (`engine.report`: logit error and top-1 agreement with fp32, and
+accuracy when the calibration folder is labelled). `model(x)` always runs the plain model.
+
+| engine | what runs | precisions |
+|---|---|---|
+| `torch` | a frozen, fused copy of the model in PyTorch (CPU or CUDA) | fp32, bf16, fp16 (CUDA) |
+| `onnxruntime` | the exported ONNX graph in ONNX Runtime | fp32, int8 |
+| `openvino` | the ONNX graph compiled by OpenVINO (CPU) | fp32, bf16, int8 |
+
+`auto` picks, for the device, the fastest installed fp32 engine by the measurements recorded
+in benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from ..processing import CvtImageProcessor
+from . import fused, onnxruntime_engine, openvino_engine
+from .base import PRECISIONS, Engine, EngineError, Model, PrecisionReport
+from .cache import EngineCache
+from .calibration import load_calibration
+
+ENGINES = ("auto", "torch", "onnxruntime", "openvino")
+# fastest first, measured by `cvt bench` (benchmarks/README.md); an engine is used if installed
+AUTO_ORDER = {"cpu": ("openvino", "onnxruntime", "torch"), "cuda": ("torch",)}
+_RUNTIME_MODULES = {"openvino": "openvino", "onnxruntime": "onnxruntime", "torch": "torch"}
+
+__all__ = ["ENGINES", "PRECISIONS", "Engine", "EngineError", "PrecisionReport", "auto_engine",
+           "build_engine"]
+
+
+def auto_engine(device: torch.device) -> str:
+    """The fastest installed fp32 engine for `device`."""
+    for name in AUTO_ORDER.get(device.type, ("torch",)):
+        if importlib.util.find_spec(_RUNTIME_MODULES[name]) is not None:
+            return name
+    return "torch"
+
+
+def build_engine(model: Model, engine: str = "auto", *, device: str | torch.device = "cpu",
+                 precision: str = "fp32", image_size: int | tuple[int, int] = 224,
+                 calibration: str | os.PathLike | None = None,
+                 processor: CvtImageProcessor | None = None,
+                 cache_dir: str | os.PathLike | None = None, compile: bool = False) -> Engine:
+    """An engine running `model` on `device` for `image_size` inputs at `precision`.
+
+    `calibration`: a folder of the user's images (class subfolders named after the model's labels
+    make it labelled), preprocessed by `processor` (default: CvT's standard preprocessing at
+    `image_size`); needed for int8, and used to measure any reduced precision. `cache_dir`
+    overrides where built engines are stored. `compile` runs the torch engine through
+    `torch.compile`.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    device = torch.device(device)
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    name = auto_engine(device) if engine == "auto" else engine
+    was_training = model.training
+    model.eval()
+    try:
+        return _build(model, name, device, precision, size, calibration, processor, cache_dir, compile)
+    finally:
+        model.train(was_training)
+
+
+def _build(model: Model, name: str, device: torch.device, precision: str, size: tuple[int, int],
+           calibration: str | os.PathLike | None, processor: CvtImageProcessor | None,
+           cache_dir: str | os.PathLike | None, compile: bool) -> Engine:
+    if name == "torch":
+        if compile is not False and not isinstance(compile, bool):
+            raise TypeError("compile must be True or False")
+        if calibration is not None:
+            raise EngineError("the torch engine takes no calibration images (it has no int8)")
+        return fused.FusedTorchEngine(model, device=device, precision=precision,
+                                      image_size=size, compile=compile)
+    calibration_set = None
+    if calibration is not None:
+        labels = [model.config.id2label.get(i, "") for i in range(model.config.num_labels)]
+        calibration_set = load_calibration(calibration, processor or CvtImageProcessor(size=size[0]),
+                                           labels)
+    module = openvino_engine if name == "openvino" else onnxruntime_engine
+    return module.build(model, device=device, precision=precision, image_size=size,
+                        calibration=calibration_set, cache=EngineCache(cache_dir))

@@ -1,0 +1,110 @@
+"""The ONNX Runtime engine: the model exported to ONNX (torch's dynamo exporter, a symbolic batch
+axis), run by an onnxruntime session with every graph optimisation on.
+
+fp32 runs the exported graph; int8 is static post-training quantization (QDQ, per-channel
+weights, activations calibrated on the user's images). CPU, or CUDA where onnxruntime-gpu is
+installed. Needs the `onnxruntime` extra: `pip install "cvt[onnxruntime]"`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..export import INPUT_NAME, onnx_bytes, output_names
+from .base import Engine, EngineError, Model
+from .cache import EngineCache, build_cached, entry_key
+from .calibration import CalibrationSet
+
+logger = logging.getLogger("cvt")
+
+FILE = "model.onnx"
+INSTALL_HINT = 'pip install "cvt[onnxruntime]"'
+
+
+def _runtime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise EngineError(f"the onnxruntime engine needs onnxruntime: {INSTALL_HINT}") from None
+    return onnxruntime
+
+
+class OnnxRuntimeEngine(Engine):
+    name = "onnxruntime"
+
+    def __init__(self, model: Model, path: Path, *, device: torch.device, precision: str,
+                 image_size: tuple[int, int]) -> None:
+        super().__init__(model, device=device, precision=precision, image_size=image_size)
+        ort = _runtime()
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.log_severity_level = 3  # errors only
+        self.session = ort.InferenceSession(str(path), options, providers=_providers(ort, device))
+        self.output = output_names(model)[0]
+
+    def _run(self, pixel_values: Tensor) -> Tensor:
+        array = pixel_values.detach().float().cpu().numpy()
+        (out,) = self.session.run([self.output], {INPUT_NAME: array})
+        return torch.from_numpy(out)
+
+
+def _providers(ort, device: torch.device) -> list[str]:
+    if device.type == "cpu":
+        return ["CPUExecutionProvider"]
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider"]
+    raise EngineError(f"onnxruntime cannot run on {device} here (providers: "
+                      f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu for CUDA")
+
+
+def build(model: Model, *, device: torch.device, precision: str, image_size: tuple[int, int],
+          calibration: CalibrationSet | None, cache: EngineCache) -> OnnxRuntimeEngine:
+    ort = _runtime()
+    if precision not in ("fp32", "int8"):
+        raise EngineError(f"the onnxruntime engine runs fp32 or int8, not {precision}; for bf16 "
+                          f"use engine='openvino' or 'torch'")
+    if precision == "int8" and calibration is None:
+        raise EngineError("int8 needs calibration images: calibration='folder' (--calibration DIR)")
+    key = entry_key(model, runtime="onnxruntime", version=ort.__version__, precision=precision,
+                    image_size=image_size, device=device.type,
+                    calibration=calibration.digest if calibration else None)
+
+    def make(folder: Path) -> None:
+        logger.info("cvt: building the onnxruntime engine (%s): exporting to ONNX ...", precision)
+        data = onnx_bytes(model, image_size)
+        if precision == "fp32":
+            (folder / FILE).write_bytes(data)
+        else:
+            _quantize(data, folder / FILE, calibration)
+
+    def load(folder: Path) -> OnnxRuntimeEngine:
+        return OnnxRuntimeEngine(model, folder / FILE, device=device, precision=precision,
+                                 image_size=image_size)
+
+    return build_cached(cache, key, model, load=load, make=make,
+                        batches=calibration.batches if calibration else None)
+
+
+def _quantize(data: bytes, target: Path, calibration: CalibrationSet) -> None:
+    """Static int8 quantization of an fp32 ONNX graph, calibrated on the images."""
+    from onnxruntime import quantization as q
+
+    class Reader(q.CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(calibration.batches)
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {INPUT_NAME: batch[0].numpy()}
+
+    source = target.with_name("fp32.onnx")
+    source.write_bytes(data)
+    q.quantize_static(str(source), str(target), Reader(), quant_format=q.QuantFormat.QDQ,
+                      per_channel=True, activation_type=q.QuantType.QInt8,
+                      weight_type=q.QuantType.QInt8, calibrate_method=q.CalibrationMethod.MinMax)
+    source.unlink()

@@ -1,0 +1,104 @@
+"""The OpenVINO engine: the model's ONNX graph read by OpenVINO, stored as OpenVINO IR
+(`model.xml` + `model.bin`, weights kept in fp32) and compiled for the CPU.
+
+OpenVINO's CPU plugin defaults to bf16 where the CPU has bf16 units and to on-the-fly int8 for
+fully-connected layers, so each precision is asked for explicitly: fp32 is
+`INFERENCE_PRECISION_HINT=f32` with dynamic quantization off; bf16 is the bf16 hint (refused on a
+CPU without bf16 units, where it would be emulated); int8 is NNCF's post-training quantization
+calibrated on the user's images (the transformer preset keeps softmax and norms in float).
+Needs the `openvino` extra: `pip install "cvt[openvino]"` (NNCF for int8).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..export import onnx_bytes
+from .base import Engine, EngineError, Model, cpu_has_bf16
+from .cache import EngineCache, build_cached, entry_key
+from .calibration import CalibrationSet
+
+logger = logging.getLogger("cvt")
+
+FILE = "model.xml"  # with model.bin beside it
+INSTALL_HINT = 'pip install "cvt[openvino]"'
+HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8 layers run int8; the rest stays f32
+
+
+def _runtime():
+    try:
+        import openvino
+    except ImportError:
+        raise EngineError(f"the openvino engine needs OpenVINO: {INSTALL_HINT}") from None
+    return openvino
+
+
+class OpenVinoEngine(Engine):
+    name = "openvino"
+
+    def __init__(self, model: Model, path: Path, *, device: torch.device, precision: str,
+                 image_size: tuple[int, int]) -> None:
+        super().__init__(model, device=device, precision=precision, image_size=image_size)
+        ov = _runtime()
+        properties = {
+            "INFERENCE_PRECISION_HINT": HINTS[precision],
+            "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0",
+            "PERFORMANCE_HINT": "LATENCY",  # one request at a time uses every core
+            "INFERENCE_NUM_THREADS": str(torch.get_num_threads()),
+        }
+        self.compiled = ov.Core().compile_model(str(path), "CPU", properties)
+        self.request = self.compiled.create_infer_request()
+
+    def _run(self, pixel_values: Tensor) -> Tensor:
+        array = pixel_values.detach().float().cpu().numpy()
+        self.request.infer({0: array})
+        return torch.from_numpy(self.request.get_output_tensor(0).data.copy())
+
+
+def build(model: Model, *, device: torch.device, precision: str, image_size: tuple[int, int],
+          calibration: CalibrationSet | None, cache: EngineCache) -> OpenVinoEngine:
+    ov = _runtime()
+    if device.type != "cpu":
+        raise EngineError(f"the openvino engine runs on the CPU, not {device}; use engine='torch' "
+                          f"(or 'onnxruntime' with onnxruntime-gpu) for CUDA")
+    if precision not in HINTS:
+        raise EngineError(f"the openvino engine runs fp32, bf16 or int8, not {precision}")
+    if precision == "bf16" and not cpu_has_bf16():
+        raise EngineError("this CPU has no bf16 units (avx512_bf16 or amx_bf16); OpenVINO would "
+                          "emulate bf16 slower than fp32: use precision='int8' or 'fp32'")
+    if precision == "int8" and calibration is None:
+        raise EngineError("int8 needs calibration images: calibration='folder' (--calibration DIR)")
+    key = entry_key(model, runtime="openvino", version=ov.__version__, precision=precision,
+                    image_size=image_size, calibration=calibration.digest if calibration else None)
+
+    def make(folder: Path) -> None:
+        logger.info("cvt: building the openvino engine (%s): exporting to ONNX ...", precision)
+        source = folder / "model.onnx"
+        source.write_bytes(onnx_bytes(model, image_size))
+        graph = ov.Core().read_model(str(source))
+        source.unlink()
+        if precision == "int8":
+            graph = _quantize(graph, calibration)
+        ov.save_model(graph, str(folder / FILE), compress_to_fp16=False)
+
+    def load(folder: Path) -> OpenVinoEngine:
+        return OpenVinoEngine(model, folder / FILE, device=device, precision=precision,
+                              image_size=image_size)
+
+    return build_cached(cache, key, model, load=load, make=make,
+                        batches=calibration.batches if calibration else None)
+
+
+def _quantize(graph, calibration: CalibrationSet):
+    try:
+        import nncf
+    except ImportError:
+        raise EngineError(f"int8 with the openvino engine needs NNCF: {INSTALL_HINT}") from None
+    logger.info("cvt: quantizing to int8 on %d calibration images ...", calibration.images)
+    dataset = nncf.Dataset([x.numpy() for x, _ in calibration.batches])
+    return nncf.quantize(graph, dataset, model_type=nncf.ModelType.TRANSFORMER,
+                         subset_size=calibration.images)
