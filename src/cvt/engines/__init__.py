@@ -38,9 +38,11 @@ __all__ = ["ENGINES", "PRECISIONS", "Engine", "EngineError", "PrecisionReport", 
            "build_engine"]
 
 
-def auto_engine(device: torch.device) -> str:
-    """The fastest installed fp32 engine for `device`."""
+def auto_engine(device: torch.device, model: Model | None = None) -> str:
+    """The fastest installed fp32 engine for `device` (that can run `model` exactly)."""
     for name in AUTO_ORDER.get(device.type, ("torch",)):
+        if name == "openvino" and model is not None and openvino_engine.unsupported(model):
+            continue
         if importlib.util.find_spec(_RUNTIME_MODULES[name]) is not None:
             return name
     return "torch"
@@ -65,7 +67,7 @@ def build_engine(model: Model, engine: str = "auto", *, device: str | torch.devi
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     device = torch.device(device)
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    name = auto_engine(device) if engine == "auto" else engine
+    name = auto_engine(device, model) if engine == "auto" else engine
     was_training = model.training
     model.eval()
     try:

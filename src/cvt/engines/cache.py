@@ -119,8 +119,11 @@ class EngineCache:
             files = {p.name: (p.stat().st_size, _sha256(p)) for p in sorted(tmp.iterdir())}
             (tmp / MANIFEST).write_text(json.dumps({"files": files, "meta": meta}, indent=2),
                                         encoding="utf-8")
-            self.remove(key)
-            os.replace(tmp, self.root / key)
+            try:
+                os.replace(tmp, self.root / key)
+            except OSError:  # another process stored the same build first: keep theirs
+                if not (self.root / key / MANIFEST).is_file():
+                    raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return self.root / key

@@ -59,9 +59,22 @@ class OpenVinoEngine(Engine):
         return torch.from_numpy(self.request.get_output_tensor(0).data.copy())
 
 
+def unsupported(model: Model) -> str | None:
+    """Why OpenVINO cannot run `model` exactly, or None. Its average pooling with ceil mode
+    divides the windows at the edge differently from PyTorch (logits off by ~5e-2 on random
+    weights, the same through its ONNX and its PyTorch front ends), so 'avg' projections fail
+    the fp32 check: refused before any work is done."""
+    if "avg" in model.config.qkv_projection_method:
+        return ("OpenVINO computes the 'avg' projection's ceil-mode average pooling differently "
+                "from PyTorch; use engine='onnxruntime' or 'torch' for this model")
+    return None
+
+
 def build(model: Model, *, device: torch.device, precision: str, image_size: tuple[int, int],
           calibration: CalibrationSet | None, cache: EngineCache) -> OpenVinoEngine:
     ov = _runtime()
+    if unsupported(model):
+        raise EngineError(unsupported(model))
     if device.type != "cpu":
         raise EngineError(f"the openvino engine runs on the CPU, not {device}; use engine='torch' "
                           f"(or 'onnxruntime' with onnxruntime-gpu) for CUDA")
