@@ -77,15 +77,19 @@ def test_one_image_gives_a_list_a_list_gives_lists_top_k_is_capped(folder, image
     assert abs(sum(p["score"] for p in everything) - 1) < 1e-5
 
 
-def test_runs_in_eval_mode_without_gradients(folder, images) -> None:
+def test_runs_an_engine_of_the_eval_mode_model_without_gradients(folder, images) -> None:
     model = cvt.CvtForImageClassification.from_pretrained(folder).train()
-    seen = []
-    model.register_forward_hook(lambda module, args, out: seen.append(
-        (module.training, torch.is_inference_mode_enabled(), out.logits.requires_grad)))
-    classifier = cvt.pipeline("image-classification", model=model,
+    classifier = cvt.pipeline("image-classification", model=model, engine="torch",
                               image_processor=cvt.CvtImageProcessor.from_pretrained(folder))
-    classifier(images[:2])
-    assert seen == [(False, True, False)]
+    assert not model.training and classifier.engine.name == "torch"
+    seen = []
+    model.register_forward_hook(lambda *args: seen.append(args))
+    with torch.no_grad():
+        want = model(classifier.image_processor(images[:2])["pixel_values"]).logits.softmax(-1)
+    seen.clear()
+    scores = [[p["score"] for p in r] for r in classifier(images[:2], top_k=5)]
+    assert seen == []  # the engine ran, not model(x)
+    np.testing.assert_allclose(scores, want.sort(-1, descending=True).values.numpy(), atol=1e-5)
     assert all(p.grad is None for p in model.parameters())
 
 

@@ -29,7 +29,11 @@ BAD = {"corrupt.jpg": "truncated image file", "text.png": "not an image file"}
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return save_tiny_classifier(tmp_path_factory.mktemp("model"))
+    """A tiny checkpoint whose default engine is built (and cached) before the tests run, so
+    that each `cvt predict` below prints only its results and errors."""
+    folder = save_tiny_classifier(tmp_path_factory.mktemp("model"))
+    cvt.pipeline("image-classification", str(folder))
+    return folder
 
 
 @pytest.fixture()

@@ -1,10 +1,14 @@
 """Side-by-side benchmark of this library's CvT against transformers' on the same weights.
 
-Both models run alternately in one process (random order each round, after warm-up); a case's
-speed-up is the median of the per-round time ratios, so slow drifts of a shared machine hit both
-sides alike. Every case first checks that both produce the same logits (or loss) within 1e-4 and
-stops loudly otherwise. Peak memory is measured in a fresh process per model and case. On a CUDA
-machine the same cases run on the GPU (timed with synchronisation, memory from the CUDA allocator).
+Every side of a case runs alternately in one process (random order each round, after warm-up);
+a side's speed-up is the median of its per-round time ratios to transformers, so slow drifts of
+a shared machine hit all sides alike. Inference cases time transformers, the plain model
+`model(x)`, each installed engine at fp32 (`cvt.engines`), onnxruntime and OpenVINO run by hand
+on the same exported ONNX file, and the reduced precisions this machine has (bf16 where the CPU
+has bf16 units; int8, calibrated on random images). Every fp32 side first checks that its logits
+equal transformers' within 1e-4 and the run stops loudly otherwise; reduced precision shows its
+logit error and top-1 agreement with fp32. Peak memory is measured in a fresh process per model
+and case. On a CUDA machine the same cases run on the GPU (synchronised timing, CUDA allocator peak).
 
 Run with `cvt bench` or `python benchmarks/bench.py`; transformers must be installed.
 """
@@ -12,19 +16,27 @@ Run with `cvt bench` or `python benchmarks/bench.py`; transformers must be insta
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import os
 import platform
 import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from .config import CvtConfig
+from .engines import build_engine
+from .engines.base import cpu_has_bf16
+from .engines.calibration import CalibrationSet
+from .export import onnx_bytes
 from .modeling import CvtForImageClassification
 from .weights import write_json
 
@@ -39,16 +51,18 @@ class Case:
     batch: int
     training: bool = False
     rounds: int = 5
+    grad_checkpointing: bool = False
 
 
 CASES = [
-    Case("CvT-13 224 b1", (1, 2, 10), 224, 1, rounds=30),
+    Case("CvT-13 224 b1", (1, 2, 10), 224, 1, rounds=15),
     Case("CvT-13 224 b32", (1, 2, 10), 224, 32),
-    Case("CvT-21 224 b32", (1, 4, 16), 224, 32),
     Case("CvT-13 384 b8", (1, 2, 10), 384, 8),
     Case("CvT-13 224 train b16", (1, 2, 10), 224, 16, training=True),
+    Case("CvT-13 224 train b16 ckpt", (1, 2, 10), 224, 16, training=True, grad_checkpointing=True),
 ]
-MEMORY_CASES = [c for c in CASES if c.name in ("CvT-13 224 b32", "CvT-13 224 train b16", "CvT-13 384 b8")]
+MEMORY_CASES = [c for c in CASES if c.name in ("CvT-13 224 b32", "CvT-13 224 train b16",
+                                               "CvT-13 224 train b16 ckpt", "CvT-13 384 b8")]
 
 
 def _device() -> torch.device:
@@ -105,22 +119,81 @@ def _training_step(model, x: torch.Tensor, labels: torch.Tensor) -> Callable[[],
     return step
 
 
-def _steps(case: Case, theirs, ours, device: torch.device):
+def _inputs(case: Case, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(case.batch, 3, case.image_size, case.image_size, generator=generator).to(device)
+    return x, torch.randint(0, 1000, (case.batch,), generator=generator).to(device)
+
+
+def _steps(case: Case, theirs, ours, device: torch.device):
+    """transformers' and the plain model's step (inference logits, or a training step's loss)."""
+    x, labels = _inputs(case, device)
     if case.training:
-        labels = torch.randint(0, 1000, (case.batch,), generator=generator).to(device)
+        ours.set_grad_checkpointing(case.grad_checkpointing)
         return _training_step(theirs, x, labels), _training_step(ours, x, labels)
     return _inference_step(theirs, x), _inference_step(ours, x)
 
 
-def _check_agreement(case: Case, step_theirs, step_ours) -> float:
-    """Both sides compute the same thing: logits (or, training, the first loss) within 1e-4."""
-    a, b = step_theirs().float().cpu(), step_ours().float().cpu()
-    diff = (a - b).abs().max().item()
-    if not diff <= TOLERANCE:
-        raise SystemExit(f"{case.name}: outputs differ by {diff:.2e} (> {TOLERANCE}); not benchmarking")
-    return diff
+def _engine_sides(case: Case, ours, device: torch.device, folder: Path) -> dict[str, tuple[Callable, str]]:
+    """name -> (step, precision) for each installed engine at fp32, onnxruntime and OpenVINO run
+    by hand on the same ONNX file, and the reduced precisions this machine has."""
+    x, _ = _inputs(case, device)
+    size = (case.image_size, case.image_size)
+    sides: dict[str, tuple[Callable, str]] = {}
+    for name in ("torch", "onnxruntime", "openvino"):
+        if name == "torch" or importlib.util.find_spec(name):
+            engine = build_engine(ours, name, device=device, image_size=size, cache_dir=folder)
+            sides[f"engine {name}"] = (functools.partial(engine, x), "fp32")
+    if device.type == "cpu":
+        onnx_file = folder / "model.onnx"
+        onnx_file.write_bytes(onnx_bytes(ours, size))
+        sides.update(_by_hand(onnx_file, x))
+    calibration = CalibrationSet([(torch.randn(16, 3, *size), None) for _ in range(4)], "random")
+    reduced = (["bf16"] if device.type == "cuda" or cpu_has_bf16() else []) + ["int8"]
+    for precision in reduced:
+        for name in ("openvino", "onnxruntime") if device.type == "cpu" else ("torch",):
+            if importlib.util.find_spec(name) is None or (precision == "bf16" and name == "onnxruntime"):
+                continue
+            if precision == "int8" and name == "torch":
+                continue
+            engine = build_engine(ours, name, device=device, image_size=size, precision=precision,
+                                  calibration=calibration, cache_dir=folder)
+            sides[f"engine {name} {precision}"] = (functools.partial(engine, x), precision)
+    return sides
+
+
+def _by_hand(onnx_file: Path, x: torch.Tensor) -> dict[str, tuple[Callable, str]]:
+    """onnxruntime and OpenVINO as a user would run the file: the runtime's own defaults, with
+    OpenVINO asked for fp32 (its CPU default is bf16 or on-the-fly int8 where the CPU has them)."""
+    array = x.cpu().numpy()
+    sides: dict[str, tuple[Callable, str]] = {}
+    if importlib.util.find_spec("onnxruntime"):
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+        sides["onnxruntime by hand"] = (
+            lambda: torch.from_numpy(session.run(None, {"pixel_values": array})[0]), "fp32")
+    if importlib.util.find_spec("openvino"):
+        import openvino
+
+        compiled = openvino.Core().compile_model(str(onnx_file), "CPU", {
+            "INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"})
+        sides["openvino by hand"] = (lambda: torch.from_numpy(compiled({0: array})[0]), "fp32")
+    return sides
+
+
+def _compare(case: Case, name: str, reference: torch.Tensor, got: torch.Tensor, precision: str
+             ) -> dict[str, float]:
+    """fp32 sides must equal transformers within 1e-4 (or the run stops); reduced precision
+    reports its logit error and top-1 agreement."""
+    diff = (reference.float().cpu() - got.float().cpu()).abs().max().item()
+    if precision == "fp32" and not diff <= TOLERANCE:
+        raise SystemExit(f"{case.name}: {name}'s outputs differ by {diff:.2e} (> {TOLERANCE}); not benchmarking")
+    result = {"max_abs_diff": diff}
+    if precision != "fp32":
+        agree = reference.argmax(-1).cpu() == got.argmax(-1).cpu()
+        result["top1_agreement"] = agree.float().mean().item()
+    return result
 
 
 def _timed(step: Callable[[], Any], device: torch.device) -> float:
@@ -131,31 +204,49 @@ def _timed(step: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def run_case(case: Case, device: torch.device, rounds: int | None = None) -> dict[str, Any]:
+def run_case(case: Case, device: torch.device, rounds: int | None = None, engines: bool = True
+             ) -> list[dict[str, Any]]:
+    """One row per side: median seconds, speed-up over transformers (median [min, max] of the
+    per-round ratios) and its difference from transformers."""
     theirs, ours = build_pair(case, device)
     step_theirs, step_ours = _steps(case, theirs, ours, device)
-    diff = _check_agreement(case, step_theirs, step_ours)  # also the first warm-up
-    for _ in range(2 if case.batch > 1 else 5):
-        step_theirs(), step_ours()
-    rng = random.Random(0)
-    times_theirs, times_ours, ratios = [], [], []
-    for _ in range(rounds or case.rounds):
-        order = [("theirs", step_theirs), ("ours", step_ours)]
-        rng.shuffle(order)
-        measured = {side: _timed(step, device) for side, step in order}
-        times_theirs.append(measured["theirs"])
-        times_ours.append(measured["ours"])
-        ratios.append(measured["theirs"] / measured["ours"])
+    sides = {"cvt" if case.training else "cvt model(x)": (step_ours, "fp32")}
+    with tempfile.TemporaryDirectory(prefix="cvt-bench-") as folder:
+        if engines and not case.training:
+            sides.update(_engine_sides(case, ours, device, Path(folder)))
+        reference = step_theirs()
+        checks = {name: _compare(case, name, reference, step(), precision)
+                  for name, (step, precision) in sides.items()}
+        times = _alternate(step_theirs, sides, device, rounds or case.rounds, 2 if case.batch > 1 else 5)
     macs = CvtConfig(depth=case.depth, num_labels=1000).macs_per_image(case.image_size, case.image_size)
     flops = 2 * macs * case.batch * (3 if case.training else 1)
-    return {
-        "case": case.name, "max_abs_diff": diff,
-        "transformers_s": statistics.median(times_theirs), "cvt_s": statistics.median(times_ours),
-        "speedup": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
-        "cvt_images_per_s": case.batch / statistics.median(times_ours),
-        "cvt_gflops": flops / statistics.median(times_ours) / 1e9,
-        "transformers_gflops": flops / statistics.median(times_theirs) / 1e9,
-    }
+    rows = []
+    for name, (_, precision) in sides.items():
+        ratios = [a / b for a, b in zip(times["transformers"], times[name])]
+        seconds = statistics.median(times[name])
+        rows.append({
+            "case": case.name, "side": name, "precision": precision, **checks[name],
+            "transformers_s": statistics.median(times["transformers"]), "seconds": seconds,
+            "speedup": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
+            "images_per_s": case.batch / seconds, "gflops": flops / seconds / 1e9,
+        })
+    return rows
+
+
+def _alternate(step_theirs: Callable, sides: dict[str, tuple[Callable, str]], device: torch.device,
+               rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Each side's time per round, all sides in a new random order each round, after warm-up."""
+    steps = [("transformers", step_theirs), *((name, step) for name, (step, _) in sides.items())]
+    for _ in range(warmup):
+        for _, step in steps:
+            step()
+    rng = random.Random(0)
+    times: dict[str, list[float]] = {name: [] for name, _ in steps}
+    for _ in range(rounds):
+        rng.shuffle(steps)
+        for name, step in steps:
+            times[name].append(_timed(step, device))
+    return times
 
 
 def gemm_peak(device: torch.device, n: int = 2048, repeats: int = 9) -> float:
@@ -173,6 +264,7 @@ def peak_memory(case: Case, side: str, device: torch.device) -> float:
         model = build_pair(case, device)[0]
     else:
         model = CvtForImageClassification(CvtConfig(depth=case.depth, num_labels=1000)).to(device)
+        model.set_grad_checkpointing(case.grad_checkpointing)
     step = _steps(case, model, model, device)[0]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -216,29 +308,31 @@ def _machine() -> str:
             f"python {platform.python_version()}")
 
 
-def run(cases: list[Case], memory: bool, rounds: int | None, out=sys.stdout) -> list[dict[str, Any]]:
+def run(cases: list[Case], memory: bool, rounds: int | None, engines: bool = True,
+        out=sys.stdout) -> list[dict[str, Any]]:
     device = _device()
     print(f"machine: {_machine()}", file=out)
     peak = gemm_peak(device)
     print(f"fp32 GEMM peak (2048x2048 mm, median): {peak:.0f} GFLOP/s", file=out)
-    header = (f"{'case':<22}{'transformers s':>15}{'cvt s':>9}{'speed-up':>10}{'[min-max]':>13}"
-              f"{'cvt img/s':>11}{'cvt GFLOP/s':>13}{'% peak':>8}{'max |diff|':>12}")
-    print(header, file=out, flush=True)
     results = []
     for case in cases:
-        r = run_case(case, device, rounds)
-        results.append(r)
-        spread = f"[{r['speedup_min']:.2f}-{r['speedup_max']:.2f}]"
-        print(f"{r['case']:<22}{r['transformers_s']:>15.3f}{r['cvt_s']:>9.3f}{r['speedup']:>9.2f}x"
-              f"{spread:>13}{r['cvt_images_per_s']:>11.1f}"
-              f"{r['cvt_gflops']:>13.0f}{100 * r['cvt_gflops'] / peak:>7.0f}%{r['max_abs_diff']:>12.1e}",
-              file=out, flush=True)
+        rows = run_case(case, device, rounds, engines=engines)
+        results += rows
+        print(f"\n{case.name}: transformers {rows[0]['transformers_s']:.3f} s", file=out)
+        print(f"  {'side':<28}{'s':>8}{'speed-up':>10}{'[min-max]':>13}{'img/s':>8}{'% peak':>8}"
+              f"{'max |diff|':>12}{'top-1 agree':>13}", file=out)
+        for r in rows:
+            spread = f"[{r['speedup_min']:.2f}-{r['speedup_max']:.2f}]"
+            agree = f"{100 * r['top1_agreement']:.1f} %" if "top1_agreement" in r else ""
+            print(f"  {r['side']:<28}{r['seconds']:>8.3f}{r['speedup']:>9.2f}x{spread:>13}"
+                  f"{r['images_per_s']:>8.1f}{100 * r['gflops'] / peak:>7.0f}%{r['max_abs_diff']:>12.1e}"
+                  f"{agree:>13}", file=out, flush=True)
     if memory:
-        print(f"\n{'peak memory (MB)':<22}{'transformers':>15}{'cvt':>9}{'ratio':>10}", file=out)
+        print(f"\n{'peak memory (MB)':<28}{'transformers':>13}{'cvt':>9}{'ratio':>10}", file=out)
         for case in MEMORY_CASES:
             a, b = _memory_in_subprocess(case, "transformers"), _memory_in_subprocess(case, "cvt")
             results.append({"memory_case": case.name, "transformers_mb": a, "cvt_mb": b})
-            print(f"{case.name:<22}{a:>15.0f}{b:>9.0f}{b / a:>9.2f}x", file=out, flush=True)
+            print(f"{case.name:<28}{a:>13.0f}{b:>9.0f}{b / a:>9.2f}x", file=out, flush=True)
     return results
 
 
@@ -248,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only this case (repeatable; default: all)")
     parser.add_argument("--rounds", type=int, help="timed rounds per case (default: per case)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    parser.add_argument("--no-engines", action="store_true",
+                        help="time only transformers and the plain model (no engine builds)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--memory", help=argparse.SUPPRESS)  # internal: one memory measurement
     parser.add_argument("--side", help=argparse.SUPPRESS)
@@ -262,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         print(peak_memory(by_name[args.memory], args.side, _device()))
         return 0
     cases = [by_name[n] for n in args.case] if args.case else CASES
-    results = run(cases, memory=not args.no_memory, rounds=args.rounds)
+    results = run(cases, memory=not args.no_memory, rounds=args.rounds, engines=not args.no_engines)
     if args.json:
         write_json(args.json, {"machine": _machine(), "results": results})
     return 0

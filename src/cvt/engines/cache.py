@@ -148,7 +148,7 @@ def build_cached(cache: EngineCache, key: str, model: Model, *, load: Callable[[
                 check_fp32(engine, model)
             elif meta.get("report"):
                 engine.report = PrecisionReport(**meta["report"])
-            logger.info("cvt: %s engine loaded from %s", engine.name, folder)
+            logger.debug("cvt: %s engine loaded from %s", engine.name, folder)
             return engine
         except Exception as err:  # runtimes raise their own types; whatever it was, rebuild
             logger.warning("cvt: the cached engine in %s failed (%s); rebuilding it", folder, err)
