@@ -9,6 +9,7 @@ is called on a `pixel_values` batch (B, C, H, W); it returns the logits of a
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import platform
 from collections.abc import Iterable
@@ -53,6 +54,14 @@ def cpu_has_bf16() -> bool:
 
 class EngineError(RuntimeError):
     """An engine cannot be built here, or does not compute what the plain model computes."""
+
+
+def import_runtime(module: str, extra: str) -> Any:
+    """The runtime package `module`, or an `EngineError` naming the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise EngineError(f"this engine needs {module}: pip install \"cvt[{extra}]\"") from None
 
 
 @dataclasses.dataclass(frozen=True)

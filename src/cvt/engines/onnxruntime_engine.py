@@ -15,22 +15,13 @@ import torch
 from torch import Tensor
 
 from ..export import INPUT_NAME, onnx_bytes, output_names
-from .base import Engine, EngineError, Model
+from .base import Engine, EngineError, Model, import_runtime
 from .cache import EngineCache, build_cached, entry_key
 from .calibration import CalibrationSet
 
 logger = logging.getLogger("cvt")
 
 FILE = "model.onnx"
-INSTALL_HINT = 'pip install "cvt[onnxruntime]"'
-
-
-def _runtime():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise EngineError(f"the onnxruntime engine needs onnxruntime: {INSTALL_HINT}") from None
-    return onnxruntime
 
 
 class OnnxRuntimeEngine(Engine):
@@ -39,7 +30,7 @@ class OnnxRuntimeEngine(Engine):
     def __init__(self, model: Model, path: Path, *, device: torch.device, precision: str,
                  image_size: tuple[int, int]) -> None:
         super().__init__(model, device=device, precision=precision, image_size=image_size)
-        ort = _runtime()
+        ort = import_runtime("onnxruntime", "onnxruntime")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = torch.get_num_threads()
@@ -64,7 +55,7 @@ def _providers(ort, device: torch.device) -> list[str]:
 
 def build(model: Model, *, device: torch.device, precision: str, image_size: tuple[int, int],
           calibration: CalibrationSet | None, cache: EngineCache) -> OnnxRuntimeEngine:
-    ort = _runtime()
+    ort = import_runtime("onnxruntime", "onnxruntime")
     if precision not in ("fp32", "int8"):
         raise EngineError(f"the onnxruntime engine runs fp32 or int8, not {precision}; for bf16 "
                           f"use engine='openvino' or 'torch'")

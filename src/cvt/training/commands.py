@@ -53,6 +53,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--precision", choices=PRECISIONS, default="fp32",
                     help="bf16: autocast on CPU or GPU; fp16: autocast with a grad scaler (GPU)")
     tr.add_argument("--freeze-backbone", action="store_true", help="train only the head: final LayerNorm and classifier (linear probe)")
+    tr.add_argument("--grad-checkpointing", action="store_true",
+                    help="recompute each layer in backward: much less memory for one more forward pass")
     tr.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs under torchrun")
     tr.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                     help="DataLoader worker processes per training process")

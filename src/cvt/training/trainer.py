@@ -71,6 +71,7 @@ class TrainOptions:
     accum_steps: int = 1
     precision: str = "fp32"
     freeze_backbone: bool = False
+    grad_checkpointing: bool = False  # recompute layers in backward: less memory, one more forward
     sync_bn: bool = False
     workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
     seed: int = 0
@@ -208,6 +209,7 @@ def _train(options: TrainOptions, ctx: distributed.Context) -> EvalResult | None
     torch.manual_seed(options.seed)
     train_images, val_images = load_source(options.data, options.val_data, options.val_split, options.seed)
     model = load_model(options.model, train_images.classes)
+    model.set_grad_checkpointing(options.grad_checkpointing)
     classes = [model.config.id2label[i] for i in range(model.config.num_labels)]
     train_images = train_images.relabel(classes, "training data")
     val_images = val_images.relabel(classes, "validation data") if val_images is not None else None
