@@ -177,5 +177,17 @@ def measure_precision(engine: Engine, model: Model,
     return PrecisionReport(images, worst, agree / images, *accuracy)
 
 
+def verify(engine: Engine, model: Model, batches: list[tuple[Tensor, Tensor | None]] | None) -> None:
+    """What every new engine goes through: at fp32 the check against the plain model; at reduced
+    precision its cost, measured on `batches` (calibration images, else random ones) and kept
+    as `engine.report`."""
+    if engine.precision == "fp32":
+        check_fp32(engine, model)
+        return
+    batches = batches or [(random_batch(model, engine.image_size, 8), None)]
+    engine.report = measure_precision(engine, model, batches)
+    logger.info("cvt: %s engine at %s: %s", engine.name, engine.precision, engine.report)
+
+
 def report_dict(report: PrecisionReport | None) -> dict[str, Any] | None:
     return None if report is None else dataclasses.asdict(report)
