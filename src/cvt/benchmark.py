@@ -38,7 +38,7 @@ from .engines.base import cpu_has_bf16
 from .engines.calibration import CalibrationSet
 from .export import onnx_bytes
 from .modeling import CvtForImageClassification
-from .weights import write_json
+from .files import write_json
 
 TOLERANCE = 1e-4
 
@@ -336,8 +336,7 @@ def run(cases: list[Case], memory: bool, rounds: int | None, engines: bool = Tru
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cvt bench", description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--case", action="append", choices=[c.name for c in CASES],
                         help="run only this case (repeatable; default: all)")
     parser.add_argument("--rounds", type=int, help="timed rounds per case (default: per case)")
@@ -347,7 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--memory", help=argparse.SUPPRESS)  # internal: one memory measurement
     parser.add_argument("--side", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """`cvt bench`: needs transformers (the `dev` extra), imported only here."""
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -362,6 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_json(args.json, {"machine": _machine(), "results": results})
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cvt bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
