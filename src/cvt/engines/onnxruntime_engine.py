@@ -22,6 +22,7 @@ from .calibration import CalibrationSet
 logger = logging.getLogger("cvt")
 
 FILE = "model.onnx"
+CALIBRATION_PIXELS = 16 * 224 * 224  # int8 calibration images x pixels: 16 at 224, 5 at 384 (~3 GB)
 
 
 class OnnxRuntimeEngine(Engine):
@@ -85,12 +86,18 @@ def _quantize(data: bytes, target: Path, calibration: CalibrationSet) -> None:
     """Static int8 quantization of an fp32 ONNX graph, calibrated on the images."""
     from onnxruntime import quantization as q
 
+    height, width = calibration.batches[0][0].shape[-2:]
+    budget = max(4, round(CALIBRATION_PIXELS / (height * width)))
+
     class Reader(q.CalibrationDataReader):
-        """Two images at a time: the calibrator keeps every intermediate tensor of what it is
-        fed (gigabytes per image at 384 pixels), so memory stays bounded by small feeds."""
+        """Two images at a time, at most `budget` of them: onnxruntime's calibrator keeps every
+        intermediate tensor of everything it is fed until the end (its option to bound that,
+        CalibMaxIntermediateOutputs, discards the data in onnxruntime 1.32), so the number of
+        images bounds its memory."""
 
         def __init__(self) -> None:
-            self.feeds = (part for x, _ in calibration.batches for part in x.split(2))
+            images = torch.cat([x for x, _ in calibration.batches])[:budget]
+            self.feeds = iter(images.split(2))
 
         def get_next(self):
             part = next(self.feeds, None)
@@ -100,6 +107,5 @@ def _quantize(data: bytes, target: Path, calibration: CalibrationSet) -> None:
     source.write_bytes(data)
     q.quantize_static(str(source), str(target), Reader(), quant_format=q.QuantFormat.QDQ,
                       per_channel=True, activation_type=q.QuantType.QInt8,
-                      weight_type=q.QuantType.QInt8, calibrate_method=q.CalibrationMethod.MinMax,
-                      extra_options={"CalibMaxIntermediateOutputs": 1})
+                      weight_type=q.QuantType.QInt8, calibrate_method=q.CalibrationMethod.MinMax)
     source.unlink()

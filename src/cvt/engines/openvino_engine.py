@@ -11,7 +11,9 @@ Needs the `openvino` extra: `pip install "cvt[openvino]"` (NNCF for int8).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import threading
 from pathlib import Path
 
@@ -104,5 +106,6 @@ def _quantize(graph, calibration: CalibrationSet):
     nncf = import_runtime("nncf", "openvino")
     logger.info("cvt: quantizing to int8 on %d calibration images ...", calibration.images)
     dataset = nncf.Dataset([x.numpy() for x, _ in calibration.batches])
-    return nncf.quantize(graph, dataset, model_type=nncf.ModelType.TRANSFORMER,
-                         subset_size=calibration.images)
+    with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: never into results on stdout
+        return nncf.quantize(graph, dataset, model_type=nncf.ModelType.TRANSFORMER,
+                             subset_size=len(calibration.batches))
