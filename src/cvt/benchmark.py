@@ -129,7 +129,6 @@ def _steps(case: Case, theirs, ours, device: torch.device):
     """transformers' and the plain model's step (inference logits, or a training step's loss)."""
     x, labels = _inputs(case, device)
     if case.training:
-        ours.set_grad_checkpointing(case.grad_checkpointing)
         return _training_step(theirs, x, labels), _training_step(ours, x, labels)
     return _inference_step(theirs, x), _inference_step(ours, x)
 
@@ -209,6 +208,7 @@ def run_case(case: Case, device: torch.device, rounds: int | None = None, engine
     """One row per side: median seconds, speed-up over transformers (median [min, max] of the
     per-round ratios) and its difference from transformers."""
     theirs, ours = build_pair(case, device)
+    ours.set_grad_checkpointing(case.grad_checkpointing)
     step_theirs, step_ours = _steps(case, theirs, ours, device)
     sides = {"cvt" if case.training else "cvt model(x)": (step_ours, "fp32")}
     with tempfile.TemporaryDirectory(prefix="cvt-bench-") as folder:
