@@ -214,11 +214,3 @@ def test_export_openvino_writes_a_checked_ir_pair(tmp_path, capsys):
     got = torch.from_numpy(compiled({0: pixel_values.numpy()})[0])
     assert (got - plain(model, pixel_values)).abs().max().item() <= 1e-4
 
-
-@pytest.mark.slow
-def test_torch_engine_compiled_equals_plain_model():
-    """`compile=True` (torch.compile, the CUDA users' option) computes the same logits."""
-    model, size = make("dw_bn-cls_last-61x77", seed=2)
-    engine = build_engine(model, "torch", image_size=size, compile=True)
-    pixel_values = torch.randn(2, 3, *size)
-    assert engine.compiled and (engine(pixel_values) - plain(model, pixel_values)).abs().max().item() <= 1e-4

@@ -45,14 +45,13 @@ class OpenVinoEngine(Engine):
             "INFERENCE_NUM_THREADS": str(torch.get_num_threads()),
         }
         self.compiled = ov.Core().compile_model(str(path), "CPU", properties)
-        self._local = threading.local()  # an infer request serves one call at a time: one per thread
+        self.request = self.compiled.create_infer_request()
+        self._lock = threading.Lock()  # an infer request serves one call at a time
 
     def _run(self, pixel_values: Tensor) -> Tensor:
-        request = getattr(self._local, "request", None)
-        if request is None:
-            request = self._local.request = self.compiled.create_infer_request()
-        request.infer({0: pixel_values.detach().float().cpu().numpy()})
-        return torch.from_numpy(request.get_output_tensor(0).data.copy())
+        with self._lock:
+            self.request.infer({0: pixel_values.detach().float().cpu().numpy()})
+            return torch.from_numpy(self.request.get_output_tensor(0).data.copy())
 
 
 def unsupported(model: Model) -> str | None:
