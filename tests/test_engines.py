@@ -213,4 +213,3 @@ def test_export_openvino_writes_a_checked_ir_pair(tmp_path, capsys):
                                        {"INFERENCE_PRECISION_HINT": "f32"})
     got = torch.from_numpy(compiled({0: pixel_values.numpy()})[0])
     assert (got - plain(model, pixel_values)).abs().max().item() <= 1e-4
-

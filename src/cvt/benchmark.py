@@ -38,7 +38,7 @@ from .engines.base import cpu_has_bf16
 from .engines.calibration import CalibrationSet
 from .export import onnx_bytes
 from .modeling import CvtForImageClassification
-from .files import write_json
+from .weights import write_json
 
 TOLERANCE = 1e-4
 
@@ -129,6 +129,7 @@ def _steps(case: Case, theirs, ours, device: torch.device):
     """transformers' and the plain model's step (inference logits, or a training step's loss)."""
     x, labels = _inputs(case, device)
     if case.training:
+        ours.set_grad_checkpointing(case.grad_checkpointing)
         return _training_step(theirs, x, labels), _training_step(ours, x, labels)
     return _inference_step(theirs, x), _inference_step(ours, x)
 
@@ -208,7 +209,6 @@ def run_case(case: Case, device: torch.device, rounds: int | None = None, engine
     """One row per side: median seconds, speed-up over transformers (median [min, max] of the
     per-round ratios) and its difference from transformers."""
     theirs, ours = build_pair(case, device)
-    ours.set_grad_checkpointing(case.grad_checkpointing)
     step_theirs, step_ours = _steps(case, theirs, ours, device)
     sides = {"cvt" if case.training else "cvt model(x)": (step_ours, "fp32")}
     with tempfile.TemporaryDirectory(prefix="cvt-bench-") as folder:
@@ -336,7 +336,8 @@ def run(cases: list[Case], memory: bool, rounds: int | None, engines: bool = Tru
     return results
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cvt bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", action="append", choices=[c.name for c in CASES],
                         help="run only this case (repeatable; default: all)")
     parser.add_argument("--rounds", type=int, help="timed rounds per case (default: per case)")
@@ -346,10 +347,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--memory", help=argparse.SUPPRESS)  # internal: one memory measurement
     parser.add_argument("--side", help=argparse.SUPPRESS)
-
-
-def run_command(args: argparse.Namespace) -> int:
-    """`cvt bench`: needs transformers (the `dev` extra), imported only here."""
+    args = parser.parse_args(argv)
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -364,12 +362,6 @@ def run_command(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, {"machine": _machine(), "results": results})
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cvt bench", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

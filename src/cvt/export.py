@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .files import write_bytes
+from . import weights
 from .config import pixel_values_problem
 from .modeling import CvtForImageClassification, CvtModel
 
@@ -108,7 +108,7 @@ def export_onnx(model: CvtModel | CvtForImageClassification, path: str | os.Path
     if check:
         difference = _check(model, data, output_names(model), batch_size or 3, height, width)
     path = Path(path)
-    write_bytes(path, data)
+    weights.write_bytes(path, data)
     return ExportResult(path, len(data), _opset_of(data), difference)
 
 

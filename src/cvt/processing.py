@@ -22,7 +22,6 @@ import torch
 from PIL import Image
 
 from . import weights
-from .files import write_json
 from .images import ImageInput, as_rgb_image, split_batch
 from .variants import IMAGENET_MEAN, IMAGENET_STD, VARIANTS, get_variant
 
@@ -181,7 +180,7 @@ class CvtImageProcessor:
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write `preprocessor_config.json` (readable here and by transformers) into `folder`."""
-        write_json(Path(folder) / PROCESSOR_CONFIG_NAME, self.to_dict())
+        weights.write_json(Path(folder) / PROCESSOR_CONFIG_NAME, self.to_dict())
 
 
 def _is_number(value: Any) -> bool:
