@@ -1,9 +1,9 @@
 """Inference engines: the fastest way to run a cvt model, chosen explicitly.
 
 `build_engine(model, "openvino")` returns a callable that maps a `pixel_values` batch to logits
-(or, for a `CvtModel`, the last feature map). Each engine checks itself against the plain model
-when built: fp32 within 1e-4, else `EngineError` and nothing is cached; reduced precision (bf16,
-int8) reports what it costs (`engine.report`: logit error and top-1 agreement with fp32, and
+(or, for a `CvtModel`, the last feature map). The onnxruntime and OpenVINO engines check
+themselves against the plain model when built: fp32 within 1e-4, else `EngineError` and nothing
+is cached; their reduced precision (bf16, int8) reports what it costs (`engine.report`: logit error and top-1 agreement with fp32, and
 accuracy when the calibration folder is labelled). `model(x)` always runs the plain model.
 
 | engine | what runs | precisions |
