@@ -78,3 +78,4 @@ def engine_cache(tmp_path_factory) -> Path:
     patch.setenv("CVT_CACHE_DIR", str(folder))
     yield folder
     patch.undo()
+

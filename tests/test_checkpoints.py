@@ -226,3 +226,16 @@ def test_original_checkpoint_with_a_new_label_count(testdata) -> None:
     reference = CvtForImageClassification.from_pretrained(path, num_heads=[1, 2, 3])
     for key, tensor in reference.cvt.state_dict().items():
         assert torch.equal(model.cvt.state_dict()[key], tensor), key
+
+
+def test_saving_a_quick_gelu_model_warns_that_transformers_runs_exact_gelu(tmp_path, caplog) -> None:
+    """transformers' CvT ignores hidden_act: a folder saved from a QuickGELU model (as `cvt
+    convert` writes original checkpoints) gives other logits there, so saving says so."""
+    model = CvtForImageClassification(tiny_config(hidden_act="quick_gelu"))
+    with caplog.at_level(logging.WARNING, logger="cvt"):
+        model.save_pretrained(tmp_path / "quick")
+    assert "transformers' CvT ignores hidden_act" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cvt"):
+        CvtForImageClassification(tiny_config()).save_pretrained(tmp_path / "exact")
+    assert caplog.text == ""

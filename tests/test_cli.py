@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.metadata
 import subprocess
 import sys
 
@@ -11,7 +13,7 @@ import transformers
 from torch.utils.flop_counter import FlopCounterMode
 
 import cvt
-from cvt.cli import main
+from cvt.cli import build_parser, main
 from conftest import tiny_config
 
 # parameters from the reference implementation; multiply-adds (G) from the paper's Table 2/3
@@ -73,3 +75,19 @@ def test_unknown_model_is_one_clear_line(capsys) -> None:
 def test_console_entry_point() -> None:
     result = subprocess.run([sys.executable, "-m", "cvt", "info", "cvt-13"], capture_output=True, text=True)
     assert result.returncode == 0 and "19,997,480" in result.stdout
+
+
+def test_version_and_help_for_every_subcommand_and_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"cvt {importlib.metadata.version('cvt')}"
+    parser = build_parser()
+    (subcommands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    listed = {choice.dest: choice.help for choice in subcommands._choices_actions}
+    missing = [name for name in subcommands.choices if not listed.get(name)]
+    for name, sub in subcommands.choices.items():
+        missing += [f"{name} {a.option_strings or a.dest}" for a in sub._actions
+                    if not isinstance(a, argparse._HelpAction) and a.help != argparse.SUPPRESS and not a.help]
+    assert missing == []
+    assert {"info", "convert", "train", "eval", "demo", "predict", "export", "bench"} <= set(subcommands.choices)

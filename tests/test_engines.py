@@ -4,6 +4,7 @@ damaged cache entry is rebuilt, never trusted."""
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from cvt import engines
 from cvt.cli import main
 from cvt.engines import EngineError, build_engine, fused, onnxruntime_engine, openvino_engine
 from cvt.engines.base import cpu_has_bf16
+from cvt.native import signal_stack
 
 from conftest import TINY_LABELS, randomise_, save_tiny_classifier, tiny_config
 
@@ -62,6 +64,22 @@ def test_engine_equals_plain_model(name, architecture):
         assert (got - want).abs().max().item() <= 1e-4
     with pytest.raises(ValueError, match=f"built for {size[0]}x{size[1]}"):
         engine(torch.randn(1, 3, size[0] + 8, size[1]))
+
+
+def test_openvino_engines_leave_the_threads_signal_stack_as_it_was():
+    """OpenVINO's CPU plugin swaps the thread's signal stack and restores it only in reverse
+    order of destruction: engines dropped first-built-first leave a freed stack behind, and the
+    next Python signal handler (a DataLoader worker's SIGCHLD under faulthandler) crashes."""
+    before = signal_stack()
+    model, size = make("dw_bn-cls_last-61x77")
+    first = build_engine(model, "openvino", image_size=size)
+    second = build_engine(model, "openvino", image_size=size)
+    assert signal_stack() == before
+    del first
+    gc.collect()
+    del second
+    gc.collect()
+    assert signal_stack() == before
 
 
 def test_torch_engine_groups_on_worker_threads_equal_plain(monkeypatch):
@@ -213,3 +231,4 @@ def test_export_openvino_writes_a_checked_ir_pair(tmp_path, capsys):
                                        {"INFERENCE_PRECISION_HINT": "f32"})
     got = torch.from_numpy(compiled({0: pixel_values.numpy()})[0])
     assert (got - plain(model, pixel_values)).abs().max().item() <= 1e-4
+

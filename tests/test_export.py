@@ -53,7 +53,7 @@ def test_classifier_with_cls_token_non_square_any_batch(tmp_path) -> None:
     assert [o.name for o in session.get_outputs()] == ["logits"]
     for batch in (1, 4):  # neither is the batch of 2 it was traced with
         pixel_values = torch.randn(batch, 3, 64, 48)
-        with torch.no_grad():  # the fast path (in worker threads at batch 4 with 2+ intra-op threads)
+        with torch.no_grad():
             want = model(pixel_values).logits
         (got,) = run_onnx(result.path, pixel_values)
         assert_close(got, want)

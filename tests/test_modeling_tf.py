@@ -367,3 +367,25 @@ def test_import_is_lazy_and_explains_a_missing_tensorflow() -> None:
         "try:\n    cvt.TFCvtModel\nexcept ImportError as err:\n    print(err)\n")
     assert result.returncode == 0, result.stderr
     assert 'pip install "cvt[tf]"' in result.stdout
+
+
+@pytest.mark.parametrize("fact", ["stage_in_channels", "layer_drop_path_rates",
+                                  "query_projection_method", "loss_problem"])
+def test_both_frameworks_read_shared_facts_from_the_config(fact, monkeypatch):
+    """The drop-path ramp, the 'avg' query projection, each stage's input channels and the loss
+    rule are computed once, on CvtConfig, and both models ask it (no private copies to drift)."""
+    callers = set()
+    original = getattr(cvt.CvtConfig, fact)
+
+    def spy(self, *args, **kwargs):
+        callers.add(sys._getframe(1).f_globals["__name__"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cvt.CvtConfig, fact, spy)
+    config = tiny_config(qkv_projection_method=("avg", "dw_bn", "linear"), drop_path_rate=(0.0, 0.1, 0.2))
+    labels = np.array([1, 0])
+    torch_model = cvt.CvtForImageClassification(config)
+    torch_model(torch.randn(2, 3, 64, 64), labels=torch.from_numpy(labels))
+    tf_model = TFCvtForImageClassification(config)
+    tf_model(np.random.randn(2, 3, 64, 64).astype("float32"), labels=labels)
+    assert {"cvt.modeling", "cvt.modeling_tf"} <= callers

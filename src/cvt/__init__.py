@@ -11,9 +11,10 @@ from .modeling import (
     CvtModel,
     CvtPreTrainedModel,
     ImageClassifierOutputWithNoAttention,
+    create_model,
 )
 from .processing import CvtImageProcessor
-from .variants import create_model, get_variant, imagenet_1k_labels, list_models
+from .variants import get_variant, imagenet_1k_labels, list_models
 from .weights import CheckpointError
 
 __version__ = "0.1.0"

@@ -37,8 +37,9 @@ from .engines import build_engine
 from .engines.base import cpu_has_bf16
 from .engines.calibration import CalibrationSet
 from .export import onnx_bytes
+from .files import write_json
 from .modeling import CvtForImageClassification
-from .weights import write_json
+from .native import signal_stack_kept
 
 TOLERANCE = 1e-4
 
@@ -129,7 +130,6 @@ def _steps(case: Case, theirs, ours, device: torch.device):
     """transformers' and the plain model's step (inference logits, or a training step's loss)."""
     x, labels = _inputs(case, device)
     if case.training:
-        ours.set_grad_checkpointing(case.grad_checkpointing)
         return _training_step(theirs, x, labels), _training_step(ours, x, labels)
     return _inference_step(theirs, x), _inference_step(ours, x)
 
@@ -176,8 +176,9 @@ def _by_hand(onnx_file: Path, x: torch.Tensor) -> dict[str, tuple[Callable, str]
     if importlib.util.find_spec("openvino"):
         import openvino
 
-        compiled = openvino.Core().compile_model(str(onnx_file), "CPU", {
-            "INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"})
+        with signal_stack_kept():  # the CPU plugin swaps this thread's signal stack: see cvt.native
+            compiled = openvino.Core().compile_model(str(onnx_file), "CPU", {
+                "INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"})
         sides["openvino by hand"] = (lambda: torch.from_numpy(compiled({0: array})[0]), "fp32")
     return sides
 
@@ -209,6 +210,7 @@ def run_case(case: Case, device: torch.device, rounds: int | None = None, engine
     """One row per side: median seconds, speed-up over transformers (median [min, max] of the
     per-round ratios) and its difference from transformers."""
     theirs, ours = build_pair(case, device)
+    ours.set_grad_checkpointing(case.grad_checkpointing)
     step_theirs, step_ours = _steps(case, theirs, ours, device)
     sides = {"cvt" if case.training else "cvt model(x)": (step_ours, "fp32")}
     with tempfile.TemporaryDirectory(prefix="cvt-bench-") as folder:
@@ -336,8 +338,7 @@ def run(cases: list[Case], memory: bool, rounds: int | None, engines: bool = Tru
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cvt bench", description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--case", action="append", choices=[c.name for c in CASES],
                         help="run only this case (repeatable; default: all)")
     parser.add_argument("--rounds", type=int, help="timed rounds per case (default: per case)")
@@ -347,7 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--memory", help=argparse.SUPPRESS)  # internal: one memory measurement
     parser.add_argument("--side", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """`cvt bench`: needs transformers (the `dev` extra), imported only here."""
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -362,6 +366,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_json(args.json, {"machine": _machine(), "results": results})
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cvt bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -7,13 +7,14 @@ fix are printed as one line (`cvt: error: ...`) with exit status 2, never as a t
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from . import convert, predict, weights
+from . import benchmark, convert, export, predict, weights
 from .config import CvtConfig, kv_grid, stage_grids
 from .engines import EngineError
 from .modeling import CvtForImageClassification, CvtModel
@@ -89,7 +90,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             fields = convert.spec_fields(data)  # the label count comes from the checkpoint
         else:
             config = weights.read_config(args.config)
-    config = weights.convert_original(args.checkpoint, args.output_dir, config=config, **fields)
+    config = weights.convert_original(args.checkpoint, args.output_dir, CvtForImageClassification,
+                                      config=config, **fields)
     if args.model:  # the variant's evaluation preprocessing travels with its weights
         CvtImageProcessor.from_pretrained(args.model).save_pretrained(args.output_dir)
     print(f"wrote {args.output_dir} ({config.num_stages} stages, depths {list(config.depth)}, "
@@ -98,8 +100,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from . import export
-
     source = args.model
     if source in VARIANTS and not Path(source).exists():  # as `cvt predict`: cvt-13 is microsoft/cvt-13
         source = get_variant(source).hub_id
@@ -145,7 +145,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cvt", description="CvT image models: inspect, convert, classify.")
+    parser = argparse.ArgumentParser(prog="cvt", description="CvT image models: inspect, convert, "
+                                     "classify, train, export, benchmark.")
+    parser.add_argument("--version", action="version", version=f"cvt {importlib.metadata.version('cvt')}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="architecture, parameters and multiply-adds of a model")
@@ -166,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Classify image files, and the images found (recursively) in "
                           "folders. Exit status 1: some files could not be classified.")
     pred.add_argument("model", help="checkpoint folder, hub id (microsoft/cvt-13) or variant name")
-    pred.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    pred.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
+                      help="image files, and folders searched recursively for images")
     pred.add_argument("--top-k", type=int, default=5, help="labels per image (default: 5)")
     pred.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
     pred.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda or mps if available)")
@@ -189,17 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
     exp.set_defaults(run=cmd_export)
 
-    # listed for --help; main() hands `cvt bench ...` to cvt.benchmark, which has its own options
-    sub.add_parser("bench", help="speed and memory against transformers' CvT (cvt bench --help)")
+    bench = sub.add_parser("bench", help="speed and memory of every engine against transformers' CvT",
+                           description=benchmark.__doc__.split("\n\n")[0])
+    benchmark.add_arguments(bench)
+    bench.set_defaults(run=benchmark.run_command)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:
-        from .benchmark import main as bench_main
-
-        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -83,6 +83,23 @@ class CvtConfig:
 
     # ------------------------------------------------------------------ validation
     def _validate_and_normalise(self) -> None:
+        self._check_scalars()
+        self._normalise_stage_lists()
+        self._check_stage_values()
+        self._check_stage_geometry()
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(
+                f"CvtConfig.hidden_act: unknown activation {self.hidden_act!r}; "
+                f"expected one of {', '.join(ACTIVATIONS)}"
+            )
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(
+                f"CvtConfig.problem_type: unknown value {self.problem_type!r}; "
+                f"expected None or one of {', '.join(PROBLEM_TYPES)}"
+            )
+        self._normalise_labels()
+
+    def _check_scalars(self) -> None:
         for name in ("num_channels",):
             self._check_int(name, getattr(self, name), minimum=1)
         for name in ("initializer_range", "layer_norm_eps"):
@@ -94,6 +111,8 @@ class CvtConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"CvtConfig.{name} must be true or false, got {getattr(self, name)!r}")
 
+    def _normalise_stage_lists(self) -> None:
+        """Every per-stage field as a tuple, all of one length (the number of stages)."""
         num_stages = None
         for name in self.stage_fields():
             value = getattr(self, name)
@@ -112,6 +131,7 @@ class CvtConfig:
         if not num_stages:
             raise ValueError("CvtConfig needs at least one stage; the per-stage lists are empty")
 
+    def _check_stage_values(self) -> None:
         for name, minimum in _STAGE_INT_FIELDS.items():
             for v in getattr(self, name):
                 self._check_int(name, v, minimum)
@@ -134,6 +154,8 @@ class CvtConfig:
                     f"CvtConfig.qkv_projection_method: unknown method {v!r}; "
                     f"expected one of {', '.join(PROJECTION_METHODS)}"
                 )
+
+    def _check_stage_geometry(self) -> None:
         for stage, (dim, heads) in enumerate(zip(self.embed_dim, self.num_heads)):
             if dim % heads:
                 raise ValueError(
@@ -154,17 +176,6 @@ class CvtConfig:
                     f"CvtConfig: stage {stage} uses 'avg' with padding_kv={pad_kv} > half of "
                     f"kernel_qkv={kernel}; average pooling allows at most half the kernel"
                 )
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(
-                f"CvtConfig.hidden_act: unknown activation {self.hidden_act!r}; "
-                f"expected one of {', '.join(ACTIVATIONS)}"
-            )
-        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
-            raise ValueError(
-                f"CvtConfig.problem_type: unknown value {self.problem_type!r}; "
-                f"expected None or one of {', '.join(PROBLEM_TYPES)}"
-            )
-        self._normalise_labels()
 
     @staticmethod
     def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -270,6 +281,31 @@ class CvtConfig:
             kwargs["num_labels"] = data["num_labels"]
         config = cls(**kwargs, extra=extra)
         return config.replace(**overrides) if overrides else config
+
+    def stage_in_channels(self, stage: int) -> int:
+        """Channels entering `stage`'s token embedding: the image's, then the previous stage's width."""
+        return self.num_channels if stage == 0 else self.embed_dim[stage - 1]
+
+    def layer_drop_path_rates(self, stage: int) -> list[float]:
+        """Each layer's stochastic-depth rate in `stage`: linear from 0 to the stage's
+        `drop_path_rate` over its layers, as in the original code."""
+        depth, top_rate = self.depth[stage], self.drop_path_rate[stage]
+        return [top_rate * j / (depth - 1) if depth > 1 else 0.0 for j in range(depth)]
+
+    def query_projection_method(self, stage: int) -> str:
+        """The original 'avg' method pools only keys and values; queries are projected linearly."""
+        method = self.qkv_projection_method[stage]
+        return "linear" if method == "avg" else method
+
+    def loss_problem(self, integer_labels: bool) -> str:
+        """transformers' choice of loss: `problem_type` when set, else regression for one label,
+        single-label classification for integer (int64/int32) class indices, multi-label
+        otherwise. Decided per call; the config is never modified."""
+        if self.problem_type is not None:
+            return self.problem_type
+        if self.num_labels == 1:
+            return "regression"
+        return "single_label_classification" if integer_labels else "multi_label_classification"
 
     def macs_per_image(self, height: int, width: int) -> int:
         """Multiply-adds of one forward pass (convolutions, linear layers, attention products)."""

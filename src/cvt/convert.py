@@ -14,6 +14,7 @@ from typing import Any
 from torch import Tensor
 
 from .config import CvtConfig
+from .variants import imagenet_1k_labels
 
 # (original pattern, transformers-layout replacement), tried in order on each key.
 _STAGE, _LAYER = r"cvt.encoder.stages.\1", r"cvt.encoder.stages.\1.layers.\2"
@@ -118,8 +119,6 @@ def infer_config(state_dict: dict[str, Tensor], **overrides: Any) -> CvtConfig:
         padding_kv=[1] * n, stride_kv=[2] * n, padding_q=[1] * n, stride_q=[1] * n, **fields)
     if not {"num_labels", "id2label"} & overrides.keys():
         if num_labels == 1000:
-            from .variants import imagenet_1k_labels
-
             inferred["id2label"] = dict(enumerate(imagenet_1k_labels()))
         else:
             inferred["num_labels"] = num_labels

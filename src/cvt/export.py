@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import weights
 from .config import pixel_values_problem
+from .files import write_bytes
 from .modeling import CvtForImageClassification, CvtModel
+from .native import signal_stack_kept
 
 logger = logging.getLogger("cvt")
 
@@ -108,7 +109,7 @@ def export_onnx(model: CvtModel | CvtForImageClassification, path: str | os.Path
     if check:
         difference = _check(model, data, output_names(model), batch_size or 3, height, width)
     path = Path(path)
-    weights.write_bytes(path, data)
+    write_bytes(path, data)
     return ExportResult(path, len(data), _opset_of(data), difference)
 
 
@@ -240,8 +241,9 @@ def _check_openvino(model: CvtModel | CvtForImageClassification, xml: Path, heig
 
     generator = torch.Generator().manual_seed(0)
     pixel_values = torch.randn(3, model.config.num_channels, height, width, generator=generator)
-    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
-                                                          "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"})
+    with signal_stack_kept():  # the CPU plugin swaps this thread's signal stack: see cvt.native
+        compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                              "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"})
     got = compiled({0: pixel_values.numpy()})
     with _eval_mode(model), torch.no_grad():
         want = _Outputs(model)(pixel_values.to(next(model.parameters()).device))

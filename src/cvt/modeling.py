@@ -18,6 +18,7 @@ without a cls token classifies from mean-pooled normalised tokens, and stochasti
 linearly over each stage's layers and drops only the residual branch.
 
 Model code never reads files: `from_pretrained` / `save_pretrained` delegate to `cvt.weights`.
+Last come the named variants (`create_model`), whose architectures are data in `cvt.variants`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from torch import Tensor, nn
 from torch.utils import flop_counter
 from torch.utils.checkpoint import checkpoint
 
+from . import weights
 from .config import CvtConfig, pixel_values_problem
+from .variants import get_variant
 
 LAYER_NORM_EPS = 1e-5  # the original code's and transformers' value (config.layer_norm_eps is unused)
 
@@ -220,9 +223,8 @@ class SelfAttention(nn.Module):
         self.scale = dim**-0.5
         self.with_cls_token = config.cls_token[stage]
         self.attention_drop_rate = config.attention_drop_rate[stage]
-        query_method = "linear" if method == "avg" else method
         self.convolution_projection_query = SpatialProjection(
-            query_method, dim, kernel, config.stride_q[stage], config.padding_q[stage])
+            config.query_projection_method(stage), dim, kernel, config.stride_q[stage], config.padding_q[stage])
         self.convolution_projection_key = SpatialProjection(
             method, dim, kernel, config.stride_kv[stage], config.padding_kv[stage])
         self.convolution_projection_value = SpatialProjection(
@@ -303,18 +305,15 @@ class CvtStage(nn.Module):
     def __init__(self, config: CvtConfig, stage: int) -> None:
         super().__init__()
         dim = config.embed_dim[stage]
-        in_channels = config.num_channels if stage == 0 else config.embed_dim[stage - 1]
         if config.cls_token[stage]:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         else:
             self.cls_token = None
         self.embedding = Embedding(
-            in_channels, dim, config.patch_sizes[stage], config.patch_stride[stage],
+            config.stage_in_channels(stage), dim, config.patch_sizes[stage], config.patch_stride[stage],
             config.patch_padding[stage], config.drop_rate[stage])
-        # stochastic depth ramps linearly from 0 over this stage's layers, as in the original code
-        depth, top_rate = config.depth[stage], config.drop_path_rate[stage]
-        rates = [top_rate * j / (depth - 1) if depth > 1 else 0.0 for j in range(depth)]
-        self.layers = nn.ModuleList(CvtLayer(config, stage, rate) for rate in rates)
+        self.layers = nn.ModuleList(CvtLayer(config, stage, rate)
+                                    for rate in config.layer_drop_path_rates(stage))
         self.grad_checkpointing = False
 
     def forward(self, feature_map: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -416,16 +415,12 @@ class CvtPreTrainedModel(nn.Module):
         stored config; a different label count re-initialises only the classifier, with a warning.
         Hub arguments (`revision`, `cache_dir`, `token`, `local_files_only`) are passed through.
         """
-        from .weights import load_pretrained
-
-        return load_pretrained(cls, name_or_path, config=config,
+        return weights.load_pretrained(cls, name_or_path, config=config,
                                ignore_mismatched_sizes=ignore_mismatched_sizes, **kwargs)
 
     def save_pretrained(self, folder: str) -> None:
         """Write config.json + model.safetensors, loadable here and by transformers."""
-        from .weights import save_pretrained
-
-        save_pretrained(self, folder)
+        weights.save_pretrained(self, folder)
 
 
 class CvtModel(CvtPreTrainedModel):
@@ -491,18 +486,10 @@ class CvtForImageClassification(CvtPreTrainedModel):
         return out if return_dict else out.to_tuple()
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """transformers' choice of loss by `problem_type` (inferred per call when unset; the
-        config is never modified): MSE for regression, cross-entropy for integer class labels,
-        BCE-with-logits for multi-hot float labels."""
+        """The loss `config.loss_problem` chooses: MSE for regression, cross-entropy for integer
+        class labels, BCE-with-logits for multi-hot float labels."""
         num_labels = self.config.num_labels
-        problem = self.config.problem_type
-        if problem is None:
-            if num_labels == 1:
-                problem = "regression"
-            elif labels.dtype in (torch.long, torch.int):
-                problem = "single_label_classification"
-            else:
-                problem = "multi_label_classification"
+        problem = self.config.loss_problem(labels.dtype in (torch.long, torch.int))
         labels = labels.to(logits.device)
         if problem == "regression":
             if num_labels == 1:
@@ -519,3 +506,13 @@ class CvtForImageClassification(CvtPreTrainedModel):
                 f"{tuple(logits.shape)}, got {labels.dtype} labels of shape {tuple(labels.shape)} "
                 f"(integer class indices select single-label cross-entropy)")
         return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+# ---------------------------------------------------------------------------------------- variants
+def create_model(name: str, pretrained: bool = False, **config_overrides: Any) -> CvtForImageClassification:
+    """Build a named variant (`cvt.list_models()`): random weights, as timm's `pretrained=False`
+    default, or with `pretrained=True` the published `microsoft/<name>` weights from the hub."""
+    variant = get_variant(name)
+    if pretrained:
+        return CvtForImageClassification.from_pretrained(variant.hub_id, **config_overrides)
+    return CvtForImageClassification(variant.config(**config_overrides))

@@ -53,8 +53,10 @@ if keras.backend.backend() != "tensorflow":
         f"{keras.backend.backend()!r} (KERAS_BACKEND={os.environ.get('KERAS_BACKEND')!r}); "
         f"set KERAS_BACKEND=tensorflow before importing keras")
 
+from . import convert, weights
 from .config import CvtConfig, conv_output_size, pixel_values_problem
 from .modeling import ModelOutput
+from .weights import CheckpointError
 
 LAYER_NORM_EPS = 1e-5  # as the PyTorch side (config.layer_norm_eps is unused there too)
 BATCH_NORM_EPS = 1e-5
@@ -316,9 +318,8 @@ class SelfAttention(keras.layers.Layer):
         self.dim, self.num_heads = dim, config.num_heads[stage]
         self.scale = dim**-0.5
         self.with_cls_token = config.cls_token[stage]
-        query_method = "linear" if method == "avg" else method
         self.convolution_projection_query = SpatialProjection(
-            query_method, dim, kernel, config.stride_q[stage], config.padding_q[stage],
+            config.query_projection_method(stage), dim, kernel, config.stride_q[stage], config.padding_q[stage],
             name="convolution_projection_query")
         self.convolution_projection_key = SpatialProjection(
             method, dim, kernel, config.stride_kv[stage], config.padding_kv[stage],
@@ -405,20 +406,17 @@ class CvtStage(keras.layers.Layer):
     def __init__(self, config: CvtConfig, stage: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         dim = config.embed_dim[stage]
-        in_channels = config.num_channels if stage == 0 else config.embed_dim[stage - 1]
         self.dim = dim
         self.cls_token = None
         if config.cls_token[stage]:
             self.cls_token = self.add_weight(shape=(1, 1, dim), initializer=_dense_init(config),
                                              name="cls_token")
-        self.projection = Conv(in_channels, dim, config.patch_sizes[stage], config.patch_stride[stage],
+        self.projection = Conv(config.stage_in_channels(stage), dim, config.patch_sizes[stage], config.patch_stride[stage],
                                config.patch_padding[stage], name="projection")
         self.normalization = _layer_norm(dim, name="normalization")
         self.embedding_dropout = keras.layers.Dropout(config.drop_rate[stage])
-        # stochastic depth ramps linearly from 0 over this stage's layers, as in the original code
-        depth, top_rate = config.depth[stage], config.drop_path_rate[stage]
-        rates = [top_rate * j / (depth - 1) if depth > 1 else 0.0 for j in range(depth)]
-        self.layers = [CvtLayer(config, stage, rate, name=f"layers.{j}") for j, rate in enumerate(rates)]
+        self.layers = [CvtLayer(config, stage, rate, name=f"layers.{j}")
+                       for j, rate in enumerate(config.layer_drop_path_rates(stage))]
         self.built = True
 
     def call(self, feature_map: tf.Tensor, training: bool = False) -> tuple[tf.Tensor, tf.Tensor | None]:
@@ -511,8 +509,6 @@ class TFCvtPreTrainedModel(keras.Model):
         without the 'cvt.' prefix, or an original microsoft/CvT state dict. Any missing,
         unexpected or mis-shaped key is a CheckpointError naming it (a missing classifier head
         is initialised, with a warning, as in the PyTorch model)."""
-        from . import convert, weights
-
         if convert.is_original_checkpoint(state_dict):
             state_dict = convert.original_to_transformers(state_dict)
         shapes = self.pytorch_shapes()
@@ -525,8 +521,6 @@ class TFCvtPreTrainedModel(keras.Model):
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
         """Assign PyTorch-layout arrays; with `strict`, every key must be present and known."""
-        from .weights import CheckpointError
-
         variables = {key: (var, layout) for key, var, layout in self.weight_map()}
         missing = [k for k in variables if k not in state_dict]
         unexpected = [k for k in state_dict if k not in variables]
@@ -556,17 +550,13 @@ class TFCvtPreTrainedModel(keras.Model):
         layout), a hub id, or an original CvT `.pth`. Keyword arguments that are config fields
         override the stored config (`num_labels=` re-initialises only the classifier); hub
         arguments (`revision`, `cache_dir`, `token`, `local_files_only`) are passed through."""
-        from .weights import load_pretrained
-
-        return load_pretrained(cls, name_or_path, config=config,
+        return weights.load_pretrained(cls, name_or_path, config=config,
                                ignore_mismatched_sizes=ignore_mismatched_sizes, **kwargs)
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write config.json + model.safetensors in the PyTorch layout: loadable by this class,
         cvt's PyTorch models and transformers."""
-        from .weights import save_arrays_pretrained
-
-        save_arrays_pretrained(folder, self.pytorch_state_dict(), self.config,
+        weights.save_arrays_pretrained(folder, self.pytorch_state_dict(), self.config,
                                architecture=type(self).__name__.removeprefix("TF"))
 
     # --------------------------------------------------------------- inputs
@@ -655,21 +645,12 @@ class TFCvtForImageClassification(TFCvtPreTrainedModel):
         return out if return_dict else out.to_tuple()
 
     def classification_loss(self, logits: tf.Tensor, labels: Any) -> tf.Tensor:
-        """The PyTorch model's `loss` (transformers' rules by `problem_type`, inferred per call
-        when unset, exactly as PyTorch: one label is regression, int64/int32 labels single-label,
-        any other dtype multi-label; the config is never modified): MSE for regression,
-        cross-entropy for class indices (ignoring -100, as PyTorch), BCE-with-logits for multi-hot labels.
-        (Not named `loss`: Keras models own that attribute.)"""
+        """The PyTorch model's `loss`, chosen by the same `config.loss_problem` rule: MSE for
+        regression, cross-entropy for class indices (ignoring -100, as PyTorch), BCE-with-logits
+        for multi-hot labels. (Not named `loss`: Keras models own that attribute.)"""
         labels = tf.convert_to_tensor(labels)
         num_labels = self.config.num_labels
-        problem = self.config.problem_type
-        if problem is None:
-            if num_labels == 1:
-                problem = "regression"
-            elif labels.dtype in (tf.int64, tf.int32):  # PyTorch's torch.long / torch.int
-                problem = "single_label_classification"
-            else:
-                problem = "multi_label_classification"
+        problem = self.config.loss_problem(labels.dtype in (tf.int64, tf.int32))
         if problem == "regression":
             labels = tf.cast(labels, logits.dtype)
             if num_labels == 1:

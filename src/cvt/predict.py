@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .images import ImageError, find_images
 from .inference import ImageClassificationPipeline, Prediction, pipeline
-from .weights import write_atomic
+from .files import write_atomic
 
 FORMATS = ("table", "json", "csv")
 MAX_PATH_COLUMN = 60  # the table's path column grows to the longest path, up to this
@@ -48,6 +48,8 @@ def run(model: str, inputs: Sequence[str], *, top_k: int = 5, batch_size: int = 
             failures = report(classifier, paths, fmt, out)
 
     write_atomic(output, write)
+    print(f"wrote {fmt} results for {len(paths) - failures} of {len(paths)} files to {output}"
+          + (f" ({failures} could not be classified)" if failures else ""))
     return 1 if failures else 0
 
 

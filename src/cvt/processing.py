@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from . import weights
+from .files import write_json
 from .images import ImageInput, as_rgb_image, split_batch
 from .variants import IMAGENET_MEAN, IMAGENET_STD, VARIANTS, get_variant
 
@@ -180,7 +181,7 @@ class CvtImageProcessor:
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write `preprocessor_config.json` (readable here and by transformers) into `folder`."""
-        weights.write_json(Path(folder) / PROCESSOR_CONFIG_NAME, self.to_dict())
+        write_json(Path(folder) / PROCESSOR_CONFIG_NAME, self.to_dict())
 
 
 def _is_number(value: Any) -> bool:

@@ -1,7 +1,6 @@
 """Named CvT variants as data: architecture, input size, preprocessing, labels, hub id.
 
-`list_models()` names them; `create_model(name)` builds one (random weights, or the published
-weights from the hub with `pretrained=True`). The 1000 ImageNet-1k class names ship with the
+`list_models()` names them; `cvt.create_model(name)` (in `cvt.modeling`) builds one. The 1000 ImageNet-1k class names ship with the
 package in the standard order (taken from timm's `imagenet_synset_to_lemma.txt`, Apache-2.0).
 """
 
@@ -13,7 +12,6 @@ from importlib import resources
 from typing import Any
 
 from .config import CvtConfig
-from .modeling import CvtForImageClassification
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -68,14 +66,6 @@ def get_variant(name: str) -> Variant:
     if key not in VARIANTS:
         raise ValueError(f"unknown CvT variant {name!r}; choose one of {', '.join(VARIANTS)}")
     return VARIANTS[key]
-
-
-def create_model(name: str, pretrained: bool = False, **config_overrides: Any) -> CvtForImageClassification:
-    """Build a named variant; `pretrained=True` loads `microsoft/<name>` from the hub."""
-    variant = get_variant(name)
-    if pretrained:
-        return CvtForImageClassification.from_pretrained(variant.hub_id, **config_overrides)
-    return CvtForImageClassification(variant.config(**config_overrides))
 
 
 @lru_cache(maxsize=1)

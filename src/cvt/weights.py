@@ -13,8 +13,6 @@ import dataclasses
 import json
 import logging
 import os
-import stat
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -24,6 +22,7 @@ from torch import Tensor
 
 from . import convert
 from .config import CvtConfig
+from .files import write_atomic, write_json
 
 logger = logging.getLogger("cvt")
 
@@ -303,42 +302,6 @@ def load_state_dict_checked(model: CvtCheckpointModel, state_dict: dict[str, Any
 
 
 # ---------------------------------------------------------------------------------------- writing
-def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)`, fsync it, then rename over `path`: readers see old or new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp")
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-    try:
-        mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0666 less the umask, as open() gives
-        write(tmp)
-        os.chmod(tmp, mode)  # some writers replace the file with an owner-only one (safetensors does)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
-
-    write_atomic(path, write)
-
-
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` atomically (an ONNX file, say)."""
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-    write_atomic(path, write)
-
-
 def save_pretrained(model: torch.nn.Module, folder: str | os.PathLike) -> None:
     """config.json + model.safetensors in transformers' layout (removing stale weight files)."""
     save_arrays_pretrained(folder, model.state_dict(), model.config, type(model).__name__)
@@ -359,25 +322,29 @@ def save_arrays_pretrained(folder: str | os.PathLike, arrays: Mapping[str, Any],
     data["dtype"] = next((str(v.dtype).removeprefix("torch.") for v in tensors.values()
                           if v.is_floating_point()), "float32")
     folder = Path(folder)
+    if config.hidden_act == "quick_gelu":
+        logger.warning(
+            "cvt: %s runs QuickGELU, as the original microsoft/CvT code trained (hidden_act="
+            "'quick_gelu'); cvt loads it so, but transformers' CvT ignores hidden_act and runs "
+            "exact GELU, so its logits differ (by ~3e-2 on the published weights)", folder)
     write_atomic(folder / SAFE_WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     write_json(folder / CONFIG_NAME, dict(sorted(data.items())))
     for stale in (SAFE_INDEX_NAME, PT_WEIGHTS_NAME, PT_INDEX_NAME):
         (folder / stale).unlink(missing_ok=True)
 
 
-def convert_original(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
+def convert_original(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, cls: type[M],
                      config: CvtConfig | None = None, **fields: Any) -> CvtConfig:
-    """Write an original microsoft/CvT checkpoint as a transformers-layout folder.
+    """Write an original microsoft/CvT checkpoint as a transformers-layout folder of `cls`
+    (`CvtForImageClassification`).
 
     The architecture comes from `config`, else from the tensor shapes plus `fields`
     (e.g. those of an original yaml spec, `cvt.convert.spec_fields`)."""
-    from .modeling import CvtForImageClassification
-
     state_dict = read_state_dict(checkpoint)
     if not convert.is_original_checkpoint(state_dict):
         raise CheckpointError(
             f"{checkpoint} is not an original microsoft/CvT checkpoint (no stage0.patch_embed.proj.weight)")
-    model = build_from_state_dict(CvtForImageClassification, state_dict, checkpoint, stored=None,
+    model = build_from_state_dict(cls, state_dict, checkpoint, stored=None,
                                   config=config, ignore_mismatched_sizes=False, **fields)
     save_pretrained(model, output_dir)
     return model.config

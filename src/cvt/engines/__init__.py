@@ -1,9 +1,9 @@
 """Inference engines: the fastest way to run a cvt model, chosen explicitly.
 
 `build_engine(model, "openvino")` returns a callable that maps a `pixel_values` batch to logits
-(or, for a `CvtModel`, the last feature map). The onnxruntime and OpenVINO engines check
-themselves against the plain model when built: fp32 within 1e-4, else `EngineError` and nothing
-is cached; their reduced precision (bf16, int8) reports what it costs (`engine.report`: logit error and top-1 agreement with fp32, and
+(or, for a `CvtModel`, the last feature map). Each engine checks itself against the plain model
+when built: fp32 within 1e-4, else `EngineError` and nothing is cached; reduced precision (bf16,
+int8) reports what it costs (`engine.report`: logit error and top-1 agreement with fp32, and
 accuracy when the calibration folder is labelled). `model(x)` always runs the plain model.
 
 | engine | what runs | precisions |
@@ -25,17 +25,16 @@ import torch
 
 from ..processing import CvtImageProcessor
 from . import fused, onnxruntime_engine, openvino_engine
-from .base import PRECISIONS, Engine, EngineError, Model, PrecisionReport
+from .base import PRECISIONS, Engine, EngineError, Model, PrecisionReport, verify
 from .cache import EngineCache
-from .calibration import load_calibration
+from .calibration import CalibrationSet, load_calibration
 
 ENGINES = ("auto", "torch", "onnxruntime", "openvino")
 # fastest first, measured by `cvt bench` (benchmarks/README.md); an engine is used if installed
 AUTO_ORDER = {"cpu": ("openvino", "onnxruntime", "torch"), "cuda": ("torch",)}
-_RUNTIME_MODULES = {"openvino": "openvino", "onnxruntime": "onnxruntime", "torch": "torch"}
 
-__all__ = ["ENGINES", "PRECISIONS", "Engine", "EngineError", "PrecisionReport", "auto_engine",
-           "build_engine"]
+__all__ = ["ENGINES", "PRECISIONS", "CalibrationSet", "Engine", "EngineError", "PrecisionReport",
+           "auto_engine", "build_engine"]
 
 
 def auto_engine(device: torch.device, model: Model | None = None) -> str:
@@ -43,21 +42,22 @@ def auto_engine(device: torch.device, model: Model | None = None) -> str:
     for name in AUTO_ORDER.get(device.type, ("torch",)):
         if name == "openvino" and model is not None and openvino_engine.unsupported(model):
             continue
-        if importlib.util.find_spec(_RUNTIME_MODULES[name]) is not None:
+        if importlib.util.find_spec(name) is not None:
             return name
     return "torch"
 
 
 def build_engine(model: Model, engine: str = "auto", *, device: str | torch.device = "cpu",
                  precision: str = "fp32", image_size: int | tuple[int, int] = 224,
-                 calibration: str | os.PathLike | None = None,
+                 calibration: str | os.PathLike | CalibrationSet | None = None,
                  processor: CvtImageProcessor | None = None,
                  cache_dir: str | os.PathLike | None = None, compile: bool = False) -> Engine:
     """An engine running `model` on `device` for `image_size` inputs at `precision`.
 
     `calibration`: a folder of the user's images (class subfolders named after the model's labels
     make it labelled), preprocessed by `processor` (default: CvT's standard preprocessing at
-    `image_size`); needed for int8, and used to measure any reduced precision. `cache_dir`
+    `image_size`), or a `CalibrationSet` of batches; needed for int8, and used to measure any
+    reduced precision (random inputs without it). `cache_dir`
     overrides where built engines are stored. `compile` runs the torch engine through
     `torch.compile`.
     """
@@ -77,20 +77,17 @@ def build_engine(model: Model, engine: str = "auto", *, device: str | torch.devi
 
 
 def _build(model: Model, name: str, device: torch.device, precision: str, size: tuple[int, int],
-           calibration: str | os.PathLike | None, processor: CvtImageProcessor | None,
+           calibration: str | os.PathLike | CalibrationSet | None, processor: CvtImageProcessor | None,
            cache_dir: str | os.PathLike | None, compile: bool) -> Engine:
-    if name == "torch":
-        if compile is not False and not isinstance(compile, bool):
-            raise TypeError("compile must be True or False")
-        if calibration is not None:
-            raise EngineError("the torch engine takes no calibration images (it has no int8)")
-        return fused.FusedTorchEngine(model, device=device, precision=precision,
-                                      image_size=size, compile=compile)
-    calibration_set = None
-    if calibration is not None:
+    if calibration is not None and not isinstance(calibration, CalibrationSet):
         labels = [model.config.id2label.get(i, "") for i in range(model.config.num_labels)]
-        calibration_set = load_calibration(calibration, processor or CvtImageProcessor(size=size[0]),
-                                           labels)
+        calibration = load_calibration(calibration, processor or CvtImageProcessor(size=size[0]), labels)
+    batches = calibration.batches if calibration is not None else None
+    if name == "torch":  # nothing to build or store: folding the weights takes milliseconds
+        engine = fused.FusedTorchEngine(model, device=device, precision=precision, image_size=size,
+                                        compile=bool(compile))
+        verify(engine, model, batches)
+        return engine
     module = openvino_engine if name == "openvino" else onnxruntime_engine
     return module.build(model, device=device, precision=precision, image_size=size,
-                        calibration=calibration_set, cache=EngineCache(cache_dir))
+                        calibration=calibration, cache=EngineCache(cache_dir))

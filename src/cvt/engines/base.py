@@ -9,6 +9,7 @@ is called on a `pixel_values` batch (B, C, H, W); it returns the logits of a
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import platform
 from collections.abc import Iterable
@@ -53,6 +54,14 @@ def cpu_has_bf16() -> bool:
 
 class EngineError(RuntimeError):
     """An engine cannot be built here, or does not compute what the plain model computes."""
+
+
+def import_runtime(module: str, extra: str) -> Any:
+    """The runtime package `module`, or an `EngineError` naming the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise EngineError(f"this engine needs {module}: pip install \"cvt[{extra}]\"") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +175,18 @@ def measure_precision(engine: Engine, model: Model,
         return PrecisionReport(images, worst, float("nan"))
     accuracy = (right / images, fp32_right / images) if labelled else (None, None)
     return PrecisionReport(images, worst, agree / images, *accuracy)
+
+
+def verify(engine: Engine, model: Model, batches: list[tuple[Tensor, Tensor | None]] | None) -> None:
+    """What every new engine goes through: at fp32 the check against the plain model; at reduced
+    precision its cost, measured on `batches` (calibration images, else random ones) and kept
+    as `engine.report`."""
+    if engine.precision == "fp32":
+        check_fp32(engine, model)
+        return
+    batches = batches or [(random_batch(model, engine.image_size, 8), None)]
+    engine.report = measure_precision(engine, model, batches)
+    logger.info("cvt: %s engine at %s: %s", engine.name, engine.precision, engine.report)
 
 
 def report_dict(report: PrecisionReport | None) -> dict[str, Any] | None:

@@ -28,8 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import (Engine, Model, PrecisionReport, check_fp32, cpu_description, measure_precision,
-                   random_batch, report_dict)
+from .base import Engine, Model, PrecisionReport, check_fp32, cpu_description, report_dict, verify
 
 logger = logging.getLogger("cvt")
 
@@ -156,12 +155,7 @@ def build_cached(cache: EngineCache, key: str, model: Model, *, load: Callable[[
     with tempfile.TemporaryDirectory(prefix="cvt-engine-") as tmp:
         make(Path(tmp))
         engine = load(Path(tmp))
-        if engine.precision == "fp32":
-            check_fp32(engine, model)
-        else:
-            engine.report = measure_precision(
-                engine, model, batches or [(random_batch(model, engine.image_size, 8), None)])
-            logger.info("cvt: %s engine at %s: %s", engine.name, engine.precision, engine.report)
+        verify(engine, model, batches)
         meta = {"engine": engine.name, "precision": engine.precision, "report": report_dict(engine.report)}
         folder = cache.store(key, lambda target: _copy_files(Path(tmp), target), meta)
     logger.info("cvt: %s engine built and stored in %s", engine.name, folder)

@@ -15,22 +15,14 @@ import torch
 from torch import Tensor
 
 from ..export import INPUT_NAME, onnx_bytes, output_names
-from .base import Engine, EngineError, Model
+from .base import Engine, EngineError, Model, import_runtime
 from .cache import EngineCache, build_cached, entry_key
 from .calibration import CalibrationSet
 
 logger = logging.getLogger("cvt")
 
 FILE = "model.onnx"
-INSTALL_HINT = 'pip install "cvt[onnxruntime]"'
-
-
-def _runtime():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise EngineError(f"the onnxruntime engine needs onnxruntime: {INSTALL_HINT}") from None
-    return onnxruntime
+CALIBRATION_PIXELS = 16 * 224 * 224  # int8 calibration images x pixels: 16 at 224, 5 at 384 (~3 GB)
 
 
 class OnnxRuntimeEngine(Engine):
@@ -39,7 +31,7 @@ class OnnxRuntimeEngine(Engine):
     def __init__(self, model: Model, path: Path, *, device: torch.device, precision: str,
                  image_size: tuple[int, int]) -> None:
         super().__init__(model, device=device, precision=precision, image_size=image_size)
-        ort = _runtime()
+        ort = import_runtime("onnxruntime", "onnxruntime")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = torch.get_num_threads()
@@ -64,7 +56,7 @@ def _providers(ort, device: torch.device) -> list[str]:
 
 def build(model: Model, *, device: torch.device, precision: str, image_size: tuple[int, int],
           calibration: CalibrationSet | None, cache: EngineCache) -> OnnxRuntimeEngine:
-    ort = _runtime()
+    ort = import_runtime("onnxruntime", "onnxruntime")
     if precision not in ("fp32", "int8"):
         raise EngineError(f"the onnxruntime engine runs fp32 or int8, not {precision}; for bf16 "
                           f"use engine='openvino' or 'torch'")
@@ -94,13 +86,22 @@ def _quantize(data: bytes, target: Path, calibration: CalibrationSet) -> None:
     """Static int8 quantization of an fp32 ONNX graph, calibrated on the images."""
     from onnxruntime import quantization as q
 
+    height, width = calibration.batches[0][0].shape[-2:]
+    budget = max(4, round(CALIBRATION_PIXELS / (height * width)))
+
     class Reader(q.CalibrationDataReader):
+        """Two images at a time, at most `budget` of them: onnxruntime's calibrator keeps every
+        intermediate tensor of everything it is fed until the end (its option to bound that,
+        CalibMaxIntermediateOutputs, discards the data in onnxruntime 1.32), so the number of
+        images bounds its memory."""
+
         def __init__(self) -> None:
-            self.batches = iter(calibration.batches)
+            images = torch.cat([x for x, _ in calibration.batches])[:budget]
+            self.feeds = iter(images.split(2))
 
         def get_next(self):
-            batch = next(self.batches, None)
-            return None if batch is None else {INPUT_NAME: batch[0].numpy()}
+            part = next(self.feeds, None)
+            return None if part is None else {INPUT_NAME: part.numpy()}
 
     source = target.with_name("fp32.onnx")
     source.write_bytes(data)

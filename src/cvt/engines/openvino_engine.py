@@ -11,30 +11,25 @@ Needs the `openvino` extra: `pip install "cvt[openvino]"` (NNCF for int8).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
+import threading
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ..export import onnx_bytes
-from .base import Engine, EngineError, Model, cpu_has_bf16
+from ..native import signal_stack_kept
+from .base import Engine, EngineError, Model, cpu_has_bf16, import_runtime
 from .cache import EngineCache, build_cached, entry_key
 from .calibration import CalibrationSet
 
 logger = logging.getLogger("cvt")
 
 FILE = "model.xml"  # with model.bin beside it
-INSTALL_HINT = 'pip install "cvt[openvino]"'
 HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8 layers run int8; the rest stays f32
-
-
-def _runtime():
-    try:
-        import openvino
-    except ImportError:
-        raise EngineError(f"the openvino engine needs OpenVINO: {INSTALL_HINT}") from None
-    return openvino
 
 
 class OpenVinoEngine(Engine):
@@ -43,20 +38,22 @@ class OpenVinoEngine(Engine):
     def __init__(self, model: Model, path: Path, *, device: torch.device, precision: str,
                  image_size: tuple[int, int]) -> None:
         super().__init__(model, device=device, precision=precision, image_size=image_size)
-        ov = _runtime()
+        ov = import_runtime("openvino", "openvino")
         properties = {
             "INFERENCE_PRECISION_HINT": HINTS[precision],
             "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0",
             "PERFORMANCE_HINT": "LATENCY",  # one request at a time uses every core
             "INFERENCE_NUM_THREADS": str(torch.get_num_threads()),
         }
-        self.compiled = ov.Core().compile_model(str(path), "CPU", properties)
+        with signal_stack_kept():  # the CPU plugin swaps this thread's signal stack: see cvt.native
+            self.compiled = ov.Core().compile_model(str(path), "CPU", properties)
         self.request = self.compiled.create_infer_request()
+        self._lock = threading.Lock()  # an infer request serves one call at a time
 
     def _run(self, pixel_values: Tensor) -> Tensor:
-        array = pixel_values.detach().float().cpu().numpy()
-        self.request.infer({0: array})
-        return torch.from_numpy(self.request.get_output_tensor(0).data.copy())
+        with self._lock:
+            self.request.infer({0: pixel_values.detach().float().cpu().numpy()})
+            return torch.from_numpy(self.request.get_output_tensor(0).data.copy())
 
 
 def unsupported(model: Model) -> str | None:
@@ -72,7 +69,7 @@ def unsupported(model: Model) -> str | None:
 
 def build(model: Model, *, device: torch.device, precision: str, image_size: tuple[int, int],
           calibration: CalibrationSet | None, cache: EngineCache) -> OpenVinoEngine:
-    ov = _runtime()
+    ov = import_runtime("openvino", "openvino")
     if unsupported(model):
         raise EngineError(unsupported(model))
     if device.type != "cpu":
@@ -107,11 +104,10 @@ def build(model: Model, *, device: torch.device, precision: str, image_size: tup
 
 
 def _quantize(graph, calibration: CalibrationSet):
-    try:
-        import nncf
-    except ImportError:
-        raise EngineError(f"int8 with the openvino engine needs NNCF: {INSTALL_HINT}") from None
+    nncf = import_runtime("nncf", "openvino")
     logger.info("cvt: quantizing to int8 on %d calibration images ...", calibration.images)
     dataset = nncf.Dataset([x.numpy() for x, _ in calibration.batches])
-    return nncf.quantize(graph, dataset, model_type=nncf.ModelType.TRANSFORMER,
-                         subset_size=calibration.images)
+    # NNCF's progress bars never go into results on stdout; its CPU plugin swaps the signal stack
+    with contextlib.redirect_stdout(sys.stderr), signal_stack_kept():
+        return nncf.quantize(graph, dataset, model_type=nncf.ModelType.TRANSFORMER,
+                             subset_size=len(calibration.batches))

@@ -17,8 +17,10 @@ from pathlib import Path
 
 from ..engines import ENGINES
 from ..engines import PRECISIONS as ENGINE_PRECISIONS
+from .demo import run_demo
 from .recipes import RECIPES
-from .trainer import PRECISIONS, EvalResult, TrainOptions, evaluate_model, train
+from .report import format_table
+from .trainer import PRECISIONS, TrainOptions, evaluate_model, train
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -36,13 +38,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--val-split", type=float, default=0.1,
                     help="fraction of each class held out when the data has no validation part "
                          "(default 0.1; 0: no validation)")
-    tr.add_argument("--recipe", choices=list(RECIPES), default="finetune")
-    tr.add_argument("--epochs", type=int)
+    tr.add_argument("--recipe", choices=list(RECIPES), default="finetune",
+                    help="finetune (default): short, low learning rate; paper: the original "
+                         "ImageNet training from scratch")
+    tr.add_argument("--epochs", type=int, help="passes over the training data (default: the recipe's)")
     tr.add_argument("--batch-size", type=int, help="images per optimiser step over all processes")
     tr.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's, scaled by batch)")
-    tr.add_argument("--weight-decay", type=float)
-    tr.add_argument("--warmup-epochs", type=float)
-    tr.add_argument("--label-smoothing", type=float)
+    tr.add_argument("--weight-decay", type=float, help="AdamW weight decay (not on norms, biases, cls tokens)")
+    tr.add_argument("--warmup-epochs", type=float, help="linear learning-rate warm-up before the cosine decay")
+    tr.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing (0: off)")
     tr.add_argument("--hflip", type=float, help="horizontal flip probability (0 for text, digits)")
     tr.add_argument("--mixup", type=float, help="MixUp alpha (0: off)")
     tr.add_argument("--cutmix", type=float, help="CutMix alpha (0: off)")
@@ -53,10 +57,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--precision", choices=PRECISIONS, default="fp32",
                     help="bf16: autocast on CPU or GPU; fp16: autocast with a grad scaler (GPU)")
     tr.add_argument("--freeze-backbone", action="store_true", help="train only the head: final LayerNorm and classifier (linear probe)")
+    tr.add_argument("--grad-checkpointing", action="store_true",
+                    help="recompute each layer in backward: much less memory for one more forward pass")
     tr.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs under torchrun")
     tr.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                     help="DataLoader worker processes per training process")
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and "
+                    "augmentation (default 0): the same seed gives the same run")
     tr.add_argument("--resume", action="store_true", help="continue the run saved in --output-dir")
     tr.add_argument("--save-every", type=int, help="also save the resumable state every N steps")
     tr.add_argument("--stop-at-step", type=int,
@@ -66,9 +73,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="top-1/top-5/loss and per-class accuracy of a model on labelled images")
     ev.add_argument("--model", required=True, help="checkpoint folder or hub id")
     ev.add_argument("--data", required=True, help="folder of class subfolders, or any layout train accepts")
-    ev.add_argument("--format", choices=("table", "json"), default="table")
-    ev.add_argument("--batch-size", type=int, default=64)
-    ev.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    ev.add_argument("--format", choices=("table", "json"), default="table", help="default: table")
+    ev.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    ev.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                    help="DataLoader worker processes decoding images")
     add_engine_arguments(ev)
     ev.set_defaults(run=cmd_eval)
 
@@ -77,7 +85,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--output-dir", type=Path, default=Path("cvt-demo"),
                       help="where the data, the run and the plots go (default ./cvt-demo)")
     demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's)")
-    demo.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    demo.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                      help="DataLoader worker processes decoding images")
     demo.set_defaults(run=cmd_demo)
 
 
@@ -131,17 +140,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_table(result: EvalResult) -> str:
-    counts = result.confusion.sum(dim=1).tolist()
-    width = max(12, *(len(name) for name in result.classes)) + 2
-    lines = [f"images {result.count}   top-1 {result.top1:.4f}   top-5 {result.top5:.4f}   "
-             f"loss {result.loss:.4f}", "", f"{'class':<{width}}{'accuracy':>9}{'images':>8}"]
-    for (name, accuracy), count in zip(result.per_class().items(), counts):
-        shown = f"{accuracy:.4f}" if accuracy is not None else "-"
-        lines.append(f"{name:<{width}}{shown:>9}{count:>8}")
-    return "\n".join(lines)
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     with messages_on_stderr():
         result = evaluate_model(args.model, args.data, batch_size=args.batch_size,
@@ -153,8 +151,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
     with messages_on_stderr():
         run_demo(args.output_dir, epochs=args.epochs, workers=args.workers)
     return 0

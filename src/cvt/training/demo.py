@@ -17,9 +17,11 @@ from pathlib import Path
 from PIL import Image
 
 from ..config import CvtConfig
+from ..inference import pipeline
+from ..modeling import CvtForImageClassification
 from ..weights import CheckpointError
 from .recipes import Recipe
-from .report import plot_confusion
+from .report import format_table, plot_confusion
 from .state import STATE_NAME
 from .trainer import TrainOptions, evaluate_model, train
 
@@ -69,9 +71,6 @@ def write_digits(root: Path, seed: int = 0) -> list[tuple[Path, str]]:
 
 def run_demo(output_dir: Path, epochs: int | None = None, workers: int = 2) -> float:
     """Train, evaluate, classify; print what happened; returns the validation top-1 accuracy."""
-    from ..inference import pipeline
-    from .commands import format_table
-
     output_dir = Path(output_dir)
     if (output_dir / STATE_NAME).exists():
         raise CheckpointError(f"{output_dir} already holds a demo run; remove it or pass another --output-dir")
@@ -108,6 +107,4 @@ def run_demo(output_dir: Path, epochs: int | None = None, workers: int = 2) -> f
 
 
 def _parameters(config: CvtConfig) -> int:
-    from ..modeling import CvtForImageClassification
-
     return CvtForImageClassification(config.replace(num_labels=10)).num_parameters()

@@ -1,18 +1,41 @@
-"""What a run leaves for people to read: metrics.jsonl, curves.png and a confusion matrix."""
+"""What a run leaves for people to read: metrics.jsonl, curves.png, a confusion matrix, and the
+evaluation result with its table."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..weights import write_atomic
+from ..files import write_atomic
 
 METRICS_NAME = "metrics.jsonl"
 CURVES_NAME = "curves.png"
+
+
+@dataclass
+class EvalResult:
+    """Accuracies are fractions in [0, 1]; `confusion[true, predicted]` counts images."""
+
+    top1: float
+    top5: float
+    loss: float
+    count: int
+    classes: list[str]
+    confusion: torch.Tensor
+
+    def per_class(self) -> dict[str, float | None]:
+        totals = self.confusion.sum(dim=1)
+        return {name: (self.confusion[i, i].item() / totals[i].item() if totals[i] else None)
+                for i, name in enumerate(self.classes)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"top1": self.top1, "top5": self.top5, "loss": self.loss, "count": self.count,
+                "per_class": self.per_class()}
 
 
 class MetricsLog:
@@ -91,3 +114,14 @@ def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], path: Path) 
                     color="white" if count > high else "black")
     fig.tight_layout()
     _save(fig, plt, path)
+
+
+def format_table(result: EvalResult) -> str:
+    counts = result.confusion.sum(dim=1).tolist()
+    width = max(12, *(len(name) for name in result.classes)) + 2
+    lines = [f"images {result.count}   top-1 {result.top1:.4f}   top-5 {result.top5:.4f}   "
+             f"loss {result.loss:.4f}", "", f"{'class':<{width}}{'accuracy':>9}{'images':>8}"]
+    for (name, accuracy), count in zip(result.per_class().items(), counts):
+        shown = f"{accuracy:.4f}" if accuracy is not None else "-"
+        lines.append(f"{name:<{width}}{shown:>9}{count:>8}")
+    return "\n".join(lines)

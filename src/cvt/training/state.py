@@ -2,7 +2,7 @@
 
 It holds the model, optimiser, grad-scaler and EMA state dicts, the optimiser step, the best
 validation accuracy, every rank's random-number-generator states, and the settings a resumed
-run must share with it (batch size, data size, epochs, seed, EMA, precision). Writing goes through `cvt.weights.write_atomic` (temporary file, fsync, rename), so
+run must share with it (batch size, data size, epochs, seed, EMA, precision). Writing goes through `cvt.files.write_atomic` (temporary file, fsync, rename), so
 an interrupted save leaves the previous state in place.
 """
 
@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..weights import CheckpointError, write_atomic
+from ..files import write_atomic
+from ..weights import CheckpointError
 
 STATE_NAME = "training_state.pt"
 

@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 
 from ..config import CvtConfig
 from ..engines import build_engine
-from ..modeling import CvtForImageClassification
+from ..modeling import CvtForImageClassification, create_model
 from ..processing import CvtImageProcessor
-from ..variants import VARIANTS, create_model
+from ..variants import VARIANTS
 from ..weights import CheckpointError
 from . import distributed
 from .augment import BatchMixer, soft_cross_entropy, train_transform
@@ -38,7 +38,7 @@ from .data import (DataError, LabelledImages, ResumableSampler, ShardSampler, Tr
                    load_eval_source, load_source, make_loader)
 from .optim import WarmupCosine, WeightEMA, parameter_groups
 from .recipes import Recipe, get_recipe
-from .report import CURVES_NAME, METRICS_NAME, MetricsLog, plot_curves
+from .report import CURVES_NAME, METRICS_NAME, EvalResult, MetricsLog, plot_curves
 from .state import STATE_NAME, load_state, rng_state, save_state, set_rng_state
 
 logger = logging.getLogger("cvt")
@@ -71,33 +71,13 @@ class TrainOptions:
     accum_steps: int = 1
     precision: str = "fp32"
     freeze_backbone: bool = False
+    grad_checkpointing: bool = False  # recompute layers in backward: less memory, one more forward
     sync_bn: bool = False
     workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
     seed: int = 0
     resume: bool = False
     save_every: int | None = None  # optimiser steps between saved states (besides each epoch end)
     stop_at_step: int | None = None  # save the state and return after this step (resume later)
-
-
-@dataclass
-class EvalResult:
-    """Accuracies are fractions in [0, 1]; `confusion[true, predicted]` counts images."""
-
-    top1: float
-    top5: float
-    loss: float
-    count: int
-    classes: list[str]
-    confusion: torch.Tensor
-
-    def per_class(self) -> dict[str, float | None]:
-        totals = self.confusion.sum(dim=1)
-        return {name: (self.confusion[i, i].item() / totals[i].item() if totals[i] else None)
-                for i, name in enumerate(self.classes)}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"top1": self.top1, "top5": self.top5, "loss": self.loss, "count": self.count,
-                "per_class": self.per_class()}
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -182,47 +162,121 @@ def _check_options(options: TrainOptions, device: torch.device) -> None:
 
 
 def train(options: TrainOptions) -> EvalResult | None:
-    """Run (or resume) a training run; returns the final validation result (None without one)."""
+    """Run (or resume) a training run; returns the final validation result (None without one,
+    or when `stop_at_step` stopped it within an epoch)."""
     ctx = distributed.start()
     try:
-        return _train(options, ctx)
+        run = _prepare(options, ctx)
+        _resume(run) if options.resume else _start(run)
+        result = None
+        while run.step < run.total_steps:
+            epoch = run.step // run.steps_per_epoch
+            losses = _train_epoch(run, epoch)
+            if losses is None:  # stopped at `stop_at_step` within the epoch
+                return None
+            result = _end_epoch(run, epoch, losses)
+            _save(run)
+            if options.stop_at_step is not None and run.step >= options.stop_at_step:
+                break
+        return result
     finally:
         distributed.stop(ctx)
 
 
-def _train(options: TrainOptions, ctx: distributed.Context) -> EvalResult | None:
-    _check_options(options, ctx.device)
+@dataclass
+class _Run:
+    """Everything a training run holds while it runs; `step` and `best_top1` advance."""
+
+    options: TrainOptions
+    ctx: distributed.Context
+    recipe: Recipe
+    out: Path
+    micro_batch: int
+    model: CvtForImageClassification
+    ddp_model: nn.Module
+    processor: CvtImageProcessor
+    train_set: TransformedImages
+    sampler: ResumableSampler
+    loader: Any
+    val_images: LabelledImages | None
+    steps_per_epoch: int
+    optimizer: torch.optim.Optimizer
+    schedule: WarmupCosine
+    scaler: torch.amp.GradScaler | None
+    ema: WeightEMA | None
+    mixer: BatchMixer
+    log: MetricsLog
+    identity: dict[str, Any]  # what a saved state must agree with to be resumed
+    step: int = 0
+    best_top1: float = -1.0
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.recipe.epochs
+
+    @property
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def _recipe(options: TrainOptions) -> Recipe:
+    """The named (or given) recipe with the options the user set."""
     base = options.recipe if isinstance(options.recipe, Recipe) else get_recipe(options.recipe)
-    recipe = base.replace(
+    return base.replace(
         epochs=options.epochs, batch_size=options.batch_size, weight_decay=options.weight_decay,
         warmup_epochs=options.warmup_epochs, label_smoothing=options.label_smoothing,
         hflip=options.hflip, mixup=options.mixup, cutmix=options.cutmix,
         clip_grad=options.clip_grad, ema_decay=options.ema_decay)
+
+
+def _prepare(options: TrainOptions, ctx: distributed.Context) -> _Run:
+    """Data, model, optimiser and schedule of a run, before anything is trained or read back."""
+    _check_options(options, ctx.device)
+    recipe = _recipe(options)
     per_step = ctx.world_size * options.accum_steps
     if recipe.batch_size % per_step:
         raise ValueError(f"--batch-size {recipe.batch_size} must be a multiple of processes x "
                          f"--accum-steps = {ctx.world_size} x {options.accum_steps}")
     micro_batch = recipe.batch_size // per_step
-    out = Path(options.output_dir)
 
     torch.manual_seed(options.seed)
     train_images, val_images = load_source(options.data, options.val_data, options.val_split, options.seed)
     model = load_model(options.model, train_images.classes)
+    model.set_grad_checkpointing(options.grad_checkpointing)
     classes = [model.config.id2label[i] for i in range(model.config.num_labels)]
     train_images = train_images.relabel(classes, "training data")
     val_images = val_images.relabel(classes, "validation data") if val_images is not None else None
     processor = load_processor(options.model, options.image_size)
-    transform = train_transform(recipe, processor)
 
-    train_set = TransformedImages(train_images, transform, options.seed)
+    train_set = TransformedImages(train_images, train_transform(recipe, processor), options.seed)
     sampler = ResumableSampler(train_set, ctx.world_size, ctx.rank, options.seed)
     loader = make_loader(train_set, micro_batch, sampler, options.workers, drop_last=True)
     steps_per_epoch = (sampler.num_samples // micro_batch) // options.accum_steps
     if steps_per_epoch == 0:
         raise DataError(f"{len(train_images)} training images make no full step of {recipe.batch_size}; "
                         f"lower --batch-size")
-    total_steps = steps_per_epoch * recipe.epochs
 
+    model, ddp_model = _place(model, options, ctx)
+    peak_lr = options.lr if options.lr is not None else recipe.peak_lr(recipe.batch_size)
+    optimizer = torch.optim.AdamW(parameter_groups(model, recipe.weight_decay), lr=peak_lr)
+    schedule = WarmupCosine(peak_lr, steps_per_epoch * recipe.epochs,
+                            round(recipe.warmup_epochs * steps_per_epoch),
+                            start=min(recipe.warmup_lr, peak_lr), floor=min(recipe.min_lr, peak_lr))
+    scaler = torch.amp.GradScaler("cuda") if options.precision == "fp16" else None
+    ema = WeightEMA(model, recipe.ema_decay) if recipe.ema_decay else None
+    identity = {"batch_size": recipe.batch_size, "seed": options.seed, "train_images": len(train_images),
+                "steps_per_epoch": steps_per_epoch, "epochs": recipe.epochs, "ema": ema is not None,
+                "grad_scaler": scaler is not None}
+    out = Path(options.output_dir)
+    return _Run(options, ctx, recipe, out, micro_batch, model, ddp_model, processor, train_set, sampler,
+                loader, val_images, steps_per_epoch, optimizer, schedule, scaler, ema,
+                BatchMixer(recipe, len(classes)), MetricsLog(out / METRICS_NAME), identity)
+
+
+def _place(model: CvtForImageClassification, options: TrainOptions, ctx: distributed.Context
+           ) -> tuple[nn.Module, nn.Module]:
+    """The model on its device (frozen backbone, SyncBatchNorm as asked), and the module the
+    steps call: DistributedDataParallel's wrapper under torchrun, else the model itself."""
     # the model computes in channels-last; weights laid out the same way get gradients in the
     # layout DistributedDataParallel's buckets expect
     model.to(ctx.device, memory_format=torch.channels_last)
@@ -230,152 +284,157 @@ def _train(options: TrainOptions, ctx: distributed.Context) -> EvalResult | None
         model.cvt.requires_grad_(False)
     if options.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    peak_lr = options.lr if options.lr is not None else recipe.peak_lr(recipe.batch_size)
-    optimizer = torch.optim.AdamW(parameter_groups(model, recipe.weight_decay), lr=peak_lr)
-    schedule = WarmupCosine(peak_lr, total_steps, round(recipe.warmup_epochs * steps_per_epoch),
-                            start=min(recipe.warmup_lr, peak_lr), floor=min(recipe.min_lr, peak_lr))
-    scaler = torch.amp.GradScaler("cuda") if options.precision == "fp16" else None
-    ema = WeightEMA(model, recipe.ema_decay) if recipe.ema_decay else None
-    mixer = BatchMixer(recipe, len(classes))
-    run = {"batch_size": recipe.batch_size, "seed": options.seed, "train_images": len(train_images),
-           "steps_per_epoch": steps_per_epoch, "epochs": recipe.epochs, "ema": ema is not None,
-           "grad_scaler": scaler is not None}  # what a saved state must agree with
+    if not ctx.distributed:
+        return model, model
+    return model, nn.parallel.DistributedDataParallel(
+        model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
-    step, best_top1 = 0, -1.0
-    log = MetricsLog(out / METRICS_NAME)
-    if options.resume:
-        state = load_state(out / STATE_NAME)
-        if state["run"] != run:
-            raise ValueError(f"cannot resume {out}: the saved run had {state['run']}, this one "
-                             f"{run}; resume with the same data, batch size, epochs, seed, EMA "
-                             f"and precision")
-        if state["step"] >= total_steps:
-            raise ValueError(f"{out} holds a finished run ({total_steps} steps); nothing to resume")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None:
-            scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        step, best_top1 = state["step"], state["best_top1"]
-        set_rng_state(state["rng"][ctx.rank % len(state["rng"])])
-        if ctx.is_main:
-            log.rewind(step)
-            logger.info("resuming %s at step %d of %d", out, step, total_steps)
-    elif (out / STATE_NAME).exists() or (out / METRICS_NAME).exists():
+
+def _start(run: _Run) -> None:
+    """A new run: its folder must not hold another."""
+    out = run.out
+    if (out / STATE_NAME).exists() or (out / METRICS_NAME).exists():
         raise ValueError(f"{out} already holds a training run; pass --resume to continue it or "
                          f"choose another --output-dir")
-
-    if ctx.is_main and not options.resume:
+    if run.ctx.is_main:
         logger.info("training on %d images of %d classes, validating on %s; %d epoch(s) x %d steps x "
-                    "%d images, peak lr %.3g; %d process(es) on %s", len(train_images), len(classes),
-                    len(val_images) if val_images is not None else "none", recipe.epochs,
-                    steps_per_epoch, recipe.batch_size, peak_lr, ctx.world_size, ctx.device.type)
+                    "%d images, peak lr %.3g; %d process(es) on %s", len(run.train_set),
+                    run.model.config.num_labels,
+                    len(run.val_images) if run.val_images is not None else "none", run.recipe.epochs,
+                    run.steps_per_epoch, run.recipe.batch_size, run.schedule.peak, run.ctx.world_size,
+                    run.ctx.device.type)
 
-    ddp_model = model
-    if ctx.distributed:
-        ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
-    def save() -> None:
-        states = ctx.gather(rng_state())  # every rank takes part; rank 0 writes
-        if not ctx.is_main:
-            return
-        save_state(out / STATE_NAME, {
-            "step": step, "best_top1": best_top1, "run": run, "rng": states,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "ema": ema.state_dict() if ema is not None else None})
+def _resume(run: _Run) -> None:
+    """Read back the saved state of the same run; anything else is refused."""
+    state = load_state(run.out / STATE_NAME)
+    if state["run"] != run.identity:
+        raise ValueError(f"cannot resume {run.out}: the saved run had {state['run']}, this one "
+                         f"{run.identity}; resume with the same data, batch size, epochs, seed, EMA "
+                         f"and precision")
+    if state["step"] >= run.total_steps:
+        raise ValueError(f"{run.out} holds a finished run ({run.total_steps} steps); nothing to resume")
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.scaler is not None:
+        run.scaler.load_state_dict(state["scaler"])
+    if run.ema is not None:
+        run.ema.load_state_dict(state["ema"])
+    run.step, run.best_top1 = state["step"], state["best_top1"]
+    set_rng_state(state["rng"][run.ctx.rank % len(state["rng"])])
+    if run.ctx.is_main:
+        run.log.rewind(run.step)
+        logger.info("resuming %s at step %d of %d", run.out, run.step, run.total_steps)
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    result = None
+
+def _save(run: _Run) -> None:
+    """The resumable state; every rank takes part (random states are gathered), rank 0 writes."""
+    states = run.ctx.gather(rng_state())
+    if not run.ctx.is_main:
+        return
+    save_state(run.out / STATE_NAME, {
+        "step": run.step, "best_top1": run.best_top1, "run": run.identity, "rng": states,
+        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+        "ema": run.ema.state_dict() if run.ema is not None else None})
+
+
+def _train_epoch(run: _Run, epoch: int) -> list[float] | None:
+    """The rest of `epoch`'s steps; its step losses, or None when `stop_at_step` stopped it."""
+    options, ctx = run.options, run.ctx
+    first = run.step % run.steps_per_epoch
+    run.train_set.epoch = epoch
+    run.sampler.set_epoch(epoch)
+    run.sampler.start = first * options.accum_steps * run.micro_batch
+    run.ddp_model.train()
+    if options.freeze_backbone:
+        run.model.cvt.eval()  # frozen BatchNorm statistics and no stochastic depth in the backbone
+    batches = iter(run.loader)
+    # the epoch's mean training loss also counts steps run before an interruption
+    losses = [r["loss"] for r in run.log.records() if r.get("epoch") == epoch + 1 and "loss" in r
+              ] if first and ctx.is_main else []
     show = ctx.is_main and sys.stderr.isatty()
-    while step < total_steps:
-        epoch = step // steps_per_epoch
-        first = step % steps_per_epoch
-        train_set.epoch = epoch
-        sampler.set_epoch(epoch)
-        sampler.start = first * options.accum_steps * micro_batch
-        ddp_model.train()
-        if options.freeze_backbone:
-            model.cvt.eval()  # frozen BatchNorm statistics and no stochastic depth in the backbone
-        batches = iter(loader)
-        # the epoch's mean training loss also counts steps run before an interruption
-        losses = [r["loss"] for r in log.records() if r.get("epoch") == epoch + 1 and "loss" in r
-                  ] if first and ctx.is_main else []
-        bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{recipe.epochs}",
-                   unit="step", disable=not show, leave=False)
-        for _ in range(first, steps_per_epoch):
+    with tqdm(total=run.steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{run.recipe.epochs}",
+              unit="step", disable=not show, leave=False) as bar:
+        for _ in range(first, run.steps_per_epoch):
             started = time.perf_counter()
-            lr = schedule(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum, images_seen = 0.0, 0
-            for micro in range(options.accum_steps):
-                images, labels = next(batches)
-                images = images.to(ctx.device, non_blocking=True)
-                labels = labels.to(ctx.device, non_blocking=True)
-                last_micro = micro == options.accum_steps - 1
-                sync = contextlib.nullcontext() if last_micro or not ctx.distributed else ddp_model.no_sync()
-                with sync:
-                    loss = _micro_step_loss(ddp_model, images, labels, mixer, recipe.label_smoothing,
-                                            options.precision, ctx, trainable,
-                                            seed=hash((options.seed, step, micro, ctx.rank)) % 2**63)
-                    scaled = loss / options.accum_steps
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                loss_sum += loss.item()
-                images_seen += len(images)
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if recipe.clip_grad:
-                torch.nn.utils.clip_grad_norm_(trainable, recipe.clip_grad)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(model)
-            step += 1
-            step_loss = ctx.mean(loss_sum / options.accum_steps)
-            images_per_s = ctx.sum(torch.tensor([float(images_seen)], device=ctx.device)).item() / (
+            lr = run.schedule(run.step)
+            step_loss, images = _optimizer_step(run, batches, lr)
+            images_per_s = ctx.sum(torch.tensor([float(images)], device=ctx.device)).item() / (
                 time.perf_counter() - started)
             losses.append(step_loss)
             if ctx.is_main:
-                log.append({"step": step, "epoch": epoch + 1, "loss": step_loss, "lr": lr,
-                            "images_per_s": images_per_s})
+                run.log.append({"step": run.step, "epoch": epoch + 1, "loss": step_loss, "lr": lr,
+                                "images_per_s": images_per_s})
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
             bar.update()
-            end_of_epoch = step % steps_per_epoch == 0
-            stopping = options.stop_at_step is not None and step >= options.stop_at_step
-            if not end_of_epoch and (stopping or (options.save_every and step % options.save_every == 0)):
-                save()
+            end_of_epoch = run.step % run.steps_per_epoch == 0
+            stopping = options.stop_at_step is not None and run.step >= options.stop_at_step
+            if not end_of_epoch and (stopping or (options.save_every and run.step % options.save_every == 0)):
+                _save(run)
             if stopping and not end_of_epoch:
-                bar.close()
                 return None
-        bar.close()
+    return losses
 
-        eval_model = ema.model if ema is not None else model
-        record: dict[str, Any] = {"epoch": epoch + 1, "step": step,
-                                  "train_loss": sum(losses) / len(losses) if losses else None}
-        if val_images is not None:
-            result = evaluate(eval_model, val_images, processor, micro_batch, options.workers,
-                              options.precision, ctx)
-            record.update(val_loss=result.loss, val_top1=result.top1, val_top5=result.top5)
-            if result.top1 > best_top1:
-                best_top1 = result.top1
-                if ctx.is_main:
-                    save_model_folder(eval_model, processor, out / "best")
-        if ctx.is_main:
-            log.append(record)
-            save_model_folder(eval_model, processor, out / "last")
-            plot_curves(log.records(), out / CURVES_NAME)
-            logger.info("epoch %d/%d: %s", epoch + 1, recipe.epochs,
-                        ", ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float)))
-        save()
-        if options.stop_at_step is not None and step >= options.stop_at_step:
-            return result
+
+def _optimizer_step(run: _Run, batches: Any, lr: float) -> tuple[float, int]:
+    """One optimiser step over `accum_steps` micro-batches: (its mean loss over all ranks, the
+    images this rank saw)."""
+    options, ctx = run.options, run.ctx
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    trainable = run.trainable
+    loss_sum, images_seen = 0.0, 0
+    for micro in range(options.accum_steps):
+        images, labels = next(batches)
+        images = images.to(ctx.device, non_blocking=True)
+        labels = labels.to(ctx.device, non_blocking=True)
+        last_micro = micro == options.accum_steps - 1
+        sync = contextlib.nullcontext() if last_micro or not ctx.distributed else run.ddp_model.no_sync()
+        with sync:
+            loss = _micro_step_loss(run.ddp_model, images, labels, run.mixer, run.recipe.label_smoothing,
+                                    options.precision, ctx, trainable,
+                                    seed=hash((options.seed, run.step, micro, ctx.rank)) % 2**63)
+            scaled = loss / options.accum_steps
+            (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+        loss_sum += loss.item()
+        images_seen += len(images)
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)
+    if run.recipe.clip_grad:
+        torch.nn.utils.clip_grad_norm_(trainable, run.recipe.clip_grad)
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update(run.model)
+    run.step += 1
+    return ctx.mean(loss_sum / options.accum_steps), images_seen
+
+
+def _end_epoch(run: _Run, epoch: int, losses: list[float]) -> EvalResult | None:
+    """Validate, keep the best and the last model, log the epoch and redraw the curves."""
+    eval_model = run.ema.model if run.ema is not None else run.model
+    record: dict[str, Any] = {"epoch": epoch + 1, "step": run.step,
+                              "train_loss": sum(losses) / len(losses) if losses else None}
+    result = None
+    if run.val_images is not None:
+        result = evaluate(eval_model, run.val_images, run.processor, run.micro_batch, run.options.workers,
+                          run.options.precision, run.ctx)
+        record.update(val_loss=result.loss, val_top1=result.top1, val_top5=result.top5)
+        if result.top1 > run.best_top1:
+            run.best_top1 = result.top1
+            if run.ctx.is_main:
+                save_model_folder(eval_model, run.processor, run.out / "best")
+    if run.ctx.is_main:
+        run.log.append(record)
+        save_model_folder(eval_model, run.processor, run.out / "last")
+        plot_curves(run.log.records(), run.out / CURVES_NAME)
+        logger.info("epoch %d/%d: %s", epoch + 1, run.recipe.epochs,
+                    ", ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float)))
     return result
 
 
