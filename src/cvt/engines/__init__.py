@@ -31,7 +31,7 @@ from .calibration import CalibrationSet, load_calibration
 
 ENGINES = ("auto", "torch", "onnxruntime", "openvino")
 # fastest first, measured by `cvt bench` (benchmarks/README.md); an engine is used if installed
-AUTO_ORDER = {"cpu": ("openvino", "onnxruntime", "torch"), "cuda": ("torch",)}
+AUTO_ORDER = {"cpu": ("onnxruntime", "openvino", "torch"), "cuda": ("torch",)}
 
 __all__ = ["ENGINES", "PRECISIONS", "CalibrationSet", "Engine", "EngineError", "PrecisionReport",
            "auto_engine", "build_engine"]

@@ -8,7 +8,9 @@ installed. Needs the `onnxruntime` extra: `pip install "cvt[onnxruntime]"`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -105,7 +107,25 @@ def _quantize(data: bytes, target: Path, calibration: CalibrationSet) -> None:
 
     source = target.with_name("fp32.onnx")
     source.write_bytes(data)
-    q.quantize_static(str(source), str(target), Reader(), quant_format=q.QuantFormat.QDQ,
-                      per_channel=True, activation_type=q.QuantType.QInt8,
-                      weight_type=q.QuantType.QInt8, calibrate_method=q.CalibrationMethod.MinMax)
+    with _quantizer_chatter_dropped():
+        q.quantize_static(str(source), str(target), Reader(), quant_format=q.QuantFormat.QDQ,
+                          per_channel=True, activation_type=q.QuantType.QInt8,
+                          weight_type=q.QuantType.QInt8, calibrate_method=q.CalibrationMethod.MinMax)
     source.unlink()
+
+
+@contextlib.contextmanager
+def _quantizer_chatter_dropped() -> Iterator[None]:
+    """onnxruntime's quantizer warns on the root logger, once per BatchNorm vector it does not
+    quantize per channel and to suggest its pre-processing: dozens of lines a user cannot act
+    on. Its warnings are dropped while it runs; its errors still show."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or "onnxruntime" not in record.pathname
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
