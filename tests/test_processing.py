@@ -58,6 +58,26 @@ def test_pixel_values_equal_transformers_on_real_photographs(name, size, kind) -
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("size", [224, 384])
+@pytest.mark.parametrize("name", PHOTOS)
+def test_transformers_fast_processor_differs_by_uint8_rounding(name, size) -> None:
+    """What `AutoImageProcessor` gives for a CvT folder: transformers' torchvision-backed ("fast")
+    ConvNext processor, whose resampling rounds differently from PIL's. Below 384 (resize and
+    crop) at most one uint8 step (1/255 / std) on under 1 % of values; at 384 (a warp to a
+    square) at most 9 steps, more than one step on under 0.1 % (the README states this)."""
+    theirs_fast = transformers.ConvNextImageProcessor(
+        size={"shortest_edge": size}, crop_pct=0.875, resample=3, image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD))
+    ours = pixels(photo(name), size=size)
+    theirs = theirs_fast(np.array(photo(name)), return_tensors="pt")["pixel_values"]
+    assert ours.shape == theirs.shape
+    steps = (ours - theirs).abs() / torch.tensor([1 / 255 / s for s in IMAGENET_STD]).view(1, 3, 1, 1)
+    if size < 384:
+        assert steps.max().item() <= 1.001 and (steps > 0.5).float().mean().item() < 0.01
+    else:
+        assert steps.max().item() <= 9.001 and (steps > 1.5).float().mean().item() < 0.001
+
+
 def test_recipe_crops_below_384_and_warps_from_384() -> None:
     """Written out by hand: 300x451 -> short side 256 (bicubic) -> centre 224; -> 384x384 (no crop)."""
     image = Image.fromarray(photo("chelsea"))

@@ -94,7 +94,13 @@ def test_cli_convert_writes_a_folder_transformers_loads(testdata, tmp_path, caps
     status = cli_main(["convert", str(testdata / "tiny_dwbn" / "original_state_dict.pth"), str(out),
                        "--config", str(testdata / "tiny_dwbn" / "spec.json")])
     assert status == 0, capsys.readouterr().err
-    assert "wrote" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "wrote" in captured.out and "carries no preprocessing" in captured.err
+    assert not (out / "preprocessor_config.json").exists()
+    sized = tmp_path / "sized"  # --image-size: the folder carries CvT's preprocessing at that size
+    assert cli_main(["convert", str(testdata / "tiny_dwbn" / "original_state_dict.pth"), str(sized),
+                     "--config", str(testdata / "tiny_dwbn" / "spec.json"), "--image-size", "96"]) == 0
+    assert cvt.CvtImageProcessor.from_pretrained(sized) == cvt.CvtImageProcessor(size=96)
     x = load(testdata, "tiny_dwbn", "input")
     theirs = transformers.CvtForImageClassification.from_pretrained(out).eval()
     with torch.no_grad():  # transformers always runs exact GELU

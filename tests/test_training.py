@@ -161,6 +161,25 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
     assert_same_metrics(tmp_path / "whole", tmp_path / "parts", steps=6, epochs=2, atol=1e-6)
 
 
+def test_a_finished_run_continues_for_more_epochs_on_a_replanned_schedule(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", per_class=4)  # 12 images: 3 steps of 4 per epoch
+    start = make_model_folder(tmp_path / "start", tiny_config(num_labels=3))
+    args = ["train", "--model", str(start), "--data", str(data), "--output-dir", str(tmp_path / "run"),
+            "--epochs", "1", "--batch-size", "4", "--val-split", "0", "--workers", "0", "--lr", "1e-3"]
+    assert cli.main(args) == 0
+    assert cli.main([*args, "--resume"]) == 2 and "--extend-epochs N" in capsys.readouterr().err
+    assert cli.main([*args, "--extend-epochs", "2"]) == 2 and "needs --resume" in capsys.readouterr().err
+    first = weights(tmp_path / "run" / "last")
+    assert cli.main([*args, "--resume", "--extend-epochs", "2"]) == 0
+    steps = [r for r in records(tmp_path / "run") if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 10))
+    assert max_change(weights(tmp_path / "run" / "last"), first) > 1e-4
+    recipe = RECIPES["finetune"]
+    replanned = WarmupCosine(1e-3, 9, 3, start=recipe.warmup_lr, floor=recipe.min_lr)
+    assert [r["lr"] for r in steps[3:]] == pytest.approx([replanned(s) for s in range(3, 9)])
+    assert steps[-1]["lr"] < steps[2]["lr"]  # the decay goes on over the new total
+
+
 def test_truncated_state_is_refused_and_a_failed_save_keeps_the_previous_state(tmp_path, capsys, monkeypatch):
     data = make_folder(tmp_path / "data", per_class=4)
     start = make_model_folder(tmp_path / "start", tiny_config(num_labels=3))
@@ -412,6 +431,13 @@ def test_warmup_then_cosine_per_step():
     assert all(a >= b for a, b in zip(after, after[1:]))
 
 
+def test_warmup_is_never_longer_than_a_fifth_of_the_run():
+    """A 1-epoch fine-tune with the recipe's 1-epoch warm-up still reaches its peak and decays."""
+    schedule = WarmupCosine(peak=1e-3, total_steps=10, warmup_steps=10, start=1e-6, floor=1e-5)
+    assert schedule(2) == pytest.approx(1e-3)
+    assert schedule(10) == pytest.approx(1e-5)
+
+
 def test_paper_recipe_is_the_original_imagenet_settings():
     paper = RECIPES["paper"]
     assert paper.peak_lr(1024) == pytest.approx(1e-3) and paper.peak_lr(256) == pytest.approx(2.5e-4)
@@ -422,7 +448,8 @@ def test_paper_recipe_is_the_original_imagenet_settings():
 
 def test_training_option_errors_are_one_line(tmp_path, capsys):
     data = make_folder(tmp_path / "data", per_class=2)
-    base = ["train", "--model", "cvt-13", "--data", str(data), "--output-dir", str(tmp_path / "o")]
+    base = ["train", "--model", "cvt-13", "--from-scratch", "--data", str(data), "--output-dir",
+            str(tmp_path / "o")]
     assert cli.main([*base, "--precision", "fp16"]) == 2
     assert "fp16 needs a GPU" in capsys.readouterr().err
     assert cli.main([*base, "--batch-size", "6", "--accum-steps", "4"]) == 2

@@ -10,7 +10,7 @@ equal transformers' within 1e-4 and the run stops loudly otherwise; reduced prec
 logit error and top-1 agreement with fp32. Peak memory is measured in a fresh process per model
 and case. On a CUDA machine the same cases run on the GPU (synchronised timing, CUDA allocator peak).
 
-Run with `cvt bench` or `python benchmarks/bench.py`; transformers must be installed.
+Run with `cvt bench` or `python benchmarks/bench.py`; needs the `bench` extra (transformers).
 """
 
 from __future__ import annotations
@@ -370,11 +370,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """`cvt bench`: needs transformers (the `dev` extra), imported only here."""
+    """`cvt bench`: needs transformers (the `bench` extra), imported only here."""
     try:
         import transformers  # noqa: F401
     except ImportError:
-        print("cvt bench compares against transformers: pip install 'transformers>=5'", file=sys.stderr)
+        print("cvt bench compares against transformers: pip install \"cvt[bench]\" (and cvt[onnxruntime], "
+              "cvt[openvino] for their engines)", file=sys.stderr)
         return 2
     by_name = {c.name: c for c in CASES}
     if args.memory:

@@ -49,22 +49,23 @@ def _describe(config: CvtConfig, image_size: int) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    source = args.model
-    path = Path(source)
-    if path.is_dir() or path.is_file():
-        config_path = path / weights.CONFIG_NAME if path.is_dir() else path
-        if not config_path.is_file():
-            raise UsageError(f"{path} has no {weights.CONFIG_NAME}")
-        config = weights.read_config(config_path)
-        image_size = args.image_size or _processor_image_size(str(path if path.is_dir() else path.parent))
-        title = str(path)
-    elif source.removeprefix("microsoft/") in VARIANTS:
-        variant = get_variant(source)
+    location = weights.locate(args.model)
+    if location.variant is not None:
+        variant = location.variant
         config, image_size = variant.config(), args.image_size or variant.image_size
         title = f"{variant.name} ({variant.pretraining} pre-training, ImageNet-1k top-1 {variant.top1} %)"
+    elif location.kind == "file":
+        if Path(location.where).suffix != ".json":
+            raise UsageError(f"{args.model} is a weights file; cvt info reads a config.json, a "
+                             f"checkpoint folder, a variant or a hub id")
+        config, title = weights.read_config(location.where), args.model
+        image_size = args.image_size or _processor_image_size(str(Path(location.where).parent))
     else:
-        raise UsageError(f"{source!r} is neither a folder, a config file, nor a variant "
-                         f"({', '.join(VARIANTS)})")
+        config_path = weights.fetcher(location)(weights.CONFIG_NAME)
+        if config_path is None:
+            raise UsageError(f"{args.model} has no {weights.CONFIG_NAME}")
+        config, title = weights.read_config(config_path), args.model
+        image_size = args.image_size or _processor_image_size(args.model)
     print(title)
     print(_describe(config, image_size))
     return 0
@@ -92,8 +93,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
             config = weights.read_config(args.config)
     config = weights.convert_original(args.checkpoint, args.output_dir, CvtForImageClassification,
                                       config=config, **fields)
-    if args.model:  # the variant's evaluation preprocessing travels with its weights
-        CvtImageProcessor.from_pretrained(args.model).save_pretrained(args.output_dir)
+    # the preprocessing the folder will be run with travels with its weights: the variant's, or
+    # CvT's standard one at --image-size; without either, predict asks for --image-size
+    if args.model or args.image_size:
+        CvtImageProcessor.for_model(args.model or args.checkpoint, args.image_size).save_pretrained(args.output_dir)
+    else:
+        print("no --model or --image-size: the folder carries no preprocessing (give --image-size "
+              "to cvt predict and eval)", file=sys.stderr)
     print(f"wrote {args.output_dir} ({config.num_stages} stages, depths {list(config.depth)}, "
           f"widths {list(config.embed_dim)}, {config.num_labels} labels, {config.hidden_act})")
     return 0
@@ -101,8 +107,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     source = args.model
-    if source in VARIANTS and not Path(source).exists():  # as `cvt predict`: cvt-13 is microsoft/cvt-13
-        source = get_variant(source).hub_id
     stored, state_dict = weights.resolve(source)
     # a classifier checkpoint exports its logits; a backbone its features (never a random head)
     with_head = any(key.split(".")[0] in ("classifier", "head") for key in state_dict)
@@ -141,7 +145,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return predict.run(args.model, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
                            device=args.device, fmt=args.format, output=args.output,
                            engine=args.engine, precision=args.precision,
-                           calibration=args.calibration)
+                           calibration=args.calibration, image_size=args.image_size)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("output_dir", help="folder to write config.json and model.safetensors to")
     conv.add_argument("--model", choices=list(VARIANTS), help="architecture of a released variant")
     conv.add_argument("--config", help="config.json, or the original MODEL.SPEC as JSON")
+    conv.add_argument("--image-size", type=int, help="input size the checkpoint was trained at: "
+                      "writes CvT's standard preprocessing for it (default: the variant's)")
     conv.set_defaults(run=cmd_convert)
 
     add_training_parsers(sub)  # train, eval, demo
@@ -167,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     pred = sub.add_parser("predict", help="classify images: top-k labels per file",
                           description="Classify image files, and the images found (recursively) in "
                           "folders. Exit status 1: some files could not be classified.")
-    pred.add_argument("model", help="checkpoint folder, hub id (microsoft/cvt-13) or variant name")
+    pred.add_argument("model", help="variant name (cvt-13: its published weights), hub id, "
+                      "checkpoint folder or weights file (.pth, .safetensors)")
     pred.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
                       help="image files, and folders searched recursively for images")
     pred.add_argument("--top-k", type=int, default=5, help="labels per image (default: 5)")
@@ -175,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda or mps if available)")
     pred.add_argument("--format", choices=predict.FORMATS, default="table", help="default: table")
     pred.add_argument("--output", help="write the results to this file instead of stdout")
+    pred.add_argument("--image-size", type=int, help="input size (default: the model's own "
+                      "preprocessing; needed for a weights file, which carries none)")
     add_engine_arguments(pred)
     pred.set_defaults(run=cmd_predict)
 

@@ -23,7 +23,6 @@ from .engines import build_engine
 from .images import ImageError, ImageInput, split_batch
 from .modeling import CvtForImageClassification
 from .processing import CvtImageProcessor
-from .variants import VARIANTS, get_variant
 
 TASKS = ("image-classification",)
 Prediction = dict[str, Any]  # {"label": str, "score": float}
@@ -168,15 +167,9 @@ def pipeline(task: str, model: str | os.PathLike | CvtForImageClassification, *,
     if not isinstance(model, CvtForImageClassification):
         if isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a cvt.CvtForImageClassification, got {type(model).__name__}")
-        source = str(model)
-        if source in VARIANTS and not Path(source).exists():
-            source = get_variant(source).hub_id
         if image_processor is None:
-            if Path(source).is_file():
-                raise ValueError(f"{source} is a single weights file, which carries no preprocessing; "
-                                 f"pass image_processor= (e.g. CvtImageProcessor.from_pretrained('cvt-13'))")
-            image_processor = CvtImageProcessor.from_pretrained(source, **hub_kwargs)
-        model = CvtForImageClassification.from_pretrained(source, **hub_kwargs)
+            image_processor = CvtImageProcessor.from_pretrained(model, **hub_kwargs)
+        model = CvtForImageClassification.from_pretrained(model, **hub_kwargs)
     elif image_processor is None:
         raise ValueError("with a loaded model, pass image_processor= as well "
                          "(e.g. CvtImageProcessor.from_pretrained('cvt-13'))")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,32 +37,13 @@ from torch.utils.checkpoint import checkpoint
 
 from . import weights
 from .config import CvtConfig, pixel_values_problem
+from .outputs import ModelOutput
 from .variants import get_variant
 
 LAYER_NORM_EPS = 1e-5  # the original code's and transformers' value (config.layer_norm_eps is unused)
 
 
 # ---------------------------------------------------------------------------------------- outputs
-class ModelOutput:
-    """A dataclass output readable as attributes, by key, or by position (None fields skipped)."""
-
-    def to_tuple(self) -> tuple[Any, ...]:
-        return tuple(v for v in (getattr(self, f.name) for f in fields(self)) if v is not None)
-
-    def keys(self) -> list[str]:
-        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
-
-    def __getitem__(self, key: str | int | slice) -> Any:
-        if isinstance(key, str):
-            if key not in self.keys():
-                raise KeyError(f"{key!r} is not set in this {type(self).__name__}; has {self.keys()}")
-            return getattr(self, key)
-        return self.to_tuple()[key]
-
-    def __iter__(self):
-        return iter(self.keys())
-
-
 @dataclass
 class BaseModelOutputWithCLSToken(ModelOutput):
     """`last_hidden_state` (B, C, H, W); `cls_token_value` (B, 1, C) when the last stage has one;

@@ -55,7 +55,7 @@ if keras.backend.backend() != "tensorflow":
 
 from . import convert, weights
 from .config import CvtConfig, conv_output_size, pixel_values_problem
-from .modeling import ModelOutput
+from .outputs import ModelOutput
 from .weights import CheckpointError
 
 LAYER_NORM_EPS = 1e-5  # as the PyTorch side (config.layer_norm_eps is unused there too)

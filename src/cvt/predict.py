@@ -19,8 +19,9 @@ from typing import TextIO
 from tqdm import tqdm
 
 from .images import ImageError, find_images
-from .inference import ImageClassificationPipeline, Prediction, pipeline
 from .files import write_atomic
+from .inference import ImageClassificationPipeline, Prediction, pipeline
+from .processing import CvtImageProcessor
 
 FORMATS = ("table", "json", "csv")
 MAX_PATH_COLUMN = 60  # the table's path column grows to the longest path, up to this
@@ -28,7 +29,8 @@ MAX_PATH_COLUMN = 60  # the table's path column grows to the longest path, up to
 
 def run(model: str, inputs: Sequence[str], *, top_k: int = 5, batch_size: int = 8,
         device: str | None = None, fmt: str = "table", output: str | None = None,
-        engine: str = "auto", precision: str = "fp32", calibration: str | None = None) -> int:
+        engine: str = "auto", precision: str = "fp32", calibration: str | None = None,
+        image_size: int | None = None) -> int:
     """Classify every image under `inputs`. Returns 0 if all were classified, 1 if some could not be."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -36,6 +38,7 @@ def run(model: str, inputs: Sequence[str], *, top_k: int = 5, batch_size: int = 
     if output is not None and Path(output).resolve() in {p.resolve() for p in paths}:
         raise ValueError(f"--output {output} is one of the input images and would be overwritten")
     classifier = pipeline("image-classification", model, device=device, top_k=top_k,
+                          image_processor=CvtImageProcessor.for_model(model, image_size),
                           batch_size=batch_size, engine=engine, precision=precision,
                           calibration=calibration)
     if output is None:

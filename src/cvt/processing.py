@@ -24,7 +24,7 @@ from PIL import Image
 from . import weights
 from .files import write_json
 from .images import ImageInput, as_rgb_image, split_batch
-from .variants import IMAGENET_MEAN, IMAGENET_STD, VARIANTS, get_variant
+from .variants import IMAGENET_MEAN, IMAGENET_STD, Variant
 
 PROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 WARP_FROM = 384  # from this size up the checkpoints were evaluated on the whole image, warped
@@ -158,9 +158,14 @@ class CvtImageProcessor:
         unknown = set(hub_kwargs) - weights.HUB_ARGUMENTS
         if unknown:
             raise TypeError(f"from_pretrained got unexpected arguments: {', '.join(sorted(unknown))}")
-        if str(name_or_path) in VARIANTS and not Path(name_or_path).exists():
-            return cls._from_variant(str(name_or_path))
-        config_path = weights.fetcher(name_or_path, hub_kwargs)(PROCESSOR_CONFIG_NAME)
+        location = weights.locate(name_or_path)
+        if location.variant is not None:  # a published variant's preprocessing is known offline
+            return cls._from_variant(location.variant)
+        if location.kind == "file":
+            raise weights.CheckpointError(
+                f"{name_or_path} is a single weights file, which carries no preprocessing; use a "
+                f"variant's (CvtImageProcessor.from_pretrained('cvt-13')) or give image_size")
+        config_path = weights.fetcher(location, hub_kwargs)(PROCESSOR_CONFIG_NAME)
         if config_path is None:
             raise weights.CheckpointError(
                 f"{name_or_path} has no {PROCESSOR_CONFIG_NAME}, so its preprocessing is unknown; "
@@ -172,9 +177,24 @@ class CvtImageProcessor:
             raise weights.CheckpointError(f"{config_path}: {err}") from None
 
     @classmethod
-    def _from_variant(cls, name: str) -> CvtImageProcessor:
-        """The preprocessing a named variant ("cvt-13-384", ...) was evaluated with."""
-        variant = get_variant(name)
+    def for_model(cls, name_or_path: str | os.PathLike, image_size: int | None = None,
+                  **hub_kwargs: Any) -> CvtImageProcessor:
+        """The preprocessing to run a model with: its own (`from_pretrained`), at `image_size` if
+        given; CvT's standard preprocessing at `image_size` for a model that carries none (a
+        single weights file, a config). Without either, a `CheckpointError` (guessing a size
+        silently would degrade results)."""
+        try:
+            processor = cls.from_pretrained(name_or_path, **hub_kwargs)
+        except weights.CheckpointError as err:
+            if image_size is None or "hub cannot be reached" in str(err):
+                raise weights.CheckpointError(f"{err}; or give an image size (--image-size) to use "
+                                              f"CvT's standard preprocessing") from None
+            processor = cls()
+        return dataclasses.replace(processor, size=image_size) if image_size else processor
+
+    @classmethod
+    def _from_variant(cls, variant: Variant) -> CvtImageProcessor:
+        """The preprocessing a published variant was evaluated with."""
         return cls(size=variant.image_size, crop_pct=variant.crop_pct,
                    resample=int(Image.Resampling[variant.interpolation.upper()]),
                    image_mean=variant.mean, image_std=variant.std)

@@ -10,9 +10,12 @@ atomically (temporary file, fsync, rename), so a failed save leaves the old file
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -23,6 +26,7 @@ from torch import Tensor
 from . import convert
 from .config import CvtConfig
 from .files import write_atomic, write_json
+from .variants import VARIANTS, Variant, get_variant
 
 logger = logging.getLogger("cvt")
 
@@ -34,6 +38,8 @@ PT_INDEX_NAME = "pytorch_model.bin.index.json"
 WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME, PT_WEIGHTS_NAME, PT_INDEX_NAME)
 HUB_ARGUMENTS = {"revision", "cache_dir", "token", "local_files_only", "force_download"}
 HEAD_PREFIXES = ("layernorm.", "classifier.")
+HUB_TIMEOUT_S = 4  # one probe per process: an unreachable hub is reported, not retried for half a minute
+WEIGHT_SUFFIXES = {".pth", ".pt", ".bin", ".safetensors"}
 
 
 class CvtCheckpointModel(Protocol):
@@ -138,19 +144,76 @@ def _local_fetcher(folder: Path) -> Callable[[str], Path | None]:
     return lambda name: (folder / name) if (folder / name).is_file() else None
 
 
+@dataclasses.dataclass(frozen=True)
+class Location:
+    """What a model name means. `kind` is "folder" (transformers layout), "file" (one weights
+    file, original or transformers layout) or "hub" (a repo id); `variant` is the published
+    variant it names, if any, whose architecture and preprocessing are known without the hub."""
+
+    kind: str
+    where: str
+    variant: Variant | None = None
+
+
+def locate(name_or_path: str | os.PathLike) -> Location:
+    """The one reading of a model name, for every command and for Python: an existing folder or
+    file first, then a variant name ("cvt-13" means its published weights, microsoft/cvt-13),
+    then a hub id ("org/name")."""
+    path, name = Path(name_or_path), str(name_or_path)
+    if path.is_dir():
+        return Location("folder", name)
+    if path.is_file():
+        return Location("file", name)
+    if path.suffix in WEIGHT_SUFFIXES | {".json"}:
+        raise CheckpointError(f"{name}: no such file")
+    if name in VARIANTS:
+        return Location("hub", get_variant(name).hub_id, get_variant(name))
+    if _looks_like_hub_id(name):
+        published = name.startswith("microsoft/") and name.removeprefix("microsoft/") in VARIANTS
+        return Location("hub", name, get_variant(name) if published else None)
+    raise CheckpointError(f"{name}: no such folder or file, not a variant ({', '.join(VARIANTS)}) "
+                          f"and not a hub id (org/name)")
+
+
+def hub_unreachable() -> str | None:
+    """Why the hub cannot be used now (HF_HUB_OFFLINE, or its endpoint did not answer within
+    HUB_TIMEOUT_S), or None; probed once per process and endpoint."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    return _probe(constants.ENDPOINT)
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(endpoint: str) -> str | None:
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=HUB_TIMEOUT_S)
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (OSError, ValueError) as err:
+        return f"{endpoint} did not answer within {HUB_TIMEOUT_S} s ({getattr(err, 'reason', err)})"
+    return None
+
+
 def _hub_fetcher(repo_id: str, hub_kwargs: dict[str, Any]) -> Callable[[str], Path | None]:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    unreachable = None if hub_kwargs.get("local_files_only") else hub_unreachable()
+    if unreachable:
+        hub_kwargs = {**hub_kwargs, "local_files_only": True}
 
     def fetch(name: str) -> Path | None:
         try:
             return Path(hf_hub_download(repo_id, name, **hub_kwargs))
         except LocalEntryNotFoundError as err:  # (a subclass of EntryNotFoundError: first)
-            if name != CONFIG_NAME:
-                return None  # config.json resolved, so the repo is cached: this file is not there
-            raise CheckpointError(
-                f"{repo_id!r} is neither a local path nor a cached hub model, and the hub cannot be "
-                f"reached (offline, or HF_HUB_OFFLINE=1): {err}") from None
+            if name != CONFIG_NAME and fetch(CONFIG_NAME):
+                return None  # the repo is cached (its config.json is): this file is not in it
+            reason = unreachable or "local_files_only" if hub_kwargs.get("local_files_only") else err
+            raise CheckpointError(f"the hub cannot be reached ({reason}) and {repo_id!r} is not in "
+                                  f"the local cache; download it while online, or give a folder"
+                                  ) from None
         except EntryNotFoundError:
             return None
         except Exception as err:  # repository not found, gated, HTTP errors
@@ -159,36 +222,51 @@ def _hub_fetcher(repo_id: str, hub_kwargs: dict[str, Any]) -> Callable[[str], Pa
     return fetch
 
 
-def fetcher(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any] | None = None
-            ) -> Callable[[str], Path | None]:
-    """`fetch(filename) -> local Path or None` for a local folder or a hub repo id."""
-    path = Path(name_or_path)
-    if path.is_dir():
-        return _local_fetcher(path)
-    if path.suffix in {".pth", ".pt", ".bin", ".safetensors", ".json"}:
-        raise CheckpointError(f"{name_or_path}: no such file")
-    if _looks_like_hub_id(str(name_or_path)) and not path.exists():
-        return _hub_fetcher(str(name_or_path), hub_kwargs or {})
-    raise CheckpointError(f"{name_or_path}: no such folder, and not a hub id (org/name)")
+def fetcher(location: Location, hub_kwargs: dict[str, Any] | None = None) -> Callable[[str], Path | None]:
+    """`fetch(filename) -> local Path or None` for a folder or a hub repo."""
+    if location.kind == "folder":
+        return _local_fetcher(Path(location.where))
+    if location.kind == "hub":
+        return _hub_fetcher(location.where, hub_kwargs or {})
+    raise CheckpointError(f"{location.where} is a single weights file, not a folder or hub repo")
 
 
 def resolve(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any] | None = None
             ) -> tuple[CvtConfig | None, dict[str, Tensor]]:
     """Find a checkpoint: (its config.json, or None for a single weights file; its state dict,
     in whatever layout the file holds)."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return None, read_state_dict(path)
-    fetch = fetcher(name_or_path, hub_kwargs)
+    location = locate(name_or_path)
+    if location.kind == "file":
+        return None, read_state_dict(Path(location.where))
+    fetch = fetcher(location, hub_kwargs)
     config_path = fetch(CONFIG_NAME)
     if config_path is None:
         raise CheckpointError(f"{name_or_path} has no {CONFIG_NAME}")
-    return read_config(config_path), read_folder_weights(path, fetch)
+    return read_config(config_path), read_folder_weights(Path(location.where), fetch)
+
+
+def read_architecture(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any] | None = None
+                      ) -> CvtConfig:
+    """The config a name describes, without its weights: a variant's, a config.json file, or the
+    config.json of a folder or hub repo (for training from scratch)."""
+    location = locate(name_or_path)
+    if location.variant is not None:
+        return location.variant.config()
+    if location.kind == "file":
+        if Path(location.where).suffix != ".json":
+            raise CheckpointError(f"{name_or_path} is a weights file; its architecture comes with "
+                                  f"its weights (leave out from-scratch), or give a config.json")
+        return read_config(location.where)
+    config_path = fetcher(location, hub_kwargs)(CONFIG_NAME)
+    if config_path is None:
+        raise CheckpointError(f"{name_or_path} has no {CONFIG_NAME}")
+    return read_config(config_path)
 
 
 def _looks_like_hub_id(name: str) -> bool:
+    """org/name: a single word is taken for a (misspelt) variant name, never sent to the hub."""
     parts = name.split("/")
-    return 1 <= len(parts) <= 2 and all(parts) and not name.startswith((".", "~"))
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
 
 
 # ---------------------------------------------------------------------------------------- loading

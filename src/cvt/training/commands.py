@@ -28,8 +28,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         description="Fine-tune a checkpoint or train a variant from scratch. Recipe "
                                     "values are overridden by the options given.")
     tr.add_argument("--model", required=True,
-                    help="hub id (microsoft/cvt-13), checkpoint folder, original .pth, or a variant "
-                         "name (cvt-13: random weights)")
+                    help="variant name (cvt-13: its published weights), hub id (microsoft/cvt-13), "
+                         "checkpoint folder, original .pth, or a config.json with --from-scratch")
+    tr.add_argument("--from-scratch", action="store_true",
+                    help="random weights in the architecture --model names (no download)")
     tr.add_argument("--data", required=True,
                     help="image folder (<class>/ subfolders, or train/ and val/), a .csv/.jsonl of "
                          "path,label, or hf:<datasets name or saved folder>")
@@ -65,13 +67,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and "
                     "augmentation (default 0): the same seed gives the same run")
     tr.add_argument("--resume", action="store_true", help="continue the run saved in --output-dir")
+    tr.add_argument("--extend-epochs", type=int, metavar="N",
+                    help="with --resume: train N epochs more than planned (a finished run too), "
+                         "the cosine schedule re-planned over the new total")
     tr.add_argument("--save-every", type=int, help="also save the resumable state every N steps")
     tr.add_argument("--stop-at-step", type=int,
                     help="save the state and stop after step N (continue later with --resume)")
     tr.set_defaults(run=cmd_train)
 
     ev = sub.add_parser("eval", help="top-1/top-5/loss and per-class accuracy of a model on labelled images")
-    ev.add_argument("--model", required=True, help="checkpoint folder or hub id")
+    ev.add_argument("--model", required=True, help="checkpoint folder, weights file, hub id or "
+                    "variant name (cvt-13: its published weights)")
+    ev.add_argument("--image-size", type=int, help="input size (default: the model's own "
+                    "preprocessing; needed for a weights file, which carries none)")
     ev.add_argument("--data", required=True, help="folder of class subfolders, or any layout train accepts")
     ev.add_argument("--format", choices=("table", "json"), default="table", help="default: table")
     ev.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
@@ -144,7 +152,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with messages_on_stderr():
         result = evaluate_model(args.model, args.data, batch_size=args.batch_size,
                                 workers=args.workers, engine=args.engine, precision=args.precision,
-                                calibration=args.calibration)
+                                calibration=args.calibration, image_size=args.image_size)
     if _is_main_process():
         print(json.dumps(result.to_dict(), indent=2) if args.format == "json" else format_table(result))
     return 0

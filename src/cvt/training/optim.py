@@ -21,14 +21,18 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+MAX_WARMUP_FRACTION = 0.2  # a short run still reaches its peak and decays (1 epoch of a 1-epoch fine-tune would not)
+
+
 class WarmupCosine:
     """Learning rate at an optimiser step: linear warmup to `peak`, then cosine decay to `floor`.
+    The warm-up is at most MAX_WARMUP_FRACTION of the run.
 
     Stateless: the step count (saved with the training state) is all it needs to resume."""
 
     def __init__(self, peak: float, total_steps: int, warmup_steps: int, start: float, floor: float) -> None:
         self.peak, self.total, self.start, self.floor = peak, max(1, total_steps), start, floor
-        self.warmup = min(warmup_steps, self.total)
+        self.warmup = min(warmup_steps, int(MAX_WARMUP_FRACTION * self.total))
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:

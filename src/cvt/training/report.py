@@ -93,19 +93,25 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path) -> None:
     ax_loss.legend()
     for key in ("val_top1", "val_top5"):
         ax_acc.plot([r["epoch"] for r in with_val], [r[key] for r in with_val], "o-", label=key)
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1), title="validation accuracy")
-    ax_acc.legend()
+    # headroom above 1.0 and the legend below the lines: a top-5 of 1.0 stays visible
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1.05), title="validation accuracy")
+    ax_acc.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # epochs are whole numbers
+    ax_acc.legend(loc="lower right")
     fig.tight_layout()
     _save(fig, plt, path)
 
 
 def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], path: Path) -> None:
-    """Rows: true class, columns: predicted class, counts written in the cells."""
-    plt, (fig, ax) = _figure(figsize=(1 + 0.5 * len(classes), 0.8 + 0.5 * len(classes)))
-    ax.imshow(confusion.numpy(), cmap="Blues")
+    """Rows: true class, columns: predicted class, counts written in the cells, a colour bar,
+    and the overall accuracy in the title."""
+    plt, (fig, ax) = _figure(figsize=(2 + 0.5 * len(classes), 0.8 + 0.5 * len(classes)))
+    image = ax.imshow(confusion.numpy(), cmap="Blues")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="images")
     ax.set_xticks(range(len(classes)), classes, rotation=90)
     ax.set_yticks(range(len(classes)), classes)
-    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix")
+    accuracy = confusion.diag().sum().item() / max(1, confusion.sum().item())
+    ax.set(xlabel="predicted", ylabel="true",
+           title=f"confusion matrix: top-1 {100 * accuracy:.2f} % of {int(confusion.sum().item())}")
     high = confusion.max().item() / 2
     for (i, j), count in zip(torch.cartesian_prod(torch.arange(len(classes)), torch.arange(len(classes))).tolist(),
                              confusion.flatten().tolist()):

@@ -10,7 +10,6 @@ processes computed them (up to float rounding, and BatchNorm statistics; see the
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import logging
 import os
@@ -28,10 +27,9 @@ from tqdm.auto import tqdm
 
 from ..config import CvtConfig
 from ..engines import build_engine
-from ..modeling import CvtForImageClassification, create_model
+from ..modeling import CvtForImageClassification
 from ..processing import CvtImageProcessor
-from ..variants import VARIANTS
-from ..weights import CheckpointError
+from ..weights import read_architecture
 from . import distributed
 from .augment import BatchMixer, soft_cross_entropy, train_transform
 from .data import (DataError, LabelledImages, ResumableSampler, ShardSampler, TransformedImages,
@@ -50,7 +48,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 class TrainOptions:
     """Everything `cvt train` accepts. Recipe fields left as None take the recipe's value."""
 
-    model: str | CvtConfig  # hub id, folder, original .pth, variant name (from scratch) or a config
+    model: str | CvtConfig  # hub id, folder, original .pth, variant name (its published weights) or a config
     data: Any  # folder, .csv/.jsonl, hf:<name>, or a datasets Dataset/DatasetDict
     output_dir: Path
     val_data: Any = None
@@ -71,26 +69,29 @@ class TrainOptions:
     accum_steps: int = 1
     precision: str = "fp32"
     freeze_backbone: bool = False
+    from_scratch: bool = False  # random weights in the named model's architecture
     grad_checkpointing: bool = False  # recompute layers in backward: less memory, one more forward
     sync_bn: bool = False
     workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
     seed: int = 0
     resume: bool = False
+    extend_epochs: int | None = None  # with resume: N more epochs, the cosine re-planned over the new total
     save_every: int | None = None  # optimiser steps between saved states (besides each epoch end)
     stop_at_step: int | None = None  # save the state and return after this step (resume later)
 
 
 # ---------------------------------------------------------------------------------------- model
-def load_model(source: str | CvtConfig, classes: list[str]) -> CvtForImageClassification:
-    """The model to train, with a head for `classes`.
+def load_model(source: str | CvtConfig, classes: list[str], from_scratch: bool = False
+               ) -> CvtForImageClassification:
+    """The model to train, with a head for `classes`: `source`'s weights (a variant name means its
+    published ones), or with `from_scratch` random weights in its architecture.
 
     A checkpoint whose labels are exactly `classes` keeps its head (and its label order: the data
     is re-indexed to it); otherwise only the classifier is replaced by a new one."""
     labels = dict(enumerate(classes))
-    if isinstance(source, CvtConfig):
-        return CvtForImageClassification(source.replace(id2label=labels))
-    if source in VARIANTS and not Path(source).exists():  # a variant name: random weights
-        return create_model(source, id2label=labels)
+    if isinstance(source, CvtConfig) or from_scratch:
+        config = source if isinstance(source, CvtConfig) else read_architecture(source)
+        return CvtForImageClassification(config.replace(id2label=labels))
     stored = CvtForImageClassification.from_pretrained(source)
     if set(stored.config.id2label.values()) == set(classes):
         return stored
@@ -104,24 +105,12 @@ def load_model(source: str | CvtConfig, classes: list[str]) -> CvtForImageClassi
     return CvtForImageClassification.from_pretrained(source, id2label=labels)
 
 
-def load_processor(source: str | CvtConfig, image_size: int | None) -> CvtImageProcessor:
-    """The model's own preprocessing (its preprocessor_config.json, or its variant's), at
-    `image_size` if given. A model without one needs `image_size`: CvT's standard preprocessing
-    at that size is used (guessing a size silently would degrade results)."""
-    processor = None
-    if not isinstance(source, CvtConfig) and not Path(source).is_file():
-        try:
-            processor = CvtImageProcessor.from_pretrained(source)
-        except CheckpointError as err:
-            if image_size is None:
-                raise ValueError(f"{err}; or pass --image-size to train with CvT's standard "
-                                 f"preprocessing at that size") from None
-    if processor is None:
-        if image_size is None:
-            raise ValueError(f"{source} carries no preprocessing (a weights file or a config); "
-                             f"pass --image-size")
-        processor = CvtImageProcessor()
-    return dataclasses.replace(processor, size=image_size) if image_size else processor
+def _processor(options: TrainOptions) -> CvtImageProcessor:
+    if not isinstance(options.model, CvtConfig):
+        return CvtImageProcessor.for_model(options.model, options.image_size)
+    if options.image_size is None:
+        raise ValueError("a model given as a CvtConfig carries no preprocessing; pass image_size")
+    return CvtImageProcessor(size=options.image_size)
 
 
 def eval_transform(processor: CvtImageProcessor) -> Callable[[Any], torch.Tensor]:
@@ -159,6 +148,9 @@ def _check_options(options: TrainOptions, device: torch.device) -> None:
         raise ValueError("--sync-bn needs GPUs (SyncBatchNorm runs on CUDA only)")
     if options.accum_steps < 1:
         raise ValueError(f"--accum-steps must be 1 or more, got {options.accum_steps}")
+    if options.extend_epochs is not None and (not options.resume or options.extend_epochs < 1):
+        raise ValueError(f"--extend-epochs needs --resume and a positive number of epochs, got "
+                         f"{options.extend_epochs}{'' if options.resume else ' without --resume'}")
 
 
 def train(options: TrainOptions) -> EvalResult | None:
@@ -209,6 +201,7 @@ class _Run:
     identity: dict[str, Any]  # what a saved state must agree with to be resumed
     step: int = 0
     best_top1: float = -1.0
+    extra_epochs: int = 0  # added to a finished plan by --extend-epochs
 
     @property
     def total_steps(self) -> int:
@@ -241,12 +234,12 @@ def _prepare(options: TrainOptions, ctx: distributed.Context) -> _Run:
 
     torch.manual_seed(options.seed)
     train_images, val_images = load_source(options.data, options.val_data, options.val_split, options.seed)
-    model = load_model(options.model, train_images.classes)
+    model = load_model(options.model, train_images.classes, options.from_scratch)
     model.set_grad_checkpointing(options.grad_checkpointing)
     classes = [model.config.id2label[i] for i in range(model.config.num_labels)]
     train_images = train_images.relabel(classes, "training data")
     val_images = val_images.relabel(classes, "validation data") if val_images is not None else None
-    processor = load_processor(options.model, options.image_size)
+    processor = _processor(options)
 
     train_set = TransformedImages(train_images, train_transform(recipe, processor), options.seed)
     sampler = ResumableSampler(train_set, ctx.world_size, ctx.rank, options.seed)
@@ -259,9 +252,7 @@ def _prepare(options: TrainOptions, ctx: distributed.Context) -> _Run:
     model, ddp_model = _place(model, options, ctx)
     peak_lr = options.lr if options.lr is not None else recipe.peak_lr(recipe.batch_size)
     optimizer = torch.optim.AdamW(parameter_groups(model, recipe.weight_decay), lr=peak_lr)
-    schedule = WarmupCosine(peak_lr, steps_per_epoch * recipe.epochs,
-                            round(recipe.warmup_epochs * steps_per_epoch),
-                            start=min(recipe.warmup_lr, peak_lr), floor=min(recipe.min_lr, peak_lr))
+    schedule = _schedule(recipe, steps_per_epoch, peak_lr)
     scaler = torch.amp.GradScaler("cuda") if options.precision == "fp16" else None
     ema = WeightEMA(model, recipe.ema_decay) if recipe.ema_decay else None
     identity = {"batch_size": recipe.batch_size, "seed": options.seed, "train_images": len(train_images),
@@ -271,6 +262,11 @@ def _prepare(options: TrainOptions, ctx: distributed.Context) -> _Run:
     return _Run(options, ctx, recipe, out, micro_batch, model, ddp_model, processor, train_set, sampler,
                 loader, val_images, steps_per_epoch, optimizer, schedule, scaler, ema,
                 BatchMixer(recipe, len(classes)), MetricsLog(out / METRICS_NAME), identity)
+
+
+def _schedule(recipe: Recipe, steps_per_epoch: int, peak_lr: float) -> WarmupCosine:
+    return WarmupCosine(peak_lr, steps_per_epoch * recipe.epochs, round(recipe.warmup_epochs * steps_per_epoch),
+                        start=min(recipe.warmup_lr, peak_lr), floor=min(recipe.min_lr, peak_lr))
 
 
 def _place(model: CvtForImageClassification, options: TrainOptions, ctx: distributed.Context
@@ -312,8 +308,12 @@ def _resume(run: _Run) -> None:
         raise ValueError(f"cannot resume {run.out}: the saved run had {state['run']}, this one "
                          f"{run.identity}; resume with the same data, batch size, epochs, seed, EMA "
                          f"and precision")
+    extra = state.get("extra_epochs", 0) + (run.options.extend_epochs or 0)
+    if extra:
+        _extend(run, extra)
     if state["step"] >= run.total_steps:
-        raise ValueError(f"{run.out} holds a finished run ({run.total_steps} steps); nothing to resume")
+        raise ValueError(f"{run.out} holds a finished run ({run.total_steps} steps); continue it with "
+                         f"--extend-epochs N")
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     if run.scaler is not None:
@@ -327,6 +327,14 @@ def _resume(run: _Run) -> None:
         logger.info("resuming %s at step %d of %d", run.out, run.step, run.total_steps)
 
 
+def _extend(run: _Run, extra_epochs: int) -> None:
+    """The only change a resume may make: epochs beyond the planned ones (`--extend-epochs`,
+    saved with the state), the cosine schedule re-planned over the new total."""
+    run.extra_epochs = extra_epochs
+    run.recipe = run.recipe.replace(epochs=run.identity["epochs"] + extra_epochs)
+    run.schedule = _schedule(run.recipe, run.steps_per_epoch, run.schedule.peak)
+
+
 def _save(run: _Run) -> None:
     """The resumable state; every rank takes part (random states are gathered), rank 0 writes."""
     states = run.ctx.gather(rng_state())
@@ -334,6 +342,7 @@ def _save(run: _Run) -> None:
         return
     save_state(run.out / STATE_NAME, {
         "step": run.step, "best_top1": run.best_top1, "run": run.identity, "rng": states,
+        "extra_epochs": run.extra_epochs,
         "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict() if run.scaler is not None else None,
         "ema": run.ema.state_dict() if run.ema is not None else None})
@@ -510,8 +519,8 @@ def score(logits_of: Callable[[torch.Tensor], torch.Tensor], images: LabelledIma
 
 
 def evaluate_model(model_source: str, data: Any, batch_size: int = 64, workers: int | None = None,
-                   engine: str = "auto", precision: str = "fp32", calibration: str | None = None
-                   ) -> EvalResult:
+                   engine: str = "auto", precision: str = "fp32", calibration: str | None = None,
+                   image_size: int | None = None) -> EvalResult:
     """`cvt eval`: score a saved model on a labelled dataset with an inference engine
     (distributed under torchrun)."""
     ctx = distributed.start()
@@ -519,7 +528,7 @@ def evaluate_model(model_source: str, data: Any, batch_size: int = 64, workers: 
         model = CvtForImageClassification.from_pretrained(model_source).to(ctx.device)
         classes = [model.config.id2label[i] for i in range(model.config.num_labels)]
         images = load_eval_source(data).relabel(classes, f"{data}")
-        processor = load_processor(model_source, None)
+        processor = CvtImageProcessor.for_model(model_source, image_size)
         runner = build_engine(model, engine, device=ctx.device, precision=precision,
                               image_size=processor.size, calibration=calibration, processor=processor)
         if runner.report is not None:
