@@ -90,6 +90,7 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path) -> None:
     with_val = [r for r in epochs if r.get("val_loss") is not None]
     ax_loss.plot([r["step"] for r in with_val], [r["val_loss"] for r in with_val], "o-", label="validation")
     ax_loss.set(xlabel="optimiser step", ylabel="loss", title="loss")
+    ax_loss.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax_loss.legend()
     for key in ("val_top1", "val_top5"):
         ax_acc.plot([r["epoch"] for r in with_val], [r[key] for r in with_val], "o-", label=key)
@@ -104,14 +105,14 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path) -> None:
 def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], path: Path) -> None:
     """Rows: true class, columns: predicted class, counts written in the cells, a colour bar,
     and the overall accuracy in the title."""
-    plt, (fig, ax) = _figure(figsize=(2 + 0.5 * len(classes), 0.8 + 0.5 * len(classes)))
+    plt, (fig, ax) = _figure(figsize=(max(4.5, 2 + 0.5 * len(classes)), max(3.5, 1.2 + 0.5 * len(classes))))
     image = ax.imshow(confusion.numpy(), cmap="Blues")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="images")
     ax.set_xticks(range(len(classes)), classes, rotation=90)
     ax.set_yticks(range(len(classes)), classes)
     accuracy = confusion.diag().sum().item() / max(1, confusion.sum().item())
     ax.set(xlabel="predicted", ylabel="true",
-           title=f"confusion matrix: top-1 {100 * accuracy:.2f} % of {int(confusion.sum().item())}")
+           title=f"confusion matrix\ntop-1 {100 * accuracy:.2f} % of {int(confusion.sum().item())} images")
     high = confusion.max().item() / 2
     for (i, j), count in zip(torch.cartesian_prod(torch.arange(len(classes)), torch.arange(len(classes))).tolist(),
                              confusion.flatten().tolist()):
