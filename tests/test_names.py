@@ -112,3 +112,17 @@ def test_folder_and_weights_file_work_offline_in_every_command(hub, images, tmp_
     fresh = scratch.state_dict()
     assert all(not torch.equal(value, fresh[key]) for key, value in kept.state_dict().items()
                if key.endswith("projection.weight"))  # the architecture only, not the weights
+
+
+def test_every_writer_saves_the_preprocessing_it_knows(tmp_path):
+    """A variant built by create_model, and any model loaded from a folder (PyTorch or
+    TensorFlow), saves its preprocessing with its weights, so predict runs the folder as is."""
+    made = cvt.create_model("cvt-13-384", depth=(1, 1, 1), embed_dim=(16, 32, 48), num_heads=(1, 2, 3))
+    made.save_pretrained(tmp_path / "made")
+    assert cvt.CvtImageProcessor.from_pretrained(tmp_path / "made") == cvt.CvtImageProcessor.from_pretrained("cvt-13-384")
+    folder = save_tiny_classifier(tmp_path / "folder", image_size=96)
+    cvt.CvtForImageClassification.from_pretrained(folder).save_pretrained(tmp_path / "again")
+    assert cvt.CvtImageProcessor.from_pretrained(tmp_path / "again").size == 96
+    tf_model = cvt.TFCvtForImageClassification.from_pretrained(folder)
+    tf_model.save_pretrained(tmp_path / "tf")
+    assert cvt.CvtImageProcessor.from_pretrained(tmp_path / "tf").size == 96

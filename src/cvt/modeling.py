@@ -327,6 +327,9 @@ class CvtPreTrainedModel(nn.Module):
 
     base_model_prefix = "cvt"
     main_input_name = "pixel_values"
+    # preprocessor_config.json contents the weights came with (a variant's, a folder's), written
+    # again by save_pretrained; None when unknown
+    preprocessing: dict | None = None
 
     def __init__(self, config: CvtConfig) -> None:
         super().__init__()
@@ -496,4 +499,6 @@ def create_model(name: str, pretrained: bool = False, **config_overrides: Any) -
     variant = get_variant(name)
     if pretrained:
         return CvtForImageClassification.from_pretrained(variant.hub_id, **config_overrides)
-    return CvtForImageClassification(variant.config(**config_overrides))
+    model = CvtForImageClassification(variant.config(**config_overrides))
+    model.preprocessing = variant.preprocessor_config()  # saved with it: predict can run the folder
+    return model

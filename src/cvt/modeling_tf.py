@@ -483,6 +483,7 @@ class TFCvtPreTrainedModel(keras.Model):
 
     base_model_prefix = "cvt"
     main_input_name = "pixel_values"
+    preprocessing: dict | None = None  # as on the PyTorch models: written again by save_pretrained
 
     def __init__(self, config: CvtConfig, **kwargs: Any) -> None:
         if not isinstance(config, CvtConfig):
@@ -557,7 +558,8 @@ class TFCvtPreTrainedModel(keras.Model):
         """Write config.json + model.safetensors in the PyTorch layout: loadable by this class,
         cvt's PyTorch models and transformers."""
         weights.save_arrays_pretrained(folder, self.pytorch_state_dict(), self.config,
-                               architecture=type(self).__name__.removeprefix("TF"))
+                                       architecture=type(self).__name__.removeprefix("TF"),
+                                       preprocessing=getattr(self, "preprocessing", None))
 
     # --------------------------------------------------------------- inputs
     def _check_pixel_values(self, pixel_values: Any, training: bool) -> tf.Tensor:

@@ -26,7 +26,7 @@ from .files import write_json
 from .images import ImageInput, as_rgb_image, split_batch
 from .variants import IMAGENET_MEAN, IMAGENET_STD, Variant
 
-PROCESSOR_CONFIG_NAME = "preprocessor_config.json"
+PROCESSOR_CONFIG_NAME = weights.PROCESSOR_CONFIG_NAME
 WARP_FROM = 384  # from this size up the checkpoints were evaluated on the whole image, warped
 RETURN_TENSORS = ("pt", "np")
 _RESAMPLE_CODES = {int(r) for r in Image.Resampling}
@@ -195,9 +195,7 @@ class CvtImageProcessor:
     @classmethod
     def _from_variant(cls, variant: Variant) -> CvtImageProcessor:
         """The preprocessing a published variant was evaluated with."""
-        return cls(size=variant.image_size, crop_pct=variant.crop_pct,
-                   resample=int(Image.Resampling[variant.interpolation.upper()]),
-                   image_mean=variant.mean, image_std=variant.std)
+        return cls.from_dict(variant.preprocessor_config())
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write `preprocessor_config.json` (readable here and by transformers) into `folder`."""

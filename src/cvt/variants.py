@@ -15,6 +15,7 @@ from .config import CvtConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+PIL_FILTERS = {"bilinear": 2, "bicubic": 3}  # Pillow's resampling codes, as the JSON stores them
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,15 @@ class Variant:
     @property
     def hub_id(self) -> str:
         return f"microsoft/{self.name}"
+
+    def preprocessor_config(self) -> dict[str, Any]:
+        """Its evaluation preprocessing as transformers' preprocessor_config.json contents (a
+        ConvNext image processor; `CvtImageProcessor` reads and writes the same keys)."""
+        return {"image_processor_type": "ConvNextImageProcessor",
+                "size": {"shortest_edge": self.image_size}, "crop_pct": self.crop_pct,
+                "resample": PIL_FILTERS[self.interpolation], "do_resize": True, "do_rescale": True,
+                "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(self.mean),
+                "image_std": list(self.std)}
 
     def config(self, **overrides: Any) -> CvtConfig:
         base = CvtConfig(**self.architecture, id2label=dict(enumerate(imagenet_1k_labels())))

@@ -31,6 +31,7 @@ from .variants import VARIANTS, Variant, get_variant
 logger = logging.getLogger("cvt")
 
 CONFIG_NAME = "config.json"
+PROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_INDEX_NAME = "model.safetensors.index.json"
 PT_WEIGHTS_NAME = "pytorch_model.bin"
@@ -279,8 +280,23 @@ def load_pretrained(cls: type[M], name_or_path: str | os.PathLike, *, config: Cv
     if unknown:
         raise TypeError(f"from_pretrained got unexpected arguments: {', '.join(sorted(unknown))}")
     stored, state_dict = resolve(name_or_path, hub_kwargs)
-    return build_from_state_dict(cls, state_dict, name_or_path, stored=stored, config=config,
-                                 ignore_mismatched_sizes=ignore_mismatched_sizes, **kwargs)
+    model = build_from_state_dict(cls, state_dict, name_or_path, stored=stored, config=config,
+                                  ignore_mismatched_sizes=ignore_mismatched_sizes, **kwargs)
+    model.preprocessing = stored_preprocessing(name_or_path, hub_kwargs)
+    return model
+
+
+def stored_preprocessing(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any] | None = None
+                         ) -> dict[str, Any] | None:
+    """The preprocessor_config.json contents a checkpoint comes with (a variant's are known), or
+    None: kept on a loaded model so that saving it keeps its preprocessing with its weights."""
+    location = locate(name_or_path)
+    if location.variant is not None:
+        return location.variant.preprocessor_config()
+    if location.kind == "file":
+        return None
+    path = fetcher(location, hub_kwargs)(PROCESSOR_CONFIG_NAME)
+    return read_json(path) if path is not None else None
 
 
 def build_from_state_dict(cls: type[M], state_dict: dict[str, Tensor], source: Any, *,
@@ -381,12 +397,14 @@ def load_state_dict_checked(model: CvtCheckpointModel, state_dict: dict[str, Any
 
 # ---------------------------------------------------------------------------------------- writing
 def save_pretrained(model: torch.nn.Module, folder: str | os.PathLike) -> None:
-    """config.json + model.safetensors in transformers' layout (removing stale weight files)."""
-    save_arrays_pretrained(folder, model.state_dict(), model.config, type(model).__name__)
+    """config.json + model.safetensors in transformers' layout (removing stale weight files),
+    and the model's preprocessor_config.json when it knows its preprocessing."""
+    save_arrays_pretrained(folder, model.state_dict(), model.config, type(model).__name__,
+                           preprocessing=getattr(model, "preprocessing", None))
 
 
 def save_arrays_pretrained(folder: str | os.PathLike, arrays: Mapping[str, Any], config: CvtConfig,
-                           architecture: str) -> None:
+                           architecture: str, preprocessing: Mapping[str, Any] | None = None) -> None:
     """config.json + model.safetensors in transformers' layout (removing stale weight files) for
     weights in the PyTorch layout, as torch tensors or numpy arrays (the TensorFlow models'):
     loadable by the PyTorch models and transformers. `architecture` is the PyTorch class name
@@ -407,6 +425,8 @@ def save_arrays_pretrained(folder: str | os.PathLike, arrays: Mapping[str, Any],
             "exact GELU, so its logits differ (by ~3e-2 on the published weights)", folder)
     write_atomic(folder / SAFE_WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     write_json(folder / CONFIG_NAME, dict(sorted(data.items())))
+    if preprocessing is not None:
+        write_json(folder / PROCESSOR_CONFIG_NAME, dict(preprocessing))
     for stale in (SAFE_INDEX_NAME, PT_WEIGHTS_NAME, PT_INDEX_NAME):
         (folder / stale).unlink(missing_ok=True)
 
