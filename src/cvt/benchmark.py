@@ -36,10 +36,9 @@ from .config import CvtConfig
 from .engines import build_engine
 from .engines.base import cpu_has_bf16
 from .engines.calibration import CalibrationSet
-from .export import onnx_bytes
+from .export import compile_openvino, onnx_bytes
 from .files import write_json
 from .modeling import CvtForImageClassification
-from .native import signal_stack_kept
 
 TOLERANCE = 1e-4
 # before each timed call: lets the previous side's runtime park its spinning worker threads, which
@@ -177,11 +176,7 @@ def _by_hand(onnx_file: Path, x: torch.Tensor) -> dict[str, tuple[Callable, str]
         sides["onnxruntime by hand"] = (
             lambda: torch.from_numpy(session.run(None, {"pixel_values": array})[0]), "fp32")
     if importlib.util.find_spec("openvino"):
-        import openvino
-
-        with signal_stack_kept():  # the CPU plugin swaps this thread's signal stack: see cvt.native
-            compiled = openvino.Core().compile_model(str(onnx_file), "CPU", {
-                "INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"})
+        compiled = compile_openvino(onnx_file)
         sides["openvino by hand"] = (lambda: torch.from_numpy(compiled({0: array})[0]), "fp32")
     return sides
 

@@ -61,10 +61,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         config, title = weights.read_config(location.where), args.model
         image_size = args.image_size or _processor_image_size(str(Path(location.where).parent))
     else:
-        config_path = weights.fetcher(location)(weights.CONFIG_NAME)
-        if config_path is None:
-            raise UsageError(f"{args.model} has no {weights.CONFIG_NAME}")
-        config, title = weights.read_config(config_path), args.model
+        config, title = weights.read_architecture(args.model), args.model
         image_size = args.image_size or _processor_image_size(args.model)
     print(title)
     print(_describe(config, image_size))

@@ -30,6 +30,9 @@ from .modeling import CvtForImageClassification, CvtModel
 from .native import signal_stack_kept
 
 logger = logging.getLogger("cvt")
+# OpenVINO's CPU plugin defaults to bf16 (where the CPU has it) and on-the-fly int8 for
+# fully-connected layers: exact fp32 has to be asked for
+OPENVINO_FP32 = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
 
 TOLERANCE = 1e-4  # max abs difference allowed between onnxruntime's and PyTorch's outputs
 INPUT_NAME = "pixel_values"
@@ -236,14 +239,21 @@ def export_openvino(model: CvtModel | CvtForImageClassification, path: str | os.
     return ExportResult(xml, size, None, difference)
 
 
+def compile_openvino(source: str | os.PathLike, properties: dict[str, str] = OPENVINO_FP32):
+    """OpenVINO's CPU plugin compiling `source` (.onnx or .xml), fp32 unless `properties` say
+    otherwise, with the signal-stack swap of its plugin undone (see `cvt.native`)."""
+    import openvino as ov
+
+    with signal_stack_kept():
+        return ov.Core().compile_model(str(source), "CPU", properties)
+
+
 def _check_openvino(model: CvtModel | CvtForImageClassification, xml: Path, height: int, width: int) -> float:
     import openvino as ov
 
     generator = torch.Generator().manual_seed(0)
     pixel_values = torch.randn(3, model.config.num_channels, height, width, generator=generator)
-    with signal_stack_kept():  # the CPU plugin swaps this thread's signal stack: see cvt.native
-        compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
-                                                              "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"})
+    compiled = compile_openvino(xml)
     got = compiled({0: pixel_values.numpy()})
     with _eval_mode(model), torch.no_grad():
         want = _Outputs(model)(pixel_values.to(next(model.parameters()).device))

@@ -24,7 +24,7 @@ from PIL import Image
 from . import weights
 from .files import write_json
 from .images import ImageInput, as_rgb_image, split_batch
-from .variants import IMAGENET_MEAN, IMAGENET_STD, Variant
+from .variants import IMAGENET_MEAN, IMAGENET_STD
 
 PROCESSOR_CONFIG_NAME = weights.PROCESSOR_CONFIG_NAME
 WARP_FROM = 384  # from this size up the checkpoints were evaluated on the whole image, warped
@@ -153,28 +153,25 @@ class CvtImageProcessor:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **hub_kwargs: Any) -> CvtImageProcessor:
         """The processor of a checkpoint folder or hub repo (its preprocessor_config.json), or of a
-        named variant ("cvt-13", ...; see `cvt.list_models()`). `revision`, `cache_dir`, `token` and
+        named variant ("cvt-13", ...; see `cvt.list_models()`; known without the hub). `revision`, `cache_dir`, `token` and
         `local_files_only` are passed to the hub."""
         unknown = set(hub_kwargs) - weights.HUB_ARGUMENTS
         if unknown:
             raise TypeError(f"from_pretrained got unexpected arguments: {', '.join(sorted(unknown))}")
-        location = weights.locate(name_or_path)
-        if location.variant is not None:  # a published variant's preprocessing is known offline
-            return cls._from_variant(location.variant)
-        if location.kind == "file":
+        data = weights.stored_preprocessing(name_or_path, hub_kwargs)
+        if data is None and weights.locate(name_or_path).kind == "file":
             raise weights.CheckpointError(
                 f"{name_or_path} is a single weights file, which carries no preprocessing; use a "
                 f"variant's (CvtImageProcessor.from_pretrained('cvt-13')) or give image_size")
-        config_path = weights.fetcher(location, hub_kwargs)(PROCESSOR_CONFIG_NAME)
-        if config_path is None:
+        if data is None:
             raise weights.CheckpointError(
                 f"{name_or_path} has no {PROCESSOR_CONFIG_NAME}, so its preprocessing is unknown; "
                 f"save one with CvtImageProcessor(size=...).save_pretrained(folder), or use a "
                 f"variant's, e.g. CvtImageProcessor.from_pretrained('cvt-13')")
         try:
-            return cls.from_dict(weights.read_json(config_path))
+            return cls.from_dict(data)
         except ValueError as err:
-            raise weights.CheckpointError(f"{config_path}: {err}") from None
+            raise weights.CheckpointError(f"{name_or_path}'s {PROCESSOR_CONFIG_NAME}: {err}") from None
 
     @classmethod
     def for_model(cls, name_or_path: str | os.PathLike, image_size: int | None = None,
@@ -186,16 +183,11 @@ class CvtImageProcessor:
         try:
             processor = cls.from_pretrained(name_or_path, **hub_kwargs)
         except weights.CheckpointError as err:
-            if image_size is None or "hub cannot be reached" in str(err):
+            if image_size is None or isinstance(err, weights.HubUnreachableError):
                 raise weights.CheckpointError(f"{err}; or give an image size (--image-size) to use "
                                               f"CvT's standard preprocessing") from None
             processor = cls()
         return dataclasses.replace(processor, size=image_size) if image_size else processor
-
-    @classmethod
-    def _from_variant(cls, variant: Variant) -> CvtImageProcessor:
-        """The preprocessing a published variant was evaluated with."""
-        return cls.from_dict(variant.preprocessor_config())
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write `preprocessor_config.json` (readable here and by transformers) into `folder`."""

@@ -65,6 +65,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: unreadable, of another model, or not matching the config."""
 
 
+class HubUnreachableError(CheckpointError):
+    """A hub checkpoint that is not in the local cache while the hub cannot be reached."""
+
+
 # ---------------------------------------------------------------------------------------- reading
 def read_json(path: str | os.PathLike) -> Any:
     try:
@@ -212,7 +216,7 @@ def _hub_fetcher(repo_id: str, hub_kwargs: dict[str, Any]) -> Callable[[str], Pa
             if name != CONFIG_NAME and fetch(CONFIG_NAME):
                 return None  # the repo is cached (its config.json is): this file is not in it
             reason = unreachable or "local_files_only" if hub_kwargs.get("local_files_only") else err
-            raise CheckpointError(f"the hub cannot be reached ({reason}) and {repo_id!r} is not in "
+            raise HubUnreachableError(f"the hub cannot be reached ({reason}) and {repo_id!r} is not in "
                                   f"the local cache; download it while online, or give a folder"
                                   ) from None
         except EntryNotFoundError:
@@ -240,10 +244,7 @@ def resolve(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any] | None =
     if location.kind == "file":
         return None, read_state_dict(Path(location.where))
     fetch = fetcher(location, hub_kwargs)
-    config_path = fetch(CONFIG_NAME)
-    if config_path is None:
-        raise CheckpointError(f"{name_or_path} has no {CONFIG_NAME}")
-    return read_config(config_path), read_folder_weights(Path(location.where), fetch)
+    return _stored_config(fetch, name_or_path), read_folder_weights(Path(location.where), fetch)
 
 
 def read_architecture(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any] | None = None
@@ -258,7 +259,11 @@ def read_architecture(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any
             raise CheckpointError(f"{name_or_path} is a weights file; its architecture comes with "
                                   f"its weights (leave out from-scratch), or give a config.json")
         return read_config(location.where)
-    config_path = fetcher(location, hub_kwargs)(CONFIG_NAME)
+    return _stored_config(fetcher(location, hub_kwargs), name_or_path)
+
+
+def _stored_config(fetch: Callable[[str], Path | None], name_or_path: str | os.PathLike) -> CvtConfig:
+    config_path = fetch(CONFIG_NAME)
     if config_path is None:
         raise CheckpointError(f"{name_or_path} has no {CONFIG_NAME}")
     return read_config(config_path)

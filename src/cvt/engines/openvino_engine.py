@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..export import onnx_bytes
+from ..export import OPENVINO_FP32, compile_openvino, onnx_bytes
 from ..native import signal_stack_kept
 from .base import Engine, EngineError, Model, cpu_has_bf16, import_runtime
 from .cache import EngineCache, build_cached, entry_key
@@ -38,15 +38,13 @@ class OpenVinoEngine(Engine):
     def __init__(self, model: Model, path: Path, *, device: torch.device, precision: str,
                  image_size: tuple[int, int]) -> None:
         super().__init__(model, device=device, precision=precision, image_size=image_size)
-        ov = import_runtime("openvino", "openvino")
-        properties = {
+        import_runtime("openvino", "openvino")  # a clear error when the extra is missing
+        self.compiled = compile_openvino(path, {
+            **OPENVINO_FP32,
             "INFERENCE_PRECISION_HINT": HINTS[precision],
-            "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0",
             "PERFORMANCE_HINT": "LATENCY",  # one request at a time uses every core
             "INFERENCE_NUM_THREADS": str(torch.get_num_threads()),
-        }
-        with signal_stack_kept():  # the CPU plugin swaps this thread's signal stack: see cvt.native
-            self.compiled = ov.Core().compile_model(str(path), "CPU", properties)
+        })
         self.request = self.compiled.create_infer_request()
         self._lock = threading.Lock()  # an infer request serves one call at a time
 
