@@ -201,7 +201,6 @@ class _Run:
     identity: dict[str, Any]  # what a saved state must agree with to be resumed
     step: int = 0
     best_top1: float = -1.0
-    extra_epochs: int = 0  # added to a finished plan by --extend-epochs
 
     @property
     def total_steps(self) -> int:
@@ -330,7 +329,6 @@ def _resume(run: _Run) -> None:
 def _extend(run: _Run, extra_epochs: int) -> None:
     """The only change a resume may make: epochs beyond the planned ones (`--extend-epochs`,
     saved with the state), the cosine schedule re-planned over the new total."""
-    run.extra_epochs = extra_epochs
     run.recipe = run.recipe.replace(epochs=run.identity["epochs"] + extra_epochs)
     run.schedule = _schedule(run.recipe, run.steps_per_epoch, run.schedule.peak)
 
@@ -342,7 +340,7 @@ def _save(run: _Run) -> None:
         return
     save_state(run.out / STATE_NAME, {
         "step": run.step, "best_top1": run.best_top1, "run": run.identity, "rng": states,
-        "extra_epochs": run.extra_epochs,
+        "extra_epochs": run.recipe.epochs - run.identity["epochs"],  # by --extend-epochs
         "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict() if run.scaler is not None else None,
         "ema": run.ema.state_dict() if run.ema is not None else None})
