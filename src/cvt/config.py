@@ -104,8 +104,8 @@ class CvtConfig:
             self._check_int(name, getattr(self, name), minimum=1)
         for name in ("initializer_range", "layer_norm_eps"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"CvtConfig.{name} must be a positive number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"CvtConfig.{name} must be a positive finite number, got {value!r}")
             setattr(self, name, float(value))
         for name in ("output_hidden_states", "return_dict"):
             if not isinstance(getattr(self, name), bool):
@@ -141,8 +141,8 @@ class CvtConfig:
                     raise ValueError(f"CvtConfig.{name} values must be rates in [0, 1), got {v!r}")
             setattr(self, name, tuple(float(v) for v in getattr(self, name)))
         for v in self.mlp_ratio:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ValueError(f"CvtConfig.mlp_ratio values must be positive numbers, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise ValueError(f"CvtConfig.mlp_ratio values must be positive finite numbers, got {v!r}")
         self.mlp_ratio = tuple(float(v) for v in self.mlp_ratio)
         for name in _STAGE_BOOL_FIELDS:
             for v in getattr(self, name):
@@ -196,6 +196,11 @@ class CvtConfig:
                 raise ValueError(
                     f"CvtConfig.id2label keys must be class indices, got {list(self.id2label)[:5]}"
                 ) from None
+            if set(self.id2label) != set(range(len(self.id2label))):
+                raise ValueError(
+                    f"CvtConfig.id2label must name every class index 0..{len(self.id2label) - 1} "
+                    f"once; its keys are {sorted(self.id2label)[:10]}"
+                )
             if self.num_labels is not None and self.num_labels != len(self.id2label):
                 raise ValueError(
                     f"CvtConfig: num_labels={self.num_labels} disagrees with id2label, "
