@@ -116,7 +116,13 @@ def test_resume_with_any_other_result_changing_setting_is_refused_naming_both_va
     save_state(state_path, state)
     assert cli.main([*as_args(options), "--resume"]) == 2
     assert "sync_bn: saved run True, this command False" in capsys.readouterr().err
-    state["run"]["sync_bn"] = False
+    # a state from an earlier cvt, which did not record the class list, cannot be checked
+    del state["run"]["sync_bn"], state["run"]["classes"]
+    save_state(state_path, state)
+    assert cli.main([*as_args(options), "--resume"]) == 2
+    assert "settings the saved run did not record (saved by an earlier cvt?): classes, sync_bn" in (
+        capsys.readouterr().err)
+    state["run"].update(sync_bn=False, classes=["ant", "bee", "cat"])
     save_state(state_path, state)
 
     # result-neutral options may differ; the run continues to the end

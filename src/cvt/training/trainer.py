@@ -314,8 +314,9 @@ def _identity(options: TrainOptions, recipe: Recipe, config: CvtConfig, processo
     }
 
 
-def identity_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """'name: saved run X, this command Y' for every setting that differs (nested ones dotted)."""
+def _identity_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """'name: saved run X, this command Y' for every setting that differs (nested ones dotted),
+    and the settings a state saved by an earlier cvt did not record."""
     def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key, value in d.items():
@@ -326,9 +327,14 @@ def identity_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str
         return out
 
     before, after = flat(saved), flat(now)
-    missing = "(not saved)"
-    return [f"{key}: saved run {before.get(key, missing)!r}, this command {after.get(key, missing)!r}"
-            for key in sorted(before.keys() | after.keys()) if before.get(key, missing) != after.get(key, missing)]
+    differences = [f"{key}: saved run {before[key]!r}, this command "
+                   f"{repr(after[key]) if key in after else '(no such setting)'}"
+                   for key in sorted(before) if key not in after or before[key] != after[key]]
+    unrecorded = sorted(after.keys() - before.keys())
+    if unrecorded:
+        differences.append(f"settings the saved run did not record (saved by an earlier cvt?): "
+                           f"{', '.join(unrecorded)}")
+    return differences
 
 
 def _schedule(recipe: Recipe, steps_per_epoch: int, peak_lr: float) -> WarmupCosine:
@@ -387,7 +393,7 @@ def _resume(run: _Run) -> None:
         raise ResumeError(f"cannot resume {run.out}: the run stopped before its first saved state; "
                           f"start it again without --resume")
     state = load_state(path)
-    differences = identity_differences(state["run"], run.identity)
+    differences = _identity_differences(state["run"], run.identity)
     if differences:
         raise ResumeError(f"cannot resume {run.out}: this command differs from the saved run in "
                           f"{'; '.join(differences)}; resume with the same settings (more epochs: "
