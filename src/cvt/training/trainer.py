@@ -48,17 +48,13 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # (as the run used it: the resolved recipe, the model's architecture and classes, the data's
 # classes and image counts) must equal the new command's, else the resumed run would not be the
 # run it claims to continue. Result-neutral: may differ, the weights come out the same.
-RESUME_COMPARED = {
-    "model": "its architecture and class list (the path may move)",
-    "data": "its class list and image count (the path may move)",
-    "val_data": "its image count", "val_split": "the value", "recipe": "the name and every field",
-    "epochs": "the value (more epochs: --extend-epochs)", "batch_size": "the value",
-    "lr": "the peak learning rate used", "weight_decay": "the value", "warmup_epochs": "the value",
-    "label_smoothing": "the value", "hflip": "the value", "mixup": "the value", "cutmix": "the value",
-    "clip_grad": "the value", "ema_decay": "the value",
-    "image_size": "the preprocessing used", "accum_steps": "the value", "precision": "the value",
-    "freeze_backbone": "the value", "sync_bn": "the value", "seed": "the value",
-}
+RESUME_COMPARED = frozenset({
+    "model",  # its architecture and class list (the path may move)
+    "data", "val_data",  # their class list and image counts (the paths may move)
+    "val_split", "recipe", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
+    "label_smoothing", "hflip", "mixup", "cutmix", "clip_grad", "ema_decay",
+    "image_size",  # with the rest of the preprocessing
+    "accum_steps", "precision", "freeze_backbone", "sync_bn", "seed"})
 RESUME_NEUTRAL = {
     "output_dir": "it is where the run is", "resume": "it asks for the resume",
     "extend_epochs": "the one change a resume may make",
@@ -291,7 +287,8 @@ def _identity(options: TrainOptions, recipe: Recipe, config: CvtConfig, processo
               peak_lr: float, train_images: LabelledImages, val_images: LabelledImages | None
               ) -> dict[str, Any]:
     """What a saved state must agree with to be resumed (RESUME_COMPARED), as plain values."""
-    fields = dataclasses.asdict(recipe)
+    recipe_fields = {k: list(v) if isinstance(v, tuple) else v
+                     for k, v in dataclasses.asdict(recipe).items() if k not in ("lr", "lr_batch")}
     architecture = {k: v for k, v in config.to_dict().items()
                     if k not in ("id2label", "label2id", *config.extra)}
     preprocessing = {k: list(v) if isinstance(v, tuple) else v
@@ -301,14 +298,7 @@ def _identity(options: TrainOptions, recipe: Recipe, config: CvtConfig, processo
         "train_images": len(train_images), "val_images": len(val_images) if val_images is not None else 0,
         "val_split": options.val_split,
         "recipe": options.recipe if isinstance(options.recipe, str) else "(a Recipe object)",
-        "recipe_fields": {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()
-                          if k not in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
-                                       "label_smoothing", "hflip", "mixup", "cutmix", "clip_grad",
-                                       "ema_decay")},
-        "epochs": recipe.epochs, "batch_size": recipe.batch_size, "lr": peak_lr,
-        **{k: fields[k] for k in ("weight_decay", "warmup_epochs", "label_smoothing", "hflip", "mixup",
-                                  "cutmix", "clip_grad", "ema_decay")},
-        "image_size": processor.size, "preprocessing": preprocessing,
+        **recipe_fields, "lr": peak_lr, "image_size": processor.size, "preprocessing": preprocessing,
         "accum_steps": options.accum_steps, "precision": options.precision,
         "freeze_backbone": options.freeze_backbone, "sync_bn": options.sync_bn, "seed": options.seed,
     }
