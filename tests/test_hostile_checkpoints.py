@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import cvt
 from cvt import cli
+from cvt.config import ConfigError
 from cvt.weights import CheckpointError
 
 from conftest import randomise_, tiny_config
@@ -81,7 +82,7 @@ def test_non_finite_config_numbers_are_a_one_line_error(folder, value, capsys) -
     assert cli.main(["info", str(folder)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "finite" in err
-    with pytest.raises(ValueError, match="initializer_range must be a positive finite number"):
+    with pytest.raises(ConfigError, match="initializer_range must be a positive finite number"):
         tiny_config(initializer_range=float("inf"))
 
 
@@ -89,7 +90,7 @@ def test_id2label_must_name_every_class_index(folder) -> None:
     edit_config(folder, id2label={"0": "a", "5": "b", "9": "c", "1": "d", "2": "e"})
     with pytest.raises(CheckpointError, match=r"id2label must name every class index 0\.\.4.*\[0, 1, 2, 5, 9\]"):
         cvt.CvtForImageClassification.from_pretrained(folder)
-    with pytest.raises(ValueError, match="every class index"):
+    with pytest.raises(ConfigError, match="every class index"):
         cvt.CvtConfig(id2label={0: "a", 5: "b", 9: "c"})
     assert cvt.CvtConfig(id2label={"1": "b", "0": "a"}).id2label == {0: "a", 1: "b"}  # order is free
 

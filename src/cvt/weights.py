@@ -3,8 +3,11 @@
 Reads a transformers-layout folder (config.json + model.safetensors, pytorch_model.bin, or
 either sharded with an index), a hub id (through huggingface_hub's cache, which honours
 HF_HUB_OFFLINE), or a single original microsoft/CvT `.pth` file (renamed by `cvt.convert`).
-Never unpickles code: safetensors first, `torch.load(weights_only=True)` otherwise. Writes
-atomically (temporary file, fsync, rename), so a failed save leaves the old files intact.
+Never unpickles code: safetensors first, `torch.load(weights_only=True)` otherwise. What is
+read is checked before it is used: shard names stay inside the folder, the config is compared
+with the weights' shapes before the model is allocated, and weights no trained model has
+(integers for floats, NaN/inf, negative variances) are refused unless `check_weights=False`.
+Writes atomically (temporary file, fsync, rename), so a failed save leaves the old files intact.
 """
 
 from __future__ import annotations
@@ -342,7 +345,10 @@ def build_from_state_dict(cls: type[M], state_dict: dict[str, Tensor], source: A
             except ValueError as err:
                 raise CheckpointError(f"{source}: {err}") from None
             overrides = {}
-        state_dict = convert.original_to_transformers(state_dict)
+        try:
+            state_dict = convert.original_to_transformers(state_dict)
+        except ValueError as err:
+            raise CheckpointError(f"{source}: {err}") from None
     base = config or stored
     if base is None:
         raise CheckpointError(
