@@ -181,6 +181,21 @@ def test_a_key_in_two_shards_is_an_error(folder) -> None:
         cvt.CvtForImageClassification.from_pretrained(folder)
 
 
+def test_an_index_that_does_not_describe_its_shards_is_an_error(folder) -> None:
+    first, second = halves(folder)
+    write_sharded(folder, {"model-1.safetensors": first, "model-2.safetensors": second})
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    moved, dropped = next(iter(first)), next(iter(second))
+    index["weight_map"][moved] = "model-2.safetensors"
+    del index["weight_map"][dropped]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="does not describe its shards") as caught:
+        cvt.CvtForImageClassification.from_pretrained(folder)
+    assert f"{moved} (index: model-2.safetensors, found in model-1.safetensors)" in str(caught.value)
+    assert f"{dropped} (index: not listed, found in model-2.safetensors)" in str(caught.value)
+
+
 def test_a_single_file_beside_a_shard_index_is_an_error(folder) -> None:
     single = load_file(folder / "model.safetensors")
     first, second = halves(folder)

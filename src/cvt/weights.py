@@ -166,6 +166,12 @@ def _read_shards(index_path: Path, fetch: Callable[[str], Path | None]) -> dict[
                 raise CheckpointError(f"{key} is in two shards, {origin[key]} and {shard}: the "
                                       f"checkpoint is inconsistent")
             state_dict[key], origin[key] = value, shard
+    misplaced = [f"{k} (index: {index['weight_map'].get(k, 'not listed')}, found in {origin.get(k, 'no shard')})"
+                 for k in sorted(origin.keys() | index["weight_map"].keys())
+                 if str(index["weight_map"].get(k)) != origin.get(k)]
+    if misplaced:
+        raise CheckpointError(f"{index_path} does not describe its shards: "
+                              f"{', '.join(misplaced[:8])}{' ...' if len(misplaced) > 8 else ''}")
     return state_dict
 
 
