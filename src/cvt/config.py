@@ -37,6 +37,11 @@ _STAGE_BOOL_FIELDS = ("qkv_bias", "cls_token")
 _IGNORED_JSON_KEYS = {"transformers_version", "architectures", "model_type", "num_labels"}
 
 
+class ConfigError(ValueError):
+    """A configuration that describes no valid CvT model (a wrong type, a non-finite number,
+    per-stage lists of different lengths, labels that do not cover every class index, ...)."""
+
+
 @dataclass
 class CvtConfig:
     """Configuration of `CvtModel` / `CvtForImageClassification`.
@@ -88,12 +93,12 @@ class CvtConfig:
         self._check_stage_values()
         self._check_stage_geometry()
         if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(
+            raise ConfigError(
                 f"CvtConfig.hidden_act: unknown activation {self.hidden_act!r}; "
                 f"expected one of {', '.join(ACTIVATIONS)}"
             )
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
-            raise ValueError(
+            raise ConfigError(
                 f"CvtConfig.problem_type: unknown value {self.problem_type!r}; "
                 f"expected None or one of {', '.join(PROBLEM_TYPES)}"
             )
@@ -104,12 +109,12 @@ class CvtConfig:
             self._check_int(name, getattr(self, name), minimum=1)
         for name in ("initializer_range", "layer_norm_eps"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"CvtConfig.{name} must be a positive number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ConfigError(f"CvtConfig.{name} must be a positive finite number, got {value!r}")
             setattr(self, name, float(value))
         for name in ("output_hidden_states", "return_dict"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"CvtConfig.{name} must be true or false, got {getattr(self, name)!r}")
+                raise ConfigError(f"CvtConfig.{name} must be true or false, got {getattr(self, name)!r}")
 
     def _normalise_stage_lists(self) -> None:
         """Every per-stage field as a tuple, all of one length (the number of stages)."""
@@ -117,19 +122,19 @@ class CvtConfig:
         for name in self.stage_fields():
             value = getattr(self, name)
             if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-                raise ValueError(
+                raise ConfigError(
                     f"CvtConfig.{name} must be a list with one value per stage, got {value!r}"
                 )
             if num_stages is None:
                 num_stages = len(value)
             elif len(value) != num_stages:
-                raise ValueError(
+                raise ConfigError(
                     f"CvtConfig.{name} has {len(value)} entries but {self.stage_fields()[0]} has "
                     f"{num_stages}: every per-stage list needs one entry per stage"
                 )
             setattr(self, name, tuple(value))
         if not num_stages:
-            raise ValueError("CvtConfig needs at least one stage; the per-stage lists are empty")
+            raise ConfigError("CvtConfig needs at least one stage; the per-stage lists are empty")
 
     def _check_stage_values(self) -> None:
         for name, minimum in _STAGE_INT_FIELDS.items():
@@ -138,19 +143,19 @@ class CvtConfig:
         for name in _STAGE_RATE_FIELDS:
             for v in getattr(self, name):
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
-                    raise ValueError(f"CvtConfig.{name} values must be rates in [0, 1), got {v!r}")
+                    raise ConfigError(f"CvtConfig.{name} values must be rates in [0, 1), got {v!r}")
             setattr(self, name, tuple(float(v) for v in getattr(self, name)))
         for v in self.mlp_ratio:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ValueError(f"CvtConfig.mlp_ratio values must be positive numbers, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise ConfigError(f"CvtConfig.mlp_ratio values must be positive finite numbers, got {v!r}")
         self.mlp_ratio = tuple(float(v) for v in self.mlp_ratio)
         for name in _STAGE_BOOL_FIELDS:
             for v in getattr(self, name):
                 if not isinstance(v, bool):
-                    raise ValueError(f"CvtConfig.{name} values must be true or false, got {v!r}")
+                    raise ConfigError(f"CvtConfig.{name} values must be true or false, got {v!r}")
         for v in self.qkv_projection_method:
             if v not in PROJECTION_METHODS:
-                raise ValueError(
+                raise ConfigError(
                     f"CvtConfig.qkv_projection_method: unknown method {v!r}; "
                     f"expected one of {', '.join(PROJECTION_METHODS)}"
                 )
@@ -158,21 +163,21 @@ class CvtConfig:
     def _check_stage_geometry(self) -> None:
         for stage, (dim, heads) in enumerate(zip(self.embed_dim, self.num_heads)):
             if dim % heads:
-                raise ValueError(
+                raise ConfigError(
                     f"CvtConfig.embed_dim[{stage}] = {dim} is not divisible by "
                     f"num_heads[{stage}] = {heads}"
                 )
         for stage, method in enumerate(self.qkv_projection_method):
             kernel, pad_q, pad_kv = self.kernel_qkv[stage], self.padding_q[stage], self.padding_kv[stage]
             if method == "dw_bn" and (self.stride_q[stage] != 1 or 2 * pad_q != kernel - 1):
-                raise ValueError(
+                raise ConfigError(
                     f"CvtConfig: stage {stage} has stride_q={self.stride_q[stage]}, "
                     f"padding_q={pad_q} with kernel_qkv={kernel}; the query projection must keep "
                     f"the token grid (stride_q 1, padding_q (kernel_qkv - 1) / 2) because the "
                     f"attention output is added back onto the tokens"
                 )
             if method == "avg" and 2 * pad_kv > kernel:
-                raise ValueError(
+                raise ConfigError(
                     f"CvtConfig: stage {stage} uses 'avg' with padding_kv={pad_kv} > half of "
                     f"kernel_qkv={kernel}; average pooling allows at most half the kernel"
                 )
@@ -180,24 +185,29 @@ class CvtConfig:
     @staticmethod
     def _check_int(name: str, value: Any, minimum: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"CvtConfig.{name} values must be integers, got {value!r}")
+            raise ConfigError(f"CvtConfig.{name} values must be integers, got {value!r}")
         if value < minimum:
             kind = "positive" if minimum == 1 else "non-negative"
-            raise ValueError(f"CvtConfig.{name} values must be {kind}, got {value}")
+            raise ConfigError(f"CvtConfig.{name} values must be {kind}, got {value}")
 
     def _normalise_labels(self) -> None:
         """Make id2label, label2id and num_labels agree (transformers' rules: default 2 labels)."""
         if self.id2label is not None:
             if not isinstance(self.id2label, dict):
-                raise ValueError(f"CvtConfig.id2label must be a mapping, got {self.id2label!r}")
+                raise ConfigError(f"CvtConfig.id2label must be a mapping, got {self.id2label!r}")
             try:
                 self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
             except (TypeError, ValueError):
-                raise ValueError(
+                raise ConfigError(
                     f"CvtConfig.id2label keys must be class indices, got {list(self.id2label)[:5]}"
                 ) from None
+            if set(self.id2label) != set(range(len(self.id2label))):
+                raise ConfigError(
+                    f"CvtConfig.id2label must name every class index 0..{len(self.id2label) - 1} "
+                    f"once; its keys are {sorted(self.id2label)[:10]}"
+                )
             if self.num_labels is not None and self.num_labels != len(self.id2label):
-                raise ValueError(
+                raise ConfigError(
                     f"CvtConfig: num_labels={self.num_labels} disagrees with id2label, "
                     f"which has {len(self.id2label)} entries"
                 )
@@ -263,10 +273,10 @@ class CvtConfig:
     def from_dict(cls, data: dict[str, Any], **overrides: Any) -> CvtConfig:
         """Build from a config.json dict (transformers' or ours); unknown keys go to `extra`."""
         if not isinstance(data, dict):
-            raise ValueError(f"a CvT config must be a JSON object, got {type(data).__name__}")
+            raise ConfigError(f"a CvT config must be a JSON object, got {type(data).__name__}")
         model_type = data.get("model_type", "cvt")
         if model_type != "cvt":
-            raise ValueError(
+            raise ConfigError(
                 f"this config describes a {model_type!r} model, not CvT (model_type 'cvt' expected)"
             )
         known = {f.name for f in dataclasses.fields(cls)} - {"extra", "num_labels"}

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .config import CvtConfig
+from .config import ConfigError, CvtConfig
 from .variants import imagenet_1k_labels
 
 # (original pattern, transformers-layout replacement), tried in order on each key.
@@ -148,5 +148,5 @@ def spec_fields(spec: dict[str, Any]) -> dict[str, Any]:
     spec = spec.get("SPEC", spec)
     unknown = set(spec) - _SPEC_KEYS.keys() - _SPEC_IGNORED
     if unknown:
-        raise ValueError(f"unknown keys in the original CvT spec: {', '.join(sorted(unknown))}")
+        raise ConfigError(f"unknown keys in the original CvT spec: {', '.join(sorted(unknown))}")
     return {"hidden_act": "quick_gelu", **{_SPEC_KEYS[k]: v for k, v in spec.items() if k in _SPEC_KEYS}}

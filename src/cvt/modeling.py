@@ -398,6 +398,7 @@ class CvtPreTrainedModel(nn.Module):
         Keyword arguments that are config fields (`num_labels=`, `hidden_act=`, ...) override the
         stored config; a different label count re-initialises only the classifier, with a warning.
         Hub arguments (`revision`, `cache_dir`, `token`, `local_files_only`) are passed through.
+        Integer, NaN/inf and negative-variance weights are refused; `check_weights=False` loads them.
         """
         return weights.load_pretrained(cls, name_or_path, config=config,
                                ignore_mismatched_sizes=ignore_mismatched_sizes, **kwargs)

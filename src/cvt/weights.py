@@ -3,8 +3,11 @@
 Reads a transformers-layout folder (config.json + model.safetensors, pytorch_model.bin, or
 either sharded with an index), a hub id (through huggingface_hub's cache, which honours
 HF_HUB_OFFLINE), or a single original microsoft/CvT `.pth` file (renamed by `cvt.convert`).
-Never unpickles code: safetensors first, `torch.load(weights_only=True)` otherwise. Writes
-atomically (temporary file, fsync, rename), so a failed save leaves the old files intact.
+Never unpickles code: safetensors first, `torch.load(weights_only=True)` otherwise. What is
+read is checked before it is used: shard names stay inside the folder, the config is compared
+with the weights' shapes before the model is allocated, and weights no trained model has
+(integers for floats, NaN/inf, negative variances) are refused unless `check_weights=False`.
+Writes atomically (temporary file, fsync, rename), so a failed save leaves the old files intact.
 """
 
 from __future__ import annotations
@@ -125,24 +128,51 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
 
 
 def read_folder_weights(folder: Path, fetch: Callable[[str], Path | None]) -> dict[str, Tensor]:
-    """The state dict of a transformers-layout folder; `fetch(name)` returns a local file or None."""
-    for name in WEIGHT_FILES:
-        path = fetch(name)
-        if path is None:
-            continue
-        if not name.endswith(".index.json"):
-            return read_state_dict(path)
-        index = read_json(path)
-        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
-            raise CheckpointError(f"{path} has no 'weight_map'; not a sharded checkpoint index")
-        state_dict: dict[str, Tensor] = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            shard_path = fetch(shard)
-            if shard_path is None:
-                raise CheckpointError(f"shard {shard} named in {path} is missing")
-            state_dict.update(read_state_dict(shard_path))
-        return state_dict
+    """The state dict of a transformers-layout folder; `fetch(name)` returns a local file or None.
+    safetensors before PyTorch files; a single file beside a shard index of the same format is
+    ambiguous (which one is current?) and refused."""
+    for single, index_name in ((SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME), (PT_WEIGHTS_NAME, PT_INDEX_NAME)):
+        single_path, index_path = fetch(single), fetch(index_name)
+        if single_path is not None and index_path is not None:
+            raise CheckpointError(
+                f"{folder} holds both {single} and the shard index {index_name}: it is not clear "
+                f"which weights are current; remove the stale one")
+        if single_path is not None:
+            return read_state_dict(single_path)
+        if index_path is not None:
+            return _read_shards(index_path, fetch)
     raise CheckpointError(f"{folder} holds no weights: expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def _read_shards(index_path: Path, fetch: Callable[[str], Path | None]) -> dict[str, Tensor]:
+    """The shards an index names: plain file names beside it (never a path out of the folder),
+    each key in exactly one shard."""
+    index = read_json(index_path)
+    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+        raise CheckpointError(f"{index_path} has no 'weight_map'; not a sharded checkpoint index")
+    shards = sorted({str(v) for v in index["weight_map"].values()})
+    for shard in shards:
+        if shard in ("", ".", "..") or Path(shard).name != shard or "\\" in shard:
+            raise CheckpointError(f"{index_path} names the shard {shard!r}; a shard must be a plain "
+                                  f"file name in the checkpoint folder")
+    state_dict: dict[str, Tensor] = {}
+    origin: dict[str, str] = {}
+    for shard in shards:
+        shard_path = fetch(shard)
+        if shard_path is None:
+            raise CheckpointError(f"shard {shard} named in {index_path} is missing")
+        for key, value in read_state_dict(shard_path).items():
+            if key in origin:
+                raise CheckpointError(f"{key} is in two shards, {origin[key]} and {shard}: the "
+                                      f"checkpoint is inconsistent")
+            state_dict[key], origin[key] = value, shard
+    misplaced = [f"{k} (index: {index['weight_map'].get(k, 'not listed')}, found in {origin.get(k, 'no shard')})"
+                 for k in sorted(origin.keys() | index["weight_map"].keys())
+                 if str(index["weight_map"].get(k)) != origin.get(k)]
+    if misplaced:
+        raise CheckpointError(f"{index_path} does not describe its shards: "
+                              f"{', '.join(misplaced[:8])}{' ...' if len(misplaced) > 8 else ''}")
+    return state_dict
 
 
 def _local_fetcher(folder: Path) -> Callable[[str], Path | None]:
@@ -277,7 +307,7 @@ def _looks_like_hub_id(name: str) -> bool:
 
 # ---------------------------------------------------------------------------------------- loading
 def load_pretrained(cls: type[M], name_or_path: str | os.PathLike, *, config: CvtConfig | None,
-                    ignore_mismatched_sizes: bool, **kwargs: Any) -> M:
+                    ignore_mismatched_sizes: bool, check_weights: bool = True, **kwargs: Any) -> M:
     """Build `cls` from a checkpoint; see `CvtPreTrainedModel.from_pretrained`."""
     hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_ARGUMENTS}
     config_fields = {f.name for f in dataclasses.fields(CvtConfig)}
@@ -286,7 +316,8 @@ def load_pretrained(cls: type[M], name_or_path: str | os.PathLike, *, config: Cv
         raise TypeError(f"from_pretrained got unexpected arguments: {', '.join(sorted(unknown))}")
     stored, state_dict = resolve(name_or_path, hub_kwargs)
     model = build_from_state_dict(cls, state_dict, name_or_path, stored=stored, config=config,
-                                  ignore_mismatched_sizes=ignore_mismatched_sizes, **kwargs)
+                                  ignore_mismatched_sizes=ignore_mismatched_sizes,
+                                  check_weights=check_weights, **kwargs)
     model.preprocessing = stored_preprocessing(name_or_path, hub_kwargs)
     return model
 
@@ -306,9 +337,12 @@ def stored_preprocessing(name_or_path: str | os.PathLike, hub_kwargs: dict[str, 
 
 def build_from_state_dict(cls: type[M], state_dict: dict[str, Tensor], source: Any, *,
                           stored: CvtConfig | None, config: CvtConfig | None,
-                          ignore_mismatched_sizes: bool, **overrides: Any) -> M:
+                          ignore_mismatched_sizes: bool, check_weights: bool = True,
+                          **overrides: Any) -> M:
     """A `cls` in eval mode holding `state_dict` (transformers or original layout); `overrides`
-    are config fields, and asking for another label count re-initialises the head."""
+    are config fields, and asking for another label count re-initialises the head. The config
+    is checked against the weights' shapes before the model is allocated, and with
+    `check_weights` the weights' values are checked too (`check_weight_values`)."""
     relabel = bool({"num_labels", "id2label"} & overrides.keys())
     if convert.is_original_checkpoint(state_dict):
         if config is None:
@@ -317,19 +351,65 @@ def build_from_state_dict(cls: type[M], state_dict: dict[str, Tensor], source: A
             except ValueError as err:
                 raise CheckpointError(f"{source}: {err}") from None
             overrides = {}
-        state_dict = convert.original_to_transformers(state_dict)
+        try:
+            state_dict = convert.original_to_transformers(state_dict)
+        except ValueError as err:
+            raise CheckpointError(f"{source}: {err}") from None
     base = config or stored
     if base is None:
         raise CheckpointError(
             f"{source} is a single weights file in transformers layout with no config.json "
             f"beside it; pass config=")
-    config = base.replace(**overrides) if overrides else base
+    try:
+        config = base.replace(**overrides) if overrides else base
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{source}: {err}") from None
+    reinit_head = relabel or ignore_mismatched_sizes
+    planned = _planned_shapes(cls, config)
+    if planned is not None:  # refuse a config that does not fit the weights before allocating it
+        state_dict = match_prefix(state_dict, planned, source)
+        check_keys(cls.__name__, planned, state_dict, source, reinit_head)
+    if check_weights:
+        check_weight_values(state_dict, source)
     model = cls(config)  # type: ignore[call-arg]  (every CvT model class takes its config)
     shapes = model_shapes(model)
     state_dict = match_prefix(state_dict, shapes, source)
-    load_state_dict_checked(model, state_dict, source, reinit_head=relabel or ignore_mismatched_sizes,
-                            shapes=shapes)
+    load_state_dict_checked(model, state_dict, source, reinit_head=reinit_head, shapes=shapes)
     return model.eval()
+
+
+def _planned_shapes(cls: type, config: CvtConfig) -> dict[str, tuple[int, ...]] | None:
+    """The state-dict shapes a PyTorch `cls(config)` will have, from a model on the meta device
+    (no memory, however large the config claims to be); None for other frameworks."""
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        return None
+    with torch.device("meta"):
+        return model_shapes(cls(config))
+
+
+def check_weight_values(state_dict: Mapping[str, Any], source: Any) -> None:
+    """Refuse weights no trained model has: integers stored for floating-point weights (cast
+    silently they are wrong values, e.g. int8 quantised ones without their scales), NaN or
+    infinite values, and negative BatchNorm variances. (Integer `num_batches_tracked` counters
+    are normal.) `from_pretrained(..., check_weights=False)` skips this."""
+    integer, nonfinite, negative = [], [], []
+    for key, value in state_dict.items():
+        value = torch.as_tensor(value)
+        if not value.is_floating_point():
+            if not key.endswith("num_batches_tracked"):
+                integer.append(f"{key} ({str(value.dtype).removeprefix('torch.')})")
+            continue
+        if not bool(torch.isfinite(value).all()):
+            nonfinite.append(key)
+        if key.endswith("running_var") and bool((value < 0).any()):
+            negative.append(key)
+    problems = [f"{what}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+                for what, keys in (("integer values for floating-point weights", integer),
+                                   ("NaN or infinite values", nonfinite),
+                                   ("negative BatchNorm variances", negative)) if keys]
+    if problems:
+        raise CheckpointError(f"{source} holds weights no trained model has ({'; '.join(problems)}); "
+                              f"if that is intended, load with check_weights=False")
 
 
 def model_shapes(model: CvtCheckpointModel) -> dict[str, tuple[int, ...]]:
@@ -358,13 +438,26 @@ def match_prefix(state_dict: dict[str, Any], model_keys: Iterable[str], source: 
 def load_state_dict_checked(model: CvtCheckpointModel, state_dict: dict[str, Any], source: Any,
                             reinit_head: bool = False,
                             shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
-    """Strict loading with one readable error listing every missing, unexpected or mis-shaped key.
+    """Strict loading with one readable error listing every missing, unexpected or mis-shaped key
+    (`check_keys`). `shapes` is `model_shapes(model)`, when the caller has it already."""
+    expected = dict(shapes) if shapes is not None else model_shapes(model)
+    new_head = check_keys(type(model).__name__, expected, state_dict, source, reinit_head)
+    for key in new_head:
+        state_dict.pop(key, None)
+    if new_head:
+        logger.warning("%s: newly initialised (train before use): %s", source, ", ".join(new_head))
+        model.load_state_dict(state_dict, strict=False)
+    else:
+        model.load_state_dict(state_dict, strict=True)
+
+
+def check_keys(model_name: str, expected: Mapping[str, tuple[int, ...]], state_dict: Mapping[str, Any],
+               source: Any, reinit_head: bool = False) -> list[str]:
+    """The head keys to initialise anew, after refusing every missing, unexpected or mis-shaped key.
 
     A missing head (loading a backbone checkpoint into the classifier) is initialised and
     reported; with `reinit_head` a head of another size is too. Nothing else is tolerated.
-    `shapes` is `model_shapes(model)`, when the caller has it already.
     """
-    expected = dict(shapes) if shapes is not None else model_shapes(model)
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k])]
@@ -372,7 +465,7 @@ def load_state_dict_checked(model: CvtCheckpointModel, state_dict: dict[str, Any
         sample = ", ".join(list(state_dict)[:5])
         raise CheckpointError(
             f"{source} does not look like a CvT checkpoint: none of the {len(expected)} weights of "
-            f"{type(model).__name__} is in it (its keys start: {sample})")
+            f"{model_name} is in it (its keys start: {sample})")
     new_head = [k for k in missing if k.startswith(HEAD_PREFIXES)]
     if reinit_head:
         new_head += [k for k in mismatched if k.startswith(HEAD_PREFIXES)]
@@ -390,14 +483,8 @@ def load_state_dict_checked(model: CvtCheckpointModel, state_dict: dict[str, Any
                     if all(k.startswith(HEAD_PREFIXES) for k in mismatched) else "")
             problems.append(f"{len(mismatched)} with another shape: {', '.join(details)}{hint}")
         raise CheckpointError(
-            f"{source} does not match this {type(model).__name__} configuration; " + "; ".join(problems))
-    for key in new_head:
-        state_dict.pop(key, None)
-    if new_head:
-        logger.warning("%s: newly initialised (train before use): %s", source, ", ".join(new_head))
-        model.load_state_dict(state_dict, strict=False)
-    else:
-        model.load_state_dict(state_dict, strict=True)
+            f"{source} does not match this {model_name} configuration; " + "; ".join(problems))
+    return new_head
 
 
 # ---------------------------------------------------------------------------------------- writing

@@ -79,6 +79,10 @@ def load_source(data: Any, val_data: Any = None, val_split: float = 0.1, seed: i
     otherwise `val_split` of each class is held out, reproducibly for a given seed.
     """
     train, val = _read(data, want_val=val_data is None)
+    if len(train.classes) < 2:
+        raise DataError(f"{data}: training needs at least two classes, this data has "
+                        f"{len(train.classes)} ({', '.join(train.classes)}): a classifier of one "
+                        f"class has nothing to learn (its loss is 0, its accuracy 1.0)")
     if val_data is not None:
         val, _ = _read(val_data, want_val=False)
     if val is None and val_split > 0:

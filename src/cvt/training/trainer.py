@@ -10,6 +10,7 @@ processes computed them (up to float rounding, and BatchNorm statistics; see the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -37,11 +38,31 @@ from .data import (DataError, LabelledImages, ResumableSampler, ShardSampler, Tr
 from .optim import WarmupCosine, WeightEMA, parameter_groups
 from .recipes import Recipe, get_recipe
 from .report import CURVES_NAME, METRICS_NAME, EvalResult, MetricsLog, plot_curves
-from .state import STATE_NAME, load_state, rng_state, save_state, set_rng_state
+from .state import STATE_NAME, ResumeError, load_state, remove_leftovers, rng_state, save_state, set_rng_state
 
 logger = logging.getLogger("cvt")
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+# Every option of `cvt train`, by what `--resume` does with it. Compared: the saved run's value
+# (as the run used it: the resolved recipe, the model's architecture and classes, the data's
+# classes and image counts) must equal the new command's, else the resumed run would not be the
+# run it claims to continue. Result-neutral: may differ, the weights come out the same.
+RESUME_COMPARED = frozenset({
+    "model",  # its architecture and class list (the path may move)
+    "data", "val_data",  # their class list and image counts (the paths may move)
+    "val_split", "recipe", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
+    "label_smoothing", "hflip", "mixup", "cutmix", "clip_grad", "ema_decay",
+    "image_size",  # with the rest of the preprocessing
+    "accum_steps", "precision", "freeze_backbone", "sync_bn", "seed"})
+RESUME_NEUTRAL = {
+    "output_dir": "it is where the run is", "resume": "it asks for the resume",
+    "extend_epochs": "the one change a resume may make",
+    "from_scratch": "the starting weights are replaced by the saved ones",
+    "grad_checkpointing": "recomputes the same activations: the same weights",
+    "workers": "data loading only", "save_every": "when states are saved, not what is trained",
+    "stop_at_step": "when the run pauses, not what is trained",
+}
 
 
 @dataclass
@@ -254,13 +275,56 @@ def _prepare(options: TrainOptions, ctx: distributed.Context) -> _Run:
     schedule = _schedule(recipe, steps_per_epoch, peak_lr)
     scaler = torch.amp.GradScaler("cuda") if options.precision == "fp16" else None
     ema = WeightEMA(model, recipe.ema_decay) if recipe.ema_decay else None
-    identity = {"batch_size": recipe.batch_size, "seed": options.seed, "train_images": len(train_images),
-                "steps_per_epoch": steps_per_epoch, "epochs": recipe.epochs, "ema": ema is not None,
-                "grad_scaler": scaler is not None}
+    identity = _identity(options, recipe, model.config, processor, peak_lr, train_images, val_images)
+    identity["steps_per_epoch"] = steps_per_epoch
     out = Path(options.output_dir)
     return _Run(options, ctx, recipe, out, micro_batch, model, ddp_model, processor, train_set, sampler,
                 loader, val_images, steps_per_epoch, optimizer, schedule, scaler, ema,
                 BatchMixer(recipe, len(classes)), MetricsLog(out / METRICS_NAME), identity)
+
+
+def _identity(options: TrainOptions, recipe: Recipe, config: CvtConfig, processor: CvtImageProcessor,
+              peak_lr: float, train_images: LabelledImages, val_images: LabelledImages | None
+              ) -> dict[str, Any]:
+    """What a saved state must agree with to be resumed (RESUME_COMPARED), as plain values."""
+    recipe_fields = {k: list(v) if isinstance(v, tuple) else v
+                     for k, v in dataclasses.asdict(recipe).items() if k not in ("lr", "lr_batch")}
+    architecture = {k: v for k, v in config.to_dict().items()
+                    if k not in ("id2label", "label2id", *config.extra)}
+    preprocessing = {k: list(v) if isinstance(v, tuple) else v
+                     for k, v in dataclasses.asdict(processor).items() if k != "size"}
+    return {
+        "classes": [config.id2label[i] for i in range(config.num_labels)], "model": architecture,
+        "train_images": len(train_images), "val_images": len(val_images) if val_images is not None else 0,
+        "val_split": options.val_split,
+        "recipe": options.recipe if isinstance(options.recipe, str) else "(a Recipe object)",
+        **recipe_fields, "lr": peak_lr, "image_size": processor.size, "preprocessing": preprocessing,
+        "accum_steps": options.accum_steps, "precision": options.precision,
+        "freeze_backbone": options.freeze_backbone, "sync_bn": options.sync_bn, "seed": options.seed,
+    }
+
+
+def _identity_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """'name: saved run X, this command Y' for every setting that differs (nested ones dotted),
+    and the settings a state saved by an earlier cvt did not record."""
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in d.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    before, after = flat(saved), flat(now)
+    differences = [f"{key}: saved run {before[key]!r}, this command "
+                   f"{repr(after[key]) if key in after else '(no such setting)'}"
+                   for key in sorted(before) if key not in after or before[key] != after[key]]
+    unrecorded = sorted(after.keys() - before.keys())
+    if unrecorded:
+        differences.append(f"settings the saved run did not record (saved by an earlier cvt?): "
+                           f"{', '.join(unrecorded)}")
+    return differences
 
 
 def _schedule(recipe: Recipe, steps_per_epoch: int, peak_lr: float) -> WarmupCosine:
@@ -286,12 +350,18 @@ def _place(model: CvtForImageClassification, options: TrainOptions, ctx: distrib
 
 
 def _start(run: _Run) -> None:
-    """A new run: its folder must not hold another."""
+    """A new run: its folder must not hold a saved state. A run killed before its first save
+    (metrics but no state) is started again in place."""
     out = run.out
-    if (out / STATE_NAME).exists() or (out / METRICS_NAME).exists():
-        raise ValueError(f"{out} already holds a training run; pass --resume to continue it or "
-                         f"choose another --output-dir")
+    if (out / STATE_NAME).exists():
+        raise ResumeError(f"{out} already holds a training run; pass --resume to continue it or "
+                          f"choose another --output-dir")
     if run.ctx.is_main:
+        _tidy(out)
+        if (out / METRICS_NAME).exists():
+            logger.warning("%s holds the metrics of a run that never saved a state; starting it again",
+                           out)
+            (out / METRICS_NAME).unlink()
         logger.info("training on %d images of %d classes, validating on %s; %d epoch(s) x %d steps x "
                     "%d images, peak lr %.3g; %d process(es) on %s", len(run.train_set),
                     run.model.config.num_labels,
@@ -300,30 +370,51 @@ def _start(run: _Run) -> None:
                     run.ctx.device.type)
 
 
+def _tidy(out: Path) -> None:
+    for path in remove_leftovers(out):
+        logger.info("removed %s, left by a write that was interrupted", path)
+
+
 def _resume(run: _Run) -> None:
-    """Read back the saved state of the same run; anything else is refused."""
-    state = load_state(run.out / STATE_NAME)
-    if state["run"] != run.identity:
-        raise ValueError(f"cannot resume {run.out}: the saved run had {state['run']}, this one "
-                         f"{run.identity}; resume with the same data, batch size, epochs, seed, EMA "
-                         f"and precision")
-    extra = state.get("extra_epochs", 0) + (run.options.extend_epochs or 0)
+    """Read back the saved state of the same run; anything else is refused, naming each
+    difference, before anything is changed."""
+    path = run.out / STATE_NAME
+    if not path.exists() and (run.out / METRICS_NAME).exists():
+        raise ResumeError(f"cannot resume {run.out}: the run stopped before its first saved state; "
+                          f"start it again without --resume")
+    state = load_state(path)
+    differences = _identity_differences(state["run"], run.identity)
+    if differences:
+        raise ResumeError(f"cannot resume {run.out}: this command differs from the saved run in "
+                          f"{'; '.join(differences)}; resume with the same settings (more epochs: "
+                          f"--extend-epochs N)")
+    extra = state["extra_epochs"] + (run.options.extend_epochs or 0)
     if extra:
         _extend(run, extra)
     if state["step"] >= run.total_steps:
-        raise ValueError(f"{run.out} holds a finished run ({run.total_steps} steps); continue it with "
-                         f"--extend-epochs N")
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
+        raise ResumeError(f"{run.out} holds a finished run ({run.total_steps} steps); continue it with "
+                          f"--extend-epochs N")
+    _restore(path, "model", lambda: run.model.load_state_dict(state["model"]))
+    _restore(path, "optimizer", lambda: run.optimizer.load_state_dict(state["optimizer"]))
     if run.scaler is not None:
-        run.scaler.load_state_dict(state["scaler"])
+        _restore(path, "scaler", lambda: run.scaler.load_state_dict(state["scaler"]))
     if run.ema is not None:
-        run.ema.load_state_dict(state["ema"])
-    run.step, run.best_top1 = state["step"], state["best_top1"]
-    set_rng_state(state["rng"][run.ctx.rank % len(state["rng"])])
+        _restore(path, "ema", lambda: run.ema.load_state_dict(state["ema"]))
+    _restore(path, "rng", lambda: set_rng_state(state["rng"][run.ctx.rank % len(state["rng"])]))
+    run.step, run.best_top1 = state["step"], float(state["best_top1"])
     if run.ctx.is_main:
+        _tidy(run.out)
         run.log.rewind(run.step)
         logger.info("resuming %s at step %d of %d", run.out, run.step, run.total_steps)
+
+
+def _restore(path: Path, part: str, load: Callable[[], Any]) -> None:
+    """Load one part of a saved state; a part that does not fit is a clear error."""
+    try:
+        load()
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
+        raise ResumeError(f"cannot resume from {path}: its {part!r} part does not fit this run "
+                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
 
 
 def _extend(run: _Run, extra_epochs: int) -> None:
