@@ -116,16 +116,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     model = _load_model(args.model)  # a classifier exports its logits; a backbone its features
     image_size = args.image_size or _processor_image_size(args.model)  # a variant name: offline
     batch = "dynamic" if args.batch_size is None else str(args.batch_size)
-    if args.format == "openvino" and (args.batch_size is not None or args.opset is not None):
-        raise UsageError("--batch-size and --opset apply to --format onnx only")
+    if args.format == "openvino" and (args.batch_size is not None or args.opset is not None or args.dynamic_size):
+        raise UsageError("--batch-size, --opset and --dynamic-size apply to --format onnx only")
+    pixels = f"{image_size}x{image_size} pixels"
+    if args.dynamic_size:
+        pixels = f"any height and width from {export.min_dynamic_size(model.config)} pixels, traced at {pixels}"
     check = "" if args.no_check else (" checking it with onnxruntime" if args.format == "onnx"
                                       else " checking it with OpenVINO")
-    print(f"exporting {args.model} ({type(model).__name__}) to {args.format} ({image_size}x{image_size} "
-          f"pixels, batch {batch}){',' + check if check else ''} ...", file=sys.stderr)
+    print(f"exporting {args.model} ({type(model).__name__}) to {args.format} ({pixels}, batch {batch})"
+          f"{',' + check if check else ''} ...", file=sys.stderr)
     try:
         if args.format == "onnx":
             result = export.export_onnx(model, args.output, image_size=image_size, batch_size=args.batch_size,
-                                        opset=args.opset, check=not args.no_check)
+                                        opset=args.opset, check=not args.no_check, dynamic_size=args.dynamic_size)
         else:
             result = export.export_openvino(model, args.output, image_size=image_size, check=not args.no_check)
     except ImportError as err:
@@ -137,7 +140,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                else f"max abs difference from PyTorch {result.max_abs_diff:.2g}")
     written = str(result.path) + (f" + {result.path.with_suffix('.bin').name}" if args.format == "openvino" else "")
     opset = f", opset {result.opset}" if result.opset else ""
-    print(f"wrote {written} ({result.bytes / 1e6:.1f} MB{opset}, batch {batch}); {checked}")
+    size = ", dynamic height and width" if args.dynamic_size else ""
+    print(f"wrote {written} ({result.bytes / 1e6:.1f} MB{opset}, batch {batch}{size}); {checked}")
     return 0
 
 
@@ -218,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--format", choices=("onnx", "openvino"), default="onnx", help="default: onnx")
     exp.add_argument("--image-size", type=int, help="input height and width (default: the model's own, else 224)")
     exp.add_argument("--batch-size", type=int, help="fix the batch size (default: a dynamic batch axis)")
+    exp.add_argument("--dynamic-size", action="store_true", help="symbolic height and width: one file "
+                     "serves several input sizes (--image-size is then the size traced and checked)")
     exp.add_argument("--opset", type=int, help="ONNX opset (default: torch's)")
     exp.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
     exp.set_defaults(run=cmd_export)
