@@ -80,7 +80,8 @@ def keys_on_token_grid(probabilities: Tensor, key_grid: tuple[int, int], grid: t
                        cls: bool) -> Tensor:
     """(..., T_kv) attention over keys on `key_grid` -> (..., T_q) over the token `grid`: the
     spatial part upsampled bilinearly and rescaled to its former total; a cls key stays first."""
-    first, spatial = (probabilities[..., :1], probabilities[..., 1:]) if cls else (probabilities[..., :0], probabilities)
+    split = 1 if cls else 0
+    first, spatial = probabilities[..., :split], probabilities[..., split:]
     maps = spatial.reshape(-1, 1, *key_grid)
     resampled = F.interpolate(maps, size=grid, mode="bilinear", align_corners=False)
     total = maps.sum((-2, -1), keepdim=True)
