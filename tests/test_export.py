@@ -156,3 +156,55 @@ def test_cli_end_to_end(tmp_path, capsys) -> None:
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("cvt: error:") and "too small" in err[-1] and "Traceback" not in "".join(err)
     assert not (tmp_path / "small.onnx").exists()
+
+
+# ---------------------------------------------------------------------------------------- dynamic size
+SIZES = ((96, 96), (61, 77), (128, 128))  # none of them the size traced
+
+
+def test_dynamic_size_backbone_serves_several_sizes(tmp_path) -> None:
+    """Pooled ('avg', ceil mode) and unprojected keys, cls tokens in the first and last stage:
+    every token-grid size in the graph follows the input's."""
+    config = shallow_config(qkv_projection_method=("avg", "linear", "dw_bn"), cls_token=(True, False, True))
+    model = randomise_(cvt.CvtModel(config), seed=9).eval()
+    result = export.export_onnx(model, tmp_path / "backbone.onnx", image_size=(64, 56), dynamic_size=True)
+    assert result.max_abs_diff <= 1e-4
+    session = onnxruntime.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == ["batch", 3, "height", "width"]
+    for batch in (1, 3):
+        for height, width in SIZES:
+            pixel_values = torch.randn(batch, 3, height, width)
+            with torch.no_grad():
+                want = model(pixel_values)
+            hidden, cls = run_onnx(result.path, pixel_values)
+            assert_close(hidden, want.last_hidden_state)
+            assert_close(cls, want.cls_token_value)
+
+
+def test_cli_dynamic_size_classifier(tmp_path, capsys) -> None:
+    folder = save_classifier(tmp_path / "model", image_size=64, cls_token=(False, False, False))
+    out = tmp_path / "dynamic.onnx"
+    assert main(["export", str(folder), str(out), "--dynamic-size"]) == 0
+    captured = capsys.readouterr()
+    smallest = export.min_dynamic_size(shallow_config())
+    assert f"any height and width from {smallest} pixels, traced at 64x64 pixels" in captured.err
+    assert "batch dynamic, dynamic height and width); max abs difference" in captured.out
+    model = cvt.CvtForImageClassification.from_pretrained(str(folder))
+    for batch in (1, 3):
+        for height, width in SIZES + ((smallest, smallest),):
+            pixel_values = torch.randn(batch, 3, height, width)
+            with torch.no_grad():
+                want = model(pixel_values).logits
+            assert_close(run_onnx(out, pixel_values)[0], want)
+
+
+def test_dynamic_size_refusals(tmp_path, capsys) -> None:
+    model = cvt.CvtForImageClassification(shallow_config()).eval()
+    smallest = export.min_dynamic_size(model.config)
+    assert min_input_size(model.config) < smallest  # grids of 1 work, but not symbolically
+    with pytest.raises(ValueError, match=f"symbolic only from {smallest} pixels"):
+        export.export_onnx(model, tmp_path / "m.onnx", image_size=smallest - 1, dynamic_size=True)
+    folder = save_classifier(tmp_path / "model", image_size=64)
+    assert main(["export", str(folder), str(tmp_path / "m.xml"), "--format", "openvino", "--dynamic-size"]) == 2
+    assert "--dynamic-size apply to --format onnx only" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -17,7 +17,7 @@ LAYERS = [
     ["variants", "convert"],
     ["weights"],
     ["modeling"],
-    ["images", "processing", "export", "modeling_tf"],
+    ["images", "processing", "export", "modeling_tf", "attention"],
     ["engines"],
     ["inference"],
     ["predict", "training"],

@@ -2,6 +2,7 @@
 
 from typing import Any
 
+from .attention import AttentionMaps, attention_maps
 from .config import CvtConfig
 from .images import ImageError, load_image
 from .inference import ImageClassificationPipeline, pipeline
@@ -42,6 +43,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AttentionMaps",
     "BaseModelOutputWithCLSToken",
     "CheckpointError",
     "CvtConfig",
@@ -52,6 +54,7 @@ __all__ = [
     "ImageClassificationPipeline",
     "ImageClassifierOutputWithNoAttention",
     "ImageError",
+    "attention_maps",
     "create_model",
     "get_variant",
     "imagenet_1k_labels",

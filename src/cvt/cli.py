@@ -1,4 +1,4 @@
-"""The `cvt` command line: `cvt info`, `cvt convert`, `cvt predict`, `cvt export`.
+"""The `cvt` command line: `cvt info`, `cvt convert`, `cvt predict`, `cvt export`, `cvt attention`.
 
 Each subcommand is a small function from parsed arguments to an exit status; errors a user can
 fix are printed as one line (`cvt: error: ...`) with exit status 2, never as a traceback.
@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from . import benchmark, convert, export, predict, weights
+from . import attention, benchmark, convert, export, predict, weights
 from .config import CvtConfig, kv_grid, stage_grids
 from .engines import EngineError
+from .files import write_atomic
 from .modeling import CvtForImageClassification, CvtModel
 from .processing import CvtImageProcessor
 from .training.commands import add_engine_arguments, messages_on_stderr
@@ -102,26 +103,32 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    source = args.model
+def _load_model(source: str) -> CvtModel | CvtForImageClassification:
+    """A classifier for a checkpoint with a head, else a backbone (never a random head)."""
     stored, state_dict = weights.resolve(source)
-    # a classifier checkpoint exports its logits; a backbone its features (never a random head)
     with_head = any(key.split(".")[0] in ("classifier", "head") for key in state_dict)
     model_class = CvtForImageClassification if with_head else CvtModel
-    model = weights.build_from_state_dict(model_class, state_dict, source, stored=stored, config=None,
-                                          ignore_mismatched_sizes=False)
+    return weights.build_from_state_dict(model_class, state_dict, source, stored=stored, config=None,
+                                         ignore_mismatched_sizes=False)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    model = _load_model(args.model)  # a classifier exports its logits; a backbone its features
     image_size = args.image_size or _processor_image_size(args.model)  # a variant name: offline
     batch = "dynamic" if args.batch_size is None else str(args.batch_size)
-    if args.format == "openvino" and (args.batch_size is not None or args.opset is not None):
-        raise UsageError("--batch-size and --opset apply to --format onnx only")
+    if args.format == "openvino" and (args.batch_size is not None or args.opset is not None or args.dynamic_size):
+        raise UsageError("--batch-size, --opset and --dynamic-size apply to --format onnx only")
+    pixels = f"{image_size}x{image_size} pixels"
+    if args.dynamic_size:
+        pixels = f"any height and width from {export.min_dynamic_size(model.config)} pixels, traced at {pixels}"
     check = "" if args.no_check else (" checking it with onnxruntime" if args.format == "onnx"
                                       else " checking it with OpenVINO")
-    print(f"exporting {args.model} ({model_class.__name__}) to {args.format} ({image_size}x{image_size} "
-          f"pixels, batch {batch}){',' + check if check else ''} ...", file=sys.stderr)
+    print(f"exporting {args.model} ({type(model).__name__}) to {args.format} ({pixels}, batch {batch})"
+          f"{',' + check if check else ''} ...", file=sys.stderr)
     try:
         if args.format == "onnx":
             result = export.export_onnx(model, args.output, image_size=image_size, batch_size=args.batch_size,
-                                        opset=args.opset, check=not args.no_check)
+                                        opset=args.opset, check=not args.no_check, dynamic_size=args.dynamic_size)
         else:
             result = export.export_openvino(model, args.output, image_size=image_size, check=not args.no_check)
     except ImportError as err:
@@ -133,7 +140,28 @@ def cmd_export(args: argparse.Namespace) -> int:
                else f"max abs difference from PyTorch {result.max_abs_diff:.2g}")
     written = str(result.path) + (f" + {result.path.with_suffix('.bin').name}" if args.format == "openvino" else "")
     opset = f", opset {result.opset}" if result.opset else ""
-    print(f"wrote {written} ({result.bytes / 1e6:.1f} MB{opset}, batch {batch}); {checked}")
+    size = ", dynamic height and width" if args.dynamic_size else ""
+    print(f"wrote {written} ({result.bytes / 1e6:.1f} MB{opset}, batch {batch}{size}); {checked}")
+    return 0
+
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    if args.head is not None and args.rollout:
+        raise UsageError("give --head or --rollout, not both")
+    if args.size is not None and args.size < 1:
+        raise UsageError(f"--size must be a positive number of pixels, got {args.size}")
+    if Path(args.output).suffix.lower() != ".png":
+        raise UsageError(f"--output must be a .png file, got {args.output}")
+    model = _load_model(args.model)
+    maps = attention.attention_maps(model, args.image, CvtImageProcessor.for_model(args.model, args.image_size))
+    which = "rollout" if args.rollout else ("mean" if args.head is None else args.head)
+    if isinstance(which, int) and not 0 <= which < len(maps.heads):
+        raise UsageError(f"--head {which}: the last stage has heads 0-{len(maps.heads) - 1}")
+    picture = attention.draw(maps, which, size=args.size)
+    write_atomic(args.output, lambda tmp: picture.save(tmp, format="PNG"))
+    source = "from the cls token" if maps.cls_token else "received by each position"
+    shown = {"rollout": "attention rollout", "mean": "mean over heads"}.get(which, f"head {which}")
+    print(f"wrote {args.output} ({picture.width}x{picture.height}): last stage's attention {source}, {shown}")
     return 0
 
 
@@ -194,9 +222,26 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--format", choices=("onnx", "openvino"), default="onnx", help="default: onnx")
     exp.add_argument("--image-size", type=int, help="input height and width (default: the model's own, else 224)")
     exp.add_argument("--batch-size", type=int, help="fix the batch size (default: a dynamic batch axis)")
+    exp.add_argument("--dynamic-size", action="store_true", help="symbolic height and width: one file "
+                     "serves several input sizes (--image-size is then the size traced and checked)")
     exp.add_argument("--opset", type=int, help="ONNX opset (default: torch's)")
     exp.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
     exp.set_defaults(run=cmd_export)
+
+    att = sub.add_parser("attention", help="draw what a model attends to over an image",
+                         description="Draw the last stage's attention over the image the model saw: "
+                         "from the cls token (or, without one, the mean attention each position "
+                         "receives), averaged over heads (default), one head, or rolled out "
+                         "through the stage's layers.")
+    att.add_argument("model", help="variant name, hub id, checkpoint folder or weights file")
+    att.add_argument("image", help="the image file")
+    att.add_argument("--output", required=True, help="the PNG file to write")
+    att.add_argument("--head", type=int, help="draw this head of the last layer (default: the mean over heads)")
+    att.add_argument("--rollout", action="store_true", help="draw attention rollout through the stage's layers")
+    att.add_argument("--size", type=int, help="output width and height in pixels (default: the model's input size)")
+    att.add_argument("--image-size", type=int, help="input size (default: the model's own preprocessing; "
+                     "needed for a weights file, which carries none)")
+    att.set_defaults(run=cmd_attention)
 
     bench = sub.add_parser("bench", help="speed and memory of every engine against transformers' CvT",
                            description=benchmark.__doc__.split("\n\n")[0])

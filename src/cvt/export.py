@@ -1,10 +1,12 @@
 """ONNX export: `export_onnx(model, "model.onnx")`, and `cvt export` on the command line.
 
-Uses torch's dynamo-based exporter (`torch.onnx.export(..., dynamo=True)`: torch.export, then
+Uses torch's dynamo-based exporter (`torch.export`, then `torch.onnx.export(..., dynamo=True)`:
 onnxscript's translation and graph optimiser), which gives a clean graph (LayerNormalization,
-Gelu and Conv nodes, weights as initializers) with a symbolic batch axis. The file is written
-only after the optional onnxruntime check has passed, and then atomically, so a failed export
-leaves no file (and an older file at the same path intact).
+Gelu and Conv nodes, weights as initializers) with a symbolic batch axis, and with
+`dynamic_size` symbolic height and width too: every token-grid size in the graph is then
+computed from the input's shape, so one file serves any input from `min_dynamic_size(config)`
+pixels a side up. The file is written only after the optional onnxruntime check has passed, and
+then atomically, so a failed export leaves no file (and an older file at the same path intact).
 
 Needs the `export` extra: `pip install "cvt[export]"` (onnx, onnxscript, onnxruntime).
 """
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .config import pixel_values_problem
+from .config import CvtConfig, kv_grid, pixel_values_problem, stage_grids
 from .files import write_bytes
 from .modeling import CvtForImageClassification, CvtModel
 from .native import signal_stack_kept
@@ -74,21 +76,35 @@ def output_names(model: CvtModel | CvtForImageClassification) -> list[str]:
     return ["last_hidden_state"] + (["cls_token_value"] if model.config.cls_token[-1] else [])
 
 
+def min_dynamic_size(config: CvtConfig) -> int:
+    """The smallest height and width a `dynamic_size` export serves: every stage's token and key
+    grids at least 2 a side (torch.export treats a size of 1 as a special case, so a symbolic
+    size must not reach it)."""
+    size = 1
+    while any(min(*grid, *kv_grid(config, s, *grid)) < 2
+              for s, grid in enumerate(stage_grids(config, size, size))):
+        size += 1
+    return size
+
+
 def export_onnx(model: CvtModel | CvtForImageClassification, path: str | os.PathLike, *,
                 image_size: int | tuple[int, int] = (224, 224), batch_size: int | None = None,
-                opset: int | None = None, check: bool = True) -> ExportResult:
+                opset: int | None = None, check: bool = True, dynamic_size: bool = False) -> ExportResult:
     """Export `model` to an ONNX file at `path`; returns what was written (`.path`, `.bytes`,
     `.opset`) and the difference the check measured (`.max_abs_diff`).
 
     The file has one input, `pixel_values` (batch, channels, height, width) at `image_size`,
     and the outputs `logits` (CvtForImageClassification), or `last_hidden_state` and, when the
     last stage has a cls token, `cls_token_value` (CvtModel). The batch axis is symbolic
-    (`batch`) unless `batch_size` fixes it. `opset` defaults to torch's default opset. The model
-    is exported in eval mode (its mode is restored afterwards).
+    (`batch`) unless `batch_size` fixes it. With `dynamic_size`, height and width are symbolic
+    too (`height`, `width`): `image_size` is then only the size traced and checked, and the file
+    serves any size from `min_dynamic_size(model.config)` up. `opset` defaults to torch's default
+    opset. The model is exported in eval mode (its mode is restored afterwards).
 
-    With `check` (needs onnxruntime), the file is run once with onnxruntime on a random batch
-    (3 images when the batch axis is dynamic: not the 2 it was traced with) and compared with
-    the PyTorch model; a difference above 1e-4 (or NaN) raises `ExportCheckError` and nothing is
+    With `check` (needs onnxruntime), the file is run with onnxruntime on a random batch (3
+    images when the batch axis is dynamic: not the 2 it was traced with) and compared with the
+    PyTorch model, with `dynamic_size` also at the smallest size served, made non-square
+    (min x min+1); a difference above 1e-4 (or NaN) raises `ExportCheckError` and nothing is
     written.
     """
     if not isinstance(model, (CvtModel, CvtForImageClassification)):
@@ -106,33 +122,47 @@ def export_onnx(model: CvtModel | CvtForImageClassification, path: str | os.Path
                                    training=False)
     if problem:
         raise ValueError(problem)
+    sizes = [(height, width)]
+    if dynamic_size:
+        smallest = min_dynamic_size(model.config)
+        if min(height, width) < smallest:
+            raise ValueError(f"a dynamic-size export traces at {height}x{width}, but this model's "
+                             f"height and width can be symbolic only from {smallest} pixels up")
+        sizes.append((smallest, smallest + 1))
     _require_exporter(check)
-    data = onnx_bytes(model, (height, width), batch_size=batch_size, opset=opset)
+    data = onnx_bytes(model, (height, width), batch_size=batch_size, opset=opset, dynamic_size=dynamic_size)
     difference = None
     if check:
-        difference = _check(model, data, output_names(model), batch_size or 3, height, width)
+        difference = max(_check(model, data, output_names(model), batch_size or 3, *size) for size in sizes)
     path = Path(path)
     write_bytes(path, data)
     return ExportResult(path, len(data), _opset_of(data), difference)
 
 
 def onnx_bytes(model: CvtModel | CvtForImageClassification, image_size: tuple[int, int], *,
-               batch_size: int | None = None, opset: int | None = None) -> bytes:
-    """The serialised ONNX graph of `model` (in eval mode) at `image_size`, unchecked; the
-    batch axis is symbolic unless `batch_size` fixes it. Used by `export_onnx` and the engines."""
+               batch_size: int | None = None, opset: int | None = None, dynamic_size: bool = False) -> bytes:
+    """The serialised ONNX graph of `model` (in eval mode) traced at `image_size`, unchecked;
+    the batch axis is symbolic unless `batch_size` fixes it, height and width with
+    `dynamic_size`. Used by `export_onnx` and the engines."""
     height, width = image_size
     device = next(model.parameters()).device
     # the example batch: 2 for a dynamic axis, since torch.export specialises sizes 0 and 1
     example = torch.randn(batch_size or 2, model.config.num_channels, height, width, device=device)
-    dynamic_shapes = None
-    if batch_size is None:
-        dynamic_shapes = {INPUT_NAME: {0: torch.export.Dim("batch", min=1)}}
+    axes = {} if batch_size is not None else {0: torch.export.Dim("batch", min=1)}
+    if dynamic_size:
+        smallest = min_dynamic_size(model.config)
+        axes.update({2: torch.export.Dim("height", min=smallest), 3: torch.export.Dim("width", min=smallest)})
+    dynamic_shapes = {INPUT_NAME: axes} if axes else None
     with _eval_mode(model), torch.no_grad(), _quiet():
-        program = torch.onnx.export(
-            _Outputs(model), (example,), None, input_names=[INPUT_NAME], output_names=output_names(model),
+        # facts about sizes that sympy cannot prove for every size (ceil-mode pooling's "does the
+        # last window start inside the input") become runtime checks, not a size-specialised graph
+        program = torch.export.export(_Outputs(model), (example,), dynamic_shapes=dynamic_shapes,
+                                      prefer_deferred_runtime_asserts_over_guards=True)
+        onnx_program = torch.onnx.export(
+            program, (example,), None, input_names=[INPUT_NAME], output_names=output_names(model),
             opset_version=opset, dynamo=True, external_data=False, dynamic_shapes=dynamic_shapes,
             optimize=True, verbose=False)
-    return program.model_proto.SerializeToString()
+    return onnx_program.model_proto.SerializeToString()
 
 
 def _opset_of(data: bytes) -> int | None:

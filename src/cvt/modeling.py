@@ -47,20 +47,24 @@ LAYER_NORM_EPS = 1e-5  # the original code's and transformers' value (config.lay
 @dataclass
 class BaseModelOutputWithCLSToken(ModelOutput):
     """`last_hidden_state` (B, C, H, W); `cls_token_value` (B, 1, C) when the last stage has one;
-    `hidden_states`: one (B, C_s, H_s, W_s) map per stage, when asked for."""
+    `hidden_states`: one (B, C_s, H_s, W_s) map per stage, when asked for; `attentions`: see
+    `CvtModel.forward`."""
 
     last_hidden_state: Tensor
     cls_token_value: Tensor | None = None
     hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
 
 
 @dataclass
 class ImageClassifierOutputWithNoAttention(ModelOutput):
-    """`loss` when labels were given, `logits` (B, num_labels), per-stage `hidden_states` when asked."""
+    """`loss` when labels were given, `logits` (B, num_labels), per-stage `hidden_states` and
+    per-layer `attentions` when asked (transformers' class name, kept although it may carry them)."""
 
     loss: Tensor | None = None
     logits: Tensor | None = None
     hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
 
 
 # ---------------------------------------------------------------------------------------- blocks
@@ -194,6 +198,10 @@ class SelfAttention(nn.Module):
 
     A cls token skips the spatial projection and is prepended to q, k and v before the linear
     projections, so it both attends and is attended to.
+
+    With `output_attentions`, also returns the attention probabilities (B, heads, T_q, T_kv),
+    softmax(q k^T * scale) before attention dropout, computed beside the attention itself, whose
+    output stays bit-identical; keys come from the key grid (`config.kv_grid`), cls first.
     """
 
     def __init__(self, config: CvtConfig, stage: int) -> None:
@@ -214,7 +222,8 @@ class SelfAttention(nn.Module):
         self.projection_key = nn.Linear(dim, dim, bias=bias)
         self.projection_value = nn.Linear(dim, dim, bias=bias)
 
-    def forward(self, x: Tensor, height: int, width: int) -> Tensor:
+    def forward(self, x: Tensor, height: int, width: int,
+                output_attentions: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         batch, _, dim = x.shape
         feature_map = tokens_to_map(x[:, 1:] if self.with_cls_token else x, height, width)
         q = self.convolution_projection_query(feature_map)
@@ -229,7 +238,10 @@ class SelfAttention(nn.Module):
         v = self.projection_value(v).view(heads).transpose(1, 2)
         out = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.attention_drop_rate if self.training else 0.0, scale=self.scale)
-        return out.transpose(1, 2).reshape(batch, -1, dim)
+        out = out.transpose(1, 2).reshape(batch, -1, dim)
+        if output_attentions:
+            return out, torch.softmax(q @ k.transpose(-2, -1) * self.scale, dim=-1)
+        return out
 
 
 class Attention(nn.Module):
@@ -240,7 +252,11 @@ class Attention(nn.Module):
         self.output = nn.Sequential(OrderedDict(
             dense=nn.Linear(dim, dim), dropout=nn.Dropout(config.drop_rate[stage])))
 
-    def forward(self, x: Tensor, height: int, width: int) -> Tensor:
+    def forward(self, x: Tensor, height: int, width: int,
+                output_attentions: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        if output_attentions:
+            out, probabilities = self.attention(x, height, width, output_attentions=True)
+            return self.output(out), probabilities
         return self.output(self.attention(x, height, width))
 
 
@@ -260,9 +276,14 @@ class CvtLayer(nn.Module):
         self.layernorm_before = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.layernorm_after = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
 
-    def forward(self, x: Tensor, height: int, width: int) -> Tensor:
-        x = x + self.drop_path(self.attention(self.layernorm_before(x), height, width))
-        return x + self.drop_path(self.output(self.intermediate(self.layernorm_after(x))))
+    def forward(self, x: Tensor, height: int, width: int,
+                output_attentions: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """The new tokens, and with `output_attentions` the layer's attention probabilities."""
+        attended = self.attention(self.layernorm_before(x), height, width, output_attentions)
+        attended, probabilities = attended if output_attentions else (attended, None)
+        x = x + self.drop_path(attended)
+        x = x + self.drop_path(self.output(self.intermediate(self.layernorm_after(x))))
+        return (x, probabilities) if output_attentions else x
 
 
 @contextlib.contextmanager
@@ -297,22 +318,28 @@ class CvtStage(nn.Module):
                                     for rate in config.layer_drop_path_rates(stage))
         self.grad_checkpointing = False
 
-    def forward(self, feature_map: Tensor) -> tuple[Tensor, Tensor | None]:
-        """(B, C_in, H, W) -> (B, C, H', W') channels-last map, and the cls token (B, 1, C) or None."""
+    def forward(self, feature_map: Tensor, output_attentions: bool = False) -> tuple:
+        """(B, C_in, H, W) -> (B, C, H', W') channels-last map, and the cls token (B, 1, C) or
+        None; with `output_attentions` a third item, each layer's attention probabilities."""
         x, height, width = self.embedding(feature_map)
         if self.cls_token is not None:
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        attentions = []
         for layer in self.layers:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, height, width, use_reentrant=False,
+                x = checkpoint(layer, x, height, width, output_attentions, use_reentrant=False,
                                context_fn=lambda layer=layer: (contextlib.nullcontext(),
                                                                _batchnorm_statistics_kept(layer)))
             else:
-                x = layer(x, height, width)
+                x = layer(x, height, width, output_attentions)
+            if output_attentions:
+                x, probabilities = x
+                attentions.append(probabilities)
         cls = None
         if self.cls_token is not None:
             cls, x = x[:, :1], x[:, 1:]
-        return tokens_to_map(x, height, width), cls
+        feature_map = tokens_to_map(x, height, width)
+        return (feature_map, cls, tuple(attentions)) if output_attentions else (feature_map, cls)
 
 
 class CvtEncoder(nn.Module):
@@ -417,29 +444,41 @@ class CvtModel(CvtPreTrainedModel):
         self.init_weights()
 
     def forward(self, pixel_values: Tensor, output_hidden_states: bool | None = None,
-                return_dict: bool | None = None) -> BaseModelOutputWithCLSToken | tuple:
+                return_dict: bool | None = None,
+                output_attentions: bool = False) -> BaseModelOutputWithCLSToken | tuple:
+        """With `output_attentions`, `attentions` holds every layer's attention probabilities,
+        stage by stage in order (`sum(config.depth)` tensors): (B, heads, T_q, T_kv), queries on
+        the stage's token grid and keys on its key grid (`cvt.config.kv_grid`, smaller when
+        `stride_kv > 1`), both row-major with the cls token first where the stage has one. Each
+        row sums to 1 over the keys; the other outputs are unchanged."""
         self._check_pixel_values(pixel_values)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         if return_dict is None:
             return_dict = self.config.return_dict
-        maps, cls = self._encode(pixel_values, output_hidden_states)
+        maps, cls, attentions = self._encode(pixel_values, output_hidden_states, output_attentions)
         out = BaseModelOutputWithCLSToken(
             last_hidden_state=maps[-1],
             cls_token_value=cls,
-            hidden_states=tuple(maps) if output_hidden_states else None)
+            hidden_states=tuple(maps) if output_hidden_states else None,
+            attentions=attentions if output_attentions else None)
         return out if return_dict else out.to_tuple()
 
-    def _encode(self, pixel_values: Tensor, every_stage: bool) -> tuple[list[Tensor], Tensor | None]:
-        """Contiguous (B, C, H, W) feature maps — of every stage, or of the last only — and the
-        last stage's cls token."""
+    def _encode(self, pixel_values: Tensor, every_stage: bool, output_attentions: bool = False
+                ) -> tuple[list[Tensor], Tensor | None, tuple[Tensor, ...]]:
+        """Contiguous (B, C, H, W) feature maps — of every stage, or of the last only — the
+        last stage's cls token, and the layers' attention probabilities (when asked)."""
         x = pixel_values.contiguous(memory_format=torch.channels_last)
-        maps, cls = [], None
+        maps, cls, attentions = [], None, ()
         for stage in self.encoder.stages:
-            x, cls = stage(x)
+            if output_attentions:
+                x, cls, stage_attentions = stage(x, output_attentions=True)
+                attentions += stage_attentions
+            else:
+                x, cls = stage(x)
             if every_stage:
                 maps.append(x.contiguous())
-        return maps if every_stage else [x.contiguous()], cls
+        return maps if every_stage else [x.contiguous()], cls, attentions
 
 
 class CvtForImageClassification(CvtPreTrainedModel):
@@ -454,11 +493,13 @@ class CvtForImageClassification(CvtPreTrainedModel):
         self.init_weights(self.classifier)  # the backbone initialised itself
 
     def forward(self, pixel_values: Tensor, labels: Tensor | None = None,
-                output_hidden_states: bool | None = None,
-                return_dict: bool | None = None) -> ImageClassifierOutputWithNoAttention | tuple:
+                output_hidden_states: bool | None = None, return_dict: bool | None = None,
+                output_attentions: bool = False) -> ImageClassifierOutputWithNoAttention | tuple:
+        """`output_attentions`: as `CvtModel.forward`; the logits are those computed without."""
         if return_dict is None:
             return_dict = self.config.return_dict
-        outputs = self.cvt(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        outputs = self.cvt(pixel_values, output_hidden_states=output_hidden_states, return_dict=True,
+                           output_attentions=output_attentions)
         if outputs.cls_token_value is not None:
             features = self.layernorm(outputs.cls_token_value)[:, 0]
         else:
@@ -467,7 +508,7 @@ class CvtForImageClassification(CvtPreTrainedModel):
         logits = self.classifier(features)
         loss = self.loss(logits, labels) if labels is not None else None
         out = ImageClassifierOutputWithNoAttention(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
         return out if return_dict else out.to_tuple()
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:

@@ -81,20 +81,24 @@ def _pytorch_shape(var: Any, layout: str) -> tuple[int, ...]:
 @dataclass
 class TFBaseModelOutputWithCLSToken(ModelOutput):
     """`last_hidden_state` (B, C, H, W); `cls_token_value` (B, 1, C) when the last stage has one;
-    `hidden_states`: one (B, C_s, H_s, W_s) map per stage, when asked for."""
+    `hidden_states`: one (B, C_s, H_s, W_s) map per stage, when asked for; `attentions`: each
+    layer's attention probabilities when asked for, as in `cvt.CvtModel.forward`."""
 
     last_hidden_state: tf.Tensor
     cls_token_value: tf.Tensor | None = None
     hidden_states: tuple[tf.Tensor, ...] | None = None
+    attentions: tuple[tf.Tensor, ...] | None = None
 
 
 @dataclass
 class TFImageClassifierOutputWithNoAttention(ModelOutput):
-    """`loss` when labels were given, `logits` (B, num_labels), per-stage `hidden_states` when asked."""
+    """`loss` when labels were given, `logits` (B, num_labels), per-stage `hidden_states` and
+    per-layer `attentions` when asked."""
 
     loss: tf.Tensor | None = None
     logits: tf.Tensor | None = None
     hidden_states: tuple[tf.Tensor, ...] | None = None
+    attentions: tuple[tf.Tensor, ...] | None = None
 
 
 # ---------------------------------------------------------------------------------------- small layers
@@ -309,7 +313,8 @@ class SpatialProjection(keras.layers.Layer):
 
 class SelfAttention(keras.layers.Layer):
     """Convolutional projection of q/k/v, then multi-head attention scaled by embed_dim ** -0.5.
-    A cls token skips the spatial projection and is prepended to q, k and v."""
+    A cls token skips the spatial projection and is prepended to q, k and v. With
+    `output_attentions`, also returns the probabilities (B, heads, T_q, T_kv) before dropout."""
 
     def __init__(self, config: CvtConfig, stage: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -333,7 +338,8 @@ class SelfAttention(keras.layers.Layer):
         self.attention_dropout = keras.layers.Dropout(config.attention_drop_rate[stage])
         self.built = True
 
-    def call(self, x: tf.Tensor, height: int, width: int, training: bool = False) -> tf.Tensor:
+    def call(self, x: tf.Tensor, height: int, width: int, training: bool = False,
+             output_attentions: bool = False) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
         tokens = x[:, 1:] if self.with_cls_token else x
         feature_map = tf.reshape(tokens, [-1, height, width, self.dim])
         q = self.convolution_projection_query(feature_map, training=training)
@@ -345,10 +351,11 @@ class SelfAttention(keras.layers.Layer):
         q = self._split_heads(self.projection_query(q))  # (B, heads, T_q, d)
         k = self._split_heads(self.projection_key(k))  # (B, heads, T_kv, d)
         v = self._split_heads(self.projection_value(v))
-        weights = tf.nn.softmax(tf.matmul(q, k, transpose_b=True) * self.scale, axis=-1)
-        weights = self.attention_dropout(weights, training=training)
+        probabilities = tf.nn.softmax(tf.matmul(q, k, transpose_b=True) * self.scale, axis=-1)
+        weights = self.attention_dropout(probabilities, training=training)
         out = tf.transpose(tf.matmul(weights, v), [0, 2, 1, 3])  # (B, T_q, heads, d)
-        return tf.reshape(out, [-1, out.shape[1], self.dim])
+        out = tf.reshape(out, [-1, out.shape[1], self.dim])
+        return (out, probabilities) if output_attentions else out
 
     def _split_heads(self, x: tf.Tensor) -> tf.Tensor:
         x = tf.reshape(x, [-1, x.shape[1], self.num_heads, self.dim // self.num_heads])
@@ -383,13 +390,18 @@ class CvtLayer(keras.layers.Layer):
         self.layernorm_after = _layer_norm(dim, name="layernorm_after")
         self.built = True
 
-    def call(self, x: tf.Tensor, height: int, width: int, training: bool = False) -> tf.Tensor:
-        attended = self.attention(self.layernorm_before(x), height=height, width=width, training=training)
+    def call(self, x: tf.Tensor, height: int, width: int, training: bool = False,
+             output_attentions: bool = False) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
+        """The new tokens, and with `output_attentions` the layer's attention probabilities."""
+        attended = self.attention(self.layernorm_before(x), height=height, width=width, training=training,
+                                  output_attentions=output_attentions)
+        attended, probabilities = attended if output_attentions else (attended, None)
         attended = self.dropout(self.attention_output(attended), training=training)
         x = x + self.drop_path(attended, training=training)
         hidden = self.dropout(self.activation(self.intermediate(self.layernorm_after(x))), training=training)
         mlp = self.dropout(self.output_dense(hidden), training=training)
-        return x + self.drop_path(mlp, training=training)
+        x = x + self.drop_path(mlp, training=training)
+        return (x, probabilities) if output_attentions else x
 
     def weight_map(self, prefix: str) -> list[tuple[str, Any, str]]:
         return (self.attention.weight_map(f"{prefix}attention.attention.")
@@ -419,8 +431,9 @@ class CvtStage(keras.layers.Layer):
                        for j, rate in enumerate(config.layer_drop_path_rates(stage))]
         self.built = True
 
-    def call(self, feature_map: tf.Tensor, training: bool = False) -> tuple[tf.Tensor, tf.Tensor | None]:
-        """(B, H, W, C_in) -> (B, H', W', C) map, and the cls token (B, 1, C) or None."""
+    def call(self, feature_map: tf.Tensor, training: bool = False, output_attentions: bool = False) -> tuple:
+        """(B, H, W, C_in) -> (B, H', W', C) map, and the cls token (B, 1, C) or None; with
+        `output_attentions` a third item, each layer's attention probabilities."""
         feature_map = self.projection(feature_map)
         _, height, width, _ = feature_map.shape
         x = self.normalization(tf.reshape(feature_map, [-1, height * width, self.dim]))
@@ -428,12 +441,17 @@ class CvtStage(keras.layers.Layer):
         if self.cls_token is not None:
             cls = tf.tile(tf.convert_to_tensor(self.cls_token), [tf.shape(x)[0], 1, 1])
             x = tf.concat([cls, x], axis=1)
+        attentions = []
         for layer in self.layers:
-            x = layer(x, height=height, width=width, training=training)
+            x = layer(x, height=height, width=width, training=training, output_attentions=output_attentions)
+            if output_attentions:
+                x, probabilities = x
+                attentions.append(probabilities)
         cls = None
         if self.cls_token is not None:
             cls, x = x[:, :1], x[:, 1:]
-        return tf.reshape(x, [-1, height, width, self.dim]), cls
+        feature_map = tf.reshape(x, [-1, height, width, self.dim])
+        return (feature_map, cls, tuple(attentions)) if output_attentions else (feature_map, cls)
 
     def weight_map(self, prefix: str) -> list[tuple[str, Any, str]]:
         out = _weights(prefix, cls_token=(self.cls_token, "same")) if self.cls_token is not None else []
@@ -454,17 +472,22 @@ class CvtMainLayer(keras.layers.Layer):
         self.built = True
 
     def call(self, pixel_values: tf.Tensor, output_hidden_states: bool = False,
-             training: bool = False) -> TFBaseModelOutputWithCLSToken:
+             training: bool = False, output_attentions: bool = False) -> TFBaseModelOutputWithCLSToken:
         x = tf.transpose(pixel_values, [0, 2, 3, 1])  # NCHW -> NHWC
-        maps, cls = [], None
+        maps, cls, attentions = [], None, ()
         for stage in self.stages:
-            x, cls = stage(x, training=training)
+            if output_attentions:
+                x, cls, stage_attentions = stage(x, training=training, output_attentions=True)
+                attentions += stage_attentions
+            else:
+                x, cls = stage(x, training=training)
             if output_hidden_states:
                 maps.append(x)
         to_nchw = lambda m: tf.transpose(m, [0, 3, 1, 2])  # noqa: E731
         return TFBaseModelOutputWithCLSToken(
             last_hidden_state=to_nchw(x), cls_token_value=cls,
-            hidden_states=tuple(to_nchw(m) for m in maps) if output_hidden_states else None)
+            hidden_states=tuple(to_nchw(m) for m in maps) if output_hidden_states else None,
+            attentions=attentions if output_attentions else None)
 
     def weight_map(self, prefix: str) -> list[tuple[str, Any, str]]:
         out = []
@@ -600,14 +623,15 @@ class TFCvtModel(TFCvtPreTrainedModel):
         self.built = True
 
     def call(self, pixel_values: Any, output_hidden_states: bool | None = None,
-             return_dict: bool | None = None, training: bool = False
+             return_dict: bool | None = None, training: bool = False, output_attentions: bool = False
              ) -> TFBaseModelOutputWithCLSToken | tuple:
         pixel_values = self._check_pixel_values(pixel_values, training)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         if return_dict is None:
             return_dict = self.config.return_dict
-        out = self.cvt(pixel_values, output_hidden_states=output_hidden_states, training=training)
+        out = self.cvt(pixel_values, output_hidden_states=output_hidden_states, training=training,
+                       output_attentions=output_attentions)
         return out if return_dict else out.to_tuple()
 
     def weight_map(self) -> list[tuple[str, Any, str]]:
@@ -626,14 +650,15 @@ class TFCvtForImageClassification(TFCvtPreTrainedModel):
         self.built = True
 
     def call(self, pixel_values: Any, labels: Any = None, output_hidden_states: bool | None = None,
-             return_dict: bool | None = None, training: bool = False
+             return_dict: bool | None = None, training: bool = False, output_attentions: bool = False
              ) -> TFImageClassifierOutputWithNoAttention | tuple:
         pixel_values = self._check_pixel_values(pixel_values, training)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         if return_dict is None:
             return_dict = self.config.return_dict
-        outputs = self.cvt(pixel_values, output_hidden_states=output_hidden_states, training=training)
+        outputs = self.cvt(pixel_values, output_hidden_states=output_hidden_states, training=training,
+                           output_attentions=output_attentions)
         if outputs.cls_token_value is not None:
             features = self.layernorm(outputs.cls_token_value)[:, 0]
         else:
@@ -643,7 +668,7 @@ class TFCvtForImageClassification(TFCvtPreTrainedModel):
         logits = self.classifier(features) if self.classifier is not None else features
         loss = self.classification_loss(logits, labels) if labels is not None else None
         out = TFImageClassifierOutputWithNoAttention(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
         return out if return_dict else out.to_tuple()
 
     def classification_loss(self, logits: tf.Tensor, labels: Any) -> tf.Tensor:
