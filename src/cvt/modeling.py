@@ -431,8 +431,9 @@ class CvtModel(CvtPreTrainedModel):
 
     def _encode(self, pixel_values: Tensor, every_stage: bool) -> tuple[list[Tensor], Tensor | None]:
         """Contiguous (B, C, H, W) feature maps — of every stage, or of the last only — and the
-        last stage's cls token."""
-        x = pixel_values.contiguous(memory_format=torch.channels_last)
+        last stage's cls token. Inputs of another floating dtype (fp16/bf16 into an fp32 model)
+        are cast to the model's."""
+        x = pixel_values.to(next(self.parameters()).dtype).contiguous(memory_format=torch.channels_last)
         maps, cls = [], None
         for stage in self.encoder.stages:
             x, cls = stage(x)
