@@ -14,11 +14,13 @@ conversion makes a new image.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 import stat
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Union
 
@@ -65,14 +67,28 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     Only regular files are read. An image over the pixel budget is refused before it is decoded,
     except a JPEG, which is decoded at the smallest reduction (1/2, 1/4, 1/8) that fits.
     """
-    path = Path(path)
+    with _opened(Path(path)) as image:
+        image.load()  # decode now: truncation and corrupt data surface here, not later
+        return to_rgb(image)
+
+
+def check_image_file(path: str | os.PathLike) -> None:
+    """A cheap check, without decoding, that `path` is a regular image file within the pixel
+    budget (a JPEG counted at the size it will be decoded at); `ImageError` says why not."""
+    with _opened(Path(path)) as image:
+        image.verify()
+
+
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[Image.Image]:
+    """The image file at `path`, opened (not decoded) and fitted to the budget; any failure, here
+    or in the caller's block, becomes an `ImageError` naming the file and the reason."""
     try:
         with _open_regular(path) as file, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our budget decides
             with Image.open(file) as image:
                 _fit_budget(image)
-                image.load()  # decode now: truncation and corrupt data surface here, not later
-                return to_rgb(image)
+                yield image
     except Image.DecompressionBombError as err:
         raise ImageError(f"{path}: refused as a possible decompression bomb "
                          f"(over cvt's budget of {MAX_PIXELS / 1e6:g} Mpx): {err}") from None
@@ -96,7 +112,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ImageError(f"{path}: corrupt image data: {type(err).__name__}: {err}") from None
 
 
-def _open_regular(path: Path):
+def _open_regular(path: Path) -> io.BufferedReader:
     """The open file, if `path` is a regular file; a FIFO, device or socket is an `ImageError`
     (opened without blocking, then checked: reading one could wait forever)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))

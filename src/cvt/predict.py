@@ -107,7 +107,7 @@ def _failure(path: Path, result: list[Prediction] | ImageError) -> str | None:
     if isinstance(result, ImageError):
         return str(result).removeprefix(f"{path}: ")
     if not all(math.isfinite(p["score"]) for p in result):
-        return "the model's scores are not finite (NaN or infinite: are its weights?)"
+        return "the model gave NaN or infinite scores (written as null; check its weights)"
     return None
 
 
