@@ -105,7 +105,7 @@ def _opened(path: Path) -> Iterator[Image.Image]:
     except ImageError as err:
         raise ImageError(f"{path}: {err}") from None
     except OSError as err:
-        if "truncated" in str(err):
+        if "truncated" in str(err).lower():
             raise ImageError(f"{path}: truncated image file (an incomplete download or copy?)") from None
         raise ImageError(f"{path}: corrupt image data: {err}") from None
     except Exception as err:  # Pillow's decoders also raise SyntaxError, ValueError, EOFError, ...
