@@ -136,6 +136,26 @@ def test_a_fifo_or_a_device_is_skipped_not_read(tmp_path, model_dir, capsys) -> 
     assert "a device, not a regular file" in records[str(tmp_path / "zero.png")]["error"]
 
 
+def test_hostile_files_in_training_data_are_reported_and_skipped(tmp_path, model_dir, capsys) -> None:
+    """Training and eval read images through the same bounded loader: a FIFO is skipped by the
+    header check, an extreme aspect ratio when it is prepared; the run goes on."""
+    data = tmp_path / "data"
+    for label in TINY_LABELS[:2]:
+        (data / label).mkdir(parents=True)
+        photo(data / label / "a.png"), photo(data / label / "b.png")
+    Image.new("L", (1, 200_000), 90).save(data / TINY_LABELS[0] / "thin.png")
+    os.mkfifo(data / TINY_LABELS[1] / "x.png")
+    listed = tmp_path / "data.csv"  # a list names the FIFO (a folder walk passes it over)
+    listed.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in sorted(data.rglob("*.png"))))
+    for source in (data, listed):
+        assert main(["eval", "--model", str(model_dir), "--data", str(source), "--workers", "0",
+                     "--engine", "torch", "--format", "json"]) == 0
+        out, err = capsys.readouterr()
+        assert json.loads(out)["count"] == 4  # the 2 x 2 good images
+    assert "x.png skipped (is a FIFO (named pipe), not a regular file" in err
+    assert "thin.png skipped (resizing this 1x200000 image would need" in err
+
+
 # ----------------------------------------------------------------------------- pixel types
 def test_a_32_bit_integer_tiff_is_scaled_by_its_real_range(tmp_path) -> None:
     """Values up to 10^6 were clipped at 65535 (94 % of pixels white); now the range maps to 0-255."""

@@ -56,7 +56,7 @@ def check_budget(width: int, height: int, what: str, bytes_per_pixel: int = 4) -
         raise ImageError(f"the image is empty ({width}x{height} pixels)")
     if width * height * bytes_per_pixel > MAX_PIXELS * 4:
         raise ImageError(
-            f"{what} would be {width}x{height} pixels ({width * height / 1e6:.1f} Mpx at "
+            f"{what} would need {width}x{height} pixels ({width * height / 1e6:.1f} Mpx at "
             f"{bytes_per_pixel} bytes each), over cvt's budget of {MAX_PIXELS / 1e6:g} Mpx of 4 bytes; "
             f"refused before using the memory (downscale or crop the image first)")
 

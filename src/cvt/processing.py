@@ -123,7 +123,7 @@ class CvtImageProcessor:
             else:
                 new_width, new_height = int(short_side * width / height), short_side
         check_budget(max(width, new_width), max(height, new_height),
-                     f"resizing this {width}x{height} image to {new_width}x{new_height}")
+                     f"resizing this {width}x{height} image")
         image = image.resize((new_width, new_height), resample=self.resample)
         if self.size >= WARP_FROM:
             return image
