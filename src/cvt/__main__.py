@@ -1,7 +1,5 @@
 """`python -m cvt ...` (also how torchrun starts the CLI)."""
 
-import sys
+from .cli import entry
 
-from .cli import main
-
-sys.exit(main())
+entry()

@@ -1,14 +1,20 @@
 """The `cvt` command line: `cvt info`, `cvt convert`, `cvt predict`, `cvt export`, `cvt attention`.
 
-Each subcommand is a small function from parsed arguments to an exit status; errors a user can
-fix are printed as one line (`cvt: error: ...`) with exit status 2, never as a traceback.
+Each subcommand is a small function from parsed arguments to an exit status. The error policy:
+an expected error (one of cvt's error classes, a ValueError raised by one of cvt's own checks, a
+file-system error) is one line (`cvt: error: ...`), exit status 2; exit status 1 means some inputs
+failed (the others were done); anything else is a bug: its traceback, exit status 3. Ctrl-C is
+exit status 130. `cvt --debug ...` shows the traceback of every error.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import linecache
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,15 +24,23 @@ from . import attention, benchmark, convert, export, predict, weights
 from .config import CvtConfig, kv_grid, stage_grids
 from .engines import EngineError
 from .files import write_atomic
+from .images import ImageError
 from .modeling import CvtForImageClassification, CvtModel
 from .processing import CvtImageProcessor
 from .training.commands import add_engine_arguments, messages_on_stderr
 from .training.commands import add_parsers as add_training_parsers
+from .training.data import DataError
 from .variants import VARIANTS, get_variant
 
 
 class UsageError(Exception):
     """A mistake in what the user asked for; printed without a traceback."""
+
+
+# errors that say what the user (or their files, disk or network) must fix: one line, exit 2
+EXPECTED_ERRORS = (UsageError, weights.CheckpointError, ImageError, DataError, EngineError,
+                   export.ExportCheckError, OSError)
+EXIT_INPUTS_FAILED, EXIT_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
 def _describe(config: CvtConfig, image_size: int) -> str:
@@ -177,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cvt", description="CvT image models: inspect, convert, "
                                      "classify, train, export, benchmark.")
     parser.add_argument("--version", action="version", version=f"cvt {importlib.metadata.version('cvt')}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of every error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="architecture, parameters and multiply-adds of a model")
@@ -251,15 +266,53 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit status (see the module docstring for the error policy)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (UsageError, weights.CheckpointError, ValueError, FileNotFoundError, EngineError) as err:
-        print(f"cvt: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt as err:
+        print(f"cvt: interrupted{f' {err}' if str(err) else ''}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        expected = is_expected(err)
+        if args.debug or not expected:
+            traceback.print_exc()
+        if expected:
+            print(f"cvt: error: {err}", file=sys.stderr)
+            return EXIT_ERROR
+        print(f"cvt: internal error ({type(err).__name__}): this is a bug in cvt; please report it "
+              f"with the traceback above", file=sys.stderr)
+        return EXIT_BUG
+
+
+def is_expected(err: BaseException) -> bool:
+    """Whether `err` is an error for the user to fix rather than a bug: one of cvt's error classes,
+    a file-system error, or a ValueError raised by a `raise` statement in cvt's own code (its
+    argument checks) — not one from deep inside a library, which means cvt misused it."""
+    if isinstance(err, EXPECTED_ERRORS):
+        return True
+    if not isinstance(err, ValueError) or err.__traceback__ is None:
+        return False
+    tb = err.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    source = tb.tb_frame.f_code.co_filename
+    in_cvt = Path(source).resolve().is_relative_to(Path(__file__).resolve().parent)
+    return in_cvt and linecache.getline(source, tb.tb_lineno).lstrip().startswith("raise ")
+
+
+def entry() -> None:
+    """The `cvt` command (and `python -m cvt`): `main`'s status as the process's. On Ctrl-C the
+    process ends at once, not waiting for a thread blocked reading a slow file."""
+    status = main()
+    if status == EXIT_INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

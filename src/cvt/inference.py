@@ -116,7 +116,10 @@ class ImageClassificationPipeline:
         """(path, top-k) for each file in order, or (path, the `ImageError` that stopped it).
 
         While the model runs, background threads decode and preprocess the next files. At most
-        two batches wait in memory.
+        two batches wait in memory. A failure in one file never ends the run: an unexpected
+        exception while preparing a file is reported as that file's `ImageError` too (marked as
+        a bug). When the caller stops early (Ctrl-C), the threads are not waited for: one may be
+        blocked reading a slow file.
         """
         size = _positive("batch_size", self.batch_size if batch_size is None else batch_size)
 
@@ -125,9 +128,15 @@ class ImageClassificationPipeline:
                 return self.image_processor(path)["pixel_values"]
             except ImageError as err:
                 return err
+            except MemoryError:
+                return ImageError(f"{path}: not enough memory to prepare it")
+            except Exception as err:  # a bug: named as one, and the other files go on
+                return ImageError(f"{path}: unexpected {type(err).__name__} while preparing it "
+                                  f"(a bug in cvt, please report it): {err}")
 
         queue = iter(Path(p) for p in paths)
-        with ThreadPoolExecutor(max_workers=_positive("workers", workers)) as pool:
+        pool = ThreadPoolExecutor(max_workers=_positive("workers", workers))
+        try:
             pending = deque(((path, pool.submit(prepare, path)) for path in _take(queue, 2 * size)))
             done: list[tuple[Path, Tensor | ImageError]] = []
             while pending:
@@ -137,6 +146,8 @@ class ImageClassificationPipeline:
                 if sum(isinstance(r, Tensor) for _, r in done) == size or not pending:
                     yield from self._finish(done, top_k)
                     done = []
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _finish(self, done: list[tuple[Path, Tensor | ImageError]], top_k: int | None
                 ) -> Iterator[tuple[Path, list[Prediction] | ImageError]]:

@@ -467,8 +467,9 @@ class CvtModel(CvtPreTrainedModel):
     def _encode(self, pixel_values: Tensor, every_stage: bool, output_attentions: bool = False
                 ) -> tuple[list[Tensor], Tensor | None, tuple[Tensor, ...]]:
         """Contiguous (B, C, H, W) feature maps — of every stage, or of the last only — the
-        last stage's cls token, and the layers' attention probabilities (when asked)."""
-        x = pixel_values.contiguous(memory_format=torch.channels_last)
+        last stage's cls token, and the layers' attention probabilities (when asked). Inputs of
+        another floating dtype (fp16/bf16 into an fp32 model) are cast to the model's."""
+        x = pixel_values.to(next(self.parameters()).dtype).contiguous(memory_format=torch.channels_last)
         maps, cls, attentions = [], None, ()
         for stage in self.encoder.stages:
             if output_attentions:

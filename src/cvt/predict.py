@@ -2,8 +2,11 @@
 
 If a file cannot be classified (it is not an image, is truncated, or is a decompression bomb),
 one line on stderr gives its path and the reason, and the file is skipped. Every other file is
-still classified, and exit status 1 says that some failed. Inputs are only read. The --output
-file is written atomically, so an interrupted run leaves an earlier file intact.
+still classified, and exit status 1 says that some failed. A file whose scores are not finite
+(NaN weights) counts as failed too, with its scores written as null: the JSON is always valid.
+Inputs are only read. The --output file is written atomically, so a run that crashes leaves an
+earlier file intact; Ctrl-C stops the run, and the results finished so far are still written
+(a complete JSON/CSV file) before `KeyboardInterrupt` goes on up.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,22 +46,26 @@ def run(model: str, inputs: Sequence[str], *, top_k: int = 5, batch_size: int = 
                           batch_size=batch_size, engine=engine, precision=precision,
                           calibration=calibration)
     if output is None:
-        return 1 if report(classifier, paths, fmt, sys.stdout) else 0
-    failures = 0
+        done, failures = report(classifier, paths, fmt, sys.stdout)
+    else:
+        def write(tmp: str) -> None:
+            nonlocal done, failures
+            with open(tmp, "w", encoding="utf-8", newline="") as out:
+                done, failures = report(classifier, paths, fmt, out)
 
-    def write(tmp: str) -> None:
-        nonlocal failures
-        with open(tmp, "w", encoding="utf-8", newline="") as out:
-            failures = report(classifier, paths, fmt, out)
-
-    write_atomic(output, write)
-    print(f"wrote {fmt} results for {len(paths) - failures} of {len(paths)} files to {output}"
-          + (f" ({failures} could not be classified)" if failures else ""))
+        done = failures = 0
+        write_atomic(output, write)
+        print(f"wrote {fmt} results for {done - failures} of {len(paths)} files to {output}"
+              + (f" ({failures} could not be classified)" if failures else ""))
+    if done < len(paths):
+        raise KeyboardInterrupt(f"after {done} of {len(paths)} files")
     return 1 if failures else 0
 
 
-def report(classifier: ImageClassificationPipeline, paths: list[Path], fmt: str, out: TextIO) -> int:
-    """Write each file's result to `out` as it is ready, with errors on stderr. Returns how many failed."""
+def report(classifier: ImageClassificationPipeline, paths: list[Path], fmt: str, out: TextIO
+           ) -> tuple[int, int]:
+    """Write each file's result to `out` as it is ready, with errors on stderr. Ctrl-C stops it
+    early, with the output still complete. Returns (files done, how many of them failed)."""
     width = min(max(len(str(p)) for p in paths), MAX_PATH_COLUMN)
 
     def emit(line: str) -> None:
@@ -72,37 +80,59 @@ def report(classifier: ImageClassificationPipeline, paths: list[Path], fmt: str,
         emit(_csv_row("path", "rank", "label", "score", "error"))
     else:
         emit("[")
-    failures = 0
+    done = failures = 0
     with tqdm(total=len(paths), unit="image", desc="classifying", file=sys.stderr, delay=1.0, leave=False,
               disable=not sys.stderr.isatty()) as bar:
-        for index, (path, result) in enumerate(classifier.classify_files(paths)):
-            if isinstance(result, ImageError):
-                failures += 1
-                tqdm.write(f"cvt: error: {result}", file=sys.stderr)
-            for line in _format(fmt, path, result, width, last=index == len(paths) - 1):
-                emit(line)
-            bar.update()
+        try:
+            for path, result in classifier.classify_files(paths):
+                reason = _failure(path, result)
+                if reason:
+                    failures += 1
+                    tqdm.write(f"cvt: error: {path}: {reason}", file=sys.stderr)
+                for line in _format(fmt, path, result, reason, width, first=done == 0):
+                    emit(line)
+                done += 1
+                bar.update()
+        except KeyboardInterrupt:  # keep what is finished: the caller writes it and re-raises
+            pass
     if fmt == "json":
         emit("]")
     if failures:
-        tqdm.write(f"cvt: {failures} of {len(paths)} files could not be classified", file=sys.stderr)
-    return failures
+        tqdm.write(f"cvt: {failures} of {done} files could not be classified", file=sys.stderr)
+    return done, failures
 
 
-def _format(fmt: str, path: Path, result: list[Prediction] | ImageError, width: int, last: bool
-            ) -> list[str]:
-    reason = str(result).removeprefix(f"{path}: ") if isinstance(result, ImageError) else None
+def _failure(path: Path, result: list[Prediction] | ImageError) -> str | None:
+    """Why a file's result is not usable (its error, or scores that are not finite), or None."""
+    if isinstance(result, ImageError):
+        return str(result).removeprefix(f"{path}: ")
+    if not all(math.isfinite(p["score"]) for p in result):
+        return "the model gave NaN or infinite scores (written as null; check its weights)"
+    return None
+
+
+def _format(fmt: str, path: Path, result: list[Prediction] | ImageError, reason: str | None,
+            width: int, first: bool) -> list[str]:
     if fmt == "json":
-        entry = {"path": str(path), "error": reason} if reason else {"path": str(path), "predictions": result}
-        return [json.dumps(entry) + ("" if last else ",")]
-    if fmt == "csv":
+        entry: dict = {"path": str(path)}
+        if isinstance(result, list):
+            entry["predictions"] = [{"label": p["label"], "score": _finite(p["score"])} for p in result]
         if reason:
+            entry["error"] = reason
+        return [("" if first else ",") + json.dumps(entry, allow_nan=False)]
+    if fmt == "csv":
+        if isinstance(result, ImageError):
             return [_csv_row(path, "", "", "", reason)]
-        return [_csv_row(path, rank, p["label"], p["score"], "") for rank, p in enumerate(result, 1)]
+        return [_csv_row(path, rank, p["label"], _finite(p["score"]), reason or "")
+                for rank, p in enumerate(result, 1)]
     if reason:
         return []  # the table holds results; the error line went to stderr
     return [f"{str(path) if rank == 0 else '':<{width}}  {p['score']:.4f}  {p['label']}"
             for rank, p in enumerate(result)]
+
+
+def _finite(score: float) -> float | None:
+    return score if math.isfinite(score) else None
 
 
 def _csv_row(*fields: object) -> str:

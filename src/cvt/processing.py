@@ -23,7 +23,7 @@ from PIL import Image
 
 from . import weights
 from .files import write_json
-from .images import ImageInput, as_rgb_image, split_batch
+from .images import ImageInput, as_rgb_image, check_budget, split_batch
 from .variants import IMAGENET_MEAN, IMAGENET_STD
 
 PROCESSOR_CONFIG_NAME = weights.PROCESSOR_CONFIG_NAME
@@ -97,6 +97,7 @@ class CvtImageProcessor:
         """(3, H, W) float32 of one RGB image: resize/crop, rescale, normalise."""
         if self.do_resize:
             image = self._resize(image)
+        check_budget(*image.size, "its float64 copy", bytes_per_pixel=24)  # 3 channels of 8 bytes
         pixels = np.asarray(image)
         if self.do_rescale:  # in float64, then float32, exactly as transformers does
             values = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)
@@ -109,15 +110,23 @@ class CvtImageProcessor:
         return np.ascontiguousarray(values.transpose(2, 0, 1))
 
     def _resize(self, image: Image.Image) -> Image.Image:
-        if self.size >= WARP_FROM:
-            return image.resize((self.size, self.size), resample=self.resample)
-        short_side = int(self.size / self.crop_pct)
+        """Resize (and crop); the resized image and the resize's intermediate (at most the larger
+        of each side) are checked against the pixel budget first (an extreme aspect ratio would
+        make a huge one)."""
         width, height = image.size
-        if width <= height:
-            new_width, new_height = short_side, int(short_side * height / width)
+        if self.size >= WARP_FROM:
+            new_width = new_height = self.size
         else:
-            new_width, new_height = int(short_side * width / height), short_side
+            short_side = int(self.size / self.crop_pct)
+            if width <= height:
+                new_width, new_height = short_side, int(short_side * height / width)
+            else:
+                new_width, new_height = int(short_side * width / height), short_side
+        check_budget(max(width, new_width), max(height, new_height),
+                     f"resizing this {width}x{height} image")
         image = image.resize((new_width, new_height), resample=self.resample)
+        if self.size >= WARP_FROM:
+            return image
         left, top = (new_width - self.size) // 2, (new_height - self.size) // 2
         return image.crop((left, top, left + self.size, top + self.size))
 

@@ -25,7 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from ..images import IMAGE_EXTENSIONS, ImageError, as_rgb_image, load_image
+from ..images import IMAGE_EXTENSIONS, ImageError, as_rgb_image, check_image_file, load_image
 from .augment import seeded
 
 logger = logging.getLogger("cvt")
@@ -182,11 +182,10 @@ def _drop_unreadable(images: LabelledImages) -> LabelledImages:
     for i, path in enumerate(tqdm(images.items, desc="checking images", unit="img", leave=False,
                                   disable=not sys.stderr.isatty())):
         try:
-            with Image.open(path) as image:
-                image.verify()
+            check_image_file(path)  # regular files within cvt's pixel budget (images.py)
             keep.append(i)
-        except Exception as err:  # PIL raises many types for damaged files; all mean "skip it"
-            problems.append(f"unreadable image {path} skipped ({err or type(err).__name__})")
+        except ImageError as err:
+            problems.append(f"unreadable image {path} skipped ({str(err).removeprefix(f'{path}: ')})")
     for problem in problems:
         logger.warning("%s", problem)
     result = images.subset(keep)
@@ -275,11 +274,11 @@ class TransformedImages(Dataset):
         item = self.images.items[index]
         try:
             image = self.images.load(item)
+            with seeded(hash((self.seed, self.epoch, index)) % 2**63):
+                pixels = self.transform(image)  # preprocessing refuses what is over the budget
         except (ImageError, OSError) as err:  # damaged deeper than the header check saw: skip it
             logger.warning("unreadable image %s skipped (%s)", item, err)
             return None
-        with seeded(hash((self.seed, self.epoch, index)) % 2**63):
-            pixels = self.transform(image)
         return pixels, self.images.labels[index]
 
 
