@@ -92,13 +92,13 @@ def test_segmentation_head_loss_falls():
     for i, (top, left) in enumerate([(4, 8), (20, 30), (36, 10), (10, 40)]):
         images[i, :, top:top + 20, left:left + 20] += 0.5
         masks[i, top:top + 20, left:left + 20] = 1
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
     losses = []
     model.train()
-    for _ in range(8):
+    for _ in range(12):
         loss = nn.functional.cross_entropy(model(images), masks)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.7 * losses[0], losses
+    assert losses[-1] < 0.6 * losses[0], losses  # measured: 0.88 -> 0.42
