@@ -669,7 +669,7 @@ def create_model(name: str, pretrained: bool = False, *, num_classes: int | None
     `pretrained=True`, or a local checkpoint of this variant with `checkpoint_path=`.
 
     `num_classes` gives a fresh head (0: none, the model returns pooled features); `in_chans`
-    adapts the first convolution's weights to other image channels (`adapt_input_channels`);
+    sets the image channels (loaded weights are adapted by `adapt_input_channels`);
     `features_only` returns a `CvtFeatures` backbone giving the maps of the stages in
     `out_indices` (default all). Other keywords are config fields."""
     variant = get_variant(name)
@@ -677,11 +677,13 @@ def create_model(name: str, pretrained: bool = False, *, num_classes: int | None
         model = CvtForImageClassification.from_pretrained(checkpoint_path or variant.hub_id, **config_overrides)
         _check_architecture(model.config, variant.config(**config_overrides), name,
                             checkpoint_path or variant.hub_id)
+        if in_chans is not None:
+            model.adapt_input_channels(in_chans)
     else:
+        if in_chans is not None:
+            config_overrides = {**config_overrides, "num_channels": in_chans}
         model = CvtForImageClassification(variant.config(**config_overrides))
         model.preprocessing = variant.preprocessor_config()  # saved with it: predict can run the folder
-    if in_chans is not None:
-        model.adapt_input_channels(in_chans)
     if num_classes is not None and num_classes != model.num_classes:
         model.reset_classifier(num_classes)
     return CvtFeatures(model.cvt, out_indices) if features_only else model
