@@ -296,6 +296,15 @@ class CvtConfig:
         """Channels entering `stage`'s token embedding: the image's, then the previous stage's width."""
         return self.num_channels if stage == 0 else self.embed_dim[stage - 1]
 
+    def stage_reductions(self) -> tuple[int, ...]:
+        """How many input pixels one token of each stage spans per side (the product of the
+        token-embedding strides so far): 4, 8, 16 for the released variants."""
+        reductions, total = [], 1
+        for stride in self.patch_stride:
+            total *= stride
+            reductions.append(total)
+        return tuple(reductions)
+
     def layer_drop_path_rates(self, stage: int) -> list[float]:
         """Each layer's stochastic-depth rate in `stage`: linear from 0 to the stage's
         `drop_path_rate` over its layers, as in the original code."""

@@ -24,8 +24,9 @@ Last come the named variants (`create_model`), whose architectures are data in `
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -383,6 +384,40 @@ class CvtPreTrainedModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @property
+    def num_features(self) -> int:
+        """Width of the pooled features the head sees (timm's name): the last stage's."""
+        return self.config.embed_dim[-1]
+
+    def _set_config(self, config: CvtConfig) -> None:
+        """Give this model and the models inside it one new config (they share it)."""
+        for module in self.modules():
+            if isinstance(module, CvtPreTrainedModel):
+                module.config = config
+
+    def _pool(self, tokens: Tensor) -> Tensor:
+        """(B, T, C) final tokens -> (B, C): the cls token where the last stage has one, else the
+        mean of the tokens (the original code's pooling)."""
+        return tokens[:, 0] if self.config.cls_token[-1] else tokens.mean(dim=1)
+
+    def adapt_input_channels(self, in_chans: int) -> None:
+        """Take `in_chans`-channel images with the first convolution's trained weights, as timm
+        adapts pretrained weights: one channel gets the sum over the trained channels; more get
+        them repeated in turn and scaled by trained / in_chans, so the activations keep their scale."""
+        if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
+            raise ValueError(f"in_chans must be a positive number of image channels, got {in_chans!r}")
+        conv = next(m for m in self.modules() if isinstance(m, ConvEmbedding)).projection
+        weight, trained = conv.weight.detach(), conv.in_channels
+        if in_chans == trained:
+            return
+        if in_chans == 1:
+            adapted = weight.sum(dim=1, keepdim=True)
+        else:
+            adapted = weight.repeat(1, math.ceil(in_chans / trained), 1, 1)[:, :in_chans] * (trained / in_chans)
+        conv.weight = nn.Parameter(adapted.contiguous())
+        conv.in_channels = in_chans
+        self._set_config(self.config.replace(num_channels=in_chans))
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each layer's activations in backward instead of keeping them (timm's name):
         training memory falls to about a layer's worth per stage, for one more forward pass.
@@ -481,6 +516,65 @@ class CvtModel(CvtPreTrainedModel):
                 maps.append(x.contiguous())
         return maps if every_stage else [x.contiguous()], cls, attentions
 
+    # timm's model interface -------------------------------------------------------------------
+    num_classes = 0  # the backbone has no classifier
+
+    def forward_features(self, pixel_values: Tensor) -> Tensor:
+        """The last stage's tokens (B, T, C), its cls token first where it has one (the backbone
+        has no final norm; `CvtForImageClassification.forward_features` adds it)."""
+        return _final_tokens(self(pixel_values, return_dict=True))
+
+    def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
+        """Pooled features (B, num_features) of `forward_features`' tokens (there is no classifier)."""
+        return self._pool(tokens)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """The backbone has no classifier: only 0 classes (its pooled features) is possible."""
+        if num_classes != 0:
+            raise ValueError(f"CvtModel is the backbone without a classifier and cannot get "
+                             f"{num_classes} classes; use CvtForImageClassification (or "
+                             f"cvt.create_model(name, num_classes={num_classes}))")
+
+    def forward_intermediates(self, pixel_values: Tensor, indices: int | Sequence[int] | None = None,
+                              intermediates_only: bool = False
+                              ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """Per-stage feature maps (B, C_s, H_s, W_s) of the stages `indices` names (None: all; an
+        int n: the last n; else stage numbers, negative from the end), and unless
+        `intermediates_only` first `forward_features`' tokens: `(final, [maps])`, as timm."""
+        stages = select_stages(indices, self.config.num_stages)
+        out = self(pixel_values, output_hidden_states=True, return_dict=True)
+        maps = [out.hidden_states[s] for s in stages]
+        return maps if intermediates_only else (_final_tokens(out), maps)
+
+
+def _final_tokens(outputs: BaseModelOutputWithCLSToken) -> Tensor:
+    """The last stage's map and cls token as tokens (B, T, C), the cls token first."""
+    tokens = outputs.last_hidden_state.flatten(2).transpose(1, 2)
+    if outputs.cls_token_value is None:
+        return tokens
+    return torch.cat((outputs.cls_token_value, tokens), dim=1)
+
+
+def select_stages(indices: int | Sequence[int] | None, num_stages: int) -> list[int]:
+    """Stage numbers as timm's `indices` / `out_indices` name them: None for all, an int n for
+    the last n, else a sequence of stage numbers (negative counts from the end), kept in order."""
+    if indices is None:
+        return list(range(num_stages))
+    if isinstance(indices, int) and not isinstance(indices, bool):
+        if not 1 <= indices <= num_stages:
+            raise ValueError(f"indices={indices} asks for the last {indices} stages; the model has "
+                             f"{num_stages} (1 to {num_stages})")
+        return list(range(num_stages - indices, num_stages))
+    stages = []
+    for index in indices:
+        if isinstance(index, bool) or not isinstance(index, int) or not -num_stages <= index < num_stages:
+            raise ValueError(f"stage index {index!r} is out of range for a model with {num_stages} "
+                             f"stages (0 to {num_stages - 1}, or negative from the end)")
+        stages.append(index % num_stages)
+    if not stages:
+        raise ValueError("indices names no stage; give None (all stages), a count or stage numbers")
+    return stages
+
 
 class CvtForImageClassification(CvtPreTrainedModel):
     """CvT backbone + final LayerNorm + linear classifier over the cls token (or mean-pooled tokens)."""
@@ -501,16 +595,51 @@ class CvtForImageClassification(CvtPreTrainedModel):
             return_dict = self.config.return_dict
         outputs = self.cvt(pixel_values, output_hidden_states=output_hidden_states, return_dict=True,
                            output_attentions=output_attentions)
-        if outputs.cls_token_value is not None:
-            features = self.layernorm(outputs.cls_token_value)[:, 0]
-        else:
-            tokens = outputs.last_hidden_state.flatten(2).transpose(1, 2)
-            features = self.layernorm(tokens).mean(dim=1)
-        logits = self.classifier(features)
+        logits = self.forward_head(self.layernorm(_final_tokens(outputs)))
         loss = self.loss(logits, labels) if labels is not None else None
         out = ImageClassifierOutputWithNoAttention(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
         return out if return_dict else out.to_tuple()
+
+    # timm's model interface -------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_labels
+
+    def forward_features(self, pixel_values: Tensor) -> Tensor:
+        """The last stage's tokens (B, T, C) after the final norm, the cls token first where
+        present, as timm's ViTs return them: `forward_head(forward_features(x))` is the logits."""
+        return self.layernorm(self.cvt.forward_features(pixel_values))
+
+    def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
+        """Logits (B, num_classes) from `forward_features`' tokens; with `pre_logits` the pooled
+        features (B, num_features) the classifier reads."""
+        features = self._pool(tokens)
+        return features if pre_logits else self.classifier(features)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh classifier for `num_classes` classes (labels LABEL_0...); 0 leaves none, so the
+        model returns its pooled features."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be a non-negative number of classes, got {num_classes!r}")
+        self._set_config(self.config.replace(num_labels=num_classes))
+        weight = self.layernorm.weight
+        if num_classes:
+            self.classifier = nn.Linear(self.num_features, num_classes, device=weight.device, dtype=weight.dtype)
+        else:
+            self.classifier = nn.Identity()
+        self.init_weights(self.classifier)
+
+    def forward_intermediates(self, pixel_values: Tensor, indices: int | Sequence[int] | None = None,
+                              intermediates_only: bool = False
+                              ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """`CvtModel.forward_intermediates`, with the final norm on the tokens (so the first
+        result equals `forward_features`)."""
+        result = self.cvt.forward_intermediates(pixel_values, indices, intermediates_only)
+        if intermediates_only:
+            return result
+        tokens, maps = result
+        return self.layernorm(tokens), maps
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """The loss `config.loss_problem` chooses: MSE for regression, cross-entropy for integer
@@ -535,13 +664,81 @@ class CvtForImageClassification(CvtPreTrainedModel):
         return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
 
 
+# ---------------------------------------------------------------------------------------- backbone
+class FeatureInfo(list):
+    """timm's `feature_info`: one dict per returned map (`num_chs`, `reduction`, `module`,
+    `index`), with `channels()`, `reduction()` and `module_name()` listing one key for all."""
+
+    def channels(self) -> list[int]:
+        return [info["num_chs"] for info in self]
+
+    def reduction(self) -> list[int]:
+        return [info["reduction"] for info in self]
+
+    def module_name(self) -> list[str]:
+        return [info["module"] for info in self]
+
+
+class CvtFeatures(nn.Module):
+    """A backbone for detection and segmentation (`create_model(..., features_only=True)`):
+    `forward(x)` returns the feature maps (B, C_s, H_s, W_s) of the stages in `out_indices`,
+    described by `feature_info`. It holds the backbone without the final norm and classifier;
+    its state-dict keys are the classifier's `cvt.*` keys."""
+
+    def __init__(self, backbone: CvtModel, out_indices: int | Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.cvt = backbone
+        config = backbone.config
+        self.out_indices = tuple(select_stages(out_indices, config.num_stages))
+        reductions = config.stage_reductions()
+        self.feature_info = FeatureInfo(
+            dict(num_chs=config.embed_dim[s], reduction=reductions[s],
+                 module=f"cvt.encoder.stages.{s}", index=s) for s in self.out_indices)
+
+    def forward(self, pixel_values: Tensor) -> list[Tensor]:
+        return self.cvt.forward_intermediates(pixel_values, self.out_indices, intermediates_only=True)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.cvt.set_grad_checkpointing(enable)
+
+
 # ---------------------------------------------------------------------------------------- variants
-def create_model(name: str, pretrained: bool = False, **config_overrides: Any) -> CvtForImageClassification:
-    """Build a named variant (`cvt.list_models()`): random weights, as timm's `pretrained=False`
-    default, or with `pretrained=True` the published `microsoft/<name>` weights from the hub."""
+def create_model(name: str, pretrained: bool = False, *, num_classes: int | None = None,
+                 in_chans: int | None = None, features_only: bool = False,
+                 out_indices: int | Sequence[int] | None = None, checkpoint_path: str | None = None,
+                 **config_overrides: Any) -> CvtForImageClassification | CvtFeatures:
+    """Build a named variant (`cvt.list_models()`), with timm's arguments: random weights (timm's
+    `pretrained=False` default), the published `microsoft/<name>` weights from the hub with
+    `pretrained=True`, or a local checkpoint of this variant with `checkpoint_path=`.
+
+    `num_classes` gives a fresh head (0: none, the model returns pooled features); `in_chans`
+    sets the image channels (loaded weights are adapted by `adapt_input_channels`);
+    `features_only` returns a `CvtFeatures` backbone giving the maps of the stages in
+    `out_indices` (default all). Other keywords are config fields."""
     variant = get_variant(name)
-    if pretrained:
-        return CvtForImageClassification.from_pretrained(variant.hub_id, **config_overrides)
-    model = CvtForImageClassification(variant.config(**config_overrides))
-    model.preprocessing = variant.preprocessor_config()  # saved with it: predict can run the folder
-    return model
+    if pretrained or checkpoint_path is not None:
+        model = CvtForImageClassification.from_pretrained(checkpoint_path or variant.hub_id, **config_overrides)
+        _check_architecture(model.config, variant.config(**config_overrides), name,
+                            checkpoint_path or variant.hub_id)
+        if in_chans is not None:
+            model.adapt_input_channels(in_chans)
+    else:
+        if in_chans is not None:
+            config_overrides = {**config_overrides, "num_channels": in_chans}
+        model = CvtForImageClassification(variant.config(**config_overrides))
+        model.preprocessing = variant.preprocessor_config()  # saved with it: predict can run the folder
+    if num_classes is not None and num_classes != model.num_classes:
+        model.reset_classifier(num_classes)
+    return CvtFeatures(model.cvt, out_indices) if features_only else model
+
+
+def _check_architecture(loaded: CvtConfig, expected: CvtConfig, name: str, source: str) -> None:
+    """A checkpoint given for a variant must hold that variant's architecture (training-only
+    rates aside)."""
+    rates = {"attention_drop_rate", "drop_rate", "drop_path_rate"}
+    fields = [f for f in ("num_channels",) + CvtConfig.stage_fields() if f not in rates]
+    differ = [f for f in fields if getattr(loaded, f) != getattr(expected, f)]
+    if differ:
+        raise weights.CheckpointError(
+            f"{source}: its architecture is not {name}'s ({', '.join(differ)} differ: "
+            f"{', '.join(f'{f}={getattr(loaded, f)}' for f in differ)}); create the variant it holds")
