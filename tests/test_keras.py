@@ -100,6 +100,20 @@ def test_backbone_predict_gives_feature_maps() -> None:
     np.testing.assert_allclose(features, model(x).last_hidden_state.numpy(), atol=1e-5)
 
 
+def test_a_frozen_backbone_keeps_its_batchnorm_statistics() -> None:
+    """As Keras' BatchNormalization: a frozen layer normalises with its running statistics."""
+    model = TFCvtForImageClassification(tiny_config(**NO_DROP))
+    x, _ = random_batch(4)
+    model.cvt.trainable = False
+    means = running_means(model)
+    frozen = model(x, training=True).logits
+    np.testing.assert_array_equal(running_means(model), means)
+    np.testing.assert_allclose(frozen.numpy(), model(x).logits.numpy(), atol=1e-6)
+    model.cvt.trainable = True
+    model(x, training=True)
+    assert np.abs(running_means(model) - means).max() > 1e-3
+
+
 # ---------------------------------------------------------------------------------------- NHWC
 def test_channels_last_models_take_nhwc_input() -> None:
     torch_model = randomise_(cvt.CvtForImageClassification(tiny_config()), 2).eval()
@@ -113,6 +127,16 @@ def test_channels_last_models_take_nhwc_input() -> None:
         nhwc(x)  # NCHW given to a channels-last model: 56 "channels"
     with pytest.raises(ValueError, match="data_format"):
         TFCvtModel(tiny_config(), data_format="NHWC")
+
+
+def test_from_pretrained_takes_a_data_format(tmp_path) -> None:
+    torch_model = randomise_(cvt.CvtForImageClassification(tiny_config()), 5).eval()
+    torch_model.save_pretrained(tmp_path)
+    model = TFCvtForImageClassification.from_pretrained(tmp_path, data_format="channels_last")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = torch_model(x).logits.numpy()
+    np.testing.assert_allclose(model(x.numpy().transpose(0, 2, 3, 1)).logits.numpy(), expected, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------- files

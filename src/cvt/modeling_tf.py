@@ -178,7 +178,8 @@ class BatchNorm(keras.layers.Layer):
     """BatchNorm over the channels of NHWC maps with PyTorch's semantics: in training, normalise
     with the batch's (biased) statistics and update the running ones as
     `running = 0.9 * running + 0.1 * batch`, the variance unbiased (n / (n - 1)); otherwise
-    normalise with the running statistics. Variables are named as PyTorch's BatchNorm2d buffers."""
+    normalise with the running statistics (also in training when the layer is frozen, as Keras'
+    BatchNormalization). Variables are named as PyTorch's BatchNorm2d buffers."""
 
     def __init__(self, dim: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -196,7 +197,7 @@ class BatchNorm(keras.layers.Layer):
         self.built = True
 
     def call(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
-        if training:
+        if training and self.trainable:  # frozen (trainable = False): running statistics, as Keras'
             mean, var = tf.nn.moments(x, axes=[0, 1, 2])
             count = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), x.dtype)
             m = BATCH_NORM_MOMENTUM
@@ -656,9 +657,15 @@ class TFCvtPreTrainedModel(keras.Model):
         """Load exactly what the PyTorch `from_pretrained` loads: a local folder (transformers
         layout), a hub id, or an original CvT `.pth`. Keyword arguments that are config fields
         override the stored config (`num_labels=` re-initialises only the classifier); hub
-        arguments (`revision`, `cache_dir`, `token`, `local_files_only`) are passed through."""
-        return weights.load_pretrained(cls, name_or_path, config=config,
-                               ignore_mismatched_sizes=ignore_mismatched_sizes, **kwargs)
+        arguments (`revision`, `cache_dir`, `token`, `local_files_only`) are passed through, and
+        `data_format="channels_last"` makes the model take NHWC pixels."""
+        data_format = kwargs.pop("data_format", "channels_first")
+        if data_format not in DATA_FORMATS:
+            raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {data_format!r}")
+        model = weights.load_pretrained(cls, name_or_path, config=config,
+                                        ignore_mismatched_sizes=ignore_mismatched_sizes, **kwargs)
+        model.data_format = data_format
+        return model
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write config.json + model.safetensors in the PyTorch layout: loadable by this class,
