@@ -8,8 +8,13 @@ The maths is that of our PyTorch model, fixes over transformers included: 'avg' 
 projections, a cls token in any stage, mean pooling when the last stage has no cls token,
 stochastic depth ramping linearly over each stage's layers and dropping only the residual
 branch, exact GELU or `hidden_act="quick_gelu"`, LayerNorm eps 1e-5, attention scaled by
-`embed_dim ** -0.5`. Inputs and outputs are NCHW as in PyTorch; inside, maps are NHWC
-(`(B, H, W, C)`, whose flattening is the token tensor `(B, H*W, C)`).
+`embed_dim ** -0.5`. Inputs and outputs are NCHW as in PyTorch (inputs NHWC with
+`data_format="channels_last"`); inside, maps are NHWC (`(B, H, W, C)`, whose flattening is the
+token tensor `(B, H*W, C)`).
+
+Keras: the models are registered serialisable classes (`get_config`: .keras files), `fit` /
+`evaluate` / `predict` see their main tensor (logits) and train with a compiled Keras loss or,
+given labels in the batch, their own loss; `export` writes a SavedModel with a serving signature.
 
 Weights: every layer lists its variables under the PyTorch state-dict key they correspond to
 (`weight_map`), with the layout change between the two (`LAYOUTS`). `pytorch_state_dict()` /
@@ -586,7 +591,7 @@ class TFCvtPreTrainedModel(keras.Model):
         return serve
 
     def export(self, filepath: str | os.PathLike, format: str = "tf_saved_model", verbose: bool | None = None,
-               image_size: int | tuple[int, int] | None = None, **kwargs: Any) -> None:
+               image_size: int | tuple[int, int] | None = None) -> None:
         """A SavedModel whose `serve` signature maps `pixel_values` (dynamic batch, `image_size`,
         float32) to the outputs (`logits`); `tf.saved_model.load(filepath).serve(x)` runs it.
         For ONNX and TFLite see `cvt export` (`cvt.export`)."""
