@@ -208,3 +208,37 @@ def test_dynamic_size_refusals(tmp_path, capsys) -> None:
     assert main(["export", str(folder), str(tmp_path / "m.xml"), "--format", "openvino", "--dynamic-size"]) == 2
     assert "--dynamic-size apply to --format onnx only" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+# ---------------------------------------------------------------------------------------- TFLite
+def test_tflite_cli_export_runs_in_litert_as_tf_and_pytorch(tmp_path, capsys) -> None:
+    """`cvt export --format tflite`: weights frozen into the file, a dynamic batch, logits equal
+    to the TensorFlow twin's and PyTorch's to 1e-4 in LiteRT's interpreter."""
+    from cvt.modeling_tf import TFCvtForImageClassification
+
+    folder = save_classifier(tmp_path / "model", image_size=32)
+    out = tmp_path / "tiny.tflite"
+    assert main(["export", str(folder), str(out), "--format", "tflite"]) == 0
+    captured = capsys.readouterr()
+    assert "32x32" in captured.err and "checking it with LiteRT" in captured.err
+    assert "max abs difference from TensorFlow" in captured.out.strip().splitlines()[-1]
+    runner = export.tflite_interpreter(out.read_bytes()).get_signature_runner()
+    pixel_values = torch.randn(5, 3, 32, 32)
+    got = runner(pixel_values=pixel_values.numpy())["logits"]
+    with torch.no_grad():
+        assert_close(got, cvt.CvtForImageClassification.from_pretrained(folder)(pixel_values).logits)
+    tf_logits = TFCvtForImageClassification.from_pretrained(folder)(pixel_values.numpy()).logits.numpy()
+    assert np.abs(got - tf_logits).max() <= 1e-4
+    assert main(["export", str(folder), str(out), "--format", "tflite", "--opset", "17"]) == 2
+
+
+def test_tflite_check_refuses_nan_and_writes_nothing(tmp_path) -> None:
+    from cvt.modeling_tf import TFCvtModel
+
+    model = TFCvtModel(shallow_config(), data_format="channels_last")
+    kernel = model.cvt.stages[0].projection.conv.kernel
+    kernel.assign(np.full(kernel.shape, np.nan, np.float32))
+    path = tmp_path / "nan.tflite"
+    with pytest.raises(export.ExportCheckError, match="differs from TensorFlow's by up to nan"):
+        export.export_tflite(model, path, image_size=(32, 40))
+    assert not path.exists()

@@ -20,12 +20,12 @@ LAYERS = [
     ["images", "processing", "export", "modeling_tf", "attention"],
     ["engines"],
     ["inference"],
-    ["predict", "training"],
+    ["predict", "training", "keras_data"],
     ["benchmark"],
     ["cli", "__main__", "__init__"],
 ]
-# the one package-internal import allowed inside a function: TensorFlow is an optional extra
-LAZY_OPTIONAL = {("__init__", "modeling_tf")}
+# the package-internal imports allowed inside a function: TensorFlow is an optional extra
+LAZY_OPTIONAL = {("__init__", "modeling_tf"), ("export", "modeling_tf")}
 
 
 def module_name(path: Path) -> str:

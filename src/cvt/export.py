@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -293,5 +294,84 @@ def _check_openvino(model: CvtModel | CvtForImageClassification, xml: Path, heig
         if not difference <= TOLERANCE:
             raise ExportCheckError(f"OpenVINO's {name} output differs from PyTorch's by up to "
                                    f"{difference:.3g} (allowed {TOLERANCE:g}); nothing was written")
+        worst = max(worst, difference)
+    return worst
+
+
+# ---------------------------------------------------------------------------------------- TFLite
+def export_tflite(model, path: str | os.PathLike, *, image_size: int | tuple[int, int] | None = None,
+                  check: bool = True) -> ExportResult:
+    """Export a TensorFlow model (`TFCvtModel`, `TFCvtForImageClassification`), or a PyTorch one
+    (converted to its TF twin first), to a TFLite flatbuffer at `path`: input `pixel_values`
+    (a dynamic batch at `image_size`, by default the model's preprocessing size; in the model's
+    `data_format`), outputs as its `serving_function`'s (`logits` for a classifier). Variables
+    are frozen into constants. With `check` (needs `ai-edge-litert`, or TensorFlow's own
+    interpreter), the LiteRT interpreter runs the file on a random batch of 3 and its outputs
+    must equal the TF model's within 1e-4 (NaN fails) before anything is written
+    (`ExportCheckError` otherwise). Needs the `tf` extra."""
+    from . import modeling_tf  # TensorFlow is an optional extra
+
+    tf_model = model
+    if isinstance(model, (CvtModel, CvtForImageClassification)):
+        twin = modeling_tf.TFCvtForImageClassification if isinstance(model, CvtForImageClassification) \
+            else modeling_tf.TFCvtModel
+        tf_model = twin(model.config)
+        tf_model.load_pytorch_state_dict(model.state_dict())
+        tf_model.preprocessing = getattr(model, "preprocessing", None)
+    if not isinstance(tf_model, modeling_tf.TFCvtPreTrainedModel):
+        raise TypeError(f"model must be a cvt TF or PyTorch CvT model, got {type(model).__name__}")
+    data = tflite_bytes(tf_model, image_size)
+    difference = _check_tflite(tf_model.serving_function(image_size), data) if check else None
+    path = Path(path)
+    write_bytes(path, data)
+    return ExportResult(path, len(data), None, difference)
+
+
+def tflite_bytes(tf_model, image_size: int | tuple[int, int] | None = None) -> bytes:
+    """The TFLite flatbuffer of a TF model's SavedModel (`model.export`), its variables frozen
+    into constants. (Converting the concrete function directly keeps Keras 3's variables as
+    uninitialised resource variables, which LiteRT reads as NaN.)"""
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory() as tmp, _quiet():
+        tf_model.export(tmp, image_size=image_size)
+        return tf.lite.TFLiteConverter.from_saved_model(tmp).convert()
+
+
+def tflite_interpreter(data: bytes):
+    """LiteRT's interpreter (`ai-edge-litert`), else the one TensorFlow still bundles."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter
+    return Interpreter(model_content=data)
+
+
+def _check_tflite(serve, data: bytes) -> float:
+    """Max abs difference between LiteRT's and TensorFlow's outputs on one random batch of 3."""
+    spec = serve.input_signature[0]
+    shape = (3,) + tuple(spec.shape[1:])
+    pixel_values = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    want = {name: value.numpy() for name, value in serve(pixel_values).items()}
+    try:
+        interpreter = tflite_interpreter(data)
+        runner = interpreter.get_signature_runner()
+        got = runner(pixel_values=pixel_values)
+    except Exception as err:  # LiteRT raises its own exception types
+        raise ExportCheckError(f"LiteRT could not load or run the converted model on a batch of shape "
+                               f"{shape}: {err}; nothing was written") from err
+    worst = 0.0
+    for name, w in want.items():
+        g = got.get(name)
+        if g is None or g.shape != w.shape:
+            raise ExportCheckError(f"LiteRT's {name} output is {None if g is None else g.shape}, TensorFlow's "
+                                   f"{w.shape}; nothing was written")
+        difference = float(np.abs(g.astype(np.float64) - w).max())
+        if not difference <= TOLERANCE:  # (NaN fails too)
+            raise ExportCheckError(f"LiteRT's {name} output differs from TensorFlow's by up to "
+                                   f"{difference:.3g} (allowed {TOLERANCE:g}) on a random batch of shape "
+                                   f"{shape}; nothing was written")
         worst = max(worst, difference)
     return worst

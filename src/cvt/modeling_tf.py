@@ -8,8 +8,13 @@ The maths is that of our PyTorch model, fixes over transformers included: 'avg' 
 projections, a cls token in any stage, mean pooling when the last stage has no cls token,
 stochastic depth ramping linearly over each stage's layers and dropping only the residual
 branch, exact GELU or `hidden_act="quick_gelu"`, LayerNorm eps 1e-5, attention scaled by
-`embed_dim ** -0.5`. Inputs and outputs are NCHW as in PyTorch; inside, maps are NHWC
-(`(B, H, W, C)`, whose flattening is the token tensor `(B, H*W, C)`).
+`embed_dim ** -0.5`. Inputs and outputs are NCHW as in PyTorch (inputs NHWC with
+`data_format="channels_last"`); inside, maps are NHWC (`(B, H, W, C)`, whose flattening is the
+token tensor `(B, H*W, C)`).
+
+Keras: the models are registered serialisable classes (`get_config`: .keras files), `fit` /
+`evaluate` / `predict` see their main tensor (logits) and train with a compiled Keras loss or,
+given labels in the batch, their own loss; `export` writes a SavedModel with a serving signature.
 
 Weights: every layer lists its variables under the PyTorch state-dict key they correspond to
 (`weight_map`), with the layout change between the two (`LAYOUTS`). `pytorch_state_dict()` /
@@ -21,11 +26,13 @@ original microsoft/CvT .pth files).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
 import sys
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -56,8 +63,10 @@ if keras.backend.backend() != "tensorflow":
 from . import convert, weights
 from .config import CvtConfig, conv_output_size, pixel_values_problem
 from .outputs import ModelOutput
+from .processing import CvtImageProcessor
 from .weights import CheckpointError
 
+DATA_FORMATS = ("channels_first", "channels_last")
 LAYER_NORM_EPS = 1e-5  # as the PyTorch side (config.layer_norm_eps is unused there too)
 BATCH_NORM_EPS = 1e-5
 BATCH_NORM_MOMENTUM = 0.1  # PyTorch's convention: running = (1 - m) * running + m * batch
@@ -178,22 +187,26 @@ class BatchNorm(keras.layers.Layer):
     """BatchNorm over the channels of NHWC maps with PyTorch's semantics: in training, normalise
     with the batch's (biased) statistics and update the running ones as
     `running = 0.9 * running + 0.1 * batch`, the variance unbiased (n / (n - 1)); otherwise
-    normalise with the running statistics. Variables are named as PyTorch's BatchNorm2d buffers."""
+    normalise with the running statistics (also in training when the layer is frozen, as Keras'
+    BatchNormalization). Variables are named as PyTorch's BatchNorm2d buffers."""
 
     def __init__(self, dim: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.weight = self.add_weight(shape=(dim,), initializer="ones", name="weight")
         self.bias = self.add_weight(shape=(dim,), initializer="zeros", name="bias")
+        # under tf.distribute each replica updates the statistics from its own part of the batch
+        # and the copies are averaged ("mean"), as DDP keeps one process's (see the README)
         self.running_mean = self.add_weight(shape=(dim,), initializer="zeros", trainable=False,
-                                            name="running_mean")
+                                            aggregation="mean", name="running_mean")
         self.running_var = self.add_weight(shape=(dim,), initializer="ones", trainable=False,
-                                           name="running_var")
+                                           aggregation="mean", name="running_var")
         self.num_batches_tracked = self.add_weight(shape=(), dtype="int64", initializer="zeros",
-                                                   trainable=False, name="num_batches_tracked")
+                                                   trainable=False, aggregation="only_first_replica",
+                                                   name="num_batches_tracked")
         self.built = True
 
     def call(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
-        if training:
+        if training and self.trainable:  # frozen (trainable = False): running statistics, as Keras'
             mean, var = tf.nn.moments(x, axes=[0, 1, 2])
             count = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), x.dtype)
             m = BATCH_NORM_MOMENTUM
@@ -507,12 +520,111 @@ class TFCvtPreTrainedModel(keras.Model):
     base_model_prefix = "cvt"
     main_input_name = "pixel_values"
     preprocessing: dict | None = None  # as on the PyTorch models: written again by save_pretrained
+    _keras_step = False  # True while Keras traces a step: the model then returns its main tensor
 
-    def __init__(self, config: CvtConfig, **kwargs: Any) -> None:
+    def __init__(self, config: CvtConfig, data_format: str = "channels_first", **kwargs: Any) -> None:
         if not isinstance(config, CvtConfig):
             raise TypeError(f"expected a cvt.CvtConfig, got {type(config).__name__}")
+        if data_format not in DATA_FORMATS:
+            raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {data_format!r}")
         super().__init__(**kwargs)
         self.config = config
+        self.data_format = data_format
+
+    # --------------------------------------------------------------- Keras: .keras files
+    def get_config(self) -> dict[str, Any]:
+        """What `from_config` rebuilds the model from: the CvtConfig, the data format and the
+        preprocessing (the weights travel separately in a .keras file)."""
+        return {"name": self.name, "trainable": self.trainable,
+                "dtype": keras.saving.serialize_keras_object(self.dtype_policy),
+                "config": self.config.to_dict(), "data_format": self.data_format,
+                "preprocessing": self.preprocessing}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> TFCvtPreTrainedModel:
+        config = dict(config)
+        cvt_config = CvtConfig.from_dict(config.pop("config"))
+        preprocessing = config.pop("preprocessing", None)
+        config["dtype"] = keras.saving.deserialize_keras_object(config.get("dtype"))
+        model = cls(cvt_config, **config)
+        model.preprocessing = preprocessing
+        return model
+
+    # --------------------------------------------------------------- Keras: fit / evaluate / predict
+    def main_output(self, outputs: ModelOutput) -> tf.Tensor:
+        """The tensor Keras losses, metrics and `predict` see."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def _keras_outputs(self) -> Iterator[None]:
+        """While Keras traces a step, `model(x)` takes a batch as Keras passes it (a tensor, or a
+        dict with `pixel_values` and maybe `labels`) and returns `main_output`, not a dataclass."""
+        object.__setattr__(self, "_keras_step", True)
+        try:
+            yield
+        finally:
+            object.__setattr__(self, "_keras_step", False)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._keras_step:
+            return super().__call__(*args, **kwargs)
+        if args and isinstance(args[0], dict):
+            args = (_pixel_values_of(args[0]),) + args[1:]
+        return self.main_output(super().__call__(*args, return_dict=True, **kwargs))
+
+    def train_step(self, data: Any) -> dict[str, Any]:
+        with self._keras_outputs():
+            return super().train_step(data)
+
+    def test_step(self, data: Any) -> dict[str, Any]:
+        with self._keras_outputs():
+            return super().test_step(data)
+
+    def predict_step(self, data: Any) -> tf.Tensor:
+        with self._keras_outputs():
+            return super().predict_step(data)
+
+    def _symbolic_build(self, *args: Any, **kwargs: Any) -> None:
+        # Keras builds metrics and losses from one symbolic call of the model before the first step
+        with self._keras_outputs():
+            super()._symbolic_build(*args, **kwargs)
+
+    def compute_metrics(self, x: Any, y: Any, y_pred: Any, sample_weight: Any = None) -> dict[str, Any]:
+        return super().compute_metrics(x, _labels_of(x, y), y_pred, sample_weight)
+
+    # --------------------------------------------------------------- Keras: SavedModel
+    def serving_function(self, image_size: int | tuple[int, int] | None = None) -> Any:
+        """A `tf.function` from a float32 pixel batch (any batch size; `image_size`, by default the
+        model's preprocessing size; in `data_format`) to {name: output}, `logits` for a classifier."""
+        if image_size is None:
+            if self.preprocessing is None:
+                raise ValueError("this model carries no preprocessing, so its input size is unknown; "
+                                 "give image_size")
+            image_size = CvtImageProcessor.from_dict(self.preprocessing).size
+        height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        channels = self.config.num_channels
+        shape = (None, channels, height, width) if self.data_format == "channels_first" else (
+            None, height, width, channels)
+
+        @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32, name="pixel_values")])
+        def serve(pixel_values: tf.Tensor) -> dict[str, tf.Tensor]:
+            outputs = self(pixel_values, return_dict=True, training=False)
+            return {name: outputs[name] for name in outputs.keys()}
+
+        return serve
+
+    def export(self, filepath: str | os.PathLike, format: str = "tf_saved_model", verbose: bool | None = None,
+               image_size: int | tuple[int, int] | None = None) -> None:
+        """A SavedModel whose `serve` signature maps `pixel_values` (dynamic batch, `image_size`,
+        float32) to the outputs (`logits`); `tf.saved_model.load(filepath).serve(x)` runs it.
+        For ONNX and TFLite see `cvt export` (`cvt.export`)."""
+        if format != "tf_saved_model":
+            raise ValueError(f"{type(self).__name__}.export writes format='tf_saved_model' only, got "
+                             f"{format!r}; for ONNX and TFLite use cvt.export (cvt export --format)")
+        archive = keras.export.ExportArchive()
+        archive.track(self)
+        archive.add_endpoint("serve", self.serving_function(image_size))
+        archive.write_out(os.fspath(filepath), verbose=bool(verbose))
 
     # --------------------------------------------------------------- weights in PyTorch's layout
     def weight_map(self) -> list[tuple[str, Any, str]]:
@@ -573,9 +685,15 @@ class TFCvtPreTrainedModel(keras.Model):
         """Load exactly what the PyTorch `from_pretrained` loads: a local folder (transformers
         layout), a hub id, or an original CvT `.pth`. Keyword arguments that are config fields
         override the stored config (`num_labels=` re-initialises only the classifier); hub
-        arguments (`revision`, `cache_dir`, `token`, `local_files_only`) are passed through."""
-        return weights.load_pretrained(cls, name_or_path, config=config,
-                               ignore_mismatched_sizes=ignore_mismatched_sizes, **kwargs)
+        arguments (`revision`, `cache_dir`, `token`, `local_files_only`) are passed through, and
+        `data_format="channels_last"` makes the model take NHWC pixels."""
+        data_format = kwargs.pop("data_format", "channels_first")
+        if data_format not in DATA_FORMATS:
+            raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {data_format!r}")
+        model = weights.load_pretrained(cls, name_or_path, config=config,
+                                        ignore_mismatched_sizes=ignore_mismatched_sizes, **kwargs)
+        model.data_format = data_format
+        return model
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write config.json + model.safetensors in the PyTorch layout: loadable by this class,
@@ -595,6 +713,8 @@ class TFCvtPreTrainedModel(keras.Model):
             raise ValueError(
                 f"pixel_values must be a floating-point tensor, got {pixel_values.dtype.name}; convert "
                 f"images with cvt.CvtImageProcessor(..., return_tensors='np') or tf.cast (and normalise)")
+        if self.data_format == "channels_last" and pixel_values.shape.rank == 4:
+            pixel_values = tf.transpose(pixel_values, [0, 3, 1, 2])  # the layers take NCHW
         shape = tuple(pixel_values.shape)
         if len(shape) == 4 and None in shape[1:]:
             raise ValueError(f"pixel_values needs a known channel count, height and width, got {shape}")
@@ -602,6 +722,17 @@ class TFCvtPreTrainedModel(keras.Model):
         if problem:
             raise ValueError(problem)
         return tf.cast(pixel_values, self.compute_dtype)
+
+
+def _pixel_values_of(batch: dict[str, Any]) -> Any:
+    if "pixel_values" not in batch:
+        raise ValueError(f"a dict batch needs 'pixel_values' (and optionally 'labels'), got keys {sorted(batch)}")
+    return batch["pixel_values"]
+
+
+def _labels_of(x: Any, y: Any) -> Any:
+    """Keras' targets: `y` of an (x, y) batch, else the `labels` of a dict batch."""
+    return x.get("labels") if y is None and isinstance(x, dict) else y
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -614,6 +745,7 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+@keras.saving.register_keras_serializable(package="cvt")
 class TFCvtModel(TFCvtPreTrainedModel):
     """The CvT backbone: per-stage feature maps and the last stage's cls token."""
 
@@ -637,7 +769,11 @@ class TFCvtModel(TFCvtPreTrainedModel):
     def weight_map(self) -> list[tuple[str, Any, str]]:
         return self.cvt.weight_map("")
 
+    def main_output(self, outputs: TFBaseModelOutputWithCLSToken) -> tf.Tensor:
+        return outputs.last_hidden_state
 
+
+@keras.saving.register_keras_serializable(package="cvt")
 class TFCvtForImageClassification(TFCvtPreTrainedModel):
     """CvT backbone + final LayerNorm + linear classifier over the cls token (or mean-pooled tokens)."""
 
@@ -670,6 +806,23 @@ class TFCvtForImageClassification(TFCvtPreTrainedModel):
         out = TFImageClassifierOutputWithNoAttention(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
         return out if return_dict else out.to_tuple()
+
+    def main_output(self, outputs: TFImageClassifierOutputWithNoAttention) -> tf.Tensor:
+        return outputs.logits
+
+    def compute_loss(self, x: Any = None, y: Any = None, y_pred: Any = None, sample_weight: Any = None,
+                     training: bool = True) -> tf.Tensor:
+        """Keras' loss: the one given to `compile`, else (labels in the batch, as transformers v4's
+        TF models) the model's own `classification_loss`."""
+        y = _labels_of(x, y)
+        if self.loss is not None or y is None:
+            return super().compute_loss(x, y, y_pred, sample_weight, training=training)
+        if sample_weight is not None:
+            raise ValueError("sample weights need a Keras loss: compile(loss=...) (the model's own "
+                             "loss weighs every sample alike)")
+        loss = self.classification_loss(y_pred, y) + sum(self.losses)
+        # Keras sums the replicas' gradients under tf.distribute: each replica's share is 1/n
+        return loss / tf.distribute.get_strategy().num_replicas_in_sync
 
     def classification_loss(self, logits: tf.Tensor, labels: Any) -> tf.Tensor:
         """The PyTorch model's `loss`, chosen by the same `config.loss_problem` rule: MSE for
