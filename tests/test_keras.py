@@ -141,7 +141,7 @@ def test_from_pretrained_takes_a_data_format(tmp_path) -> None:
 
 # ---------------------------------------------------------------------------------------- files
 def test_keras_file_and_saved_model_reload_in_a_fresh_interpreter(tmp_path) -> None:
-    """Both load in a new process that has imported cvt's TF models, and give the same logits."""
+    """Both load in a new process that has only imported cvt (then keras), and give the same logits."""
     torch_model = randomise_(cvt.CvtForImageClassification(tiny_config()), 3).eval()
     model = TFCvtForImageClassification(tiny_config(), data_format="channels_last")
     model.load_pytorch_state_dict(torch_model.state_dict())
@@ -152,7 +152,7 @@ def test_keras_file_and_saved_model_reload_in_a_fresh_interpreter(tmp_path) -> N
     np.save(tmp_path / "x.npy", x)
     report = run_python(
         "import json, numpy as np\n"
-        "import cvt.modeling_tf\n"  # registers cvt's Keras classes (and loads TensorFlow)
+        "import cvt\n"  # all a user imports: cvt's Keras classes register when keras is imported
         "import keras, tensorflow as tf\n"
         f"folder = {str(tmp_path)!r}\n"
         "x = np.load(folder + '/x.npy')\n"

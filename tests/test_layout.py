@@ -13,7 +13,7 @@ PACKAGE = REPO_ROOT / "src" / "cvt"
 
 # lowest first; a module may import from its own layer or any layer below it
 LAYERS = [
-    ["config", "files", "native", "outputs"],
+    ["errors", "config", "files", "native", "outputs"],
     ["variants", "convert"],
     ["weights"],
     ["modeling"],

@@ -28,6 +28,7 @@ from .config import kv_grid, stage_grids
 from .images import ImageInput
 from .modeling import CvtForImageClassification, CvtModel
 from .processing import CvtImageProcessor
+from .errors import InvalidValueError
 
 # viridis at five points: a perceptually even ramp that needs no plotting library
 _COLORS = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)], float)
@@ -54,7 +55,7 @@ def attention_maps(model: CvtModel | CvtForImageClassification, image: ImageInpu
                         f"got {type(model).__name__}")
     if processor is None:
         if model.preprocessing is None:
-            raise ValueError("this model carries no preprocessing; pass processor=CvtImageProcessor(size=...)")
+            raise InvalidValueError("this model carries no preprocessing; pass processor=CvtImageProcessor(size=...)")
         processor = CvtImageProcessor.from_dict(model.preprocessing)
     pixel_values = processor(image)["pixel_values"]
     parameter = next(model.parameters())
@@ -124,7 +125,7 @@ def draw(maps: AttentionMaps, which: str | int = "mean", size: int | None = None
     elif isinstance(which, int) and not isinstance(which, bool) and 0 <= which < len(maps.heads):
         values = maps.heads[which]
     else:
-        raise ValueError(f"which map to draw: 'mean', 'rollout' or a head index 0-{len(maps.heads) - 1}, "
+        raise InvalidValueError(f"which map to draw: 'mean', 'rollout' or a head index 0-{len(maps.heads) - 1}, "
                          f"got {which!r}")
     width, height = (size, size) if size else maps.image.size
     span = float(values.max() - values.min())

@@ -1,7 +1,7 @@
 """The `cvt` command line: `cvt info`, `cvt convert`, `cvt predict`, `cvt export`, `cvt attention`.
 
 Each subcommand is a small function from parsed arguments to an exit status. The error policy:
-an expected error (one of cvt's error classes, a ValueError raised by one of cvt's own checks, a
+an expected error (one of cvt's error classes, all derived from `cvt.errors.CvtError`, or a
 file-system error) is one line (`cvt: error: ...`), exit status 2; exit status 1 means some inputs
 failed (the others were done); anything else is a bug: its traceback, exit status 3. Ctrl-C is
 exit status 130. `cvt --debug ...` shows the traceback of every error.
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import linecache
 import os
 import sys
 import traceback
@@ -22,24 +21,21 @@ import torch
 
 from . import attention, benchmark, convert, export, predict, weights
 from .config import CvtConfig, kv_grid, stage_grids
-from .engines import EngineError
 from .files import write_atomic
-from .images import ImageError
 from .modeling import CvtForImageClassification, CvtModel
 from .processing import CvtImageProcessor
 from .training.commands import add_engine_arguments, messages_on_stderr
 from .training.commands import add_parsers as add_training_parsers
-from .training.data import DataError
 from .variants import VARIANTS, get_variant
+from .errors import CvtError
 
 
-class UsageError(Exception):
+class UsageError(CvtError):
     """A mistake in what the user asked for; printed without a traceback."""
 
 
 # errors that say what the user (or their files, disk or network) must fix: one line, exit 2
-EXPECTED_ERRORS = (UsageError, weights.CheckpointError, ImageError, DataError, EngineError,
-                   export.ExportCheckError, OSError)
+EXPECTED_ERRORS = (CvtError, OSError)
 EXIT_INPUTS_FAILED, EXIT_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
@@ -280,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cvt: interrupted{f' {err}' if str(err) else ''}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:
-        expected = is_expected(err)
+        expected = isinstance(err, EXPECTED_ERRORS)
         if args.debug or not expected:
             traceback.print_exc()
         if expected:
@@ -289,22 +285,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cvt: internal error ({type(err).__name__}): this is a bug in cvt; please report it "
               f"with the traceback above", file=sys.stderr)
         return EXIT_BUG
-
-
-def is_expected(err: BaseException) -> bool:
-    """Whether `err` is an error for the user to fix rather than a bug: one of cvt's error classes,
-    a file-system error, or a ValueError raised by a `raise` statement in cvt's own code (its
-    argument checks) — not one from deep inside a library, which means cvt misused it."""
-    if isinstance(err, EXPECTED_ERRORS):
-        return True
-    if not isinstance(err, ValueError) or err.__traceback__ is None:
-        return False
-    tb = err.__traceback__
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    source = tb.tb_frame.f_code.co_filename
-    in_cvt = Path(source).resolve().is_relative_to(Path(__file__).resolve().parent)
-    return in_cvt and linecache.getline(source, tb.tb_lineno).lstrip().startswith("raise ")
 
 
 def entry() -> None:

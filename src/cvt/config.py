@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import InvalidValueError
+
 PROJECTION_METHODS = ("dw_bn", "avg", "linear")
 ACTIVATIONS = ("gelu", "quick_gelu")
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
@@ -37,7 +39,7 @@ _STAGE_BOOL_FIELDS = ("qkv_bias", "cls_token")
 _IGNORED_JSON_KEYS = {"transformers_version", "architectures", "model_type", "num_labels"}
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidValueError):
     """A configuration that describes no valid CvT model (a wrong type, a non-finite number,
     per-stage lists of different lengths, labels that do not cover every class index, ...)."""
 

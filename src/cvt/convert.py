@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .config import ConfigError, CvtConfig
 from .variants import imagenet_1k_labels
+from .errors import InvalidValueError
 
 # (original pattern, transformers-layout replacement), tried in order on each key.
 _STAGE, _LAYER = r"cvt.encoder.stages.\1", r"cvt.encoder.stages.\1.layers.\2"
@@ -61,7 +62,7 @@ def original_to_transformers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(
+        raise InvalidValueError(
             f"{len(unknown)} keys of this original CvT checkpoint have no transformers equivalent: "
             f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}")
     return renamed
@@ -77,7 +78,7 @@ def infer_config(state_dict: dict[str, Tensor], **overrides: Any) -> CvtConfig:
     """
     stages = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"^stage(\d+)\.", k))})
     if not stages or stages != list(range(len(stages))):
-        raise ValueError("not an original CvT checkpoint: no stage0.* ... stageN.* keys")
+        raise InvalidValueError("not an original CvT checkpoint: no stage0.* ... stageN.* keys")
     fields: dict[str, list[Any]] = {name: [] for name in (
         "patch_sizes", "patch_stride", "patch_padding", "embed_dim", "num_heads", "depth",
         "mlp_ratio", "qkv_bias", "cls_token", "qkv_projection_method", "kernel_qkv")}
@@ -90,11 +91,11 @@ def infer_config(state_dict: dict[str, Tensor], **overrides: Any) -> CvtConfig:
                      if (m := re.match(rf"^stage{s}\.blocks\.(\d+)\.", k))})
         stride_padding = _EMBED_STRIDE_PADDING.get(kernel)
         if "num_heads" not in overrides and dim % _HEAD_DIM:
-            raise ValueError(
+            raise InvalidValueError(
                 f"cannot infer num_heads of stage {s} (width {dim} is not a multiple of 64); "
                 f"pass config= or num_heads=")
         if stride_padding is None and not {"patch_stride", "patch_padding"} <= overrides.keys():
-            raise ValueError(
+            raise InvalidValueError(
                 f"cannot infer the stride and padding of stage {s}'s {kernel}x{kernel} token "
                 f"embedding; pass config= or patch_stride= and patch_padding=")
         dw = state_dict.get(f"stage{s}.blocks.0.attn.conv_proj_q.conv.weight")

@@ -31,6 +31,7 @@ from .config import CvtConfig, kv_grid, pixel_values_problem, stage_grids
 from .files import write_bytes
 from .modeling import CvtForImageClassification, CvtModel
 from .native import signal_stack_kept
+from .errors import CvtError, InvalidValueError
 
 logger = logging.getLogger("cvt")
 # OpenVINO's CPU plugin defaults to bf16 (where the CPU has it) and on-the-fly int8 for
@@ -42,7 +43,7 @@ INPUT_NAME = "pixel_values"
 INSTALL_HINT = 'pip install "cvt[export]"'
 
 
-class ExportCheckError(RuntimeError):
+class ExportCheckError(CvtError, RuntimeError):
     """The exported file's outputs, run with onnxruntime, differ from PyTorch's."""
 
 
@@ -113,21 +114,21 @@ def export_onnx(model: CvtModel | CvtForImageClassification, path: str | os.Path
                         f"got {type(model).__name__}")
     dtype = next(model.parameters()).dtype
     if dtype != torch.float32:
-        raise ValueError(f"export a float32 model (model.float()); this one is {dtype}, which the "
+        raise InvalidValueError(f"export a float32 model (model.float()); this one is {dtype}, which the "
                          f"onnxruntime check cannot compare to 1e-4")
     height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                    or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer or None (dynamic), got {batch_size!r}")
+        raise InvalidValueError(f"batch_size must be a positive integer or None (dynamic), got {batch_size!r}")
     problem = pixel_values_problem(model.config, (batch_size or 2, model.config.num_channels, height, width),
                                    training=False)
     if problem:
-        raise ValueError(problem)
+        raise InvalidValueError(problem)
     sizes = [(height, width)]
     if dynamic_size:
         smallest = min_dynamic_size(model.config)
         if min(height, width) < smallest:
-            raise ValueError(f"a dynamic-size export traces at {height}x{width}, but this model's "
+            raise InvalidValueError(f"a dynamic-size export traces at {height}x{width}, but this model's "
                              f"height and width can be symbolic only from {smallest} pixels up")
         sizes.append((smallest, smallest + 1))
     _require_exporter(check)
@@ -253,7 +254,7 @@ def export_openvino(model: CvtModel | CvtForImageClassification, path: str | os.
     height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     problem = pixel_values_problem(model.config, (2, model.config.num_channels, height, width), training=False)
     if problem:
-        raise ValueError(problem)
+        raise InvalidValueError(problem)
     _require_exporter(check=False)
     xml = Path(path).with_suffix(".xml")
     with tempfile.TemporaryDirectory(dir=xml.parent if xml.parent.exists() else None) as tmp:

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from .errors import InvalidValueError
+
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 
 # What `cvt predict` picks up when walking a folder (compared case-insensitively).
@@ -45,7 +47,7 @@ _DRAFT_SCALES = (2, 4, 8)  # the reductions a JPEG decoder does for free
 _CHUNK = 1 << 20  # elements converted at a time, so scaling to 8 bits adds no full float copy
 
 
-class ImageError(ValueError):
+class ImageError(InvalidValueError):
     """An input that cannot be used as an image: unreadable file, unknown format, unusable array."""
 
 
@@ -284,8 +286,8 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         elif path.exists():
             found.append(path)
         else:
-            raise ValueError(f"{item}: no such file or folder")
+            raise InvalidValueError(f"{item}: no such file or folder")
     if not found:
-        raise ValueError(f"no image files in {', '.join(map(str, inputs))} "
+        raise InvalidValueError(f"no image files in {', '.join(map(str, inputs))} "
                          f"(looked for {' '.join(sorted(IMAGE_EXTENSIONS))})")
     return list(dict.fromkeys(found))

@@ -23,6 +23,7 @@ from .engines import build_engine
 from .images import ImageError, ImageInput, split_batch
 from .modeling import CvtForImageClassification
 from .processing import CvtImageProcessor
+from .errors import InvalidValueError
 
 TASKS = ("image-classification",)
 Prediction = dict[str, Any]  # {"label": str, "score": float}
@@ -39,17 +40,17 @@ def select_device(device: str | torch.device | None = None) -> torch.device:
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}; expected cpu, cuda, cuda:N or mps") from None
+        raise InvalidValueError(f"unknown device {device!r}; expected cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r} requested, but CUDA is not available on this machine")
+            raise InvalidValueError(f"device {str(device)!r} requested, but CUDA is not available on this machine")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(device)!r} requested, but only {torch.cuda.device_count()} "
+            raise InvalidValueError(f"device {str(device)!r} requested, but only {torch.cuda.device_count()} "
                              f"CUDA device(s) exist")
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' requested, but Apple's Metal (MPS) backend is not available here")
+        raise InvalidValueError("device 'mps' requested, but Apple's Metal (MPS) backend is not available here")
     elif device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unsupported device {str(device)!r}; expected cpu, cuda, cuda:N or mps")
+        raise InvalidValueError(f"unsupported device {str(device)!r}; expected cpu, cuda, cuda:N or mps")
     return device
 
 
@@ -93,7 +94,7 @@ class ImageClassificationPipeline:
         """
         items, is_batch = split_batch(images)
         if not items:
-            raise ValueError("no images given (an empty list)")
+            raise InvalidValueError("no images given (an empty list)")
         size = _positive("batch_size", self.batch_size if batch_size is None else batch_size)
         results: list[list[Prediction]] = []
         for start in range(0, len(items), size):
@@ -174,7 +175,7 @@ def pipeline(task: str, model: str | os.PathLike | CvtForImageClassification, *,
     and `local_files_only` are passed to the hub.
     """
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; cvt.pipeline supports {', '.join(TASKS)}")
+        raise InvalidValueError(f"unknown task {task!r}; cvt.pipeline supports {', '.join(TASKS)}")
     if not isinstance(model, CvtForImageClassification):
         if isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a cvt.CvtForImageClassification, got {type(model).__name__}")
@@ -182,7 +183,7 @@ def pipeline(task: str, model: str | os.PathLike | CvtForImageClassification, *,
             image_processor = CvtImageProcessor.from_pretrained(model, **hub_kwargs)
         model = CvtForImageClassification.from_pretrained(model, **hub_kwargs)
     elif image_processor is None:
-        raise ValueError("with a loaded model, pass image_processor= as well "
+        raise InvalidValueError("with a loaded model, pass image_processor= as well "
                          "(e.g. CvtImageProcessor.from_pretrained('cvt-13'))")
     return ImageClassificationPipeline(model, image_processor, device=device, top_k=top_k,
                                        batch_size=batch_size, engine=engine, precision=precision,
@@ -191,7 +192,7 @@ def pipeline(task: str, model: str | os.PathLike | CvtForImageClassification, *,
 
 def _positive(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise InvalidValueError(f"{name} must be a positive integer, got {value!r}")
     return value
 
 

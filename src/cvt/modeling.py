@@ -40,6 +40,7 @@ from . import weights
 from .config import CvtConfig, pixel_values_problem
 from .outputs import ModelOutput
 from .variants import get_variant
+from .errors import InvalidValueError
 
 LAYER_NORM_EPS = 1e-5  # the original code's and transformers' value (config.layer_norm_eps is unused)
 
@@ -405,7 +406,7 @@ class CvtPreTrainedModel(nn.Module):
         adapts pretrained weights: one channel gets the sum over the trained channels; more get
         them repeated in turn and scaled by trained / in_chans, so the activations keep their scale."""
         if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
-            raise ValueError(f"in_chans must be a positive number of image channels, got {in_chans!r}")
+            raise InvalidValueError(f"in_chans must be a positive number of image channels, got {in_chans!r}")
         conv = next(m for m in self.modules() if isinstance(m, ConvEmbedding)).projection
         weight, trained = conv.weight.detach(), conv.in_channels
         if in_chans == trained:
@@ -430,7 +431,7 @@ class CvtPreTrainedModel(nn.Module):
         """transformers' name for `set_grad_checkpointing(True)`; cvt always recomputes
         non-reentrantly, so `gradient_checkpointing_kwargs` may only ask for that."""
         if gradient_checkpointing_kwargs and gradient_checkpointing_kwargs.get("use_reentrant", False):
-            raise ValueError("cvt's gradient checkpointing is non-reentrant (use_reentrant=False) only")
+            raise InvalidValueError("cvt's gradient checkpointing is non-reentrant (use_reentrant=False) only")
         self.set_grad_checkpointing(True)
 
     def gradient_checkpointing_disable(self) -> None:
@@ -445,12 +446,12 @@ class CvtPreTrainedModel(nn.Module):
         if not isinstance(pixel_values, Tensor):
             raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
         if not pixel_values.is_floating_point():
-            raise ValueError(
+            raise InvalidValueError(
                 f"pixel_values must be a floating-point tensor, got {pixel_values.dtype}; convert "
                 f"images with cvt.CvtImageProcessor or tensor.float() (and normalise)")
         problem = pixel_values_problem(self.config, tuple(pixel_values.shape), self.training)
         if problem:
-            raise ValueError(problem)
+            raise InvalidValueError(problem)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, config: CvtConfig | None = None,
@@ -531,7 +532,7 @@ class CvtModel(CvtPreTrainedModel):
     def reset_classifier(self, num_classes: int) -> None:
         """The backbone has no classifier: only 0 classes (its pooled features) is possible."""
         if num_classes != 0:
-            raise ValueError(f"CvtModel is the backbone without a classifier and cannot get "
+            raise InvalidValueError(f"CvtModel is the backbone without a classifier and cannot get "
                              f"{num_classes} classes; use CvtForImageClassification (or "
                              f"cvt.create_model(name, num_classes={num_classes}))")
 
@@ -562,17 +563,17 @@ def select_stages(indices: int | Sequence[int] | None, num_stages: int) -> list[
         return list(range(num_stages))
     if isinstance(indices, int) and not isinstance(indices, bool):
         if not 1 <= indices <= num_stages:
-            raise ValueError(f"indices={indices} asks for the last {indices} stages; the model has "
+            raise InvalidValueError(f"indices={indices} asks for the last {indices} stages; the model has "
                              f"{num_stages} (1 to {num_stages})")
         return list(range(num_stages - indices, num_stages))
     stages = []
     for index in indices:
         if isinstance(index, bool) or not isinstance(index, int) or not -num_stages <= index < num_stages:
-            raise ValueError(f"stage index {index!r} is out of range for a model with {num_stages} "
+            raise InvalidValueError(f"stage index {index!r} is out of range for a model with {num_stages} "
                              f"stages (0 to {num_stages - 1}, or negative from the end)")
         stages.append(index % num_stages)
     if not stages:
-        raise ValueError("indices names no stage; give None (all stages), a count or stage numbers")
+        raise InvalidValueError("indices names no stage; give None (all stages), a count or stage numbers")
     return stages
 
 
@@ -621,7 +622,7 @@ class CvtForImageClassification(CvtPreTrainedModel):
         """A fresh classifier for `num_classes` classes (labels LABEL_0...); 0 leaves none, so the
         model returns its pooled features."""
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be a non-negative number of classes, got {num_classes!r}")
+            raise InvalidValueError(f"num_classes must be a non-negative number of classes, got {num_classes!r}")
         self._set_config(self.config.replace(num_labels=num_classes))
         weight = self.layernorm.weight
         if num_classes:
@@ -653,11 +654,11 @@ class CvtForImageClassification(CvtPreTrainedModel):
             return F.mse_loss(logits, labels.to(logits.dtype))
         if problem == "single_label_classification":
             if labels.is_floating_point():
-                raise ValueError(
+                raise InvalidValueError(
                     f"single-label classification needs integer class indices, got {labels.dtype} labels")
             return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1).long())
         if labels.shape != logits.shape:
-            raise ValueError(
+            raise InvalidValueError(
                 f"multi-label classification needs float multi-hot labels shaped like the logits "
                 f"{tuple(logits.shape)}, got {labels.dtype} labels of shape {tuple(labels.shape)} "
                 f"(integer class indices select single-label cross-entropy)")

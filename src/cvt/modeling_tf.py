@@ -65,6 +65,7 @@ from .config import CvtConfig, conv_output_size, pixel_values_problem
 from .outputs import ModelOutput
 from .processing import CvtImageProcessor
 from .weights import CheckpointError
+from .errors import InvalidValueError
 
 DATA_FORMATS = ("channels_first", "channels_last")
 LAYER_NORM_EPS = 1e-5  # as the PyTorch side (config.layer_norm_eps is unused there too)
@@ -526,7 +527,7 @@ class TFCvtPreTrainedModel(keras.Model):
         if not isinstance(config, CvtConfig):
             raise TypeError(f"expected a cvt.CvtConfig, got {type(config).__name__}")
         if data_format not in DATA_FORMATS:
-            raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {data_format!r}")
+            raise InvalidValueError(f"data_format must be one of {DATA_FORMATS}, got {data_format!r}")
         super().__init__(**kwargs)
         self.config = config
         self.data_format = data_format
@@ -598,7 +599,7 @@ class TFCvtPreTrainedModel(keras.Model):
         model's preprocessing size; in `data_format`) to {name: output}, `logits` for a classifier."""
         if image_size is None:
             if self.preprocessing is None:
-                raise ValueError("this model carries no preprocessing, so its input size is unknown; "
+                raise InvalidValueError("this model carries no preprocessing, so its input size is unknown; "
                                  "give image_size")
             image_size = CvtImageProcessor.from_dict(self.preprocessing).size
         height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
@@ -619,7 +620,7 @@ class TFCvtPreTrainedModel(keras.Model):
         float32) to the outputs (`logits`); `tf.saved_model.load(filepath).serve(x)` runs it.
         For ONNX and TFLite see `cvt export` (`cvt.export`)."""
         if format != "tf_saved_model":
-            raise ValueError(f"{type(self).__name__}.export writes format='tf_saved_model' only, got "
+            raise InvalidValueError(f"{type(self).__name__}.export writes format='tf_saved_model' only, got "
                              f"{format!r}; for ONNX and TFLite use cvt.export (cvt export --format)")
         archive = keras.export.ExportArchive()
         archive.track(self)
@@ -689,7 +690,7 @@ class TFCvtPreTrainedModel(keras.Model):
         `data_format="channels_last"` makes the model take NHWC pixels."""
         data_format = kwargs.pop("data_format", "channels_first")
         if data_format not in DATA_FORMATS:
-            raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {data_format!r}")
+            raise InvalidValueError(f"data_format must be one of {DATA_FORMATS}, got {data_format!r}")
         model = weights.load_pretrained(cls, name_or_path, config=config,
                                         ignore_mismatched_sizes=ignore_mismatched_sizes, **kwargs)
         model.data_format = data_format
@@ -710,23 +711,23 @@ class TFCvtPreTrainedModel(keras.Model):
         except (TypeError, ValueError) as err:
             raise TypeError(f"pixel_values must be a tensor or array, got {type(pixel_values).__name__}: {err}") from None
         if not pixel_values.dtype.is_floating:
-            raise ValueError(
+            raise InvalidValueError(
                 f"pixel_values must be a floating-point tensor, got {pixel_values.dtype.name}; convert "
                 f"images with cvt.CvtImageProcessor(..., return_tensors='np') or tf.cast (and normalise)")
         if self.data_format == "channels_last" and pixel_values.shape.rank == 4:
             pixel_values = tf.transpose(pixel_values, [0, 3, 1, 2])  # the layers take NCHW
         shape = tuple(pixel_values.shape)
         if len(shape) == 4 and None in shape[1:]:
-            raise ValueError(f"pixel_values needs a known channel count, height and width, got {shape}")
+            raise InvalidValueError(f"pixel_values needs a known channel count, height and width, got {shape}")
         problem = pixel_values_problem(self.config, shape, training)
         if problem:
-            raise ValueError(problem)
+            raise InvalidValueError(problem)
         return tf.cast(pixel_values, self.compute_dtype)
 
 
 def _pixel_values_of(batch: dict[str, Any]) -> Any:
     if "pixel_values" not in batch:
-        raise ValueError(f"a dict batch needs 'pixel_values' (and optionally 'labels'), got keys {sorted(batch)}")
+        raise InvalidValueError(f"a dict batch needs 'pixel_values' (and optionally 'labels'), got keys {sorted(batch)}")
     return batch["pixel_values"]
 
 
@@ -818,7 +819,7 @@ class TFCvtForImageClassification(TFCvtPreTrainedModel):
         if self.loss is not None or y is None:
             return super().compute_loss(x, y, y_pred, sample_weight, training=training)
         if sample_weight is not None:
-            raise ValueError("sample weights need a Keras loss: compile(loss=...) (the model's own "
+            raise InvalidValueError("sample weights need a Keras loss: compile(loss=...) (the model's own "
                              "loss weighs every sample alike)")
         loss = self.classification_loss(y_pred, y) + sum(self.losses)
         # Keras sums the replicas' gradients under tf.distribute: each replica's share is 1/n
@@ -838,7 +839,7 @@ class TFCvtForImageClassification(TFCvtPreTrainedModel):
             return tf.reduce_mean(tf.square(logits - labels))
         if problem == "single_label_classification":
             if not labels.dtype.is_integer:
-                raise ValueError(
+                raise InvalidValueError(
                     f"single-label classification needs integer class indices, got {labels.dtype.name} labels")
             labels = tf.reshape(tf.cast(labels, tf.int64), [-1])
             keep = labels != -100
@@ -847,7 +848,7 @@ class TFCvtForImageClassification(TFCvtPreTrainedModel):
             kept = tf.cast(keep, logits.dtype)
             return tf.reduce_sum(per_sample * kept) / tf.reduce_sum(kept)
         if tuple(labels.shape) != tuple(logits.shape):
-            raise ValueError(
+            raise InvalidValueError(
                 f"multi-label classification needs float multi-hot labels shaped like the logits "
                 f"{tuple(logits.shape)}, got {labels.dtype.name} labels of shape {tuple(labels.shape)} "
                 f"(int64/int32 class indices select single-label cross-entropy)")

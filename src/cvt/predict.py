@@ -26,6 +26,7 @@ from .images import ImageError, find_images
 from .files import write_atomic
 from .inference import ImageClassificationPipeline, Prediction, pipeline
 from .processing import CvtImageProcessor
+from .errors import InvalidValueError
 
 FORMATS = ("table", "json", "csv")
 MAX_PATH_COLUMN = 60  # the table's path column grows to the longest path, up to this
@@ -37,10 +38,10 @@ def run(model: str, inputs: Sequence[str], *, top_k: int = 5, batch_size: int = 
         image_size: int | None = None) -> int:
     """Classify every image under `inputs`. Returns 0 if all were classified, 1 if some could not be."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        raise InvalidValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     paths = find_images(inputs)
     if output is not None and Path(output).resolve() in {p.resolve() for p in paths}:
-        raise ValueError(f"--output {output} is one of the input images and would be overwritten")
+        raise InvalidValueError(f"--output {output} is one of the input images and would be overwritten")
     classifier = pipeline("image-classification", model, device=device, top_k=top_k,
                           image_processor=CvtImageProcessor.for_model(model, image_size),
                           batch_size=batch_size, engine=engine, precision=precision,

@@ -25,6 +25,7 @@ from . import weights
 from .files import write_json
 from .images import ImageInput, as_rgb_image, check_budget, split_batch
 from .variants import IMAGENET_MEAN, IMAGENET_STD
+from .errors import InvalidValueError
 
 PROCESSOR_CONFIG_NAME = weights.PROCESSOR_CONFIG_NAME
 WARP_FROM = 384  # from this size up the checkpoints were evaluated on the whole image, warped
@@ -54,25 +55,25 @@ class CvtImageProcessor:
 
     def __post_init__(self) -> None:
         if isinstance(self.size, bool) or not isinstance(self.size, numbers.Integral) or self.size < 1:
-            raise ValueError(f"size must be a positive integer (pixels), got {self.size!r}")
+            raise InvalidValueError(f"size must be a positive integer (pixels), got {self.size!r}")
         if not _is_number(self.crop_pct) or not 0 < self.crop_pct <= 1:
-            raise ValueError(f"crop_pct must be a number in (0, 1], got {self.crop_pct!r}")
+            raise InvalidValueError(f"crop_pct must be a number in (0, 1], got {self.crop_pct!r}")
         if isinstance(self.resample, bool) or self.resample not in _RESAMPLE_CODES:
-            raise ValueError(f"resample must be a Pillow filter code {sorted(_RESAMPLE_CODES)} "
+            raise InvalidValueError(f"resample must be a Pillow filter code {sorted(_RESAMPLE_CODES)} "
                              f"(3 = bicubic), got {self.resample!r}")
         for name in ("do_resize", "do_rescale", "do_normalize"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise InvalidValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not _is_number(self.rescale_factor) or self.rescale_factor <= 0:
-            raise ValueError(f"rescale_factor must be a positive number, got {self.rescale_factor!r}")
+            raise InvalidValueError(f"rescale_factor must be a positive number, got {self.rescale_factor!r}")
         for name in ("image_mean", "image_std"):
             values = getattr(self, name)
             if (not isinstance(values, (list, tuple)) or len(values) != 3
                     or not all(_is_number(v) for v in values)):
-                raise ValueError(f"{name} must be three numbers (R, G, B), got {values!r}")
+                raise InvalidValueError(f"{name} must be three numbers (R, G, B), got {values!r}")
             object.__setattr__(self, name, tuple(float(v) for v in values))
         if min(self.image_std) <= 0:
-            raise ValueError(f"image_std must be positive, got {self.image_std}")
+            raise InvalidValueError(f"image_std must be positive, got {self.image_std}")
         object.__setattr__(self, "size", int(self.size))
         object.__setattr__(self, "resample", int(self.resample))
 
@@ -81,14 +82,14 @@ class CvtImageProcessor:
                  ) -> dict[str, torch.Tensor | np.ndarray]:
         """{"pixel_values": (B, 3, H, W) float32}, a torch tensor ("pt") or a numpy array ("np")."""
         if return_tensors not in RETURN_TENSORS:
-            raise ValueError(f"return_tensors must be one of {RETURN_TENSORS}, got {return_tensors!r}")
+            raise InvalidValueError(f"return_tensors must be one of {RETURN_TENSORS}, got {return_tensors!r}")
         items, _ = split_batch(images)
         if not items:
-            raise ValueError("no images given (an empty list)")
+            raise InvalidValueError("no images given (an empty list)")
         arrays = [self._pixel_values(as_rgb_image(item)) for item in items]
         shapes = {a.shape for a in arrays}
         if len(shapes) > 1:
-            raise ValueError(f"images of different sizes {sorted(shapes)} cannot be batched with "
+            raise InvalidValueError(f"images of different sizes {sorted(shapes)} cannot be batched with "
                              f"do_resize=False; resize them first or process them one at a time")
         batch = np.stack(arrays)
         return {"pixel_values": torch.from_numpy(batch) if return_tensors == "pt" else batch}
@@ -152,7 +153,7 @@ class CvtImageProcessor:
         describe the file and are ignored. A missing or null key keeps the default. `size` may
         be an int (older hub files) or {"shortest_edge": n}."""
         if not isinstance(data, dict):
-            raise ValueError(f"a processor config must be a JSON object, got {type(data).__name__}")
+            raise InvalidValueError(f"a processor config must be a JSON object, got {type(data).__name__}")
         names = [f.name for f in dataclasses.fields(cls) if f.name != "size"]
         settings = {name: data[name] for name in names if data.get(name) is not None}
         if data.get("size") is not None:
@@ -210,10 +211,10 @@ def _is_number(value: Any) -> bool:
 def _shortest_edge(size: Any) -> int:
     if isinstance(size, dict):
         if "shortest_edge" not in size:
-            raise ValueError(
+            raise InvalidValueError(
                 f"size {size} has no 'shortest_edge'; CvT checkpoints use ConvNext-style preprocessing "
                 f"(size: {{\"shortest_edge\": n}})")
         size = size["shortest_edge"]
     if isinstance(size, bool) or not isinstance(size, int):
-        raise ValueError(f"size must be an integer or {{\"shortest_edge\": n}}, got {size!r}")
+        raise InvalidValueError(f"size must be an integer or {{\"shortest_edge\": n}}, got {size!r}")
     return size

@@ -12,6 +12,7 @@ from importlib import resources
 from typing import Any
 
 from .config import CvtConfig
+from .errors import InvalidValueError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -74,7 +75,7 @@ def list_models() -> list[str]:
 def get_variant(name: str) -> Variant:
     key = name.removeprefix("microsoft/")
     if key not in VARIANTS:
-        raise ValueError(f"unknown CvT variant {name!r}; choose one of {', '.join(VARIANTS)}")
+        raise InvalidValueError(f"unknown CvT variant {name!r}; choose one of {', '.join(VARIANTS)}")
     return VARIANTS[key]
 
 

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from . import convert
 from .config import CvtConfig
+from .errors import InvalidValueError
 from .files import write_atomic, write_json
 from .variants import VARIANTS, Variant, get_variant
 
@@ -64,7 +65,7 @@ class CvtCheckpointModel(Protocol):
 M = TypeVar("M", bound=CvtCheckpointModel)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InvalidValueError):
     """A checkpoint that cannot be used: unreadable, of another model, or not matching the config."""
 
 

@@ -28,6 +28,7 @@ from . import fused, onnxruntime_engine, openvino_engine
 from .base import PRECISIONS, Engine, EngineError, Model, PrecisionReport, verify
 from .cache import EngineCache
 from .calibration import CalibrationSet, load_calibration
+from ..errors import InvalidValueError
 
 ENGINES = ("auto", "torch", "onnxruntime", "openvino")
 # fastest first, measured by `cvt bench` (benchmarks/README.md); an engine is used if installed
@@ -62,9 +63,9 @@ def build_engine(model: Model, engine: str = "auto", *, device: str | torch.devi
     `torch.compile`.
     """
     if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+        raise InvalidValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        raise InvalidValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     device = torch.device(device)
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     name = auto_engine(device, model) if engine == "auto" else engine

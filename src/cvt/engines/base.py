@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..config import pixel_values_problem
 from ..modeling import CvtForImageClassification, CvtModel
+from ..errors import CvtError, InvalidValueError
 
 logger = logging.getLogger("cvt")
 
@@ -52,7 +53,7 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-class EngineError(RuntimeError):
+class EngineError(CvtError, RuntimeError):
     """An engine cannot be built here, or does not compute what the plain model computes."""
 
 
@@ -106,9 +107,9 @@ class Engine:
         shape = tuple(pixel_values.shape)
         problem = pixel_values_problem(self.config, shape, training=False)
         if problem:
-            raise ValueError(problem)
+            raise InvalidValueError(problem)
         if shape[-2:] != self.image_size:
-            raise ValueError(f"this {self.name} engine was built for {self.image_size[0]}x"
+            raise InvalidValueError(f"this {self.name} engine was built for {self.image_size[0]}x"
                              f"{self.image_size[1]} inputs, got {shape[-2]}x{shape[-1]}; build "
                              f"another with image_size={shape[-2]}")
         return self._run(pixel_values)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..images import IMAGE_EXTENSIONS, ImageError, as_rgb_image, check_image_file, load_image
 from .augment import seeded
+from ..errors import InvalidValueError
 
 logger = logging.getLogger("cvt")
 
@@ -36,7 +37,7 @@ VAL_DIRS = ("val", "validation", "valid")
 HF_PREFIX = "hf:"
 
 
-class DataError(ValueError):
+class DataError(InvalidValueError):
     """A dataset that cannot be used as given (missing, empty, inconsistent labels)."""
 
 

@@ -39,6 +39,7 @@ from .optim import WarmupCosine, WeightEMA, parameter_groups
 from .recipes import Recipe, get_recipe
 from .report import CURVES_NAME, METRICS_NAME, EvalResult, MetricsLog, plot_curves
 from .state import STATE_NAME, ResumeError, load_state, remove_leftovers, rng_state, save_state, set_rng_state
+from ..errors import InvalidValueError
 
 logger = logging.getLogger("cvt")
 
@@ -130,7 +131,7 @@ def _processor(options: TrainOptions) -> CvtImageProcessor:
     if not isinstance(options.model, CvtConfig):
         return CvtImageProcessor.for_model(options.model, options.image_size)
     if options.image_size is None:
-        raise ValueError("a model given as a CvtConfig carries no preprocessing; pass image_size")
+        raise InvalidValueError("a model given as a CvtConfig carries no preprocessing; pass image_size")
     return CvtImageProcessor(size=options.image_size)
 
 
@@ -162,15 +163,15 @@ def _autocast(precision: str, device: torch.device):
 
 def _check_options(options: TrainOptions, device: torch.device) -> None:
     if options.precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {options.precision!r}")
+        raise InvalidValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {options.precision!r}")
     if options.precision == "fp16" and device.type != "cuda":
-        raise ValueError("--precision fp16 needs a GPU (its grad scaler is CUDA-only); on CPU use bf16")
+        raise InvalidValueError("--precision fp16 needs a GPU (its grad scaler is CUDA-only); on CPU use bf16")
     if options.sync_bn and device.type != "cuda":
-        raise ValueError("--sync-bn needs GPUs (SyncBatchNorm runs on CUDA only)")
+        raise InvalidValueError("--sync-bn needs GPUs (SyncBatchNorm runs on CUDA only)")
     if options.accum_steps < 1:
-        raise ValueError(f"--accum-steps must be 1 or more, got {options.accum_steps}")
+        raise InvalidValueError(f"--accum-steps must be 1 or more, got {options.accum_steps}")
     if options.extend_epochs is not None and (not options.resume or options.extend_epochs < 1):
-        raise ValueError(f"--extend-epochs needs --resume and a positive number of epochs, got "
+        raise InvalidValueError(f"--extend-epochs needs --resume and a positive number of epochs, got "
                          f"{options.extend_epochs}{'' if options.resume else ' without --resume'}")
 
 
@@ -248,7 +249,7 @@ def _prepare(options: TrainOptions, ctx: distributed.Context) -> _Run:
     recipe = _recipe(options)
     per_step = ctx.world_size * options.accum_steps
     if recipe.batch_size % per_step:
-        raise ValueError(f"--batch-size {recipe.batch_size} must be a multiple of processes x "
+        raise InvalidValueError(f"--batch-size {recipe.batch_size} must be a multiple of processes x "
                          f"--accum-steps = {ctx.world_size} x {options.accum_steps}")
     micro_batch = recipe.batch_size // per_step
 

@@ -1,0 +1,13 @@
+"""The root of cvt's error classes: an error whose message tells the user what to fix. The `cvt`
+command prints these as one line (exit status 2); any other exception is a bug in cvt and shows
+its traceback (exit status 3)."""
+
+from __future__ import annotations
+
+
+class CvtError(Exception):
+    """Something the user (or their files, settings or network) must fix; the message says what."""
+
+
+class InvalidValueError(CvtError, ValueError):
+    """An argument, setting or file content cvt cannot use (a ValueError, as Python code expects)."""
