@@ -75,8 +75,10 @@ def test_other_outputs_are_unchanged(model_and_input) -> None:
 def test_gradient_checkpointing_keeps_the_attentions() -> None:
     model = randomise_(cvt.CvtForImageClassification(tiny_config()), seed=2).train()
     x = torch.randn(2, 3, 64, 64)
+    torch.manual_seed(0)  # the same stochastic-depth draws in both passes
     want = model(x, output_attentions=True).attentions
     model.set_grad_checkpointing(True)
+    torch.manual_seed(0)
     out = model(x, output_attentions=True)
     out.logits.sum().backward()
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(out.attentions, want))
