@@ -1,13 +1,14 @@
 """cvt: the CvT image models (Wu et al. 2021) in PyTorch, weight-compatible with transformers."""
 
 import importlib.abc
+import importlib.metadata
 import importlib.util
 import sys
 from typing import Any
 
 from .attention import AttentionMaps, attention_maps
 from .config import CvtConfig
-from .errors import CvtError, InvalidValueError
+from .errors import DISTRIBUTION, CvtError, InvalidValueError
 from .images import ImageError, load_image
 from .inference import ImageClassificationPipeline, pipeline
 from .modeling import (
@@ -22,7 +23,10 @@ from .processing import CvtImageProcessor
 from .variants import get_variant, imagenet_1k_labels, list_models
 from .weights import CheckpointError
 
-__version__ = "0.1.0"
+try:  # the installed distribution's version, one fact (pyproject.toml) for `cvt --version` too
+    __version__ = importlib.metadata.version(DISTRIBUTION)
+except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+    __version__ = "unknown"
 
 # TensorFlow is an optional extra: its models load on first access, so `import cvt` stays fast.
 _TF_EXPORTS = (
@@ -36,7 +40,7 @@ _TF_EXPORTS = (
 
 def __getattr__(name: str) -> Any:
     if name in _TF_EXPORTS:
-        from . import modeling_tf  # without TensorFlow: an ImportError saying pip install "cvt[tf]"
+        from . import modeling_tf  # without TensorFlow: an ImportError saying pip install "cvt-vision[tf]"
 
         return getattr(modeling_tf, name)
     raise AttributeError(f"module 'cvt' has no attribute {name!r}")

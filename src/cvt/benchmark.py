@@ -33,6 +33,7 @@ from typing import Any, Callable
 import torch
 
 from .config import CvtConfig
+from .errors import install_hint
 from .engines import build_engine
 from .engines.base import cpu_has_bf16
 from .engines.calibration import CalibrationSet
@@ -369,8 +370,8 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         import transformers  # noqa: F401
     except ImportError:
-        print("cvt bench compares against transformers: pip install \"cvt[bench]\" (and cvt[onnxruntime], "
-              "cvt[openvino] for their engines)", file=sys.stderr)
+        print(f"cvt bench compares against transformers: {install_hint('bench')} (and the onnxruntime "
+              "and openvino extras for their engines)", file=sys.stderr)
         return 2
     by_name = {c.name: c for c in CASES}
     if args.memory:

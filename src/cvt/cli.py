@@ -27,7 +27,7 @@ from .processing import CvtImageProcessor
 from .training.commands import add_engine_arguments, messages_on_stderr
 from .training.commands import add_parsers as add_training_parsers
 from .variants import VARIANTS, get_variant
-from .errors import CvtError
+from .errors import DISTRIBUTION, CvtError
 
 
 class UsageError(CvtError):
@@ -189,7 +189,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cvt", description="CvT image models: inspect, convert, "
                                      "classify, train, export, benchmark.")
-    parser.add_argument("--version", action="version", version=f"cvt {importlib.metadata.version('cvt')}")
+    parser.add_argument("--version", action="version", version=f"cvt {importlib.metadata.version(DISTRIBUTION)}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of every error")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -229,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="export to ONNX, OpenVINO IR or TFLite, checked before writing",
                          description="Export a classifier (input pixel_values, output logits) or a "
                          "backbone to ONNX, OpenVINO IR (.xml + .bin) or TFLite (.tflite, through "
-                         'the TensorFlow twin). Needs pip install "cvt[export]" (and "cvt[openvino]" '
-                         'for OpenVINO, "cvt[tf]" for TFLite).')
+                         'the TensorFlow twin). Needs pip install "cvt-vision[export]" '
+                         '(and "cvt-vision[openvino]" for OpenVINO, "cvt-vision[tf]" for TFLite).')
     exp.add_argument("model", help="checkpoint folder, hub id (microsoft/cvt-13) or variant name")
     exp.add_argument("output", metavar="OUTPUT", help="the file to write (.onnx; .xml for openvino, "
                      "with the .bin beside it; .tflite)")

@@ -11,3 +11,12 @@ class CvtError(Exception):
 
 class InvalidValueError(CvtError, ValueError):
     """An argument, setting or file content cvt cannot use (a ValueError, as Python code expects)."""
+
+
+# PyPI's `cvt` is another project (which also imports as `cvt`): ours installs as cvt-vision.
+DISTRIBUTION = "cvt-vision"
+
+
+def install_hint(extra: str | None = None) -> str:
+    """The pip command that installs cvt with an optional extra, for messages about a missing one."""
+    return f'pip install "{DISTRIBUTION}[{extra}]"' if extra else f"pip install {DISTRIBUTION}"

@@ -8,7 +8,7 @@ computed from the input's shape, so one file serves any input from `min_dynamic_
 pixels a side up. The file is written only after the optional onnxruntime check has passed, and
 then atomically, so a failed export leaves no file (and an older file at the same path intact).
 
-Needs the `export` extra: `pip install "cvt[export]"` (onnx, onnxscript, onnxruntime).
+Needs the `export` extra: `pip install "cvt-vision[export]"` (onnx, onnxscript, onnxruntime).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from .config import CvtConfig, kv_grid, pixel_values_problem, stage_grids
 from .files import write_bytes
 from .modeling import CvtForImageClassification, CvtModel
 from .native import signal_stack_kept
-from .errors import CvtError, InvalidValueError
+from .errors import CvtError, InvalidValueError, install_hint
 
 logger = logging.getLogger("cvt")
 # OpenVINO's CPU plugin defaults to bf16 (where the CPU has it) and on-the-fly int8 for
@@ -40,7 +40,7 @@ OPENVINO_FP32 = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_
 
 TOLERANCE = 1e-4  # max abs difference allowed between onnxruntime's and PyTorch's outputs
 INPUT_NAME = "pixel_values"
-INSTALL_HINT = 'pip install "cvt[export]"'
+INSTALL_HINT = install_hint("export")
 
 
 class ExportCheckError(CvtError, RuntimeError):
@@ -250,7 +250,7 @@ def export_openvino(model: CvtModel | CvtForImageClassification, path: str | os.
     try:
         import openvino as ov
     except ImportError:
-        raise ImportError('OpenVINO export needs openvino: pip install "cvt[openvino]"') from None
+        raise ImportError(f'OpenVINO export needs openvino: {install_hint("openvino")}') from None
     height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     problem = pixel_values_problem(model.config, (2, model.config.num_channels, height, width), training=False)
     if problem:

@@ -47,12 +47,14 @@ if "tensorflow" not in sys.modules and importlib.util.find_spec("triton") is not
     except Exception:  # a broken triton only matters to torch.compile, not here
         pass
 
+from .errors import install_hint  # noqa: E402 (needed by the message below)
+
 try:
     import tensorflow as tf
     import keras
 except ImportError as err:  # (tests/test_modeling_tf.py hides TensorFlow to check this message)
     raise ImportError(
-        f'cvt\'s TensorFlow models need TensorFlow and Keras 3: pip install "cvt[tf]" ({err})') from err
+        f"cvt's TensorFlow models need TensorFlow and Keras 3: {install_hint('tf')} ({err})") from err
 
 if keras.backend.backend() != "tensorflow":
     raise ImportError(

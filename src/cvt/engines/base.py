@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..config import pixel_values_problem
 from ..modeling import CvtForImageClassification, CvtModel
-from ..errors import CvtError, InvalidValueError
+from ..errors import CvtError, InvalidValueError, install_hint
 
 logger = logging.getLogger("cvt")
 
@@ -62,7 +62,7 @@ def import_runtime(module: str, extra: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise EngineError(f"this engine needs {module}: pip install \"cvt[{extra}]\"") from None
+        raise EngineError(f"this engine needs {module}: {install_hint(extra)}") from None
 
 
 @dataclasses.dataclass(frozen=True)

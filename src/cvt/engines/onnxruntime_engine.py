@@ -3,7 +3,7 @@ axis), run by an onnxruntime session with every graph optimisation on.
 
 fp32 runs the exported graph; int8 is static post-training quantization (QDQ, per-channel
 weights, activations calibrated on the user's images). CPU, or CUDA where onnxruntime-gpu is
-installed. Needs the `onnxruntime` extra: `pip install "cvt[onnxruntime]"`.
+installed. Needs the `onnxruntime` extra: `pip install "cvt-vision[onnxruntime]"`.
 """
 
 from __future__ import annotations

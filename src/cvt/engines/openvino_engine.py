@@ -6,7 +6,7 @@ fully-connected layers, so each precision is asked for explicitly: fp32 is
 `INFERENCE_PRECISION_HINT=f32` with dynamic quantization off; bf16 is the bf16 hint (refused on a
 CPU without bf16 units, where it would be emulated); int8 is NNCF's post-training quantization
 calibrated on the user's images (the transformer preset keeps softmax and norms in float).
-Needs the `openvino` extra: `pip install "cvt[openvino]"` (NNCF for int8).
+Needs the `openvino` extra: `pip install "cvt-vision[openvino]"` (NNCF for int8).
 """
 
 from __future__ import annotations

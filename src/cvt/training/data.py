@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..images import IMAGE_EXTENSIONS, ImageError, as_rgb_image, check_image_file, load_image
 from .augment import seeded
-from ..errors import InvalidValueError
+from ..errors import InvalidValueError, install_hint
 
 logger = logging.getLogger("cvt")
 
@@ -199,7 +199,7 @@ def _read_hf(data: Any, want_val: bool) -> tuple[LabelledImages, LabelledImages 
     try:
         import datasets
     except ImportError:
-        raise DataError("Hugging Face datasets need the optional package: pip install datasets") from None
+        raise DataError(f"Hugging Face datasets need the optional package: {install_hint('hf')}") from None
     if isinstance(data, str):
         saved = (Path(data) / "dataset_dict.json").is_file() or (Path(data) / "dataset_info.json").is_file()
         try:
