@@ -55,33 +55,63 @@ class CvtConfig:
     """
 
     num_channels: int = 3
+    """Channels of the input image (3 for RGB)."""
     patch_sizes: tuple[int, ...] = (7, 3, 3)
+    """Kernel of each stage's convolutional token embedding."""
     patch_stride: tuple[int, ...] = (4, 2, 2)
+    """Stride of each stage's token embedding: how much it shrinks the token grid."""
     patch_padding: tuple[int, ...] = (2, 1, 1)
+    """Zero padding of each stage's token embedding."""
     embed_dim: tuple[int, ...] = (64, 192, 384)
+    """Channels (token width) of each stage."""
     num_heads: tuple[int, ...] = (1, 3, 6)
+    """Attention heads of each stage (64 channels per head in every released model)."""
     depth: tuple[int, ...] = (1, 2, 10)
+    """Transformer layers in each stage; its length is the number of stages."""
     mlp_ratio: tuple[float, ...] = (4.0, 4.0, 4.0)
+    """Hidden width of each stage's MLP, as a multiple of `embed_dim`."""
     attention_drop_rate: tuple[float, ...] = (0.0, 0.0, 0.0)
+    """Dropout on each stage's attention probabilities (training only)."""
     drop_rate: tuple[float, ...] = (0.0, 0.0, 0.0)
+    """Dropout after the token embedding, the attention output and the MLP (training only)."""
     drop_path_rate: tuple[float, ...] = (0.0, 0.0, 0.1)
+    """Each stage's largest stochastic-depth rate, reached by its last layer (training only)."""
     qkv_bias: tuple[bool, ...] = (True, True, True)
+    """Whether each stage's query, key and value linear layers have a bias."""
     cls_token: tuple[bool, ...] = (False, False, True)
+    """Whether each stage prepends a learnt cls token; the last stage's feeds the classifier."""
     qkv_projection_method: tuple[str, ...] = ("dw_bn", "dw_bn", "dw_bn")
+    """How each stage projects tokens before attention: "dw_bn" (depthwise convolution +
+    BatchNorm), "avg" (keys and values average-pooled, queries as "linear") or "linear"."""
     kernel_qkv: tuple[int, ...] = (3, 3, 3)
+    """Kernel of each stage's query, key and value projections."""
     padding_kv: tuple[int, ...] = (1, 1, 1)
+    """Padding of each stage's key and value projections."""
     stride_kv: tuple[int, ...] = (2, 2, 2)
+    """Stride of each stage's key and value projections (2: a quarter of the keys)."""
     padding_q: tuple[int, ...] = (1, 1, 1)
+    """Padding of each stage's query projection."""
     stride_q: tuple[int, ...] = (1, 1, 1)
+    """Stride of each stage's query projection."""
     initializer_range: float = 0.02
+    """Standard deviation of the truncated-normal initialisation of random weights."""
     layer_norm_eps: float = 1e-12
+    """Kept for config.json compatibility: every LayerNorm uses 1e-5, as transformers and the original."""
     hidden_act: str = "gelu"
+    """The MLP's activation: "gelu" (exact, as transformers) or "quick_gelu" (as the original code)."""
     id2label: dict[int, str] | None = None
+    """Class index to name; a 1000-class ImageNet head for the released checkpoints."""
     label2id: dict[str, int] | None = None
+    """Class name to index, the inverse of `id2label`."""
     num_labels: int | None = None
+    """Number of classes; derived from `id2label` when that is given (default 2)."""
     problem_type: str | None = None
+    """The loss: None (chosen per call from the labels), "regression",
+    "single_label_classification" or "multi_label_classification"."""
     output_hidden_states: bool = False
+    """Whether models return every stage's output by default."""
     return_dict: bool = True
+    """Whether models return output objects (True) or tuples by default."""
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
     """Keys of a config.json that this library does not use (e.g. `dtype`), written back on save."""
 
