@@ -1,0 +1,217 @@
+"""Docs that cannot lie: every ```python and ```bash block of the README, CONTRIBUTING, the
+benchmarks page and the site's pages (docs/**/*.md) runs here, page by page, in order.
+
+How a page runs (the documented fixture, `docs_world`):
+- in a fresh working directory holding the files the examples name: `photo.jpg`, `cat.jpg`,
+  `a.jpg`, `b.jpg`, `images/` (photographs from scikit-image) and `photos/train/<class>/`,
+  `photos/val/<class>/` (a small two-class set);
+- with hub ids answered from a local folder: every `microsoft/cvt-...` id a page names is
+  saved, with random weights of its architecture, into a Hugging Face cache
+  (`HF_HUB_CACHE`) and the hub is offline (`HF_HUB_OFFLINE=1`), so `from_pretrained`,
+  `cvt predict microsoft/cvt-13` and friends go through the real hub code path;
+- python blocks share one namespace per page (later blocks use earlier names); bash blocks run
+  in `bash -e -o pipefail` in the same directory, with this interpreter's `cvt` on the PATH.
+
+A block that cannot run offline carries, on the line before its fence,
+`<!-- docs-test: skip (why) -->`; a page whose blocks take long carries `<!-- docs-test: slow -->`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT
+
+RUNNABLE = {"python": "python", "py": "python", "bash": "bash", "sh": "bash", "shell": "bash"}
+FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>```+|~~~+)\s*(?P<lang>[\w+-]*)[^\n]*$")
+SKIP = re.compile(r"<!--\s*docs-test:\s*skip\s*\((?P<why>[^)]+)\)\s*-->")
+SLOW_PAGE = "<!-- docs-test: slow -->"
+HUB_ID = re.compile(r"\bmicrosoft/(cvt-[\w.-]*\w)")
+PAGE_TIMEOUT_S = 900
+
+
+@dataclass(frozen=True)
+class Block:
+    lang: str  # "python" or "bash"
+    code: str
+    line: int  # 1-based line of the opening fence
+    skip: str | None  # why it cannot run here, from its marker
+
+
+def doc_pages() -> list[Path]:
+    pages = [REPO_ROOT / "README.md", REPO_ROOT / "CONTRIBUTING.md", REPO_ROOT / "benchmarks" / "README.md",
+             *sorted((REPO_ROOT / "docs").glob("**/*.md"))]
+    return [page for page in pages if page.is_file()]
+
+
+def code_blocks(text: str) -> list[Block]:
+    """The fenced python and bash blocks of a Markdown text, dedented, with their skip markers."""
+    lines, blocks, i = text.splitlines(), [], 0
+    while i < len(lines):
+        opening = FENCE.match(lines[i])
+        if not opening:
+            i += 1
+            continue
+        fence, start = opening["fence"], i
+        i += 1
+        while i < len(lines) and not lines[i].strip().startswith(fence):
+            i += 1
+        lang = RUNNABLE.get(opening["lang"].lower())
+        marker = SKIP.search(lines[start - 1]) if start > 0 else None
+        if lang:
+            body = "\n".join(lines[start + 1:i])
+            blocks.append(Block(lang, textwrap.dedent(body), start + 1, marker and marker["why"].strip()))
+        i += 1
+    return blocks
+
+
+def page_id(page: Path) -> str:
+    return page.relative_to(REPO_ROOT).as_posix()
+
+
+def page_params() -> list:
+    params = []
+    for page in doc_pages():
+        marks = [pytest.mark.slow] if SLOW_PAGE in page.read_text(encoding="utf-8") else []
+        params.append(pytest.param(page, id=page_id(page), marks=marks))
+    return params
+
+
+# The runner: one fresh interpreter per page, so the hub environment applies from its first import.
+RUNNER = r"""
+import json, subprocess, sys, traceback
+page, blocks = json.load(open(sys.argv[1], encoding="utf-8"))
+namespace = {"__name__": "__main__"}
+for block in blocks:
+    where = f"{page}:{block['line']}"
+    print(f"--- {where} ({block['lang']})", flush=True)
+    if block["lang"] == "python":
+        try:
+            exec(compile(block["code"], where, "exec"), namespace)
+        except BaseException:
+            traceback.print_exc()
+            sys.exit(f"docs block failed: {where}")
+    elif subprocess.run(["bash", "-e", "-o", "pipefail", "-c", block["code"]]).returncode != 0:
+        sys.exit(f"docs block failed: {where}")
+"""
+
+
+def run_page(name: str, blocks: list[Block], workdir: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    spec = workdir / ".docs-blocks.json"
+    runnable = [b.__dict__ for b in blocks if b.skip is None]
+    spec.write_text(json.dumps([name, runnable]), encoding="utf-8")
+    return subprocess.run([sys.executable, "-c", RUNNER, str(spec)], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=PAGE_TIMEOUT_S)
+
+
+def save_photo(array, path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).convert("RGB").save(path, quality=90)
+
+
+def make_files(root: Path) -> None:
+    """The files the examples name, from scikit-image's photographs (shipped with the package)."""
+    from skimage import data
+
+    photos = {"astronaut": data.astronaut(), "cat": data.chelsea(), "coffee": data.coffee(),
+              "rocket": data.rocket(), "camera": data.camera()}
+    save_photo(photos["astronaut"], root / "photo.jpg")
+    save_photo(photos["cat"], root / "cat.jpg")
+    save_photo(photos["coffee"], root / "a.jpg")
+    save_photo(photos["rocket"], root / "b.jpg")
+    for name, array in photos.items():
+        save_photo(array, root / "images" / f"{name}.jpg")
+    # photos/{train,val}/<class>/: crops and flips of two photographs, one class each
+    for label, array in (("cat", photos["cat"]), ("coffee", photos["coffee"])):
+        for split, count in (("train", 6), ("val", 2)):
+            for k in range(count):
+                view = array[k * 9:, k * 7:][:, ::-1 if k % 2 else 1]
+                save_photo(view, root / "photos" / split / label / f"{label}{k}.jpg")
+
+
+def make_hub_cache(cache: Path, ids: set[str]) -> None:
+    """Hugging Face's cache layout (refs/main -> snapshots/<revision>/files) for each hub id,
+    holding the variant's architecture with random weights and its preprocessing."""
+    import cvt
+
+    revision = "0" * 40
+    for variant in sorted(ids):
+        folder = cache / f"models--microsoft--{variant}" / "snapshots" / revision
+        cvt.create_model(variant).save_pretrained(folder)
+        (folder.parents[1] / "refs").mkdir(exist_ok=True)
+        (folder.parents[1] / "refs" / "main").write_text(revision)
+
+
+@pytest.fixture(scope="session")
+def docs_world(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """(a folder of the example files, the environment) shared by every page."""
+    from cvt.variants import VARIANTS
+
+    root = tmp_path_factory.mktemp("docs-world")
+    make_files(root / "files")
+    named = {m for page in doc_pages() for m in HUB_ID.findall(page.read_text(encoding="utf-8"))}
+    unknown = named - set(VARIANTS)
+    assert not unknown, f"the docs name hub ids that are no published variant: {sorted(unknown)}"
+    make_hub_cache(root / "hub", named)
+    env = {**os.environ, "HF_HUB_CACHE": str(root / "hub"), "HF_HUB_OFFLINE": "1",
+           "CVT_CACHE_DIR": str(root / "engine-cache"), "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return root / "files", env
+
+
+def fresh_workdir(files: Path, tmp_path: Path) -> Path:
+    workdir = tmp_path / "work"
+    shutil.copytree(files, workdir)
+    return workdir
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("page", page_params())
+def test_docs_page_runs(page, docs_world, tmp_path):
+    files, env = docs_world
+    blocks = code_blocks(page.read_text(encoding="utf-8"))
+    done = run_page(page_id(page), blocks, fresh_workdir(files, tmp_path), env)
+    assert done.returncode == 0, f"{done.stdout[-6000:]}\n{done.stderr[-6000:]}"
+
+
+def test_every_page_has_its_blocks_found_and_skips_say_why():
+    counts = {page_id(p): len(code_blocks(p.read_text(encoding="utf-8"))) for p in doc_pages()}
+    assert counts["README.md"] >= 2 and sum(counts.values()) >= 30, counts
+    for page in doc_pages():
+        text = page.read_text(encoding="utf-8")
+        # a marker must sit right before a runnable fence, or it hides nothing and misleads
+        marked = {b.line - 1 for b in code_blocks(text) if b.skip}
+        markers = {n for n, line in enumerate(text.splitlines(), 1) if SKIP.search(line)}
+        assert markers == marked, f"{page_id(page)}: markers not followed by a python/bash block"
+
+
+def test_the_block_parser_reads_fences_markers_and_indentation():
+    text = ("intro\n```python\nx = 1\n```\n- item\n\n    ```bash\n    cvt --help\n    ```\n"
+            "<!-- docs-test: skip (needs a GPU) -->\n```python\nmodel.cuda()\n```\n```text\nout\n```\n")
+    assert code_blocks(text) == [Block("python", "x = 1", 2, None), Block("bash", "cvt --help", 7, None),
+                                 Block("python", "model.cuda()", 11, "needs a GPU")]
+
+
+def test_a_broken_block_fails_its_page(tmp_path):
+    """The harness fails a page, naming the block, when a block raises or a command fails."""
+    blocks = code_blocks("```python\nimport math\nvalue = math.sqrt(4)\n```\n\n"
+                         "```python\nassert value == 3, 'a wrong claim'\n```\n")
+    done = run_page("broken.md", blocks, tmp_path, dict(os.environ))
+    assert done.returncode != 0 and "docs block failed: broken.md:6" in done.stderr
+    assert "AssertionError: a wrong claim" in done.stderr
+    failing_command = code_blocks("```bash\ntrue\nfalse\necho never\n```\n")
+    done = run_page("broken.md", failing_command, tmp_path, dict(os.environ))
+    assert done.returncode != 0 and "docs block failed: broken.md:1" in done.stderr
+    assert "never" not in done.stdout
