@@ -215,3 +215,37 @@ def test_a_broken_block_fails_its_page(tmp_path):
     done = run_page("broken.md", failing_command, tmp_path, dict(os.environ))
     assert done.returncode != 0 and "docs block failed: broken.md:1" in done.stderr
     assert "never" not in done.stdout
+
+
+def load_hook(name: str):
+    """A module of docs/hooks/ (the site build's own code), imported from its file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"docs_hook_{name}", REPO_ROOT / "docs" / "hooks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_cli_reference_lists_every_option_of_every_command():
+    import argparse
+
+    from cvt.cli import build_parser
+
+    hook = load_hook("cli_reference")
+    assert hook.PLACEHOLDER in (REPO_ROOT / "docs" / hook.PAGE).read_text(encoding="utf-8")
+    sections = dict(s.split("\n", 1) for s in ("\n" + hook.render_cli_reference()).split("\n## ")[1:])
+    parser = build_parser()
+    commands = {"cvt": parser}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            commands.update({f"cvt {name}": sub for name, sub in action.choices.items()})
+    assert set(sections) == set(commands)
+    for title, command in commands.items():
+        rows = "\n".join(line for line in sections[title].splitlines() if line.startswith("| `"))
+        for action in command._actions:
+            if action.help == argparse.SUPPRESS or isinstance(action, argparse._SubParsersAction):
+                continue
+            for name in action.option_strings or [action.metavar or action.dest]:
+                if name not in ("-h", "--help"):
+                    assert re.search(rf"^\| `(.*, )?{re.escape(name)}[ `,]", rows, re.M), (title, name)
