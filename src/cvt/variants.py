@@ -73,6 +73,7 @@ def list_models() -> list[str]:
 
 
 def get_variant(name: str) -> Variant:
+    """The published variant `name` ("cvt-13" or its hub id "microsoft/cvt-13"), as data."""
     key = name.removeprefix("microsoft/")
     if key not in VARIANTS:
         raise InvalidValueError(f"unknown CvT variant {name!r}; choose one of {', '.join(VARIANTS)}")
