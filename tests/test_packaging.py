@@ -43,7 +43,8 @@ def misnamed_installs(text: str, name: str) -> list[str]:
     bad = []
     for line in text.splitlines():
         extras_of_plain_cvt = re.search(r"(?<![\w-])cvt\[", line)
-        installs = [m.group(1) for command in re.findall(r"pip install([^`\n]*)", line)
+        commands = [command.split(" #")[0] for command in re.findall(r"pip install([^`\n]*)", line)]
+        installs = [m.group(1) for command in commands
                     for m in OUR_REQUIREMENT.finditer(command)]
         if extras_of_plain_cvt or any(requirement != name for requirement in installs):
             bad.append(line.strip())
@@ -66,7 +67,7 @@ def test_the_install_line_check_catches_the_other_project(line):
 @pytest.mark.parametrize("line", [
     "pip install cvt-vision", 'pip install "cvt-vision[tf]"', 'pip install -e ".[dev]"',
     "pip install torch --index-url https://download.pytorch.org/whl/cpu", "cvt predict cvt-13 x.jpg",
-    "pip install -e .", "python -m cvt info cvt-13"])
+    "pip install -e .", "python -m cvt info cvt-13", "pip install cvt-vision  # the cvt command"])
 def test_the_install_line_check_passes_ours(line):
     assert misnamed_installs(line, "cvt-vision") == []
 
