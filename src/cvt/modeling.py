@@ -383,6 +383,7 @@ class CvtPreTrainedModel(nn.Module):
                 nn.init.trunc_normal_(module.cls_token, std=std)
 
     def num_parameters(self) -> int:
+        """All parameters, trainable or not (transformers' name)."""
         return sum(p.numel() for p in self.parameters())
 
     @property
@@ -435,6 +436,7 @@ class CvtPreTrainedModel(nn.Module):
         self.set_grad_checkpointing(True)
 
     def gradient_checkpointing_disable(self) -> None:
+        """transformers' name for `set_grad_checkpointing(False)`."""
         self.set_grad_checkpointing(False)
 
     @property
@@ -697,9 +699,11 @@ class CvtFeatures(nn.Module):
                  module=f"cvt.encoder.stages.{s}", index=s) for s in self.out_indices)
 
     def forward(self, pixel_values: Tensor) -> list[Tensor]:
+        """The feature maps (B, C_s, H_s, W_s) of the stages in `out_indices`, in stage order."""
         return self.cvt.forward_intermediates(pixel_values, self.out_indices, intermediates_only=True)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """As `CvtModel.set_grad_checkpointing`: less training memory, the same outputs."""
         self.cvt.set_grad_checkpointing(enable)
 
 

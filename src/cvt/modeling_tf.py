@@ -656,6 +656,7 @@ class TFCvtPreTrainedModel(keras.Model):
 
     # PyTorch-named aliases used by cvt.weights
     def state_dict(self) -> dict[str, np.ndarray]:
+        """`pytorch_state_dict()` under PyTorch's name: numpy arrays under PyTorch keys and shapes."""
         return self.pytorch_state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
@@ -679,6 +680,7 @@ class TFCvtPreTrainedModel(keras.Model):
         return self
 
     def num_parameters(self) -> int:
+        """The trainable weights' count: the PyTorch model's parameters, while nothing is frozen."""
         return sum(int(np.prod(v.shape)) for v in self.trainable_variables)
 
     # --------------------------------------------------------------- files
@@ -760,6 +762,8 @@ class TFCvtModel(TFCvtPreTrainedModel):
     def call(self, pixel_values: Any, output_hidden_states: bool | None = None,
              return_dict: bool | None = None, training: bool = False, output_attentions: bool = False
              ) -> TFBaseModelOutputWithCLSToken | tuple:
+        """As `CvtModel.forward`: NCHW pixels (NHWC with `data_format="channels_last"`) to the
+        last stage's map, the cls token and, on request, every stage's map and attention."""
         pixel_values = self._check_pixel_values(pixel_values, training)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
@@ -791,6 +795,8 @@ class TFCvtForImageClassification(TFCvtPreTrainedModel):
     def call(self, pixel_values: Any, labels: Any = None, output_hidden_states: bool | None = None,
              return_dict: bool | None = None, training: bool = False, output_attentions: bool = False
              ) -> TFImageClassifierOutputWithNoAttention | tuple:
+        """As `CvtForImageClassification.forward`: logits, and with `labels` the loss of the
+        PyTorch model's `problem_type` rules."""
         pixel_values = self._check_pixel_values(pixel_values, training)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states

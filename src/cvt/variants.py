@@ -47,6 +47,7 @@ class Variant:
                 "image_std": list(self.std)}
 
     def config(self, **overrides: Any) -> CvtConfig:
+        """Its architecture with the ImageNet-1k labels, and any fields in `overrides` changed."""
         base = CvtConfig(**self.architecture, id2label=dict(enumerate(imagenet_1k_labels())))
         return base.replace(**overrides) if overrides else base
 

@@ -29,11 +29,13 @@ class EvalResult:
     confusion: torch.Tensor
 
     def per_class(self) -> dict[str, float | None]:
+        """Each class's top-1 accuracy (None for a class without images)."""
         totals = self.confusion.sum(dim=1)
         return {name: (self.confusion[i, i].item() / totals[i].item() if totals[i] else None)
                 for i, name in enumerate(self.classes)}
 
     def to_dict(self) -> dict[str, Any]:
+        """What `cvt eval --format json` prints."""
         return {"top1": self.top1, "top5": self.top5, "loss": self.loss, "count": self.count,
                 "per_class": self.per_class()}
 
