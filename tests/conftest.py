@@ -1,13 +1,22 @@
-"""Shared test helpers: tiny configurations, weight randomisation, and the shared test data."""
+"""Shared test helpers: the architectures every model test runs on (tiny tricky ones and the
+named variants), weight randomisation, scale-relative comparison, checkpoint and image folders,
+and the shared test data. Test modules import from here, never from each other."""
 
 from __future__ import annotations
 
+import json
 import math
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import load_file
 
+import cvt
 from cvt import CvtConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -22,10 +31,78 @@ def testdata() -> Path:
     return TESTDATA
 
 
-def tiny_config(**overrides) -> CvtConfig:
-    """A 3-stage CvT small enough for unit tests (about 140 k parameters)."""
-    fields = dict(embed_dim=(16, 32, 48), num_heads=(1, 2, 3), depth=(1, 2, 3), num_labels=5)
+def tiny_config(stages: int = 3, **overrides) -> CvtConfig:
+    """A CvT small enough for unit tests: stage s is 16 (s + 1) wide, with s + 1 heads and s + 1
+    layers (3 stages: about 140 k parameters); every other per-stage field is CvT's own, the first
+    stage's for the first, the last stage's for the last and the middle one's in between."""
+    default = CvtConfig()
+
+    def per_stage(values: tuple) -> tuple:
+        return tuple(values[0] if s == 0 else values[-1] if s == stages - 1 else values[1]
+                     for s in range(stages))
+
+    fields = {name: per_stage(getattr(default, name)) for name in CvtConfig.stage_fields()}
+    fields.update(embed_dim=tuple(16 * (s + 1) for s in range(stages)),
+                  num_heads=tuple(range(1, stages + 1)), depth=tuple(range(1, stages + 1)), num_labels=5)
     return CvtConfig(**{**fields, **overrides})
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A tiny architecture that takes one tricky path, and an input size for it."""
+
+    fields: dict = field(default_factory=dict)  # tiny_config's arguments
+    size: tuple[int, int] = (64, 64)
+
+    def config(self, **overrides) -> CvtConfig:
+        return tiny_config(**{**self.fields, **overrides})
+
+
+# Every projection method ('dw_bn', 'avg', 'linear'), the cls token in the first, middle, last or
+# no stage, 1 to 4 stages, exact and quick GELU, no q/k/v bias, fractional MLP ratios, dropout,
+# square and non-square inputs with even and odd token maps (ceil-mode pooling windows overhang).
+TINY_ARCHITECTURES = {
+    "dw_bn-cls_last": Architecture(),  # CvtConfig's own choices, at tiny width
+    "avg_linear_dw_bn-cls_first-quick_gelu": Architecture(dict(
+        qkv_projection_method=("avg", "linear", "dw_bn"), cls_token=(True, False, False),
+        hidden_act="quick_gelu"), (40, 56)),
+    "linear_dw_bn_avg-cls_middle-dropout": Architecture(dict(
+        qkv_projection_method=("linear", "dw_bn", "avg"), cls_token=(False, True, False),
+        qkv_bias=(True, False, True), mlp_ratio=(4.0, 2.5, 3.0), drop_rate=(0.1, 0.1, 0.1),
+        attention_drop_rate=(0.1, 0.0, 0.1)), (57, 77)),
+    "dw_bn-cls_last-1_stage": Architecture(dict(stages=1, cls_token=(True,)), (33, 47)),
+    "linear_dw_bn-no_cls-2_stages": Architecture(dict(
+        stages=2, qkv_projection_method=("linear", "dw_bn"), cls_token=(False, False)), (56, 72)),
+    "dw_bn-cls_last-4_stages": Architecture(dict(stages=4), (64, 96)),
+}
+VARIANTS = cvt.list_models()  # the seven published architectures, at full width
+
+
+def transformers_computes(config: CvtConfig) -> bool:
+    """Whether transformers' CvT builds and computes this architecture as the original code does:
+    'dw_bn' projections only (it has no 'avg' nor 'linear'), a cls token in the last stage only
+    (it sizes every cls token by the last width and pools no cls-free model), exact GELU, and
+    depth[s] > s (its drop-path list is indexed by stage)."""
+    return (set(config.qkv_projection_method) == {"dw_bn"} and config.cls_token[-1]
+            and not any(config.cls_token[:-1]) and config.hidden_act == "gelu"
+            and all(d > s for s, d in enumerate(config.depth)))
+
+
+def _float64(values) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().double().cpu().numpy()
+    return np.asarray(values, dtype=np.float64)
+
+
+def assert_close_to_scale(actual, expected, rel: float = 1e-5, msg: str = "") -> None:
+    """max |actual - expected| <= rel * max |expected|: a bound relative to the values' scale, as
+    float32 rounding scales with them (kernels sum in another order on AVX2 and AVX-512 CPUs)."""
+    actual, expected = _float64(actual), _float64(expected)
+    assert actual.shape == expected.shape, (msg, actual.shape, expected.shape)
+    scale = np.abs(expected).max(initial=0.0)
+    worst = np.abs(actual - expected).max(initial=0.0)
+    assert worst <= rel * scale, (f"{msg}: differ by up to {worst:.3g}, {worst / max(scale, 1e-300):.3g} "
+                                  f"of their scale {scale:.3g} (allowed {rel})")
 
 
 def randomise_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -79,3 +156,69 @@ def engine_cache(tmp_path_factory) -> Path:
     yield folder
     patch.undo()
 
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny training runs gain nothing from a second thread, and on a shared 2-core machine a busy
+    core stalls every two-thread kernel; one thread keeps the tests' time predictable."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TRAIN_IMAGE_SIZE = 32
+
+
+def make_folder(root: Path, classes=("ant", "bee", "cat"), per_class: int = 8, seed: int = 0) -> Path:
+    """An ImageFolder of small images whose class is visible (a tinted square at a class-specific
+    place), so that a model can learn it."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 120, (40, 40, 3), dtype=np.uint8)
+            pixels[4 + 10 * c:16 + 10 * c, 4:30, c] = 255
+            Image.fromarray(pixels).save(root / name / f"{name}{i}.png")
+    return root
+
+
+def make_model_folder(folder: Path, config: CvtConfig, seed: int = 0) -> Path:
+    """A randomised classifier of `config` with a 32-pixel preprocessor: a training start."""
+    from cvt import CvtForImageClassification, CvtImageProcessor
+
+    model = randomise_(CvtForImageClassification(config), seed)
+    model.save_pretrained(str(folder))
+    CvtImageProcessor(size=TRAIN_IMAGE_SIZE).save_pretrained(folder)
+    return folder
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """A training run's metrics.jsonl, one dict a line."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def original_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Invert cvt.convert's renaming table: a transformers-layout state dict in original key names."""
+    from cvt import convert
+
+    inverse = []
+    for pattern, replacement in convert._RENAME_TABLE:
+        groups = iter([r"\1", r"\2"])
+        back = re.sub(r"\(\\d\+\)", lambda _: next(groups), pattern.strip("^$")).replace("\\.", ".")
+        inverse.append((re.compile("^" + re.escape(replacement).replace(r"\\1", r"(\d+)").replace(r"\\2", r"(\d+)")),
+                        back))
+    renamed = {}
+    for key, tensor in state_dict.items():
+        for pattern, back in inverse:
+            if pattern.match(key):
+                renamed[pattern.sub(back, key)] = tensor
+                break
+        else:
+            raise AssertionError(f"no original name for {key}")
+    return renamed

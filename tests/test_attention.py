@@ -15,22 +15,18 @@ from cvt.attention import attention_maps, draw, keys_on_token_grid, rollout
 from cvt.cli import main
 from cvt.config import kv_grid, stage_grids
 from cvt.modeling import SelfAttention
-from conftest import randomise_, save_tiny_classifier, tiny_config
+from conftest import TINY_ARCHITECTURES, assert_close_to_scale, randomise_, save_tiny_classifier, tiny_config
 
-# the cls token in the last stage with 2x2-strided keys (dw_bn), or no cls token at all with
-# pooled ('avg') and unprojected ('linear') keys, on a non-square input
-CONFIGS = {
-    "dw_bn-cls_last": (tiny_config(), (64, 64)),
-    "avg_linear-no_cls": (tiny_config(cls_token=(False, False, False),
-                                      qkv_projection_method=("avg", "linear", "avg")), (56, 72)),
-}
+# the cls token in the last stage with 2x2-strided keys (dw_bn); in the first stage with pooled
+# ('avg') and unprojected ('linear') keys; or in no stage, on a non-square input
+ARCHITECTURES = ["dw_bn-cls_last", "avg_linear_dw_bn-cls_first-quick_gelu", "linear_dw_bn-no_cls-2_stages"]
 
 
-@pytest.fixture(params=list(CONFIGS))
+@pytest.fixture(params=ARCHITECTURES)
 def model_and_input(request):
-    config, size = CONFIGS[request.param]
-    model = randomise_(cvt.CvtForImageClassification(config), seed=4).eval()
-    return model, torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(5))
+    architecture = TINY_ARCHITECTURES[request.param]
+    model = randomise_(cvt.CvtForImageClassification(architecture.config()), seed=4).eval()
+    return model, torch.randn(2, 3, *architecture.size, generator=torch.Generator().manual_seed(5))
 
 
 def test_probabilities_sum_to_one_and_times_values_give_the_attention_output(model_and_input) -> None:
@@ -43,7 +39,7 @@ def test_probabilities_sum_to_one_and_times_values_give_the_attention_output(mod
             module.register_forward_hook(lambda m, i, out: outputs.append(out[0]))
     with torch.no_grad():
         attentions = model(x, output_attentions=True).attentions
-    assert len(attentions) == sum(config.depth)
+    assert len(attentions) == len(values) == len(outputs) == sum(config.depth)
     layer = 0
     for stage, (height, width) in enumerate(stage_grids(config, *x.shape[-2:])):
         key_height, key_width = kv_grid(config, stage, height, width)
@@ -52,12 +48,14 @@ def test_probabilities_sum_to_one_and_times_values_give_the_attention_output(mod
             probabilities, heads = attentions[layer], config.num_heads[stage]
             assert probabilities.shape == (2, heads, cls + height * width, cls + key_height * key_width)
             assert (probabilities >= 0).all()
+            # rows of probabilities: 1 is their scale
             torch.testing.assert_close(probabilities.sum(-1), torch.ones(probabilities.shape[:-1]),
                                        rtol=0, atol=1e-6)
             v = values[layer].view(2, -1, heads, config.embed_dim[stage] // heads).transpose(1, 2)
             attended = (probabilities @ v).transpose(1, 2).reshape(outputs[layer].shape)
-            assert (attended - outputs[layer]).abs().max() <= 1e-5
+            assert_close_to_scale(attended, outputs[layer], rel=1e-5, msg=f"layer {layer}")
             layer += 1
+    assert layer == len(attentions)
 
 
 def test_other_outputs_are_unchanged(model_and_input) -> None:
@@ -68,7 +66,9 @@ def test_other_outputs_are_unchanged(model_and_input) -> None:
         as_tuple = model(x, output_attentions=True, return_dict=False)
     assert plain.attentions is None and "attentions" not in plain.keys()
     assert torch.equal(plain.logits, asked.logits)
+    assert len(plain.hidden_states) == len(asked.hidden_states) == model.config.num_stages
     assert all(torch.equal(a, b) for a, b in zip(plain.hidden_states, asked.hidden_states))
+    assert len(asked.attentions) == sum(model.config.depth)
     assert torch.equal(as_tuple[0], plain.logits) and len(as_tuple[1]) == sum(model.config.depth)
 
 
@@ -81,7 +81,9 @@ def test_gradient_checkpointing_keeps_the_attentions() -> None:
     torch.manual_seed(0)
     out = model(x, output_attentions=True)
     out.logits.sum().backward()
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(out.attentions, want))
+    assert len(out.attentions) == len(want) == sum(model.config.depth)
+    for layer, (got, expected) in enumerate(zip(out.attentions, want)):  # probabilities: scale 1
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6, msg=f"layer {layer}")
 
 
 def test_tensorflow_attentions_match_pytorch() -> None:
@@ -95,9 +97,9 @@ def test_tensorflow_attentions_match_pytorch() -> None:
     with torch.no_grad():
         want = model(x, output_attentions=True).attentions
     out = tf_model(x.numpy(), output_attentions=True)
-    assert len(out.attentions) == len(want)
-    for got, expected in zip(out.attentions, want):
-        np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-5, rtol=0)
+    assert len(out.attentions) == len(want) == sum(model.config.depth)
+    for layer, (got, expected) in enumerate(zip(out.attentions, want)):  # probabilities: scale 1
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-5, rtol=0, err_msg=f"layer {layer}")
     np.testing.assert_array_equal(out.logits.numpy(), tf_model(x.numpy()).logits.numpy())
 
 
@@ -121,9 +123,9 @@ def test_rollout_is_the_product_of_residual_attention() -> None:
     torch.testing.assert_close(rollout([first, second]).sum(-1), torch.ones(5))
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", ARCHITECTURES)
 def test_attention_maps_of_an_image(name) -> None:
-    config, _ = CONFIGS[name]
+    config = TINY_ARCHITECTURES[name].config()
     model = randomise_(cvt.CvtForImageClassification(config), seed=4).train()
     image = np.random.default_rng(0).integers(0, 256, (90, 70, 3), dtype=np.uint8)
     maps = attention_maps(model, image, cvt.CvtImageProcessor(size=64))
@@ -132,14 +134,16 @@ def test_attention_maps_of_an_image(name) -> None:
     assert maps.image.size == (64, 64) and maps.cls_token == config.cls_token[-1]
     assert maps.heads.shape == (config.num_heads[-1], *grid)
     assert maps.mean.shape == maps.rollout.shape == grid
-    np.testing.assert_allclose(maps.mean, maps.heads.mean(0), atol=1e-6)
+    assert_close_to_scale(maps.mean, maps.heads.mean(0), rel=1e-5)
     assert (maps.heads >= 0).all() and (maps.rollout >= 0).all()
     # per position, everything the cls token (or an average query) gives: 1 less the cls's share
+    # (a distribution: 1 is its scale, and 1e-5 float32 rounding of it)
     assert maps.rollout.sum() <= 1 + 1e-5
     if not config.cls_token[-1]:
         assert maps.rollout.sum() == pytest.approx(1, abs=1e-5)
-    with pytest.raises(ValueError, match="head index 0-2"):
-        draw(maps, 3)
+    heads = config.num_heads[-1]
+    with pytest.raises(ValueError, match=f"head index 0-{heads - 1}"):
+        draw(maps, heads)
 
 
 def test_a_model_without_preprocessing_asks_for_a_processor() -> None:

@@ -72,6 +72,7 @@ def test_unknown_model_is_one_clear_line(capsys) -> None:
     assert err.startswith("cvt: error:") and "cvt-13" in err and "Traceback" not in err
 
 
+@pytest.mark.subprocess
 def test_console_entry_point() -> None:
     result = subprocess.run([sys.executable, "-m", "cvt", "info", "cvt-13"], capture_output=True, text=True)
     assert result.returncode == 0 and "19,997,480" in result.stdout
@@ -81,7 +82,7 @@ def test_version_and_help_for_every_subcommand_and_option(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0
-    assert capsys.readouterr().out.strip() == f"cvt {importlib.metadata.version('cvt')}"
+    assert capsys.readouterr().out.strip() == f"cvt {importlib.metadata.version('cvt-vision')}"
     parser = build_parser()
     (subcommands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     listed = {choice.dest: choice.help for choice in subcommands._choices_actions}
