@@ -58,6 +58,7 @@ print("PEAK_KB", next(line.split()[1] for line in open("/proc/self/status") if l
 """
 
 
+@pytest.mark.subprocess
 def test_config_far_larger_than_its_weights_is_refused_before_allocating(folder) -> None:
     """embed_dim 19998 beside a ~0.6 MB weights file describes a ~38 GB model: it is compared
     with the weights' shapes on the meta device, and the process never grows past a few hundred

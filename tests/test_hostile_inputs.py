@@ -368,6 +368,7 @@ def hostile_folder(root: Path) -> tuple[list[str], dict[str, str]]:
     return classified, refused
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="FIFOs, /dev/zero and ru_maxrss in kB")
 def test_twenty_hostile_files_in_one_run_stay_under_1_gb_and_each_is_reported(tmp_path, model_dir) -> None:

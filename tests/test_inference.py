@@ -45,6 +45,7 @@ def test_top1_is_the_argmax_of_the_model_on_the_processor_output(folder, images)
     assert len(set(top1)) > 1  # the randomised model tells the photographs apart
     for result, scores in zip(results, expected):
         assert [p["label"] for p in result] == [TINY_LABELS[i] for i in scores.argsort(descending=True)]
+        # softmax / sigmoid scores: 1 is their scale
         torch.testing.assert_close(torch.tensor([p["score"] for p in result]),
                                    scores.sort(descending=True).values, atol=1e-6, rtol=0)
 
@@ -56,6 +57,7 @@ def test_batches_give_the_one_by_one_results(folder, images, tmp_path) -> None:
         batched = classifier(images, batch_size=batch_size)
         for alone, together in zip(one_by_one, batched):
             assert [p["label"] for p in alone] == [p["label"] for p in together]
+            # softmax scores: 1 is their scale
             np.testing.assert_allclose([p["score"] for p in alone], [p["score"] for p in together], atol=1e-5)
     paths = []
     for i, image in enumerate(images[:3]):
@@ -63,6 +65,7 @@ def test_batches_give_the_one_by_one_results(folder, images, tmp_path) -> None:
         (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(paths[-1])
     from_files = [r for _, r in classifier.classify_files(paths, batch_size=2)]
     for alone, from_file in zip(one_by_one, from_files):
+        # softmax / sigmoid scores: 1 is their scale
         np.testing.assert_allclose([p["score"] for p in alone], [p["score"] for p in from_file], atol=1e-5)
 
 
@@ -74,6 +77,7 @@ def test_one_image_gives_a_list_a_list_gives_lists_top_k_is_capped(folder, image
     assert len(classifier([images[0]])) == 1 and len(classifier([images[0]])[0]) == len(TINY_LABELS)
     everything = classifier(images[0], top_k=1000)  # more than there are labels: all of them
     assert sorted(p["label"] for p in everything) == sorted(TINY_LABELS)
+    # softmax / sigmoid scores: 1 is their scale
     assert abs(sum(p["score"] for p in everything) - 1) < 1e-5
 
 
@@ -89,6 +93,7 @@ def test_runs_an_engine_of_the_eval_mode_model_without_gradients(folder, images)
     seen.clear()
     scores = [[p["score"] for p in r] for r in classifier(images[:2], top_k=5)]
     assert seen == []  # the engine ran, not model(x)
+    # softmax / sigmoid scores: 1 is their scale
     np.testing.assert_allclose(scores, want.sort(-1, descending=True).values.numpy(), atol=1e-5)
     assert all(p.grad is None for p in model.parameters())
 
@@ -100,6 +105,7 @@ def test_the_device_is_the_one_chosen(folder, images) -> None:
     if torch.cuda.is_available():
         on_gpu = cvt.pipeline("image-classification", model=folder, device="cuda")
         assert all(p.device.type == "cuda" for p in on_gpu.model.parameters())
+        # softmax / sigmoid scores: 1 is their scale
         np.testing.assert_allclose([p["score"] for p in on_gpu(images[0])],
                                    [p["score"] for p in on_cpu(images[0])], atol=1e-4)
     else:
@@ -116,6 +122,7 @@ def test_multi_label_models_score_each_class_with_a_sigmoid(folder, images) -> N
     with torch.no_grad():
         logits = model(processor(images[0])["pixel_values"]).logits[0]
     expected = logits.sigmoid().sort(descending=True).values
+    # softmax / sigmoid scores: 1 is their scale
     torch.testing.assert_close(torch.tensor([p["score"] for p in result]), expected, atol=1e-6, rtol=0)
 
 

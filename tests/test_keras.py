@@ -18,7 +18,7 @@ from PIL import Image
 
 import cvt
 from cvt import CvtImageProcessor
-from conftest import randomise_, tiny_config
+from conftest import assert_close_to_scale, randomise_, tiny_config
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's import: no C++ info logs
 from cvt.keras_data import image_dataset  # noqa: E402
@@ -59,7 +59,7 @@ def test_fit_with_labels_in_the_batch_uses_the_models_own_loss() -> None:
     model.compile(optimizer=keras.optimizers.Adam(2e-3), metrics=["accuracy"], jit_compile=False)
     first = model.evaluate(data, verbose=0, return_dict=True)
     own = np.mean([float(model(x[i:i + 8], labels=y[i:i + 8]).loss) for i in (0, 8)])
-    assert first["loss"] == pytest.approx(own, abs=1e-5)
+    assert first["loss"] == pytest.approx(own, rel=1e-5, abs=0)
     assert 0 <= first["accuracy"] <= 1
     means = running_means(model)
     history = model.fit(data, epochs=4, verbose=0).history
@@ -68,7 +68,7 @@ def test_fit_with_labels_in_the_batch_uses_the_models_own_loss() -> None:
     assert np.abs(running_means(model) - means).max() > 1e-3  # BatchNorm statistics were updated
     predicted = model.predict(data, verbose=0)
     assert predicted.shape == (16, 5)
-    np.testing.assert_allclose(predicted, model(x).logits.numpy(), atol=1e-5)
+    assert_close_to_scale(predicted, model(x).logits.numpy(), rel=1e-5)
 
 
 def test_fit_with_a_keras_loss_and_xy_batches() -> None:
@@ -79,7 +79,7 @@ def test_fit_with_a_keras_loss_and_xy_batches() -> None:
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="top1")])
     first = model.evaluate(x, y, batch_size=16, verbose=0, return_dict=True)
-    assert first["loss"] == pytest.approx(float(model(x, labels=y).loss), abs=1e-5)  # the same cross-entropy
+    assert first["loss"] == pytest.approx(float(model(x, labels=y).loss), rel=1e-5, abs=0)  # the same cross-entropy
     history = model.fit(x, y, batch_size=8, epochs=4, verbose=0, sample_weight=np.ones(16)).history
     assert history["loss"][-1] < history["loss"][0] and "top1" in history, history
 
@@ -97,7 +97,7 @@ def test_backbone_predict_gives_feature_maps() -> None:
     x, _ = random_batch(4)
     model.compile(jit_compile=False)
     features = model.predict(x, batch_size=2, verbose=0)
-    np.testing.assert_allclose(features, model(x).last_hidden_state.numpy(), atol=1e-5)
+    assert_close_to_scale(features, model(x).last_hidden_state.numpy(), rel=1e-5)
 
 
 def test_a_frozen_backbone_keeps_its_batchnorm_statistics() -> None:
@@ -108,7 +108,7 @@ def test_a_frozen_backbone_keeps_its_batchnorm_statistics() -> None:
     means = running_means(model)
     frozen = model(x, training=True).logits
     np.testing.assert_array_equal(running_means(model), means)
-    np.testing.assert_allclose(frozen.numpy(), model(x).logits.numpy(), atol=1e-6)
+    assert_close_to_scale(frozen.numpy(), model(x).logits.numpy(), rel=1e-6)
     model.cvt.trainable = True
     model(x, training=True)
     assert np.abs(running_means(model) - means).max() > 1e-3
@@ -122,7 +122,7 @@ def test_channels_last_models_take_nhwc_input() -> None:
     for model in (nchw, nhwc):
         model.load_pytorch_state_dict(torch_model.state_dict())
     x = np.random.default_rng(2).standard_normal((2, 3, 40, 56), dtype=np.float32)
-    np.testing.assert_allclose(nhwc(x.transpose(0, 2, 3, 1)).logits.numpy(), nchw(x).logits.numpy(), atol=1e-6)
+    assert_close_to_scale(nhwc(x.transpose(0, 2, 3, 1)).logits.numpy(), nchw(x).logits.numpy(), rel=1e-6)
     with pytest.raises(ValueError, match="channels"):
         nhwc(x)  # NCHW given to a channels-last model: 56 "channels"
     with pytest.raises(ValueError, match="data_format"):
@@ -136,10 +136,11 @@ def test_from_pretrained_takes_a_data_format(tmp_path) -> None:
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = torch_model(x).logits.numpy()
-    np.testing.assert_allclose(model(x.numpy().transpose(0, 2, 3, 1)).logits.numpy(), expected, atol=1e-5)
+    assert_close_to_scale(model(x.numpy().transpose(0, 2, 3, 1)).logits.numpy(), expected, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------- files
+@pytest.mark.subprocess
 def test_keras_file_and_saved_model_reload_in_a_fresh_interpreter(tmp_path) -> None:
     """Both load in a new process that has only imported cvt (then keras), and give the same logits."""
     torch_model = randomise_(cvt.CvtForImageClassification(tiny_config()), 3).eval()
@@ -250,12 +251,13 @@ print(json.dumps({"replicas": mirrored.num_replicas_in_sync, "step": step, "diff
 """
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_mirrored_strategy_on_two_cpu_devices() -> None:
     report = run_python(MIRRORED)
     assert report["replicas"] == 2
     assert report["step"] > 1e-3  # the step changed the weights ...
-    assert report["difference"] < 1e-5, report  # ... as on one device
+    assert report["difference"] <= 1e-3 * report["step"], report  # ... as on one device (to 0.1 % of the step)
     losses = report["losses"]
     assert losses[-1] < losses[0] and np.mean(losses[-3:]) < np.mean(losses[:3]), losses
     assert report["moved"] > 1e-3
@@ -330,6 +332,7 @@ def test_a_pytorch_checkpoint_scores_the_same_in_tf_and_fine_tunes_in_keras(digi
     before = model.evaluate(val, verbose=0, return_dict=True)
     tf_predictions = model.predict(val, verbose=0).argmax(-1)
     np.testing.assert_array_equal(tf_predictions, torch_predictions)
+    # a fraction k / n of the images: equal but for float32 rounding of the fraction
     assert before["accuracy"] == pytest.approx(float((torch_predictions == labels).mean()), abs=1e-6)
     model.fit(train.take(12), epochs=1, verbose=0)  # 12 steps of 64 images
     after = model.evaluate(val, verbose=0, return_dict=True)
