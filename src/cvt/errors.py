@@ -11,3 +11,7 @@ class CvtError(Exception):
 
 class InvalidValueError(CvtError, ValueError):
     """An argument, setting or file content cvt cannot use (a ValueError, as Python code expects)."""
+
+
+class CheckpointError(InvalidValueError):
+    """A checkpoint that cannot be used: unreadable, of another model, or not matching the config."""
