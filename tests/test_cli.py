@@ -81,7 +81,7 @@ def test_version_and_help_for_every_subcommand_and_option(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0
-    assert capsys.readouterr().out.strip() == f"cvt {importlib.metadata.version('cvt')}"
+    assert capsys.readouterr().out.strip() == f"cvt {importlib.metadata.version('cvt-vision')}"
     parser = build_parser()
     (subcommands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     listed = {choice.dest: choice.help for choice in subcommands._choices_actions}
