@@ -40,8 +40,8 @@ def __getattr__(name: str) -> Any:
         return importlib.metadata.version(DISTRIBUTION)
     if name in _EXPORTS:
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    here = Path(__file__).parent
-    if (here / f"{name}.py").is_file() or (here / name / "__init__.py").is_file():
+    here = Path(__file__).parent  # a submodule (never __main__, which runs the command line)
+    if not name.startswith("_") and ((here / f"{name}.py").is_file() or (here / name).is_dir()):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'cvt' has no attribute {name!r}")
 
