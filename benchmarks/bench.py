@@ -5,7 +5,7 @@ The same as `cvt bench`; see `cvt.benchmark` for the method and benchmarks/READM
 
 import sys
 
-from cvt.benchmark import main
+from cvt.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench", *sys.argv[1:]]))

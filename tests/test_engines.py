@@ -16,7 +16,7 @@ from PIL import Image
 import cvt
 from cvt import engines
 from cvt.cli import main
-from cvt.engines import EngineError, build_engine, fused, onnxruntime_engine, openvino_engine
+from cvt.engines import EngineError, build_engine, exported, fused, onnxruntime_engine, openvino_engine
 from cvt.engines.base import cpu_has_bf16
 from cvt.native import signal_stack
 
@@ -125,7 +125,7 @@ def test_cache_is_reused_and_a_damaged_entry_rebuilt(monkeypatch, tmp_path, capl
         raise AssertionError("built again")
 
     with monkeypatch.context() as patch:
-        patch.setattr(openvino_engine, "onnx_bytes", no_build)
+        patch.setattr(exported, "onnx_bytes", no_build)
         second = build_engine(model, "openvino", image_size=size, cache_dir=cache)
     assert second.from_cache
     # another weight is another entry
@@ -207,7 +207,7 @@ def test_second_predict_builds_nothing_and_a_truncated_cache_file_is_rebuilt(
     assert main(command) == 0
     first = capsys.readouterr().out
     with monkeypatch.context() as patch:
-        patch.setattr(openvino_engine, "onnx_bytes", lambda *a, **k: pytest.fail("built again"))
+        patch.setattr(exported, "onnx_bytes", lambda *a, **k: pytest.fail("built again"))
         assert main(command) == 0
         assert capsys.readouterr().out == first
     entries = [e for e in engine_cache.iterdir() if (e / "model.xml").is_file()]

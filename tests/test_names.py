@@ -1,4 +1,4 @@
-"""What a model name means, read one way (`cvt.weights.locate`) by every command and by Python:
+"""What a model name means, read one way (`cvt.hub.locate`) by every command and by Python:
 a folder or file first, then a variant name (its published weights, like the hub id
 microsoft/cvt-13), then a hub id. Random weights are asked for (`--from-scratch`). A hub that
 cannot be reached (HF_HUB_OFFLINE, or an endpoint that never answers) is reported quickly and
@@ -14,7 +14,7 @@ import torch
 from huggingface_hub import constants
 
 import cvt
-from cvt import weights
+from cvt import hub as names, weights
 from cvt.cli import main
 from cvt.training import load_model
 
@@ -79,7 +79,7 @@ def test_a_variant_name_means_the_published_model_everywhere(hub, tmp_path, caps
     """Its architecture and preprocessing are known without the hub; its weights are the
     published ones (so they need the hub), unless random weights are asked for explicitly."""
     for name in ("cvt-13-384", "microsoft/cvt-13-384"):
-        assert weights.locate(name) == weights.Location("hub", "microsoft/cvt-13-384", cvt.get_variant("cvt-13-384"))
+        assert names.locate(name) == names.Location("hub", "microsoft/cvt-13-384", cvt.get_variant("cvt-13-384"))
         assert cvt.CvtImageProcessor.from_pretrained(name).size == 384
         assert main(["info", name]) == 0 and "cvt-13-384" in capsys.readouterr().out
     model = load_model("cvt-13", ["a", "b"], from_scratch=True)

@@ -12,7 +12,7 @@ import torch
 
 import cvt
 from conftest import randomise_, tiny_config
-from cvt.modeling import CvtFeatures
+from cvt.factory import CvtFeatures
 
 TINY = dict(embed_dim=(16, 32, 48), num_heads=(1, 2, 3), depth=(1, 2, 3))
 

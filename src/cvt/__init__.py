@@ -1,48 +1,48 @@
-"""cvt: the CvT image models (Wu et al. 2021) in PyTorch, weight-compatible with transformers."""
+"""cvt: the CvT image models (Wu et al. 2021) in PyTorch, weight-compatible with transformers.
 
+`import cvt` is light: it loads neither torch nor TensorFlow. Each name below (and each
+submodule, `cvt.engines`, ...) is imported on first use (PEP 562), so `from cvt import CvtModel`
+loads the PyTorch models, and `cvt --help` starts at once.
+"""
+
+import importlib
 import importlib.abc
 import importlib.metadata
 import importlib.util
 import sys
+from pathlib import Path
 from typing import Any
 
-from .attention import AttentionMaps, attention_maps
-from .config import CvtConfig
-from .errors import DISTRIBUTION, CvtError, InvalidValueError
-from .images import ImageError, load_image
-from .inference import ImageClassificationPipeline, pipeline
-from .modeling import (
-    BaseModelOutputWithCLSToken,
-    CvtForImageClassification,
-    CvtModel,
-    CvtPreTrainedModel,
-    ImageClassifierOutputWithNoAttention,
-    create_model,
-)
-from .processing import CvtImageProcessor
-from .variants import get_variant, imagenet_1k_labels, list_models
-from .weights import CheckpointError
+from .constants import DISTRIBUTION
 
-try:  # the installed distribution's version, one fact (pyproject.toml) for `cvt --version` too
-    __version__ = importlib.metadata.version(DISTRIBUTION)
-except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
-    __version__ = "unknown"
-
-# TensorFlow is an optional extra: its models load on first access, so `import cvt` stays fast.
-_TF_EXPORTS = (
-    "TFBaseModelOutputWithCLSToken",
-    "TFCvtForImageClassification",
-    "TFCvtModel",
-    "TFCvtPreTrainedModel",
-    "TFImageClassifierOutputWithNoAttention",
-)
+# public name -> the module that defines it
+_EXPORTS = {
+    "AttentionMaps": "attention", "attention_maps": "attention",
+    "CvtConfig": "config",
+    "CheckpointError": "errors", "CvtError": "errors", "InvalidValueError": "errors",
+    "CvtFeatures": "factory", "create_model": "factory", "load": "factory",
+    "ImageError": "images", "load_image": "images",
+    "ImageClassificationPipeline": "inference", "pipeline": "inference",
+    "BaseModelOutputWithCLSToken": "modeling", "CvtForImageClassification": "modeling",
+    "CvtModel": "modeling", "CvtPreTrainedModel": "modeling", "ImageClassifierOutput": "modeling",
+    "ImageClassifierOutputWithNoAttention": "modeling",
+    "CvtImageProcessor": "processing",
+    "get_variant": "variants", "imagenet_1k_labels": "variants", "list_models": "variants",
+    # TensorFlow is an optional extra: without it, an ImportError saying pip install "cvt-vision[tf]"
+    "TFBaseModelOutputWithCLSToken": "modeling_tf", "TFCvtForImageClassification": "modeling_tf",
+    "TFCvtModel": "modeling_tf", "TFCvtPreTrainedModel": "modeling_tf",
+    "TFImageClassifierOutputWithNoAttention": "modeling_tf",
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _TF_EXPORTS:
-        from . import modeling_tf  # without TensorFlow: an ImportError saying pip install "cvt-vision[tf]"
-
-        return getattr(modeling_tf, name)
+    if name == "__version__":
+        return importlib.metadata.version(DISTRIBUTION)
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    here = Path(__file__).parent  # a submodule (never __main__, which runs the command line)
+    if not name.startswith("_") and ((here / f"{name}.py").is_file() or (here / name).is_dir()):
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'cvt' has no attribute {name!r}")
 
 
@@ -82,28 +82,7 @@ elif not any(isinstance(finder, _RegisterOnKerasImport) for finder in sys.meta_p
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_TF_EXPORTS))
+    return sorted(set(globals()) | set(_EXPORTS) | {"__version__"})
 
 
-__all__ = [
-    "AttentionMaps",
-    "BaseModelOutputWithCLSToken",
-    "CheckpointError",
-    "CvtConfig",
-    "CvtError",
-    "CvtForImageClassification",
-    "CvtImageProcessor",
-    "CvtModel",
-    "CvtPreTrainedModel",
-    "ImageClassificationPipeline",
-    "ImageClassifierOutputWithNoAttention",
-    "ImageError",
-    "InvalidValueError",
-    "attention_maps",
-    "create_model",
-    "get_variant",
-    "imagenet_1k_labels",
-    "list_models",
-    "load_image",
-    "pipeline",
-]
+__all__ = sorted(name for name, module in _EXPORTS.items() if module != "modeling_tf")

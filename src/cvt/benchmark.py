@@ -10,7 +10,8 @@ equal transformers' within 1e-4 and the run stops loudly otherwise; reduced prec
 logit error and top-1 agreement with fp32. Peak memory is measured in a fresh process per model
 and case. On a CUDA machine the same cases run on the GPU (synchronised timing, CUDA allocator peak).
 
-Run with `cvt bench` or `python benchmarks/bench.py`; needs the `bench` extra (transformers).
+Run with `cvt bench` (its options: `cvt bench --help`) or `python benchmarks/bench.py`; needs the
+`bench` extra (transformers).
 """
 
 from __future__ import annotations
@@ -33,15 +34,15 @@ from typing import Any, Callable
 import torch
 
 from .config import CvtConfig
+from .constants import TOLERANCE
 from .errors import install_hint
 from .engines import build_engine
 from .engines.base import cpu_has_bf16
 from .engines.calibration import CalibrationSet
-from .export import compile_openvino, onnx_bytes
+from .onnx_graph import compile_openvino, onnx_bytes
 from .files import write_json
 from .modeling import CvtForImageClassification
 
-TOLERANCE = 1e-4
 # before each timed call: lets the previous side's runtime park its spinning worker threads, which
 # otherwise steal cores from whichever side runs next (a 5 % swing at batch 1 on 2 cores)
 PAUSE_S = 0.05
@@ -291,7 +292,7 @@ def _peak_rss_mb() -> float:
 
 def _memory_in_subprocess(case: Case, side: str) -> float:
     result = subprocess.run(
-        [sys.executable, "-m", "cvt.benchmark", "--memory", case.name, "--side", side],
+        [sys.executable, "-m", "cvt", "bench", "--memory", case.name, "--side", side],
         capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise SystemExit(f"memory measurement of {case.name} ({side}) failed:\n{result.stderr}")
@@ -353,18 +354,6 @@ def _engines_vs_by_hand(rows: list[dict[str, Any]]) -> str | None:
             f"{abs(change):.1f} % {'slower' if change > 0 else 'faster'} than {theirs['side']}")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--case", action="append", choices=[c.name for c in CASES],
-                        help="run only this case (repeatable; default: all)")
-    parser.add_argument("--rounds", type=int, help="timed rounds per case (default: per case)")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
-    parser.add_argument("--no-engines", action="store_true",
-                        help="time only transformers and the plain model (no engine builds)")
-    parser.add_argument("--json", help="also write the results to this JSON file")
-    parser.add_argument("--memory", help=argparse.SUPPRESS)  # internal: one memory measurement
-    parser.add_argument("--side", help=argparse.SUPPRESS)
-
-
 def run_command(args: argparse.Namespace) -> int:
     """`cvt bench`: needs transformers (the `bench` extra), imported only here."""
     try:
@@ -374,6 +363,11 @@ def run_command(args: argparse.Namespace) -> int:
               "and openvino extras for their engines)", file=sys.stderr)
         return 2
     by_name = {c.name: c for c in CASES}
+    unknown = [name for name in args.case or () if name not in by_name]
+    if unknown:
+        print(f"cvt bench: no case {', '.join(map(repr, unknown))}; the cases are "
+              f"{', '.join(map(repr, by_name))}", file=sys.stderr)
+        return 2
     if args.memory:
         print(peak_memory(by_name[args.memory], args.side, _device()))
         return 0
@@ -382,13 +376,3 @@ def run_command(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, {"machine": _machine(), "results": results})
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cvt bench", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run_command(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

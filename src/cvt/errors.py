@@ -4,6 +4,8 @@ its traceback (exit status 3)."""
 
 from __future__ import annotations
 
+from .constants import DISTRIBUTION
+
 
 class CvtError(Exception):
     """Something the user (or their files, settings or network) must fix; the message says what."""
@@ -13,10 +15,11 @@ class InvalidValueError(CvtError, ValueError):
     """An argument, setting or file content cvt cannot use (a ValueError, as Python code expects)."""
 
 
-# PyPI's `cvt` is another project (which also imports as `cvt`): ours installs as cvt-vision.
-DISTRIBUTION = "cvt-vision"
+class CheckpointError(InvalidValueError):
+    """A checkpoint that cannot be used: unreadable, of another model, or not matching the config."""
 
 
 def install_hint(extra: str | None = None) -> str:
-    """The pip command that installs cvt with an optional extra, for messages about a missing one."""
+    """The pip command that installs cvt with an optional extra, for messages about a missing one
+    (PyPI's `cvt` is another project, which also imports as `cvt`: ours is DISTRIBUTION)."""
     return f'pip install "{DISTRIBUTION}[{extra}]"' if extra else f"pip install {DISTRIBUTION}"

@@ -1,45 +1,34 @@
-"""ONNX export: `export_onnx(model, "model.onnx")`, and `cvt export` on the command line.
-
-Uses torch's dynamo-based exporter (`torch.export`, then `torch.onnx.export(..., dynamo=True)`:
-onnxscript's translation and graph optimiser), which gives a clean graph (LayerNormalization,
-Gelu and Conv nodes, weights as initializers) with a symbolic batch axis, and with
-`dynamic_size` symbolic height and width too: every token-grid size in the graph is then
-computed from the input's shape, so one file serves any input from `min_dynamic_size(config)`
-pixels a side up. The file is written only after the optional onnxruntime check has passed, and
-then atomically, so a failed export leaves no file (and an older file at the same path intact).
+"""`cvt export`'s files: ONNX (`export_onnx`), OpenVINO IR (`export_openvino`) and TFLite
+(`export_tflite`), each checked before it is written: the file is run by its runtime
+(onnxruntime, OpenVINO, LiteRT) on a random batch and must equal the model within
+`cvt.constants.TOLERANCE`. Then it is written atomically, so a failed export leaves no file (and
+an older file at the same path intact). The ONNX graph itself comes from `cvt.onnx_graph`; an
+ONNX file with `dynamic_size` serves any input from `min_dynamic_size(config)` pixels a side up.
 
 Needs the `export` extra: `pip install "cvt-vision[export]"` (onnx, onnxscript, onnxruntime).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
-import logging
 import os
 import tempfile
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor, nn
 
-from .config import CvtConfig, kv_grid, pixel_values_problem, stage_grids
+from .config import pixel_values_problem
+from .constants import TOLERANCE
+from .errors import CvtError, InvalidValueError, install_hint
 from .files import write_bytes
 from .modeling import CvtForImageClassification, CvtModel
-from .native import signal_stack_kept
-from .errors import CvtError, InvalidValueError, install_hint
+from .onnx_graph import (INPUT_NAME, TensorOutputs, compile_openvino, eval_mode, min_dynamic_size,
+                         onnx_bytes, output_names, quiet)
 
-logger = logging.getLogger("cvt")
-# OpenVINO's CPU plugin defaults to bf16 (where the CPU has it) and on-the-fly int8 for
-# fully-connected layers: exact fp32 has to be asked for
-OPENVINO_FP32 = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
+__all__ = ["ExportCheckError", "ExportResult", "export_onnx", "export_openvino", "export_tflite",
+           "min_dynamic_size", "tflite_bytes", "tflite_interpreter"]
 
-TOLERANCE = 1e-4  # max abs difference allowed between onnxruntime's and PyTorch's outputs
-INPUT_NAME = "pixel_values"
 INSTALL_HINT = install_hint("export")
 
 
@@ -56,37 +45,6 @@ class ExportResult:
     bytes: int
     opset: int | None
     max_abs_diff: float | None
-
-
-class _Outputs(nn.Module):
-    """The model as a function of `pixel_values` alone, returning a tuple of tensors (the
-    exporter cannot return cvt's output dataclasses)."""
-
-    def __init__(self, model: CvtModel | CvtForImageClassification) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: Tensor) -> tuple[Tensor, ...]:
-        out = self.model(pixel_values, return_dict=True)
-        return tuple(getattr(out, name) for name in output_names(self.model))
-
-
-def output_names(model: CvtModel | CvtForImageClassification) -> list[str]:
-    """The ONNX file's output names, in order."""
-    if isinstance(model, CvtForImageClassification):
-        return ["logits"]
-    return ["last_hidden_state"] + (["cls_token_value"] if model.config.cls_token[-1] else [])
-
-
-def min_dynamic_size(config: CvtConfig) -> int:
-    """The smallest height and width a `dynamic_size` export serves: every stage's token and key
-    grids at least 2 a side (torch.export treats a size of 1 as a special case, so a symbolic
-    size must not reach it)."""
-    size = 1
-    while any(min(*grid, *kv_grid(config, s, *grid)) < 2
-              for s, grid in enumerate(stage_grids(config, size, size))):
-        size += 1
-    return size
 
 
 def export_onnx(model: CvtModel | CvtForImageClassification, path: str | os.PathLike, *,
@@ -141,32 +99,6 @@ def export_onnx(model: CvtModel | CvtForImageClassification, path: str | os.Path
     return ExportResult(path, len(data), _opset_of(data), difference)
 
 
-def onnx_bytes(model: CvtModel | CvtForImageClassification, image_size: tuple[int, int], *,
-               batch_size: int | None = None, opset: int | None = None, dynamic_size: bool = False) -> bytes:
-    """The serialised ONNX graph of `model` (in eval mode) traced at `image_size`, unchecked;
-    the batch axis is symbolic unless `batch_size` fixes it, height and width with
-    `dynamic_size`. Used by `export_onnx` and the engines."""
-    height, width = image_size
-    device = next(model.parameters()).device
-    # the example batch: 2 for a dynamic axis, since torch.export specialises sizes 0 and 1
-    example = torch.randn(batch_size or 2, model.config.num_channels, height, width, device=device)
-    axes = {} if batch_size is not None else {0: torch.export.Dim("batch", min=1)}
-    if dynamic_size:
-        smallest = min_dynamic_size(model.config)
-        axes.update({2: torch.export.Dim("height", min=smallest), 3: torch.export.Dim("width", min=smallest)})
-    dynamic_shapes = {INPUT_NAME: axes} if axes else None
-    with _eval_mode(model), torch.no_grad(), _quiet():
-        # facts about sizes that sympy cannot prove for every size (ceil-mode pooling's "does the
-        # last window start inside the input") become runtime checks, not a size-specialised graph
-        program = torch.export.export(_Outputs(model), (example,), dynamic_shapes=dynamic_shapes,
-                                      prefer_deferred_runtime_asserts_over_guards=True)
-        onnx_program = torch.onnx.export(
-            program, (example,), None, input_names=[INPUT_NAME], output_names=output_names(model),
-            opset_version=opset, dynamo=True, external_data=False, dynamic_shapes=dynamic_shapes,
-            optimize=True, verbose=False)
-    return onnx_program.model_proto.SerializeToString()
-
-
 def _opset_of(data: bytes) -> int | None:
     import onnx  # present: _require_exporter checked
 
@@ -185,36 +117,12 @@ def _require_exporter(check: bool) -> None:
         raise ImportError(f"ONNX export needs {' and '.join(missing)}: {INSTALL_HINT}")
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """The exporter reports its steps on stdout and through warnings; `cvt export` prints its own."""
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.disable(logging.INFO)  # onnxscript's optimiser logs each rewrite at INFO
-        try:
-            yield
-        finally:
-            logging.disable(logging.NOTSET)
-
-
 def _check(model: CvtModel | CvtForImageClassification, data: bytes, names: list[str], batch: int,
            height: int, width: int) -> float:
     """Max abs difference between onnxruntime's and PyTorch's outputs on one random batch."""
     import onnxruntime  # present: _require_exporter checked
 
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(0)
-    pixel_values = torch.randn(batch, model.config.num_channels, height, width, generator=generator)
+    pixel_values = _random_batch(model, batch, height, width)
     batch_text = f"{batch}x{model.config.num_channels}x{height}x{width} batch"
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # errors only
@@ -224,19 +132,38 @@ def _check(model: CvtModel | CvtForImageClassification, data: bytes, names: list
     except Exception as err:  # onnxruntime raises its own exception types
         raise ExportCheckError(f"onnxruntime could not load or run the exported file on a {batch_text}: "
                                f"{err}; nothing was written") from err
-    with _eval_mode(model), torch.no_grad():
-        want = _Outputs(model)(pixel_values.to(device))
+    return _compare("onnxruntime", dict(zip(names, got)), "PyTorch", _plain(model, pixel_values),
+                    f"a random {batch_text}")
+
+
+def _random_batch(model: CvtModel | CvtForImageClassification, batch: int, height: int, width: int
+                  ) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(batch, model.config.num_channels, height, width, generator=generator)
+
+
+def _plain(model: CvtModel | CvtForImageClassification, pixel_values: torch.Tensor) -> dict[str, np.ndarray]:
+    """The plain model's outputs, by the exported file's output names, as float32 arrays."""
+    with eval_mode(model), torch.no_grad():
+        want = TensorOutputs(model)(pixel_values.to(next(model.parameters()).device))
+    return {name: w.float().cpu().numpy() for name, w in zip(output_names(model), want)}
+
+
+def _compare(runtime: str, got: dict[str, np.ndarray], reference: str, want: dict[str, np.ndarray],
+             inputs: str) -> float:
+    """The largest difference between a runtime's outputs and the reference's, by output name;
+    a missing or mis-shaped output, or a difference above TOLERANCE (or NaN), raises
+    `ExportCheckError`: nothing is written."""
     worst = 0.0
-    for name, g, w in zip(names, got, want):
-        w = w.float().cpu()
-        if tuple(g.shape) != tuple(w.shape):
-            raise ExportCheckError(f"the exported {name} has shape {tuple(g.shape)} in onnxruntime, "
-                                   f"but PyTorch's is {tuple(w.shape)}; nothing was written")
-        difference = (torch.from_numpy(g).float() - w).abs().max().item()
+    for name, w in want.items():
+        g = got.get(name)
+        if g is None or tuple(g.shape) != tuple(w.shape):
+            raise ExportCheckError(f"{runtime}'s {name} output has shape {None if g is None else tuple(g.shape)}, "
+                                   f"but {reference}'s is {tuple(w.shape)}; nothing was written")
+        difference = float(np.abs(g.astype(np.float64) - w).max())
         if not difference <= TOLERANCE:  # (NaN fails too)
-            raise ExportCheckError(
-                f"onnxruntime's {name} output differs from PyTorch's by up to {difference:.3g} (allowed "
-                f"{TOLERANCE:g}) on a random {batch_text}; nothing was written")
+            raise ExportCheckError(f"{runtime}'s {name} output differs from {reference}'s by up to "
+                                   f"{difference:.3g} (allowed {TOLERANCE:g}) on {inputs}; nothing was written")
         worst = max(worst, difference)
     return worst
 
@@ -271,32 +198,13 @@ def export_openvino(model: CvtModel | CvtForImageClassification, path: str | os.
     return ExportResult(xml, size, None, difference)
 
 
-def compile_openvino(source: str | os.PathLike, properties: dict[str, str] = OPENVINO_FP32):
-    """OpenVINO's CPU plugin compiling `source` (.onnx or .xml), fp32 unless `properties` say
-    otherwise, with the signal-stack swap of its plugin undone (see `cvt.native`)."""
-    import openvino as ov
-
-    with signal_stack_kept():
-        return ov.Core().compile_model(str(source), "CPU", properties)
-
-
 def _check_openvino(model: CvtModel | CvtForImageClassification, xml: Path, height: int, width: int) -> float:
-    import openvino as ov
-
-    generator = torch.Generator().manual_seed(0)
-    pixel_values = torch.randn(3, model.config.num_channels, height, width, generator=generator)
+    pixel_values = _random_batch(model, 3, height, width)
     compiled = compile_openvino(xml)
     got = compiled({0: pixel_values.numpy()})
-    with _eval_mode(model), torch.no_grad():
-        want = _Outputs(model)(pixel_values.to(next(model.parameters()).device))
-    worst = 0.0
-    for index, (name, w) in enumerate(zip(output_names(model), want)):
-        difference = (torch.from_numpy(got[index]).float() - w.float().cpu()).abs().max().item()
-        if not difference <= TOLERANCE:
-            raise ExportCheckError(f"OpenVINO's {name} output differs from PyTorch's by up to "
-                                   f"{difference:.3g} (allowed {TOLERANCE:g}); nothing was written")
-        worst = max(worst, difference)
-    return worst
+    names = output_names(model)
+    return _compare("OpenVINO", {name: got[index] for index, name in enumerate(names)}, "PyTorch",
+                    _plain(model, pixel_values), "a random batch")
 
 
 # ---------------------------------------------------------------------------------------- TFLite
@@ -334,7 +242,7 @@ def tflite_bytes(tf_model, image_size: int | tuple[int, int] | None = None) -> b
     uninitialised resource variables, which LiteRT reads as NaN.)"""
     import tensorflow as tf
 
-    with tempfile.TemporaryDirectory() as tmp, _quiet():
+    with tempfile.TemporaryDirectory() as tmp, quiet():
         tf_model.export(tmp, image_size=image_size)
         return tf.lite.TFLiteConverter.from_saved_model(tmp).convert()
 
@@ -363,16 +271,4 @@ def _check_tflite(serve, data: bytes) -> float:
     except Exception as err:  # LiteRT raises its own exception types
         raise ExportCheckError(f"LiteRT could not load or run the converted model on a batch of shape "
                                f"{shape}: {err}; nothing was written") from err
-    worst = 0.0
-    for name, w in want.items():
-        g = got.get(name)
-        if g is None or g.shape != w.shape:
-            raise ExportCheckError(f"LiteRT's {name} output is {None if g is None else g.shape}, TensorFlow's "
-                                   f"{w.shape}; nothing was written")
-        difference = float(np.abs(g.astype(np.float64) - w).max())
-        if not difference <= TOLERANCE:  # (NaN fails too)
-            raise ExportCheckError(f"LiteRT's {name} output differs from TensorFlow's by up to "
-                                   f"{difference:.3g} (allowed {TOLERANCE:g}) on a random batch of shape "
-                                   f"{shape}; nothing was written")
-        worst = max(worst, difference)
-    return worst
+    return _compare("LiteRT", got, "TensorFlow", want, f"a random batch of shape {shape}")

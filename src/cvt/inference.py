@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .engines import build_engine
+from .factory import load
 from .images import ImageError, ImageInput, split_batch
 from .modeling import CvtForImageClassification
 from .processing import CvtImageProcessor
@@ -181,7 +182,10 @@ def pipeline(task: str, model: str | os.PathLike | CvtForImageClassification, *,
             raise TypeError(f"model must be a cvt.CvtForImageClassification, got {type(model).__name__}")
         if image_processor is None:
             image_processor = CvtImageProcessor.from_pretrained(model, **hub_kwargs)
-        model = CvtForImageClassification.from_pretrained(model, **hub_kwargs)
+        source, model = model, load(model, **hub_kwargs)
+        if not isinstance(model, CvtForImageClassification):
+            raise InvalidValueError(f"{source} holds a backbone without a classification head; "
+                                    f"image classification needs a classifier checkpoint")
     elif image_processor is None:
         raise InvalidValueError("with a loaded model, pass image_processor= as well "
                          "(e.g. CvtImageProcessor.from_pretrained('cvt-13'))")

@@ -18,7 +18,8 @@ without a cls token classifies from mean-pooled normalised tokens, and stochasti
 linearly over each stage's layers and drops only the residual branch.
 
 Model code never reads files: `from_pretrained` / `save_pretrained` delegate to `cvt.weights`.
-Last come the named variants (`create_model`), whose architectures are data in `cvt.variants`.
+Making models by name (`cvt.load`, `create_model`) and the feature backbone live in
+`cvt.factory`.
 """
 
 from __future__ import annotations
@@ -33,17 +34,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils import flop_counter
 from torch.utils.checkpoint import checkpoint
 
-from . import weights
+from . import torch_registry, weights
 from .config import CvtConfig, pixel_values_problem
-from .outputs import ModelOutput
-from .variants import get_variant
+from .constants import LAYER_NORM_EPS
 from .errors import InvalidValueError
-
-LAYER_NORM_EPS = 1e-5  # the original code's and transformers' value (config.layer_norm_eps is unused)
-
+from .outputs import ModelOutput
 
 # ---------------------------------------------------------------------------------------- outputs
 @dataclass
@@ -59,14 +56,22 @@ class BaseModelOutputWithCLSToken(ModelOutput):
 
 
 @dataclass
-class ImageClassifierOutputWithNoAttention(ModelOutput):
+class ImageClassifierOutput(ModelOutput):
     """`loss` when labels were given, `logits` (B, num_labels), per-stage `hidden_states` and
-    per-layer `attentions` when asked (transformers' class name, kept although it may carry them)."""
+    per-layer `attentions` when asked."""
 
     loss: Tensor | None = None
     logits: Tensor | None = None
     hidden_states: tuple[Tensor, ...] | None = None
     attentions: tuple[Tensor, ...] | None = None
+
+
+# transformers' CvT names its classifier's output so; kept for code written against that name
+ImageClassifierOutputWithNoAttention = ImageClassifierOutput
+
+# torch.export, torch.compile and torch.utils._pytree see through both outputs (and cvt's
+# attention FLOP formulas count on the CPU): cvt's one write into torch's registries
+torch_registry.register(BaseModelOutputWithCLSToken, ImageClassifierOutput)
 
 
 # ---------------------------------------------------------------------------------------- blocks
@@ -172,27 +177,6 @@ class SpatialProjection(nn.Module):
 
     def forward(self, feature_map: Tensor) -> Tensor:
         return self.convolution_projection(feature_map).flatten(2).transpose(1, 2)
-
-
-def _register_cpu_attention_flops() -> None:
-    """torch's FlopCounterMode has formulas for the GPU attention kernels but not for the CPU
-    flash kernel SDPA runs here; without these a CPU count silently leaves attention out."""
-    aten = torch.ops.aten
-    forward_op = aten._scaled_dot_product_flash_attention_for_cpu
-    backward_op = aten._scaled_dot_product_flash_attention_for_cpu_backward
-    if forward_op in flop_counter.flop_registry:  # a newer torch has its own
-        return
-
-    @flop_counter.register_flop_formula(forward_op)
-    def _forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
-        return flop_counter.sdpa_flop_count(query, key, value)
-
-    @flop_counter.register_flop_formula(backward_op)
-    def _backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
-        return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
-
-
-_register_cpu_attention_flops()
 
 
 class SelfAttention(nn.Module):
@@ -592,7 +576,7 @@ class CvtForImageClassification(CvtPreTrainedModel):
 
     def forward(self, pixel_values: Tensor, labels: Tensor | None = None,
                 output_hidden_states: bool | None = None, return_dict: bool | None = None,
-                output_attentions: bool = False) -> ImageClassifierOutputWithNoAttention | tuple:
+                output_attentions: bool = False) -> ImageClassifierOutput | tuple:
         """`output_attentions`: as `CvtModel.forward`; the logits are those computed without."""
         if return_dict is None:
             return_dict = self.config.return_dict
@@ -600,7 +584,7 @@ class CvtForImageClassification(CvtPreTrainedModel):
                            output_attentions=output_attentions)
         logits = self.forward_head(self.layernorm(_final_tokens(outputs)))
         loss = self.loss(logits, labels) if labels is not None else None
-        out = ImageClassifierOutputWithNoAttention(
+        out = ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
         return out if return_dict else out.to_tuple()
 
@@ -620,12 +604,15 @@ class CvtForImageClassification(CvtPreTrainedModel):
         features = self._pool(tokens)
         return features if pre_logits else self.classifier(features)
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """A fresh classifier for `num_classes` classes (labels LABEL_0...); 0 leaves none, so the
-        model returns its pooled features."""
+    def reset_classifier(self, num_classes: int, *, labels: Sequence[str] | None = None) -> None:
+        """A fresh classifier for `num_classes` classes, named by `labels` (default LABEL_0...);
+        0 leaves none, so the model returns its pooled features."""
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise InvalidValueError(f"num_classes must be a non-negative number of classes, got {num_classes!r}")
-        self._set_config(self.config.replace(num_labels=num_classes))
+        if labels is not None and len(labels) != num_classes:
+            raise InvalidValueError(f"{len(labels)} labels given for {num_classes} classes")
+        self._set_config(self.config.replace(num_labels=num_classes) if labels is None
+                         else self.config.replace(id2label=dict(enumerate(labels))))
         weight = self.layernorm.weight
         if num_classes:
             self.classifier = nn.Linear(self.num_features, num_classes, device=weight.device, dtype=weight.dtype)
@@ -665,85 +652,3 @@ class CvtForImageClassification(CvtPreTrainedModel):
                 f"{tuple(logits.shape)}, got {labels.dtype} labels of shape {tuple(labels.shape)} "
                 f"(integer class indices select single-label cross-entropy)")
         return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
-
-
-# ---------------------------------------------------------------------------------------- backbone
-class FeatureInfo(list):
-    """timm's `feature_info`: one dict per returned map (`num_chs`, `reduction`, `module`,
-    `index`), with `channels()`, `reduction()` and `module_name()` listing one key for all."""
-
-    def channels(self) -> list[int]:
-        return [info["num_chs"] for info in self]
-
-    def reduction(self) -> list[int]:
-        return [info["reduction"] for info in self]
-
-    def module_name(self) -> list[str]:
-        return [info["module"] for info in self]
-
-
-class CvtFeatures(nn.Module):
-    """A backbone for detection and segmentation (`create_model(..., features_only=True)`):
-    `forward(x)` returns the feature maps (B, C_s, H_s, W_s) of the stages in `out_indices`,
-    described by `feature_info`. It holds the backbone without the final norm and classifier;
-    its state-dict keys are the classifier's `cvt.*` keys."""
-
-    def __init__(self, backbone: CvtModel, out_indices: int | Sequence[int] | None = None) -> None:
-        super().__init__()
-        self.cvt = backbone
-        config = backbone.config
-        self.out_indices = tuple(select_stages(out_indices, config.num_stages))
-        reductions = config.stage_reductions()
-        self.feature_info = FeatureInfo(
-            dict(num_chs=config.embed_dim[s], reduction=reductions[s],
-                 module=f"cvt.encoder.stages.{s}", index=s) for s in self.out_indices)
-
-    def forward(self, pixel_values: Tensor) -> list[Tensor]:
-        """The feature maps (B, C_s, H_s, W_s) of the stages in `out_indices`, in stage order."""
-        return self.cvt.forward_intermediates(pixel_values, self.out_indices, intermediates_only=True)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """As `CvtModel.set_grad_checkpointing`: less training memory, the same outputs."""
-        self.cvt.set_grad_checkpointing(enable)
-
-
-# ---------------------------------------------------------------------------------------- variants
-def create_model(name: str, pretrained: bool = False, *, num_classes: int | None = None,
-                 in_chans: int | None = None, features_only: bool = False,
-                 out_indices: int | Sequence[int] | None = None, checkpoint_path: str | None = None,
-                 **config_overrides: Any) -> CvtForImageClassification | CvtFeatures:
-    """Build a named variant (`cvt.list_models()`), with timm's arguments: random weights (timm's
-    `pretrained=False` default), the published `microsoft/<name>` weights from the hub with
-    `pretrained=True`, or a local checkpoint of this variant with `checkpoint_path=`.
-
-    `num_classes` gives a fresh head (0: none, the model returns pooled features); `in_chans`
-    sets the image channels (loaded weights are adapted by `adapt_input_channels`);
-    `features_only` returns a `CvtFeatures` backbone giving the maps of the stages in
-    `out_indices` (default all). Other keywords are config fields."""
-    variant = get_variant(name)
-    if pretrained or checkpoint_path is not None:
-        model = CvtForImageClassification.from_pretrained(checkpoint_path or variant.hub_id, **config_overrides)
-        _check_architecture(model.config, variant.config(**config_overrides), name,
-                            checkpoint_path or variant.hub_id)
-        if in_chans is not None:
-            model.adapt_input_channels(in_chans)
-    else:
-        if in_chans is not None:
-            config_overrides = {**config_overrides, "num_channels": in_chans}
-        model = CvtForImageClassification(variant.config(**config_overrides))
-        model.preprocessing = variant.preprocessor_config()  # saved with it: predict can run the folder
-    if num_classes is not None and num_classes != model.num_classes:
-        model.reset_classifier(num_classes)
-    return CvtFeatures(model.cvt, out_indices) if features_only else model
-
-
-def _check_architecture(loaded: CvtConfig, expected: CvtConfig, name: str, source: str) -> None:
-    """A checkpoint given for a variant must hold that variant's architecture (training-only
-    rates aside)."""
-    rates = {"attention_drop_rate", "drop_rate", "drop_path_rate"}
-    fields = [f for f in ("num_channels",) + CvtConfig.stage_fields() if f not in rates]
-    differ = [f for f in fields if getattr(loaded, f) != getattr(expected, f)]
-    if differ:
-        raise weights.CheckpointError(
-            f"{source}: its architecture is not {name}'s ({', '.join(differ)} differ: "
-            f"{', '.join(f'{f}={getattr(loaded, f)}' for f in differ)}); create the variant it holds")

@@ -64,13 +64,13 @@ if keras.backend.backend() != "tensorflow":
 
 from . import convert, weights
 from .config import CvtConfig, conv_output_size, pixel_values_problem
+from .constants import LAYER_NORM_EPS
 from .outputs import ModelOutput
 from .processing import CvtImageProcessor
 from .weights import CheckpointError
 from .errors import InvalidValueError
 
 DATA_FORMATS = ("channels_first", "channels_last")
-LAYER_NORM_EPS = 1e-5  # as the PyTorch side (config.layer_norm_eps is unused there too)
 BATCH_NORM_EPS = 1e-5
 BATCH_NORM_MOMENTUM = 0.1  # PyTorch's convention: running = (1 - m) * running + m * batch
 

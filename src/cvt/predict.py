@@ -22,13 +22,13 @@ from typing import TextIO
 
 from tqdm import tqdm
 
+from .constants import PREDICT_FORMATS
 from .images import ImageError, find_images
 from .files import write_atomic
 from .inference import ImageClassificationPipeline, Prediction, pipeline
 from .processing import CvtImageProcessor
 from .errors import InvalidValueError
 
-FORMATS = ("table", "json", "csv")
 MAX_PATH_COLUMN = 60  # the table's path column grows to the longest path, up to this
 
 
@@ -37,8 +37,8 @@ def run(model: str, inputs: Sequence[str], *, top_k: int = 5, batch_size: int = 
         engine: str = "auto", precision: str = "fp32", calibration: str | None = None,
         image_size: int | None = None) -> int:
     """Classify every image under `inputs`. Returns 0 if all were classified, 1 if some could not be."""
-    if fmt not in FORMATS:
-        raise InvalidValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt not in PREDICT_FORMATS:
+        raise InvalidValueError(f"unknown format {fmt!r}; choose one of {', '.join(PREDICT_FORMATS)}")
     paths = find_images(inputs)
     if output is not None and Path(output).resolve() in {p.resolve() for p in paths}:
         raise InvalidValueError(f"--output {output} is one of the input images and would be overwritten")

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import weights
+from . import hub, weights
 from .files import write_json
 from .images import ImageInput, as_rgb_image, check_budget, split_batch
 from .variants import IMAGENET_MEAN, IMAGENET_STD
-from .errors import InvalidValueError
+from .errors import CheckpointError, InvalidValueError
 
 PROCESSOR_CONFIG_NAME = weights.PROCESSOR_CONFIG_NAME
 WARP_FROM = 384  # from this size up the checkpoints were evaluated on the whole image, warped
@@ -165,23 +165,23 @@ class CvtImageProcessor:
         """The processor of a checkpoint folder or hub repo (its preprocessor_config.json), or of a
         named variant ("cvt-13", ...; see `cvt.list_models()`; known without the hub). `revision`, `cache_dir`, `token` and
         `local_files_only` are passed to the hub."""
-        unknown = set(hub_kwargs) - weights.HUB_ARGUMENTS
+        unknown = set(hub_kwargs) - hub.HUB_ARGUMENTS
         if unknown:
             raise TypeError(f"from_pretrained got unexpected arguments: {', '.join(sorted(unknown))}")
         data = weights.stored_preprocessing(name_or_path, hub_kwargs)
-        if data is None and weights.locate(name_or_path).kind == "file":
-            raise weights.CheckpointError(
+        if data is None and hub.locate(name_or_path).kind == "file":
+            raise CheckpointError(
                 f"{name_or_path} is a single weights file, which carries no preprocessing; use a "
                 f"variant's (CvtImageProcessor.from_pretrained('cvt-13')) or give image_size")
         if data is None:
-            raise weights.CheckpointError(
+            raise CheckpointError(
                 f"{name_or_path} has no {PROCESSOR_CONFIG_NAME}, so its preprocessing is unknown; "
                 f"save one with CvtImageProcessor(size=...).save_pretrained(folder), or use a "
                 f"variant's, e.g. CvtImageProcessor.from_pretrained('cvt-13')")
         try:
             return cls.from_dict(data)
         except ValueError as err:
-            raise weights.CheckpointError(f"{name_or_path}'s {PROCESSOR_CONFIG_NAME}: {err}") from None
+            raise CheckpointError(f"{name_or_path}'s {PROCESSOR_CONFIG_NAME}: {err}") from None
 
     @classmethod
     def for_model(cls, name_or_path: str | os.PathLike, image_size: int | None = None,
@@ -192,9 +192,9 @@ class CvtImageProcessor:
         silently would degrade results)."""
         try:
             processor = cls.from_pretrained(name_or_path, **hub_kwargs)
-        except weights.CheckpointError as err:
-            if image_size is None or isinstance(err, weights.HubUnreachableError):
-                raise weights.CheckpointError(f"{err}; or give an image size (--image-size) to use "
+        except CheckpointError as err:
+            if image_size is None or isinstance(err, hub.HubUnreachableError):
+                raise CheckpointError(f"{err}; or give an image size (--image-size) to use "
                                               f"CvT's standard preprocessing") from None
             processor = cls()
         return dataclasses.replace(processor, size=image_size) if image_size else processor

@@ -1,8 +1,8 @@
 """Checkpoint I/O: every file this library reads or writes for a model goes through here.
 
 Reads a transformers-layout folder (config.json + model.safetensors, pytorch_model.bin, or
-either sharded with an index), a hub id (through huggingface_hub's cache, which honours
-HF_HUB_OFFLINE), or a single original microsoft/CvT `.pth` file (renamed by `cvt.convert`).
+either sharded with an index), a hub repo, or a single original microsoft/CvT `.pth` file
+(renamed by `cvt.convert`); which files a name means is `cvt.hub`'s answer.
 Never unpickles code: safetensors first, `torch.load(weights_only=True)` otherwise. What is
 read is checked before it is used: shard names stay inside the folder, the config is compared
 with the weights' shapes before the model is allocated, and weights no trained model has
@@ -13,13 +13,10 @@ Writes atomically (temporary file, fsync, rename), so a failed save leaves the o
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -28,23 +25,19 @@ from torch import Tensor
 
 from . import convert
 from .config import CvtConfig
-from .errors import InvalidValueError
+from .errors import CheckpointError
 from .files import write_atomic, write_json
-from .variants import VARIANTS, Variant, get_variant
+from .hub import CONFIG_NAME, HUB_ARGUMENTS, Fetch, fetcher, locate
 
 logger = logging.getLogger("cvt")
 
-CONFIG_NAME = "config.json"
 PROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_INDEX_NAME = "model.safetensors.index.json"
 PT_WEIGHTS_NAME = "pytorch_model.bin"
 PT_INDEX_NAME = "pytorch_model.bin.index.json"
 WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME, PT_WEIGHTS_NAME, PT_INDEX_NAME)
-HUB_ARGUMENTS = {"revision", "cache_dir", "token", "local_files_only", "force_download"}
 HEAD_PREFIXES = ("layernorm.", "classifier.")
-HUB_TIMEOUT_S = 4  # one probe per process: an unreachable hub is reported, not retried for half a minute
-WEIGHT_SUFFIXES = {".pth", ".pt", ".bin", ".safetensors"}
 
 
 class CvtCheckpointModel(Protocol):
@@ -63,14 +56,6 @@ class CvtCheckpointModel(Protocol):
 
 
 M = TypeVar("M", bound=CvtCheckpointModel)
-
-
-class CheckpointError(InvalidValueError):
-    """A checkpoint that cannot be used: unreadable, of another model, or not matching the config."""
-
-
-class HubUnreachableError(CheckpointError):
-    """A hub checkpoint that is not in the local cache while the hub cannot be reached."""
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -128,7 +113,7 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
     return obj
 
 
-def read_folder_weights(folder: Path, fetch: Callable[[str], Path | None]) -> dict[str, Tensor]:
+def read_folder_weights(folder: Path, fetch: Fetch) -> dict[str, Tensor]:
     """The state dict of a transformers-layout folder; `fetch(name)` returns a local file or None.
     safetensors before PyTorch files; a single file beside a shard index of the same format is
     ambiguous (which one is current?) and refused."""
@@ -145,7 +130,7 @@ def read_folder_weights(folder: Path, fetch: Callable[[str], Path | None]) -> di
     raise CheckpointError(f"{folder} holds no weights: expected one of {', '.join(WEIGHT_FILES)}")
 
 
-def _read_shards(index_path: Path, fetch: Callable[[str], Path | None]) -> dict[str, Tensor]:
+def _read_shards(index_path: Path, fetch: Fetch) -> dict[str, Tensor]:
     """The shards an index names: plain file names beside it (never a path out of the folder),
     each key in exactly one shard."""
     index = read_json(index_path)
@@ -176,97 +161,6 @@ def _read_shards(index_path: Path, fetch: Callable[[str], Path | None]) -> dict[
     return state_dict
 
 
-def _local_fetcher(folder: Path) -> Callable[[str], Path | None]:
-    return lambda name: (folder / name) if (folder / name).is_file() else None
-
-
-@dataclasses.dataclass(frozen=True)
-class Location:
-    """What a model name means. `kind` is "folder" (transformers layout), "file" (one weights
-    file, original or transformers layout) or "hub" (a repo id); `variant` is the published
-    variant it names, if any, whose architecture and preprocessing are known without the hub."""
-
-    kind: str
-    where: str
-    variant: Variant | None = None
-
-
-def locate(name_or_path: str | os.PathLike) -> Location:
-    """The one reading of a model name, for every command and for Python: an existing folder or
-    file first, then a variant name ("cvt-13" means its published weights, microsoft/cvt-13),
-    then a hub id ("org/name")."""
-    path, name = Path(name_or_path), str(name_or_path)
-    if path.is_dir():
-        return Location("folder", name)
-    if path.is_file():
-        return Location("file", name)
-    if path.suffix in WEIGHT_SUFFIXES | {".json"}:
-        raise CheckpointError(f"{name}: no such file")
-    if name in VARIANTS:
-        return Location("hub", get_variant(name).hub_id, get_variant(name))
-    if _looks_like_hub_id(name):
-        published = name.startswith("microsoft/") and name.removeprefix("microsoft/") in VARIANTS
-        return Location("hub", name, get_variant(name) if published else None)
-    raise CheckpointError(f"{name}: no such folder or file, not a variant ({', '.join(VARIANTS)}) "
-                          f"and not a hub id (org/name)")
-
-
-def hub_unreachable() -> str | None:
-    """Why the hub cannot be used now (HF_HUB_OFFLINE, or its endpoint did not answer within
-    HUB_TIMEOUT_S), or None; probed once per process and endpoint."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
-    return _probe(constants.ENDPOINT)
-
-
-@functools.lru_cache(maxsize=None)
-def _probe(endpoint: str) -> str | None:
-    try:
-        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=HUB_TIMEOUT_S)
-    except urllib.error.HTTPError:
-        return None  # it answered
-    except (OSError, ValueError) as err:
-        return f"{endpoint} did not answer within {HUB_TIMEOUT_S} s ({getattr(err, 'reason', err)})"
-    return None
-
-
-def _hub_fetcher(repo_id: str, hub_kwargs: dict[str, Any]) -> Callable[[str], Path | None]:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-    unreachable = None if hub_kwargs.get("local_files_only") else hub_unreachable()
-    if unreachable:
-        hub_kwargs = {**hub_kwargs, "local_files_only": True}
-
-    def fetch(name: str) -> Path | None:
-        try:
-            return Path(hf_hub_download(repo_id, name, **hub_kwargs))
-        except LocalEntryNotFoundError as err:  # (a subclass of EntryNotFoundError: first)
-            if name != CONFIG_NAME and fetch(CONFIG_NAME):
-                return None  # the repo is cached (its config.json is): this file is not in it
-            reason = unreachable or "local_files_only" if hub_kwargs.get("local_files_only") else err
-            raise HubUnreachableError(f"the hub cannot be reached ({reason}) and {repo_id!r} is not in "
-                                  f"the local cache; download it while online, or give a folder"
-                                  ) from None
-        except EntryNotFoundError:
-            return None
-        except Exception as err:  # repository not found, gated, HTTP errors
-            raise CheckpointError(f"could not fetch {name} of {repo_id!r} from the hub: {err}") from None
-
-    return fetch
-
-
-def fetcher(location: Location, hub_kwargs: dict[str, Any] | None = None) -> Callable[[str], Path | None]:
-    """`fetch(filename) -> local Path or None` for a folder or a hub repo."""
-    if location.kind == "folder":
-        return _local_fetcher(Path(location.where))
-    if location.kind == "hub":
-        return _hub_fetcher(location.where, hub_kwargs or {})
-    raise CheckpointError(f"{location.where} is a single weights file, not a folder or hub repo")
-
-
 def resolve(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any] | None = None
             ) -> tuple[CvtConfig | None, dict[str, Tensor]]:
     """Find a checkpoint: (its config.json, or None for a single weights file; its state dict,
@@ -293,34 +187,38 @@ def read_architecture(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any
     return _stored_config(fetcher(location, hub_kwargs), name_or_path)
 
 
-def _stored_config(fetch: Callable[[str], Path | None], name_or_path: str | os.PathLike) -> CvtConfig:
+def _stored_config(fetch: Fetch, name_or_path: str | os.PathLike) -> CvtConfig:
     config_path = fetch(CONFIG_NAME)
     if config_path is None:
         raise CheckpointError(f"{name_or_path} has no {CONFIG_NAME}")
     return read_config(config_path)
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    """org/name: a single word is taken for a (misspelt) variant name, never sent to the hub."""
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
-
-
 # ---------------------------------------------------------------------------------------- loading
 def load_pretrained(cls: type[M], name_or_path: str | os.PathLike, *, config: CvtConfig | None,
-                    ignore_mismatched_sizes: bool, check_weights: bool = True, **kwargs: Any) -> M:
-    """Build `cls` from a checkpoint; see `CvtPreTrainedModel.from_pretrained`."""
+                    ignore_mismatched_sizes: bool, check_weights: bool = True,
+                    backbone: type[M] | None = None, **kwargs: Any) -> M:
+    """Build `cls` from a checkpoint, reading each file once; see
+    `CvtPreTrainedModel.from_pretrained`. With `backbone`, a checkpoint without a classification
+    head builds `backbone` instead (`cvt.load`)."""
     hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_ARGUMENTS}
     config_fields = {f.name for f in dataclasses.fields(CvtConfig)}
     unknown = set(kwargs) - config_fields
     if unknown:
         raise TypeError(f"from_pretrained got unexpected arguments: {', '.join(sorted(unknown))}")
     stored, state_dict = resolve(name_or_path, hub_kwargs)
+    if backbone is not None and not has_head(state_dict):
+        cls = backbone
     model = build_from_state_dict(cls, state_dict, name_or_path, stored=stored, config=config,
                                   ignore_mismatched_sizes=ignore_mismatched_sizes,
                                   check_weights=check_weights, **kwargs)
     model.preprocessing = stored_preprocessing(name_or_path, hub_kwargs)
     return model
+
+
+def has_head(state_dict: Mapping[str, Any]) -> bool:
+    """Whether a state dict (transformers' layout or the original's) holds a classification head."""
+    return any(key.split(".")[0] in ("classifier", "layernorm", "head", "norm") for key in state_dict)
 
 
 def stored_preprocessing(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any] | None = None

@@ -25,16 +25,16 @@ import torch
 
 from ..processing import CvtImageProcessor
 from . import fused, onnxruntime_engine, openvino_engine
-from .base import PRECISIONS, Engine, EngineError, Model, PrecisionReport, verify
+from ..constants import ENGINE_PRECISIONS, ENGINES
+from .base import Engine, EngineError, Model, PrecisionReport, verify
 from .cache import EngineCache
 from .calibration import CalibrationSet, load_calibration
 from ..errors import InvalidValueError
 
-ENGINES = ("auto", "torch", "onnxruntime", "openvino")
 # fastest first, measured by `cvt bench` (benchmarks/README.md); an engine is used if installed
 AUTO_ORDER = {"cpu": ("onnxruntime", "openvino", "torch"), "cuda": ("torch",)}
 
-__all__ = ["ENGINES", "PRECISIONS", "CalibrationSet", "Engine", "EngineError", "PrecisionReport",
+__all__ = ["ENGINES", "ENGINE_PRECISIONS", "CalibrationSet", "Engine", "EngineError", "PrecisionReport",
            "auto_engine", "build_engine"]
 
 
@@ -64,8 +64,8 @@ def build_engine(model: Model, engine: str = "auto", *, device: str | torch.devi
     """
     if engine not in ENGINES:
         raise InvalidValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    if precision not in PRECISIONS:
-        raise InvalidValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision not in ENGINE_PRECISIONS:
+        raise InvalidValueError(f"unknown precision {precision!r}; choose one of {', '.join(ENGINE_PRECISIONS)}")
     device = torch.device(device)
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     name = auto_engine(device, model) if engine == "auto" else engine

@@ -20,13 +20,12 @@ import torch
 from torch import Tensor
 
 from ..config import pixel_values_problem
+from ..constants import TOLERANCE
 from ..modeling import CvtForImageClassification, CvtModel
 from ..errors import CvtError, InvalidValueError, install_hint
 
 logger = logging.getLogger("cvt")
 
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")  # fp16: CUDA only
-TOLERANCE = 1e-4  # an fp32 engine's largest allowed difference from the plain model
 CHECK_BATCH = 3  # images in the build check (not the 2 an exporter traces with)
 
 Model = CvtModel | CvtForImageClassification

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..constants import DISTRIBUTION
 from .base import Engine, Model, PrecisionReport, check_fp32, cpu_description, report_dict, verify
 
 logger = logging.getLogger("cvt")
@@ -58,7 +59,7 @@ def entry_key(model: nn.Module, **facts: Any) -> str:
     """The cache key of a build of `model` that depends on `facts` (runtime, precision, ...)."""
     description = json.dumps({
         "weights": weights_digest(model), "config": model.config.to_dict(),
-        "class": type(model).__name__, "cvt": importlib.metadata.version("cvt"), "cpu": cpu_description(), **facts,
+        "class": type(model).__name__, "cvt": importlib.metadata.version(DISTRIBUTION), "cpu": cpu_description(), **facts,
     }, sort_keys=True, default=str)
     return hashlib.sha256(description.encode()).hexdigest()[:40]
 

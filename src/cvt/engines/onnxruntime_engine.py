@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..export import INPUT_NAME, onnx_bytes, output_names
+from ..onnx_graph import INPUT_NAME, output_names
 from .base import Engine, EngineError, Model, import_runtime
-from .cache import EngineCache, build_cached, entry_key
+from .cache import EngineCache
 from .calibration import CalibrationSet
+from .exported import build_exported
 
 logger = logging.getLogger("cvt")
 
@@ -62,26 +63,16 @@ def build(model: Model, *, device: torch.device, precision: str, image_size: tup
     if precision not in ("fp32", "int8"):
         raise EngineError(f"the onnxruntime engine runs fp32 or int8, not {precision}; for bf16 "
                           f"use engine='openvino' or 'torch'")
-    if precision == "int8" and calibration is None:
-        raise EngineError("int8 needs calibration images: calibration='folder' (--calibration DIR)")
-    key = entry_key(model, runtime="onnxruntime", version=ort.__version__, precision=precision,
-                    image_size=image_size, device=device.type,
-                    calibration=calibration.digest if calibration else None)
 
-    def make(folder: Path) -> None:
-        logger.info("cvt: building the onnxruntime engine (%s): exporting to ONNX ...", precision)
-        data = onnx_bytes(model, image_size)
+    def write(graph: bytes, folder: Path) -> None:
         if precision == "fp32":
-            (folder / FILE).write_bytes(data)
+            (folder / FILE).write_bytes(graph)
         else:
-            _quantize(data, folder / FILE, calibration)
+            _quantize(graph, folder / FILE, calibration)
 
-    def load(folder: Path) -> OnnxRuntimeEngine:
-        return OnnxRuntimeEngine(model, folder / FILE, device=device, precision=precision,
-                                 image_size=image_size)
-
-    return build_cached(cache, key, model, load=load, make=make,
-                        batches=calibration.batches if calibration else None)
+    return build_exported(OnnxRuntimeEngine, model, file=FILE, version=ort.__version__, device=device,
+                          precision=precision, image_size=image_size, calibration=calibration,
+                          cache=cache, write=write, device_type=device.type)
 
 
 def _quantize(data: bytes, target: Path, calibration: CalibrationSet) -> None:

@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..export import OPENVINO_FP32, compile_openvino, onnx_bytes
 from ..native import signal_stack_kept
+from ..onnx_graph import OPENVINO_FP32, compile_openvino
 from .base import Engine, EngineError, Model, cpu_has_bf16, import_runtime
-from .cache import EngineCache, build_cached, entry_key
+from .cache import EngineCache
 from .calibration import CalibrationSet
+from .exported import build_exported
 
 logger = logging.getLogger("cvt")
 
@@ -78,27 +79,19 @@ def build(model: Model, *, device: torch.device, precision: str, image_size: tup
     if precision == "bf16" and not cpu_has_bf16():
         raise EngineError("this CPU has no bf16 units (avx512_bf16 or amx_bf16); OpenVINO would "
                           "emulate bf16 slower than fp32: use precision='int8' or 'fp32'")
-    if precision == "int8" and calibration is None:
-        raise EngineError("int8 needs calibration images: calibration='folder' (--calibration DIR)")
-    key = entry_key(model, runtime="openvino", version=ov.__version__, precision=precision,
-                    image_size=image_size, calibration=calibration.digest if calibration else None)
 
-    def make(folder: Path) -> None:
-        logger.info("cvt: building the openvino engine (%s): exporting to ONNX ...", precision)
+    def write(graph: bytes, folder: Path) -> None:
         source = folder / "model.onnx"
-        source.write_bytes(onnx_bytes(model, image_size))
-        graph = ov.Core().read_model(str(source))
+        source.write_bytes(graph)
+        ir = ov.Core().read_model(str(source))
         source.unlink()
         if precision == "int8":
-            graph = _quantize(graph, calibration)
-        ov.save_model(graph, str(folder / FILE), compress_to_fp16=False)
+            ir = _quantize(ir, calibration)
+        ov.save_model(ir, str(folder / FILE), compress_to_fp16=False)
 
-    def load(folder: Path) -> OpenVinoEngine:
-        return OpenVinoEngine(model, folder / FILE, device=device, precision=precision,
-                              image_size=image_size)
-
-    return build_cached(cache, key, model, load=load, make=make,
-                        batches=calibration.batches if calibration else None)
+    return build_exported(OpenVinoEngine, model, file=FILE, version=ov.__version__, device=device,
+                          precision=precision, image_size=image_size, calibration=calibration,
+                          cache=cache, write=write)
 
 
 def _quantize(graph, calibration: CalibrationSet):

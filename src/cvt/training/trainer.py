@@ -27,7 +27,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import CvtConfig
+from ..constants import TRAINING_PRECISIONS
 from ..engines import build_engine
+from ..factory import load
 from ..modeling import CvtForImageClassification
 from ..processing import CvtImageProcessor
 from ..weights import read_architecture
@@ -43,7 +45,6 @@ from ..errors import InvalidValueError
 
 logger = logging.getLogger("cvt")
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 # Every option of `cvt train`, by what `--resume` does with it. Compared: the saved run's value
 # (as the run used it: the resolved recipe, the model's architecture and classes, the data's
@@ -110,21 +111,16 @@ def load_model(source: str | CvtConfig, classes: list[str], from_scratch: bool =
 
     A checkpoint whose labels are exactly `classes` keeps its head (and its label order: the data
     is re-indexed to it); otherwise only the classifier is replaced by a new one."""
-    labels = dict(enumerate(classes))
     if isinstance(source, CvtConfig) or from_scratch:
         config = source if isinstance(source, CvtConfig) else read_architecture(source)
-        return CvtForImageClassification(config.replace(id2label=labels))
-    stored = CvtForImageClassification.from_pretrained(source)
-    if set(stored.config.id2label.values()) == set(classes):
-        return stored
-    if stored.config.num_labels == len(classes):
-        model = CvtForImageClassification.from_pretrained(source, id2label=labels)
-        nn.init.trunc_normal_(model.classifier.weight, std=model.config.initializer_range)
-        nn.init.zeros_(model.classifier.bias)
-        logger.warning("%s: its %d labels are not the data's classes; the classifier starts anew",
-                       source, len(classes))
+        return CvtForImageClassification(config.replace(id2label=dict(enumerate(classes))))
+    model = CvtForImageClassification.from_pretrained(source)  # read once; a backbone gets a head
+    if set(model.config.id2label.values()) == set(classes):
         return model
-    return CvtForImageClassification.from_pretrained(source, id2label=labels)
+    logger.warning("%s: its %d labels are not the data's %d classes; the classifier starts anew",
+                   source, model.config.num_labels, len(classes))
+    model.reset_classifier(len(classes), labels=classes)
+    return model
 
 
 def _processor(options: TrainOptions) -> CvtImageProcessor:
@@ -162,8 +158,8 @@ def _autocast(precision: str, device: torch.device):
 
 
 def _check_options(options: TrainOptions, device: torch.device) -> None:
-    if options.precision not in PRECISIONS:
-        raise InvalidValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {options.precision!r}")
+    if options.precision not in TRAINING_PRECISIONS:
+        raise InvalidValueError(f"--precision must be one of {', '.join(TRAINING_PRECISIONS)}, got {options.precision!r}")
     if options.precision == "fp16" and device.type != "cuda":
         raise InvalidValueError("--precision fp16 needs a GPU (its grad scaler is CUDA-only); on CPU use bf16")
     if options.sync_bn and device.type != "cuda":
@@ -615,7 +611,11 @@ def evaluate_model(model_source: str, data: Any, batch_size: int = 64, workers: 
     (distributed under torchrun)."""
     ctx = distributed.start()
     try:
-        model = CvtForImageClassification.from_pretrained(model_source).to(ctx.device)
+        model = load(model_source)
+        if not isinstance(model, CvtForImageClassification):
+            raise InvalidValueError(f"{model_source} holds a backbone without a classification head: "
+                                    f"nothing to evaluate")
+        model = model.to(ctx.device)
         classes = [model.config.id2label[i] for i in range(model.config.num_labels)]
         images = load_eval_source(data).relabel(classes, f"{data}")
         processor = CvtImageProcessor.for_model(model_source, image_size)

@@ -7,20 +7,13 @@ rank 0 prints results.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
 import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-from ..engines import ENGINES
-from ..engines import PRECISIONS as ENGINE_PRECISIONS
-from .demo import run_demo
-from .recipes import RECIPES
-from .report import format_table
-from .trainer import PRECISIONS, TrainOptions, evaluate_model, train
+from ..constants import TRAINING_PRECISIONS
+from ..training.recipes import RECIPES
+from .common import add_engine_arguments, messages_on_stderr
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -56,7 +49,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--ema-decay", type=float, help="keep an EMA of the weights (e.g. 0.9998)")
     tr.add_argument("--image-size", type=int, help="input size (default: the model's preprocessing)")
     tr.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation steps")
-    tr.add_argument("--precision", choices=PRECISIONS, default="fp32",
+    tr.add_argument("--precision", choices=TRAINING_PRECISIONS, default="fp32",
                     help="bf16: autocast on CPU or GPU; fp16: autocast with a grad scaler (GPU)")
     tr.add_argument("--freeze-backbone", action="store_true", help="train only the head: final LayerNorm and classifier (linear probe)")
     tr.add_argument("--grad-checkpointing", action="store_true",
@@ -98,43 +91,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     demo.set_defaults(run=cmd_demo)
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """--engine, --precision and --calibration, shared by `cvt predict` and `cvt eval`."""
-    parser.add_argument("--engine", choices=ENGINES, default="auto",
-                        help="how to run the model (default auto: the fastest installed fp32 engine "
-                             "for the device)")
-    parser.add_argument("--precision", choices=ENGINE_PRECISIONS, default="fp32",
-                        help="fp32 (exact), bf16 (CPUs with bf16 units, GPUs), int8 (needs "
-                             "--calibration), fp16 (CUDA); reduced precision reports its cost")
-    parser.add_argument("--calibration", metavar="DIR",
-                        help="folder of your images for int8 calibration (class subfolders named "
-                             "after the labels also report accuracy)")
-
-
-@contextlib.contextmanager
-def messages_on_stderr() -> Iterator[None]:
-    """Show the library's progress messages (INFO) and problems (WARNING) on stderr while a
-    command runs."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger = logging.getLogger("cvt")
-    level, propagate = logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-        logger.propagate = propagate
-
-
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from ..training.trainer import TrainOptions, train
+
     fields = {k: v for k, v in vars(args).items() if k in TrainOptions.__dataclass_fields__}
     with messages_on_stderr():
         result = train(TrainOptions(**fields))
@@ -149,6 +112,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from ..training.report import format_table
+    from ..training.trainer import evaluate_model
+
     with messages_on_stderr():
         result = evaluate_model(args.model, args.data, batch_size=args.batch_size,
                                 workers=args.workers, engine=args.engine, precision=args.precision,
@@ -159,6 +125,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from ..training.demo import run_demo
+
     with messages_on_stderr():
         run_demo(args.output_dir, epochs=args.epochs, workers=args.workers)
     return 0

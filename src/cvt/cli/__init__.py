@@ -1,0 +1,86 @@
+"""The `cvt` command line, one module per group of commands:
+
+- `cvt info` and `cvt convert` (`cvt.cli.models`): a model's architecture, parameters and
+  multiply-adds; an original microsoft/CvT checkpoint -> a transformers-layout folder;
+- `cvt predict` (`cvt.cli.predict`): top-k labels of image files and folders;
+- `cvt export` (`cvt.cli.export`): ONNX, OpenVINO IR or TFLite, checked before writing;
+- `cvt attention` (`cvt.cli.attention`): what a model attends to, drawn over an image;
+- `cvt train`, `cvt eval` and `cvt demo` (`cvt.cli.training`): fine-tune or train, score a
+  model on labelled images, and the offline digits demo;
+- `cvt bench` (`cvt.cli.bench`): speed and memory against transformers' CvT.
+
+Building the parser imports no torch: a command imports what it runs (torch, the runtimes,
+TensorFlow, transformers) only when it runs, so `cvt --help` and `cvt COMMAND --help` start at
+once. Each command is a small function from parsed arguments to an exit status. The error
+policy: an expected error (one of cvt's error classes, all derived from `cvt.errors.CvtError`, or
+a file-system error) is one line (`cvt: error: ...`), exit status 2; exit status 1 means some
+inputs failed (the others were done); anything else is a bug: its traceback, exit status 3.
+Ctrl-C is exit status 130. `cvt --debug ...` shows the traceback of every error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+
+from ..constants import DISTRIBUTION
+from ..errors import CvtError
+from . import attention, bench, export, models, predict, training
+from .common import UsageError
+
+__all__ = ["EXPECTED_ERRORS", "UsageError", "build_parser", "entry", "main"]
+
+# errors that say what the user (or their files, disk or network) must fix: one line, exit 2
+EXPECTED_ERRORS = (CvtError, OSError)
+EXIT_INPUTS_FAILED, EXIT_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 1, 2, 3, 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole `cvt` parser, every command and option (the documentation's CLI reference is
+    generated from it)."""
+    parser = argparse.ArgumentParser(prog="cvt", description="CvT image models: inspect, convert, "
+                                     "classify, train, export, benchmark.")
+    parser.add_argument("--version", action="version",
+                        version=f"cvt {importlib.metadata.version(DISTRIBUTION)}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of every error")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for group in (models, training, predict, export, attention, bench):  # the order --help lists
+        group.add_parsers(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit status (see the module docstring for the error policy)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt as err:
+        print(f"cvt: interrupted{f' {err}' if str(err) else ''}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        expected = isinstance(err, EXPECTED_ERRORS)
+        if args.debug or not expected:
+            traceback.print_exc()
+        if expected:
+            print(f"cvt: error: {err}", file=sys.stderr)
+            return EXIT_ERROR
+        print(f"cvt: internal error ({type(err).__name__}): this is a bug in cvt; please report it "
+              f"with the traceback above", file=sys.stderr)
+        return EXIT_BUG
+
+
+def entry() -> None:
+    """The `cvt` command (and `python -m cvt`): `main`'s status as the process's. On Ctrl-C the
+    process ends at once, not waiting for a thread blocked reading a slow file."""
+    status = main()
+    if status == EXIT_INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

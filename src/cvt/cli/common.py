@@ -1,0 +1,61 @@
+"""What several commands share: the usage error, the --engine/--precision/--calibration options,
+the library's messages on stderr while a command runs, and the input size a checkpoint's
+preprocessing gives."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+
+from ..constants import ENGINE_PRECISIONS, ENGINES
+from ..errors import CvtError
+
+
+class UsageError(CvtError):
+    """A mistake in what the user asked for; printed without a traceback."""
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """--engine, --precision and --calibration, shared by `cvt predict` and `cvt eval`."""
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
+                        help="how to run the model (default auto: the fastest installed fp32 engine "
+                             "for the device)")
+    parser.add_argument("--precision", choices=ENGINE_PRECISIONS, default="fp32",
+                        help="fp32 (exact), bf16 (CPUs with bf16 units, GPUs), int8 (needs "
+                             "--calibration), fp16 (CUDA); reduced precision reports its cost")
+    parser.add_argument("--calibration", metavar="DIR",
+                        help="folder of your images for int8 calibration (class subfolders named "
+                             "after the labels also report accuracy)")
+
+
+@contextlib.contextmanager
+def messages_on_stderr() -> Iterator[None]:
+    """Show the library's progress messages (INFO) and problems (WARNING) on stderr while a
+    command runs."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("cvt")
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def processor_image_size(source: str) -> int:
+    """The input size a checkpoint's image processor gives (224 when it has none)."""
+    from ..errors import CheckpointError
+    from ..processing import CvtImageProcessor
+
+    try:
+        return CvtImageProcessor.from_pretrained(source).size
+    except CheckpointError:
+        return 224

@@ -1,0 +1,37 @@
+"""`cvt predict`: the top-k labels of image files and folders (the work is `cvt.predict`'s)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..constants import PREDICT_FORMATS
+from .common import add_engine_arguments, messages_on_stderr
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    pred = sub.add_parser("predict", help="classify images: top-k labels per file",
+                          description="Classify image files, and the images found (recursively) in "
+                          "folders. Exit status 1: some files could not be classified.")
+    pred.add_argument("model", help="variant name (cvt-13: its published weights), hub id, "
+                      "checkpoint folder or weights file (.pth, .safetensors)")
+    pred.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
+                      help="image files, and folders searched recursively for images")
+    pred.add_argument("--top-k", type=int, default=5, help="labels per image (default: 5)")
+    pred.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    pred.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda or mps if available)")
+    pred.add_argument("--format", choices=PREDICT_FORMATS, default="table", help="default: table")
+    pred.add_argument("--output", help="write the results to this file instead of stdout")
+    pred.add_argument("--image-size", type=int, help="input size (default: the model's own "
+                      "preprocessing; needed for a weights file, which carries none)")
+    add_engine_arguments(pred)
+    pred.set_defaults(run=cmd_predict)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .. import predict
+
+    with messages_on_stderr():
+        return predict.run(args.model, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
+                           device=args.device, fmt=args.format, output=args.output,
+                           engine=args.engine, precision=args.precision,
+                           calibration=args.calibration, image_size=args.image_size)

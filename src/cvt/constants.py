@@ -1,0 +1,25 @@
+"""Facts the library, its engines, its exporters and its command line share, each defined once
+here, free of torch (so that the command line can offer them as choices without loading it)."""
+
+from __future__ import annotations
+
+# the name cvt is installed under (`pip install cvt-vision`); its version is cvt's
+DISTRIBUTION = "cvt-vision"
+
+# the largest absolute difference allowed between what the plain fp32 model computes and an
+# fp32 engine, an exported file (ONNX, OpenVINO IR, TFLite) or the benchmark's other sides
+TOLERANCE = 1e-4
+
+# every LayerNorm's epsilon: the original code's and transformers' value (config.layer_norm_eps,
+# a transformers field, is not used there either)
+LAYER_NORM_EPS = 1e-5
+
+# the inference engines (`cvt.engines.build_engine`, --engine) and the precisions they run
+ENGINES = ("auto", "torch", "onnxruntime", "openvino")
+ENGINE_PRECISIONS = ("fp32", "bf16", "fp16", "int8")  # fp16: CUDA only; int8: calibrated
+
+# the precisions training runs at (`cvt train --precision`): autocast, no int8
+TRAINING_PRECISIONS = ("fp32", "bf16", "fp16")
+
+# what `cvt predict` writes
+PREDICT_FORMATS = ("table", "json", "csv")
