@@ -84,6 +84,28 @@ def test_fit_with_a_keras_loss_and_xy_batches() -> None:
     assert history["loss"][-1] < history["loss"][0] and "top1" in history, history
 
 
+def test_a_dict_batch_is_the_keyword_arguments() -> None:
+    """Keras hands `call` a dict batch as it is: its pixel values, and its labels for the loss."""
+    model = TFCvtForImageClassification(tiny_config())
+    x, y = random_batch(4)
+    from_dict = model({"pixel_values": x, "labels": y})
+    np.testing.assert_array_equal(from_dict.logits.numpy(), model(x).logits.numpy())
+    np.testing.assert_array_equal(from_dict.loss.numpy(), model(x, labels=y).loss.numpy())
+    backbone = TFCvtModel(tiny_config())
+    np.testing.assert_array_equal(backbone({"pixel_values": x, "labels": y}).last_hidden_state.numpy(),
+                                  backbone(x).last_hidden_state.numpy())
+    with pytest.raises(ValueError, match="needs 'pixel_values'"):
+        model({"pixels": x})
+
+
+def test_fit_needs_dataclass_outputs() -> None:
+    model = TFCvtForImageClassification(tiny_config(return_dict=False, **NO_DROP))
+    x, y = random_batch(4)
+    model.compile(optimizer="sgd", jit_compile=False)
+    with pytest.raises(ValueError, match="return_dict = True"):
+        model.fit(x, y, batch_size=4, verbose=0)
+
+
 def test_the_models_own_loss_refuses_sample_weights() -> None:
     model = TFCvtForImageClassification(tiny_config(**NO_DROP))
     x, y = random_batch(4)
