@@ -163,7 +163,8 @@ def test_from_pretrained_takes_a_data_format(tmp_path) -> None:
 
 # ---------------------------------------------------------------------------------------- files
 def test_keras_file_and_saved_model_reload_in_a_fresh_interpreter(tmp_path) -> None:
-    """Both load in a new process that has only imported cvt (then keras), and give the same logits."""
+    """Both load in a new process that has imported cvt's TensorFlow models (which registers them
+    with Keras: `keras.models.load_model` never imports cvt), and give the same logits."""
     torch_model = randomise_(cvt.CvtForImageClassification(tiny_config()), 3).eval()
     model = TFCvtForImageClassification(tiny_config(), data_format="channels_last")
     model.load_pytorch_state_dict(torch_model.state_dict())
@@ -174,7 +175,7 @@ def test_keras_file_and_saved_model_reload_in_a_fresh_interpreter(tmp_path) -> N
     np.save(tmp_path / "x.npy", x)
     report = run_python(
         "import json, numpy as np\n"
-        "import cvt\n"  # all a user imports: cvt's Keras classes register when keras is imported
+        "import cvt.modeling_tf\n"  # registers cvt>TFCvtForImageClassification, as the README says
         "import keras, tensorflow as tf\n"
         f"folder = {str(tmp_path)!r}\n"
         "x = np.load(folder + '/x.npy')\n"

@@ -388,8 +388,11 @@ def test_import_is_lazy_and_explains_a_missing_tensorflow() -> None:
     assert cvt.TFCvtForImageClassification is TFCvtForImageClassification
     assert "TFCvtModel" in dir(cvt)
     result = run_python(
-        "import sys, cvt\n"
+        "import sys\n"
+        "finders = list(sys.meta_path)\n"
+        "import cvt\n"
         "assert not {'tensorflow', 'keras'} & set(sys.modules), 'import cvt loaded TensorFlow'\n"
+        "assert sys.meta_path == finders, 'import cvt changed the import system'\n"
         "sys.modules['tensorflow'] = None\n"  # as if TensorFlow were not installed
         "try:\n    cvt.TFCvtModel\nexcept ImportError as err:\n    print(err)\n")
     assert result.returncode == 0, result.stderr
