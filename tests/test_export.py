@@ -237,7 +237,7 @@ def test_tflite_check_refuses_nan_and_writes_nothing(tmp_path) -> None:
     from cvt.modeling_tf import TFCvtModel
 
     model = TFCvtModel(shallow_config(), data_format="channels_last")
-    kernel = model.cvt.stages[0].projection.conv.kernel
+    kernel = model.encoder.stages[0].projection.kernel
     kernel.assign(np.full(kernel.shape, np.nan, np.float32))
     path = tmp_path / "nan.tflite"
     with pytest.raises(export.ExportCheckError, match="differs from TensorFlow's by up to nan"):

@@ -84,6 +84,28 @@ def test_fit_with_a_keras_loss_and_xy_batches() -> None:
     assert history["loss"][-1] < history["loss"][0] and "top1" in history, history
 
 
+def test_a_dict_batch_is_the_keyword_arguments() -> None:
+    """Keras hands `call` a dict batch as it is: its pixel values, and its labels for the loss."""
+    model = TFCvtForImageClassification(tiny_config())
+    x, y = random_batch(4)
+    from_dict = model({"pixel_values": x, "labels": y})
+    np.testing.assert_array_equal(from_dict.logits.numpy(), model(x).logits.numpy())
+    np.testing.assert_array_equal(from_dict.loss.numpy(), model(x, labels=y).loss.numpy())
+    backbone = TFCvtModel(tiny_config())
+    np.testing.assert_array_equal(backbone({"pixel_values": x, "labels": y}).last_hidden_state.numpy(),
+                                  backbone(x).last_hidden_state.numpy())
+    with pytest.raises(ValueError, match="needs 'pixel_values'"):
+        model({"pixels": x})
+
+
+def test_fit_needs_dataclass_outputs() -> None:
+    model = TFCvtForImageClassification(tiny_config(return_dict=False, **NO_DROP))
+    x, y = random_batch(4)
+    model.compile(optimizer="sgd", jit_compile=False)
+    with pytest.raises(ValueError, match="return_dict = True"):
+        model.fit(x, y, batch_size=4, verbose=0)
+
+
 def test_the_models_own_loss_refuses_sample_weights() -> None:
     model = TFCvtForImageClassification(tiny_config(**NO_DROP))
     x, y = random_batch(4)
@@ -142,7 +164,8 @@ def test_from_pretrained_takes_a_data_format(tmp_path) -> None:
 # ---------------------------------------------------------------------------------------- files
 @pytest.mark.subprocess
 def test_keras_file_and_saved_model_reload_in_a_fresh_interpreter(tmp_path) -> None:
-    """Both load in a new process that has only imported cvt (then keras), and give the same logits."""
+    """Both load in a new process that has imported cvt's TensorFlow models (which registers them
+    with Keras: `keras.models.load_model` never imports cvt), and give the same logits."""
     torch_model = randomise_(cvt.CvtForImageClassification(tiny_config()), 3).eval()
     model = TFCvtForImageClassification(tiny_config(), data_format="channels_last")
     model.load_pytorch_state_dict(torch_model.state_dict())
@@ -153,7 +176,7 @@ def test_keras_file_and_saved_model_reload_in_a_fresh_interpreter(tmp_path) -> N
     np.save(tmp_path / "x.npy", x)
     report = run_python(
         "import json, numpy as np\n"
-        "import cvt\n"  # all a user imports: cvt's Keras classes register when keras is imported
+        "import cvt.modeling_tf\n"  # registers cvt>TFCvtForImageClassification, as the README says
         "import keras, tensorflow as tf\n"
         f"folder = {str(tmp_path)!r}\n"
         "x = np.load(folder + '/x.npy')\n"

@@ -20,7 +20,7 @@ from conftest import randomise_, tiny_config
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's import: no C++ info logs
 # first: it loads triton before TensorFlow, which later torch.compile tests need (see the module)
-from cvt.modeling_tf import LAYOUTS, TFCvtForImageClassification, TFCvtModel  # noqa: E402
+from cvt.modeling_tf import LAYOUTS, RULES, TFCvtForImageClassification, TFCvtModel  # noqa: E402
 
 import keras  # noqa: E402  (the tf extra, which the dev extra includes)
 import tensorflow as tf  # noqa: E402
@@ -133,6 +133,32 @@ def test_output_containers_and_defaults(pair) -> None:
         assert tuple(outputs[1].shape) == (2, 1, torch_model.config.embed_dim[-1])
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("tf_class, torch_class", [(TFCvtForImageClassification, cvt.CvtForImageClassification),
+                                                   (TFCvtModel, cvt.CvtModel)])
+def test_variable_paths_are_the_pytorch_keys(name, tf_class, torch_class) -> None:
+    """No name is translated by hand: a variable's key is its path below the model, '/' read as
+    '.', its own name changed by the rule for its kind (RULES). The keys and PyTorch's state dict
+    match one to one, both ways, with PyTorch's shapes under each kind's layout."""
+    config, _ = CONFIGS[name]
+    model = tf_class(config)
+    expected = {k: tuple(v.shape) for k, v in torch_class(config).state_dict().items()}
+    derived = {}
+    for var in model.weights:
+        assert var.path.startswith(f"{model.path}/"), var.path
+        *layers, leaf = var.path.removeprefix(f"{model.path}/").split("/")
+        leaf, layout = RULES.get((leaf, len(var.shape)), (leaf, "same"))
+        key = ".".join([*layers, leaf])
+        assert key not in derived, f"two variables for {key}"
+        derived[key] = LAYOUTS[layout][1](np.zeros(var.shape, np.int8)).shape
+    assert sorted(derived.keys() - expected.keys()) == []  # every TF variable is a PyTorch weight
+    assert sorted(expected.keys() - derived.keys()) == []  # every PyTorch weight is a TF variable
+    assert derived == expected
+    # what `weights` leaves out of `variables` is Keras' random-seed state (dropout), no weight
+    weight_ids = {id(v) for v in model.weights}
+    assert all(v.path.endswith("seed_generator_state") for v in model.variables if id(v) not in weight_ids)
+
+
 @pytest.mark.parametrize("channels, kernel", [(16, 3), (64, 3), (32, 5)])
 def test_depthwise_kernels_initialise_as_pytorch(channels, kernel) -> None:
     """PyTorch's depthwise Conv2d default is U(-1/k, 1/k) (fan_in = k*k), whatever the channels."""
@@ -140,8 +166,9 @@ def test_depthwise_kernels_initialise_as_pytorch(channels, kernel) -> None:
 
     keras.utils.set_random_seed(0)
     layer = DepthwiseConvBatchNorm(channels, kernel, 1, kernel // 2)
+    layer.build((None, None, None, channels))
     bound = 1 / np.sqrt(kernel * kernel)
-    largest = np.abs(layer.convolution.kernel.numpy()).max()
+    largest = np.abs(layer.convolution.depthwise_kernel.numpy()).max()
     assert 0.5 * bound < largest <= bound, (largest, bound)
 
 
@@ -288,7 +315,7 @@ def test_another_models_weights_are_refused() -> None:
 def tf_gradients_in_pytorch_layout(model, grads):
     by_variable = {id(v): g for v, g in zip(model.trainable_variables, grads)}
     return {key: LAYOUTS[layout][1](by_variable[id(var)].numpy())
-            for key, var, layout in model.weight_map() if id(var) in by_variable}
+            for key, var, layout in model.pytorch_variables() if id(var) in by_variable}
 
 
 def test_training_step_matches_pytorch() -> None:
@@ -361,8 +388,11 @@ def test_import_is_lazy_and_explains_a_missing_tensorflow() -> None:
     assert cvt.TFCvtForImageClassification is TFCvtForImageClassification
     assert "TFCvtModel" in dir(cvt)
     result = run_python(
-        "import sys, cvt\n"
+        "import sys\n"
+        "finders = list(sys.meta_path)\n"
+        "import cvt\n"
         "assert not {'tensorflow', 'keras'} & set(sys.modules), 'import cvt loaded TensorFlow'\n"
+        "assert sys.meta_path == finders, 'import cvt changed the import system'\n"
         "sys.modules['tensorflow'] = None\n"  # as if TensorFlow were not installed
         "try:\n    cvt.TFCvtModel\nexcept ImportError as err:\n    print(err)\n")
     assert result.returncode == 0, result.stderr

@@ -6,10 +6,7 @@ loads the PyTorch models, and `cvt --help` starts at once.
 """
 
 import importlib
-import importlib.abc
 import importlib.metadata
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,41 +41,6 @@ def __getattr__(name: str) -> Any:
     if not name.startswith("_") and ((here / f"{name}.py").is_file() or (here / name).is_dir()):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'cvt' has no attribute {name!r}")
-
-
-def _register_keras_classes() -> None:
-    """Register cvt's Keras classes, where TensorFlow is installed (they register on import)."""
-    try:
-        from . import modeling_tf  # noqa: F401
-    except ImportError:
-        pass
-
-
-class _RegisterOnKerasImport(importlib.abc.MetaPathFinder):
-    """`keras.models.load_model` finds only registered classes and never imports cvt itself, while
-    `import cvt` leaves TensorFlow unloaded: so cvt's Keras classes register right after keras is
-    imported, and a fresh process that imported cvt can load a saved `.keras` model."""
-
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != "keras":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
-        if spec is not None and spec.loader is not None:
-            run = spec.loader.exec_module
-
-            def exec_module(module: Any) -> None:
-                run(module)
-                _register_keras_classes()
-
-            spec.loader.exec_module = exec_module  # type: ignore[method-assign]
-        return spec
-
-
-if "keras" in sys.modules:
-    _register_keras_classes()
-elif not any(isinstance(finder, _RegisterOnKerasImport) for finder in sys.meta_path):
-    sys.meta_path.insert(0, _RegisterOnKerasImport())
 
 
 def __dir__() -> list[str]:

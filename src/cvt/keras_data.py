@@ -4,7 +4,8 @@
     train, classes = image_dataset("photos/train", processor, batch_size=32, shuffle=True)
     model.fit(train, validation_data=image_dataset("photos/val", processor, classes=classes)[0])
 
-Needs the `tf` extra (TensorFlow is imported on first use).
+Needs the `tf` extra. TensorFlow comes through `cvt.modeling_tf`, the one place cvt loads it
+(and its side effects, documented there).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .modeling_tf import tf
 from .processing import CvtImageProcessor
 from .training.data import DataError, read_folder
 
@@ -32,8 +34,6 @@ def image_dataset(folder: str | os.PathLike, processor: CvtImageProcessor, *, ba
     folder names, as in `cvt train`. `data_format="channels_last"` gives (B, H, W, 3).
     Files are decoded and preprocessed by `processor` (Pillow, the same code as PyTorch) in
     tf.data's parallel map; `shuffle` reshuffles every epoch, from `seed`."""
-    import tensorflow as tf
-
     images = read_folder(Path(folder))
     if classes is not None:
         images = images.relabel(list(classes), str(folder))

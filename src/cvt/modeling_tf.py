@@ -1,8 +1,8 @@
 """CvT in TensorFlow (Keras 3), the twin of `cvt.modeling`: same configs, weights and outputs.
 
-Top to bottom: small Keras layers (PyTorch-style padded convolutions, BatchNorm with PyTorch's
-running statistics, average pooling in ceil mode, stochastic depth), then the attention, layer,
-stage and encoder, then `TFCvtModel` and `TFCvtForImageClassification`.
+Top to bottom: small Keras layers (a depthwise convolution, BatchNorm with PyTorch's running
+statistics, average pooling in ceil mode, stochastic depth), then the attention, layer, stage
+and encoder, then `TFCvtModel` and `TFCvtForImageClassification`.
 
 The maths is that of our PyTorch model, fixes over transformers included: 'avg' and 'linear'
 projections, a cls token in any stage, mean pooling when the last stage has no cls token,
@@ -12,35 +12,47 @@ branch, exact GELU or `hidden_act="quick_gelu"`, LayerNorm eps 1e-5, attention s
 `data_format="channels_last"`); inside, maps are NHWC (`(B, H, W, C)`, whose flattening is the
 token tensor `(B, H*W, C)`).
 
-Keras: the models are registered serialisable classes (`get_config`: .keras files), `fit` /
-`evaluate` / `predict` see their main tensor (logits) and train with a compiled Keras loss or,
-given labels in the batch, their own loss; `export` writes a SavedModel with a serving signature.
+Keras, through its public API only: the models are registered serialisable classes
+(`get_config`: .keras files); `call` returns the output dataclass (and also takes a dict batch
+`{"pixel_values", "labels"}`), and the public hooks `fit` / `evaluate` / `predict` go through
+(`compute_loss`, `compute_metrics`, `predict_step`) hand Keras the main tensor (logits), trained
+with a compiled Keras loss or, given labels in the batch, the model's own loss; `export` writes
+a SavedModel with a serving signature.
 
-Weights: every layer lists its variables under the PyTorch state-dict key they correspond to
-(`weight_map`), with the layout change between the two (`LAYOUTS`). `pytorch_state_dict()` /
-`load_pytorch_state_dict()` convert in memory through numpy; `from_pretrained` and
-`save_pretrained` go through `cvt.weights`, so the TensorFlow models read and write exactly the
-files the PyTorch models do (config.json + model.safetensors in transformers' layout, hub ids,
-original microsoft/CvT .pth files).
+Weights: each Keras layer is named after the PyTorch module it computes, dotted where PyTorch
+nests modules that have no Keras twin of their own (`attention.output.dense`), so a variable's
+PyTorch state-dict key is its path below the model, `/` read as `.`, with the variable's own
+name changed by one rule per kind of variable (`RULES`: a Dense or Conv2D kernel is `weight`,
+stored transposed as `LAYOUTS` says). `pytorch_state_dict()` / `load_pytorch_state_dict()`
+convert in memory through numpy; `from_pretrained` and `save_pretrained` go through
+`cvt.weights`, so the TensorFlow models read and write exactly the files the PyTorch models do
+(config.json + model.safetensors in transformers' layout, hub ids, original microsoft/CvT .pth
+files).
+
+Side effects of importing this module, the only ones of cvt's TensorFlow side:
+- triton (torch's compiler, installed with torch on Linux) is imported before TensorFlow, when
+  TensorFlow is not loaded yet (see below);
+- `TFCvtModel` and `TFCvtForImageClassification` register with Keras as `cvt>TFCvtModel` and
+  `cvt>TFCvtForImageClassification`. `keras.models.load_model` only finds registered classes and
+  never imports cvt, so import this module (or use `cvt.TFCvtForImageClassification`) before
+  loading a .keras file, or pass `custom_objects`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import math
 import os
 import sys
 from dataclasses import dataclass
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-# TensorFlow and triton (the compiler behind torch.compile, installed with torch on Linux) each
-# carry their own LLVM, and loading triton's after TensorFlow's crashes the process (a segfault
-# at `import torch._dynamo`, i.e. at the first torch.compile or transformers model). The other
-# order is safe, so triton (0.1 s) loads first when TensorFlow is not loaded yet.
+# TensorFlow and triton each carry their own LLVM, and loading triton's after TensorFlow's crashes
+# the process (a segfault at `import torch._dynamo`, i.e. at the first torch.compile or
+# transformers model; still so with TensorFlow 2.21 and triton 3.8). The other order is safe, so
+# triton (0.1 s) loads first when TensorFlow is not loaded yet.
 if "tensorflow" not in sys.modules and importlib.util.find_spec("triton") is not None:
     try:
         import triton  # noqa: F401
@@ -75,13 +87,31 @@ BATCH_NORM_EPS = 1e-5
 BATCH_NORM_MOMENTUM = 0.1  # PyTorch's convention: running = (1 - m) * running + m * batch
 
 # PyTorch layout -> TensorFlow layout of each kind of weight (and back). Depthwise kernels:
-# PyTorch (C, 1, kh, kw) <-> Keras DepthwiseConv2D (kh, kw, C, 1); the permutation is its own inverse.
+# PyTorch (C, 1, kh, kw) <-> (kh, kw, C, 1) as Keras' DepthwiseConv2D; the permutation is its own inverse.
 LAYOUTS = {
     "same": (lambda a: a, lambda a: a),
     "linear": (lambda a: a.T, lambda a: a.T),  # (out, in) <-> (in, out)
     "conv": (lambda a: a.transpose(2, 3, 1, 0), lambda a: a.transpose(3, 2, 0, 1)),  # (O,I,kh,kw) <-> (kh,kw,I,O)
     "depthwise": (lambda a: a.transpose(2, 3, 0, 1), lambda a: a.transpose(2, 3, 0, 1)),
 }
+
+# One rule per kind of variable: (Keras variable name, rank) -> (PyTorch name, layout). Every other
+# variable (biases, BatchNorm's weight and statistics, cls tokens) has the same name and layout.
+RULES = {
+    ("kernel", 2): ("weight", "linear"),  # keras.layers.Dense
+    ("kernel", 4): ("weight", "conv"),  # keras.layers.Conv2D
+    ("depthwise_kernel", 4): ("weight", "depthwise"),  # DepthwiseConv below
+    ("gamma", 1): ("weight", "same"),  # keras.layers.LayerNormalization
+    ("beta", 1): ("bias", "same"),
+}
+
+
+def pytorch_key(path: str, rank: int) -> tuple[str, str]:
+    """The PyTorch state-dict key and layout of a Keras variable of `rank` at `path` (below its
+    model: 'cvt.encoder/stages.0/.../kernel'): the layers carry the PyTorch modules' names."""
+    *layers, name = path.split("/")
+    name, layout = RULES.get((name, rank), (name, "same"))
+    return ".".join([*layers, name]), layout
 
 
 def _pytorch_shape(var: Any, layout: str) -> tuple[int, ...]:
@@ -124,26 +154,12 @@ def _conv_init() -> keras.initializers.Initializer:
     return keras.initializers.VarianceScaling(scale=1 / 3, mode="fan_in", distribution="uniform")
 
 
-def _depthwise_init(kernel: int) -> keras.initializers.Initializer:
-    # PyTorch's depthwise Conv2d (groups = channels) has fan_in = kernel * kernel, so its default
-    # is U(-1/kernel, 1/kernel). Keras would take fan_in = C * kernel * kernel from the
-    # (k, k, C, 1) kernel shape, sqrt(C) times too small: give the bound explicitly.
-    bound = 1 / math.sqrt(kernel * kernel)
-    return keras.initializers.RandomUniform(-bound, bound)
+def _dense(units: int, config: CvtConfig, name: str, use_bias: bool = True) -> keras.layers.Dense:
+    return keras.layers.Dense(units, use_bias=use_bias, kernel_initializer=_dense_init(config), name=name)
 
 
-def _dense(units: int, input_dim: int, config: CvtConfig, use_bias: bool = True,
-           name: str | None = None) -> keras.layers.Dense:
-    layer = keras.layers.Dense(units, use_bias=use_bias, kernel_initializer=_dense_init(config),
-                               name=name)
-    layer.build((None, input_dim))
-    return layer
-
-
-def _layer_norm(dim: int, name: str | None = None) -> keras.layers.LayerNormalization:
-    layer = keras.layers.LayerNormalization(epsilon=LAYER_NORM_EPS, name=name)
-    layer.build((None, dim))
-    return layer
+def _layer_norm(name: str) -> keras.layers.LayerNormalization:
+    return keras.layers.LayerNormalization(epsilon=LAYER_NORM_EPS, name=name)
 
 
 def _pytorch_pad(x: tf.Tensor, padding: int) -> tf.Tensor:
@@ -153,37 +169,26 @@ def _pytorch_pad(x: tf.Tensor, padding: int) -> tf.Tensor:
     return tf.pad(x, [[0, 0], [padding, padding], [padding, padding], [0, 0]])
 
 
-def _weights(prefix: str, **variables: tuple[Any, str]) -> list[tuple[str, Any, str]]:
-    """[(PyTorch key, variable, layout)] for `name=(variable, layout)` pairs."""
-    return [(f"{prefix}{name}", var, layout) for name, (var, layout) in variables.items()]
+class DepthwiseConv(keras.layers.Layer):
+    """A depthwise convolution without bias (`tf.nn.depthwise_conv2d`, as Keras' DepthwiseConv2D,
+    which also backpropagates on CPU, unlike grouped convolutions). Its kernel is named
+    `depthwise_kernel`, so the weight rules tell it from a dense convolution's."""
 
-
-def _dense_weights(prefix: str, layer: keras.layers.Dense) -> list[tuple[str, Any, str]]:
-    out = _weights(prefix, weight=(layer.kernel, "linear"))
-    return out + (_weights(prefix, bias=(layer.bias, "same")) if layer.use_bias else [])
-
-
-def _norm_weights(prefix: str, layer: keras.layers.LayerNormalization) -> list[tuple[str, Any, str]]:
-    return _weights(prefix, weight=(layer.gamma, "same"), bias=(layer.beta, "same"))
-
-
-class Conv(keras.layers.Layer):
-    """A dense 2-D convolution with PyTorch's symmetric zero padding (NHWC)."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int, padding: int,
-                 **kwargs: Any) -> None:
+    def __init__(self, dim: int, kernel: int, stride: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.padding = padding
-        self.conv = keras.layers.Conv2D(out_channels, kernel, strides=stride, padding="valid",
-                                        kernel_initializer=_conv_init(), name="conv")
-        self.conv.build((None, None, None, in_channels))
-        self.built = True
+        self.dim, self.kernel_size, self.stride = dim, kernel, stride
+
+    def build(self, input_shape: Any = None) -> None:
+        # PyTorch's depthwise Conv2d (groups = channels) has fan_in = kernel * kernel, so its default
+        # is U(-1/kernel, 1/kernel); Keras would take fan_in = C * kernel * kernel from the shape.
+        bound = 1 / math.sqrt(self.kernel_size * self.kernel_size)
+        self.depthwise_kernel = self.add_weight(
+            shape=(self.kernel_size, self.kernel_size, self.dim, 1), name="depthwise_kernel",
+            initializer=keras.initializers.RandomUniform(-bound, bound))
 
     def call(self, x: tf.Tensor) -> tf.Tensor:
-        return self.conv(_pytorch_pad(x, self.padding))
-
-    def weight_map(self, prefix: str) -> list[tuple[str, Any, str]]:
-        return _weights(prefix, weight=(self.conv.kernel, "conv"), bias=(self.conv.bias, "same"))
+        kernel = tf.cast(self.depthwise_kernel, x.dtype)
+        return tf.nn.depthwise_conv2d(x, kernel, [1, self.stride, self.stride, 1], "VALID")
 
 
 class BatchNorm(keras.layers.Layer):
@@ -195,6 +200,10 @@ class BatchNorm(keras.layers.Layer):
 
     def __init__(self, dim: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.dim = dim
+
+    def build(self, input_shape: Any = None) -> None:
+        dim = self.dim
         self.weight = self.add_weight(shape=(dim,), initializer="ones", name="weight")
         self.bias = self.add_weight(shape=(dim,), initializer="zeros", name="bias")
         # under tf.distribute each replica updates the statistics from its own part of the batch
@@ -206,7 +215,6 @@ class BatchNorm(keras.layers.Layer):
         self.num_batches_tracked = self.add_weight(shape=(), dtype="int64", initializer="zeros",
                                                    trainable=False, aggregation="only_first_replica",
                                                    name="num_batches_tracked")
-        self.built = True
 
     def call(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
         if training and self.trainable:  # frozen (trainable = False): running statistics, as Keras'
@@ -221,30 +229,22 @@ class BatchNorm(keras.layers.Layer):
             mean, var = self.running_mean, self.running_var
         return tf.nn.batch_normalization(x, mean, var, self.bias, self.weight, BATCH_NORM_EPS)
 
-    def weight_map(self, prefix: str) -> list[tuple[str, Any, str]]:
-        return _weights(prefix, **{name: (getattr(self, name), "same") for name in (
-            "weight", "bias", "running_mean", "running_var", "num_batches_tracked")})
-
 
 class DepthwiseConvBatchNorm(keras.layers.Layer):
-    """Depthwise convolution (Keras DepthwiseConv2D, which also backpropagates on CPU) + BatchNorm."""
+    """Depthwise convolution with PyTorch's symmetric zero padding, then BatchNorm."""
 
     def __init__(self, dim: int, kernel: int, stride: int, padding: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.padding = padding
-        self.convolution = keras.layers.DepthwiseConv2D(
-            kernel, strides=stride, padding="valid", use_bias=False,
-            depthwise_initializer=_depthwise_init(kernel), name="convolution")
-        self.convolution.build((None, None, None, dim))
+        self.convolution = DepthwiseConv(dim, kernel, stride, name="convolution")
         self.normalization = BatchNorm(dim, name="normalization")
-        self.built = True
+
+    def build(self, input_shape: Any = None) -> None:
+        self.convolution.build(input_shape)
+        self.normalization.build(input_shape)
 
     def call(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
         return self.normalization(self.convolution(_pytorch_pad(x, self.padding)), training=training)
-
-    def weight_map(self, prefix: str) -> list[tuple[str, Any, str]]:
-        return (_weights(prefix, **{"convolution.weight": (self.convolution.kernel, "depthwise")})
-                + self.normalization.weight_map(f"{prefix}normalization."))
 
 
 class AvgPool(keras.layers.Layer):
@@ -254,7 +254,6 @@ class AvgPool(keras.layers.Layer):
     def __init__(self, kernel: int, stride: int, padding: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.kernel, self.stride, self.padding = kernel, stride, padding
-        self.built = True
 
     def call(self, x: tf.Tensor) -> tf.Tensor:
         k, s, p = self.kernel, self.stride, self.padding
@@ -275,7 +274,6 @@ class DropPath(keras.layers.Layer):
     def __init__(self, rate: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.rate = rate
-        self.built = True
 
     def call(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
         if not training or self.rate == 0.0:
@@ -304,27 +302,26 @@ class SpatialProjection(keras.layers.Layer):
     def __init__(self, method: str, dim: int, kernel: int, stride: int, padding: int,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.method = method
+        self.dim = dim
         if method == "dw_bn":
-            self.projection = DepthwiseConvBatchNorm(dim, kernel, stride, padding, name="convolution_projection")
+            self.convolution_projection = DepthwiseConvBatchNorm(
+                dim, kernel, stride, padding, name="convolution_projection")
         elif method == "avg":
-            self.projection = AvgPool(kernel, stride, padding, name="convolution_projection")
+            self.convolution_projection = AvgPool(kernel, stride, padding, name="convolution_projection")
         else:
-            self.projection = None
-        self.built = True
+            self.convolution_projection = None
+
+    def build(self, input_shape: Any = None) -> None:
+        if self.convolution_projection is not None:
+            self.convolution_projection.build((None, None, None, self.dim))
 
     def call(self, feature_map: tf.Tensor, training: bool = False) -> tf.Tensor:
-        if self.method == "dw_bn":
-            feature_map = self.projection(feature_map, training=training)
-        elif self.method == "avg":
-            feature_map = self.projection(feature_map)
+        if isinstance(self.convolution_projection, DepthwiseConvBatchNorm):
+            feature_map = self.convolution_projection(feature_map, training=training)
+        elif self.convolution_projection is not None:
+            feature_map = self.convolution_projection(feature_map)
         _, height, width, channels = feature_map.shape
         return tf.reshape(feature_map, [-1, height * width, channels])
-
-    def weight_map(self, prefix: str) -> list[tuple[str, Any, str]]:
-        if self.method != "dw_bn":
-            return []
-        return self.projection.weight_map(f"{prefix}convolution_projection.")
 
 
 class SelfAttention(keras.layers.Layer):
@@ -348,11 +345,16 @@ class SelfAttention(keras.layers.Layer):
         self.convolution_projection_value = SpatialProjection(
             method, dim, kernel, config.stride_kv[stage], config.padding_kv[stage],
             name="convolution_projection_value")
-        self.projection_query = _dense(dim, dim, config, bias, name="projection_query")
-        self.projection_key = _dense(dim, dim, config, bias, name="projection_key")
-        self.projection_value = _dense(dim, dim, config, bias, name="projection_value")
+        self.projection_query = _dense(dim, config, "projection_query", bias)
+        self.projection_key = _dense(dim, config, "projection_key", bias)
+        self.projection_value = _dense(dim, config, "projection_value", bias)
         self.attention_dropout = keras.layers.Dropout(config.attention_drop_rate[stage])
-        self.built = True
+
+    def build(self, input_shape: Any = None) -> None:
+        for name in ("query", "key", "value"):
+            getattr(self, f"convolution_projection_{name}").build((None, None, None, self.dim))
+        for name in ("query", "key", "value"):
+            getattr(self, f"projection_{name}").build((None, self.dim))
 
     def call(self, x: tf.Tensor, height: int, width: int, training: bool = False,
              output_attentions: bool = False) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
@@ -377,34 +379,33 @@ class SelfAttention(keras.layers.Layer):
         x = tf.reshape(x, [-1, x.shape[1], self.num_heads, self.dim // self.num_heads])
         return tf.transpose(x, [0, 2, 1, 3])
 
-    def weight_map(self, prefix: str) -> list[tuple[str, Any, str]]:
-        out = []
-        for name in ("query", "key", "value"):
-            out += getattr(self, f"convolution_projection_{name}").weight_map(
-                f"{prefix}convolution_projection_{name}.")
-        for name in ("query", "key", "value"):
-            out += _dense_weights(f"{prefix}projection_{name}.", getattr(self, f"projection_{name}"))
-        return out
-
 
 # ---------------------------------------------------------------------------------------- layer, stage, encoder
 class CvtLayer(keras.layers.Layer):
-    """Pre-norm transformer block: x + attention(LN(x)), then x + MLP(LN(x))."""
+    """Pre-norm transformer block: x + attention(LN(x)), then x + MLP(LN(x)). PyTorch's Attention
+    and MLP containers have no Keras twins: their modules' names are dotted here."""
 
     def __init__(self, config: CvtConfig, stage: int, drop_path_rate: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         dim, rate = config.embed_dim[stage], config.drop_rate[stage]
-        hidden = int(dim * config.mlp_ratio[stage])
-        self.attention = SelfAttention(config, stage, name="attention")
-        self.attention_output = _dense(dim, dim, config, name="attention_output")
-        self.intermediate = _dense(hidden, dim, config, name="intermediate")
+        self.dim, self.hidden = dim, int(dim * config.mlp_ratio[stage])
+        self.attention = SelfAttention(config, stage, name="attention.attention")
+        self.attention_output = _dense(dim, config, "attention.output.dense")
+        self.intermediate = _dense(self.hidden, config, "intermediate.dense")
+        self.output_dense = _dense(dim, config, "output.dense")
+        self.layernorm_before = _layer_norm("layernorm_before")
+        self.layernorm_after = _layer_norm("layernorm_after")
         self.activation = quick_gelu if config.hidden_act == "quick_gelu" else exact_gelu
-        self.output_dense = _dense(dim, hidden, config, name="output")
         self.dropout = keras.layers.Dropout(rate)
         self.drop_path = DropPath(drop_path_rate)
-        self.layernorm_before = _layer_norm(dim, name="layernorm_before")
-        self.layernorm_after = _layer_norm(dim, name="layernorm_after")
-        self.built = True
+
+    def build(self, input_shape: Any = None) -> None:
+        tokens = (None, None, self.dim)
+        self.attention.build(tokens)
+        for layer in (self.attention_output, self.intermediate, self.layernorm_before, self.layernorm_after):
+            layer.build(tokens)
+        self.output_dense.build((None, None, self.hidden))
+        self.drop_path.build(tokens)
 
     def call(self, x: tf.Tensor, height: int, width: int, training: bool = False,
              output_attentions: bool = False) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
@@ -419,43 +420,42 @@ class CvtLayer(keras.layers.Layer):
         x = x + self.drop_path(mlp, training=training)
         return (x, probabilities) if output_attentions else x
 
-    def weight_map(self, prefix: str) -> list[tuple[str, Any, str]]:
-        return (self.attention.weight_map(f"{prefix}attention.attention.")
-                + _dense_weights(f"{prefix}attention.output.dense.", self.attention_output)
-                + _dense_weights(f"{prefix}intermediate.dense.", self.intermediate)
-                + _dense_weights(f"{prefix}output.dense.", self.output_dense)
-                + _norm_weights(f"{prefix}layernorm_before.", self.layernorm_before)
-                + _norm_weights(f"{prefix}layernorm_after.", self.layernorm_after))
-
 
 class CvtStage(keras.layers.Layer):
-    """Convolutional token embedding (conv + LayerNorm), optional cls token, then `depth` layers."""
+    """Convolutional token embedding (PyTorch's `embedding.convolution_embeddings`: a padded conv
+    and LayerNorm), optional cls token, then `depth` layers."""
 
     def __init__(self, config: CvtConfig, stage: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        dim = config.embed_dim[stage]
-        self.dim = dim
-        self.cls_token = None
-        if config.cls_token[stage]:
-            self.cls_token = self.add_weight(shape=(1, 1, dim), initializer=_dense_init(config),
-                                             name="cls_token")
-        self.projection = Conv(config.stage_in_channels(stage), dim, config.patch_sizes[stage], config.patch_stride[stage],
-                               config.patch_padding[stage], name="projection")
-        self.normalization = _layer_norm(dim, name="normalization")
+        self.config, self.stage = config, stage
+        self.dim, self.padding = config.embed_dim[stage], config.patch_padding[stage]
+        embedding = "embedding.convolution_embeddings"
+        self.projection = keras.layers.Conv2D(
+            self.dim, config.patch_sizes[stage], strides=config.patch_stride[stage], padding="valid",
+            kernel_initializer=_conv_init(), name=f"{embedding}.projection")
+        self.normalization = _layer_norm(f"{embedding}.normalization")
         self.embedding_dropout = keras.layers.Dropout(config.drop_rate[stage])
         self.layers = [CvtLayer(config, stage, rate, name=f"layers.{j}")
                        for j, rate in enumerate(config.layer_drop_path_rates(stage))]
-        self.built = True
+
+    def build(self, input_shape: Any = None) -> None:
+        config, stage = self.config, self.stage
+        self.cls_token = self.add_weight(shape=(1, 1, self.dim), initializer=_dense_init(config),
+                                         name="cls_token") if config.cls_token[stage] else None
+        self.projection.build((None, None, None, config.stage_in_channels(stage)))
+        self.normalization.build((None, None, self.dim))
+        for layer in self.layers:
+            layer.build((None, None, self.dim))
 
     def call(self, feature_map: tf.Tensor, training: bool = False, output_attentions: bool = False) -> tuple:
         """(B, H, W, C_in) -> (B, H', W', C) map, and the cls token (B, 1, C) or None; with
         `output_attentions` a third item, each layer's attention probabilities."""
-        feature_map = self.projection(feature_map)
+        feature_map = self.projection(_pytorch_pad(feature_map, self.padding))
         _, height, width, _ = feature_map.shape
         x = self.normalization(tf.reshape(feature_map, [-1, height * width, self.dim]))
         x = self.embedding_dropout(x, training=training)
         if self.cls_token is not None:
-            cls = tf.tile(tf.convert_to_tensor(self.cls_token), [tf.shape(x)[0], 1, 1])
+            cls = tf.tile(tf.cast(self.cls_token, x.dtype), [tf.shape(x)[0], 1, 1])
             x = tf.concat([cls, x], axis=1)
         attentions = []
         for layer in self.layers:
@@ -469,23 +469,18 @@ class CvtStage(keras.layers.Layer):
         feature_map = tf.reshape(x, [-1, height, width, self.dim])
         return (feature_map, cls, tuple(attentions)) if output_attentions else (feature_map, cls)
 
-    def weight_map(self, prefix: str) -> list[tuple[str, Any, str]]:
-        out = _weights(prefix, cls_token=(self.cls_token, "same")) if self.cls_token is not None else []
-        out += self.projection.weight_map(f"{prefix}embedding.convolution_embeddings.projection.")
-        out += _norm_weights(f"{prefix}embedding.convolution_embeddings.normalization.", self.normalization)
-        for j, layer in enumerate(self.layers):
-            out += layer.weight_map(f"{prefix}layers.{j}.")
-        return out
 
-
-class CvtMainLayer(keras.layers.Layer):
+class CvtEncoder(keras.layers.Layer):
     """The backbone: NCHW pixels -> per-stage NCHW feature maps and the last stage's cls token."""
 
     def __init__(self, config: CvtConfig, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.config = config
         self.stages = [CvtStage(config, s, name=f"stages.{s}") for s in range(config.num_stages)]
-        self.built = True
+
+    def build(self, input_shape: Any = None) -> None:
+        for stage in self.stages:
+            stage.build()
 
     def call(self, pixel_values: tf.Tensor, output_hidden_states: bool = False,
              training: bool = False, output_attentions: bool = False) -> TFBaseModelOutputWithCLSToken:
@@ -505,12 +500,6 @@ class CvtMainLayer(keras.layers.Layer):
             hidden_states=tuple(to_nchw(m) for m in maps) if output_hidden_states else None,
             attentions=attentions if output_attentions else None)
 
-    def weight_map(self, prefix: str) -> list[tuple[str, Any, str]]:
-        out = []
-        for s, stage in enumerate(self.stages):
-            out += stage.weight_map(f"{prefix}encoder.stages.{s}.")
-        return out
-
 
 # ---------------------------------------------------------------------------------------- models
 class TFCvtPreTrainedModel(keras.Model):
@@ -523,7 +512,6 @@ class TFCvtPreTrainedModel(keras.Model):
     base_model_prefix = "cvt"
     main_input_name = "pixel_values"
     preprocessing: dict | None = None  # as on the PyTorch models: written again by save_pretrained
-    _keras_step = False  # True while Keras traces a step: the model then returns its main tensor
 
     def __init__(self, config: CvtConfig, data_format: str = "channels_first", **kwargs: Any) -> None:
         if not isinstance(config, CvtConfig):
@@ -558,42 +546,25 @@ class TFCvtPreTrainedModel(keras.Model):
         """The tensor Keras losses, metrics and `predict` see."""
         raise NotImplementedError
 
-    @contextlib.contextmanager
-    def _keras_outputs(self) -> Iterator[None]:
-        """While Keras traces a step, `model(x)` takes a batch as Keras passes it (a tensor, or a
-        dict with `pixel_values` and maybe `labels`) and returns `main_output`, not a dataclass."""
-        object.__setattr__(self, "_keras_step", True)
-        try:
-            yield
-        finally:
-            object.__setattr__(self, "_keras_step", False)
+    def _keras_view(self, y_pred: Any) -> Any:
+        """What Keras' losses, metrics and `predict` see of the model's output: its main tensor.
+        (`call` returns the output dataclass, which Keras passes through its steps as it is.)"""
+        if isinstance(y_pred, tuple):
+            raise InvalidValueError("Keras' fit, evaluate and predict need the outputs as a dataclass: "
+                                    "set model.config.return_dict = True")
+        return self.main_output(y_pred) if isinstance(y_pred, ModelOutput) else y_pred
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if not self._keras_step:
-            return super().__call__(*args, **kwargs)
-        if args and isinstance(args[0], dict):
-            args = (_pixel_values_of(args[0]),) + args[1:]
-        return self.main_output(super().__call__(*args, return_dict=True, **kwargs))
-
-    def train_step(self, data: Any) -> dict[str, Any]:
-        with self._keras_outputs():
-            return super().train_step(data)
-
-    def test_step(self, data: Any) -> dict[str, Any]:
-        with self._keras_outputs():
-            return super().test_step(data)
-
-    def predict_step(self, data: Any) -> tf.Tensor:
-        with self._keras_outputs():
-            return super().predict_step(data)
-
-    def _symbolic_build(self, *args: Any, **kwargs: Any) -> None:
-        # Keras builds metrics and losses from one symbolic call of the model before the first step
-        with self._keras_outputs():
-            super()._symbolic_build(*args, **kwargs)
+    def compute_loss(self, x: Any = None, y: Any = None, y_pred: Any = None, sample_weight: Any = None,
+                     training: bool = True) -> tf.Tensor:
+        """The compiled Keras loss, on the main tensor."""
+        return super().compute_loss(x, _labels_of(x, y), self._keras_view(y_pred), sample_weight,
+                                    training=training)
 
     def compute_metrics(self, x: Any, y: Any, y_pred: Any, sample_weight: Any = None) -> dict[str, Any]:
-        return super().compute_metrics(x, _labels_of(x, y), y_pred, sample_weight)
+        return super().compute_metrics(x, _labels_of(x, y), self._keras_view(y_pred), sample_weight)
+
+    def predict_step(self, data: Any) -> tf.Tensor:
+        return self._keras_view(super().predict_step(data))
 
     # --------------------------------------------------------------- Keras: SavedModel
     def serving_function(self, image_size: int | tuple[int, int] | None = None) -> Any:
@@ -630,18 +601,27 @@ class TFCvtPreTrainedModel(keras.Model):
         archive.write_out(os.fspath(filepath), verbose=bool(verbose))
 
     # --------------------------------------------------------------- weights in PyTorch's layout
-    def weight_map(self) -> list[tuple[str, Any, str]]:
-        """[(PyTorch state-dict key, Keras variable, layout)], in PyTorch's key order."""
-        raise NotImplementedError
+    def pytorch_variables(self) -> list[tuple[str, Any, str]]:
+        """[(PyTorch state-dict key, Keras variable, layout)] of every variable, in PyTorch's key
+        order (the layers are created in PyTorch's module order), keys read from the paths.
+        (Keras' `weights`: the variables less random seeds and metrics.)"""
+        below = f"{self.path}/"
+        out = []
+        for var in self.weights:
+            if not var.path.startswith(below):
+                raise RuntimeError(f"{var.path} is not below the model's path {self.path}: built elsewhere?")
+            key, layout = pytorch_key(var.path.removeprefix(below), len(var.shape))
+            out.append((key, var, layout))
+        return out
 
     def pytorch_shapes(self) -> dict[str, tuple[int, ...]]:
         """PyTorch key -> PyTorch shape of every weight, without reading (copying) any of them."""
-        return {key: _pytorch_shape(var, layout) for key, var, layout in self.weight_map()}
+        return {key: _pytorch_shape(var, layout) for key, var, layout in self.pytorch_variables()}
 
     def pytorch_state_dict(self) -> dict[str, np.ndarray]:
         """The weights as numpy arrays under PyTorch keys and shapes (our CvT's and transformers')."""
         return {key: np.array(LAYOUTS[layout][1](np.asarray(var.numpy())), order="C")
-                for key, var, layout in self.weight_map()}
+                for key, var, layout in self.pytorch_variables()}
 
     def load_pytorch_state_dict(self, state_dict: dict[str, Any], source: str = "state dict") -> None:
         """Load PyTorch-layout weights (torch tensors or numpy arrays): transformers' keys with or
@@ -661,7 +641,7 @@ class TFCvtPreTrainedModel(keras.Model):
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
         """Assign PyTorch-layout arrays; with `strict`, every key must be present and known."""
-        variables = {key: (var, layout) for key, var, layout in self.weight_map()}
+        variables = {key: (var, layout) for key, var, layout in self.pytorch_variables()}
         missing = [k for k in variables if k not in state_dict]
         unexpected = [k for k in state_dict if k not in variables]
         if unexpected or (strict and missing):
@@ -708,6 +688,18 @@ class TFCvtPreTrainedModel(keras.Model):
                                        preprocessing=getattr(self, "preprocessing", None))
 
     # --------------------------------------------------------------- inputs
+    def _build_now(self) -> None:
+        """Build at construction, as PyTorch modules have their weights (to load, get or set them
+        at once); every variable is created in PyTorch's order, whatever the input's size."""
+        self.build()
+
+    def _inputs(self, pixel_values: Any, labels: Any, training: bool) -> tuple[tf.Tensor, Any]:
+        """The checked pixel values and the labels: a dict batch, as Keras passes it, holds both."""
+        if isinstance(pixel_values, dict):
+            labels = pixel_values.get("labels") if labels is None else labels
+            pixel_values = _pixel_values_of(pixel_values)
+        return self._check_pixel_values(pixel_values, training), labels
+
     def _check_pixel_values(self, pixel_values: Any, training: bool) -> tf.Tensor:
         """The PyTorch model's input checks, returning the tensor cast to the layers' compute dtype."""
         try:
@@ -756,25 +748,25 @@ class TFCvtModel(TFCvtPreTrainedModel):
 
     def __init__(self, config: CvtConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
-        self.cvt = CvtMainLayer(config, name="cvt")
-        self.built = True
+        self.encoder = CvtEncoder(config, name="encoder")
+        self._build_now()
+
+    def build(self, input_shape: Any = None) -> None:
+        self.encoder.build(input_shape)
 
     def call(self, pixel_values: Any, output_hidden_states: bool | None = None,
              return_dict: bool | None = None, training: bool = False, output_attentions: bool = False
              ) -> TFBaseModelOutputWithCLSToken | tuple:
         """As `CvtModel.forward`: NCHW pixels (NHWC with `data_format="channels_last"`) to the
         last stage's map, the cls token and, on request, every stage's map and attention."""
-        pixel_values = self._check_pixel_values(pixel_values, training)
+        pixel_values, _ = self._inputs(pixel_values, None, training)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         if return_dict is None:
             return_dict = self.config.return_dict
-        out = self.cvt(pixel_values, output_hidden_states=output_hidden_states, training=training,
-                       output_attentions=output_attentions)
+        out = self.encoder(pixel_values, output_hidden_states=output_hidden_states, training=training,
+                           output_attentions=output_attentions)
         return out if return_dict else out.to_tuple()
-
-    def weight_map(self) -> list[tuple[str, Any, str]]:
-        return self.cvt.weight_map("")
 
     def main_output(self, outputs: TFBaseModelOutputWithCLSToken) -> tf.Tensor:
         return outputs.last_hidden_state
@@ -782,22 +774,30 @@ class TFCvtModel(TFCvtPreTrainedModel):
 
 @keras.saving.register_keras_serializable(package="cvt")
 class TFCvtForImageClassification(TFCvtPreTrainedModel):
-    """CvT backbone + final LayerNorm + linear classifier over the cls token (or mean-pooled tokens)."""
+    """CvT backbone + final LayerNorm + linear classifier over the cls token (or mean-pooled
+    tokens). The backbone, PyTorch's `cvt` (a CvtModel holding an encoder), is the encoder
+    layer `cvt.encoder`."""
 
     def __init__(self, config: CvtConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
-        dim = config.embed_dim[-1]
-        self.cvt = CvtMainLayer(config, name="cvt")
-        self.layernorm = _layer_norm(dim, name="layernorm")
-        self.classifier = _dense(config.num_labels, dim, config, name="classifier") if config.num_labels > 0 else None
-        self.built = True
+        self.cvt = CvtEncoder(config, name="cvt.encoder")
+        self.layernorm = _layer_norm("layernorm")
+        self.classifier = _dense(config.num_labels, config, "classifier") if config.num_labels > 0 else None
+        self._build_now()
+
+    def build(self, input_shape: Any = None) -> None:
+        self.cvt.build(input_shape)
+        features = (None, self.config.embed_dim[-1])
+        self.layernorm.build(features)
+        if self.classifier is not None:
+            self.classifier.build(features)
 
     def call(self, pixel_values: Any, labels: Any = None, output_hidden_states: bool | None = None,
              return_dict: bool | None = None, training: bool = False, output_attentions: bool = False
              ) -> TFImageClassifierOutputWithNoAttention | tuple:
         """As `CvtForImageClassification.forward`: logits, and with `labels` the loss of the
         PyTorch model's `problem_type` rules."""
-        pixel_values = self._check_pixel_values(pixel_values, training)
+        pixel_values, labels = self._inputs(pixel_values, labels, training)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         if return_dict is None:
@@ -826,6 +826,7 @@ class TFCvtForImageClassification(TFCvtPreTrainedModel):
         y = _labels_of(x, y)
         if self.loss is not None or y is None:
             return super().compute_loss(x, y, y_pred, sample_weight, training=training)
+        y_pred = self._keras_view(y_pred)
         if sample_weight is not None:
             raise InvalidValueError("sample weights need a Keras loss: compile(loss=...) (the model's own "
                              "loss weighs every sample alike)")
@@ -862,7 +863,3 @@ class TFCvtForImageClassification(TFCvtPreTrainedModel):
                 f"(int64/int32 class indices select single-label cross-entropy)")
         return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(
             tf.cast(labels, logits.dtype), logits))
-
-    def weight_map(self) -> list[tuple[str, Any, str]]:
-        out = self.cvt.weight_map("cvt.") + _norm_weights("layernorm.", self.layernorm)
-        return out + (_dense_weights("classifier.", self.classifier) if self.classifier is not None else [])
