@@ -105,6 +105,17 @@ def assert_close_to_scale(actual, expected, rel: float = 1e-5, msg: str = "") ->
                                   f"of their scale {scale:.3g} (allowed {rel})")
 
 
+def assert_gradients_close(actual: dict, expected: dict, rel: float = 1e-5) -> None:
+    """Each gradient within `rel` of the largest expected gradient: the model's gradient scale,
+    not each tensor's, since some gradients are zero but for rounding (a key bias: softmax ignores
+    a shift shared by all keys) and their rounding noise has the scale of the sums that made it."""
+    assert actual.keys() == expected.keys()
+    scale = max(np.abs(_float64(g)).max(initial=0.0) for g in expected.values())
+    for name, grad in expected.items():
+        worst = np.abs(_float64(actual[name]) - _float64(grad)).max(initial=0.0)
+        assert worst <= rel * scale, f"{name}: differs by up to {worst:.3g}, the largest gradient is {scale:.3g} (allowed {rel})"
+
+
 def randomise_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Give every weight and BatchNorm statistic a non-default random value, so that a test can
     not pass on initial values (unit LayerNorms, zero biases, identity BatchNorm)."""

@@ -82,6 +82,7 @@ class CvtSegmenter(nn.Module):
         return nn.functional.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
 
+@pytest.mark.slow
 def test_segmentation_head_loss_falls():
     torch.manual_seed(0)
     features = cvt.create_model("cvt-13", features_only=True, out_indices=[-1], depth=(1, 1, 2),

@@ -49,7 +49,7 @@ def test_printed_table_gives_median_times_and_per_round_ratios(monkeypatch) -> N
     assert cells[6] == f"{100 * row['gflops'] / 100.0:.0f}%"
 
 
-@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("training", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_disagreement_stops_the_benchmark(training, monkeypatch) -> None:
     case = benchmark.Case("tiny", (1, 2, 3), 64, 2, training=training)
     original = benchmark.build_pair

@@ -44,7 +44,7 @@ def test_info_counts_match_the_reference(name, capsys) -> None:
 @pytest.mark.parametrize("config, size", [
     (tiny_config(), (64, 48)),
     (tiny_config(cls_token=[False, False, False], stride_kv=[1, 2, 3], padding_kv=[0, 1, 1]), (61, 77)),
-    (cvt.CvtConfig(num_labels=1000), (224, 224)),
+    pytest.param(cvt.CvtConfig(num_labels=1000), (224, 224), marks=pytest.mark.slow),  # CvT-13
 ])
 def test_multiply_adds_equal_what_transformers_executes(config, size) -> None:
     """The analytic count equals torch's FLOP counter (2 FLOPs per multiply-add) run on

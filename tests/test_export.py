@@ -61,6 +61,7 @@ def test_classifier_with_cls_token_non_square_any_batch(tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no temporary files
 
 
+@pytest.mark.slow
 def test_backbone_exports_feature_map_and_cls_token(tmp_path) -> None:
     model = randomise_(cvt.CvtModel(shallow_config()), seed=4).eval()  # cls token in the last stage
     path = export.export_onnx(model, tmp_path / "backbone.onnx", image_size=56).path
@@ -119,6 +120,7 @@ def test_missing_onnxruntime_refuses_a_checked_export(tmp_path, monkeypatch) -> 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_cli_exports_a_backbone_folder_as_a_backbone(tmp_path, capsys) -> None:
     """A saved CvtModel has no classifier: its features are exported, never a random head."""
     backbone = randomise_(cvt.CvtModel(shallow_config()), seed=8).eval()
@@ -163,6 +165,7 @@ def test_cli_end_to_end(tmp_path, capsys) -> None:
 SIZES = ((96, 96), (61, 77), (128, 128))  # none of them the size traced
 
 
+@pytest.mark.slow
 def test_dynamic_size_backbone_serves_several_sizes(tmp_path) -> None:
     """Pooled ('avg', ceil mode) and unprojected keys, cls tokens in the first and last stage:
     every token-grid size in the graph follows the input's."""
@@ -182,6 +185,7 @@ def test_dynamic_size_backbone_serves_several_sizes(tmp_path) -> None:
             assert_close(cls, want.cls_token_value)
 
 
+@pytest.mark.slow
 def test_cli_dynamic_size_classifier(tmp_path, capsys) -> None:
     folder = save_classifier(tmp_path / "model", image_size=64, cls_token=(False, False, False))
     out = tmp_path / "dynamic.onnx"
@@ -212,6 +216,7 @@ def test_dynamic_size_refusals(tmp_path, capsys) -> None:
 
 
 # ---------------------------------------------------------------------------------------- TFLite
+@pytest.mark.slow
 def test_tflite_cli_export_runs_in_litert_as_tf_and_pytorch(tmp_path, capsys) -> None:
     """`cvt export --format tflite`: weights frozen into the file, a dynamic batch, logits equal
     to the TensorFlow twin's and PyTorch's to 1e-4 in LiteRT's interpreter."""
@@ -233,6 +238,7 @@ def test_tflite_cli_export_runs_in_litert_as_tf_and_pytorch(tmp_path, capsys) ->
     assert main(["export", str(folder), str(out), "--format", "tflite", "--opset", "17"]) == 2
 
 
+@pytest.mark.slow
 def test_tflite_check_refuses_nan_and_writes_nothing(tmp_path) -> None:
     from cvt.modeling_tf import TFCvtModel
 

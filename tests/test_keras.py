@@ -71,6 +71,7 @@ def test_fit_with_labels_in_the_batch_uses_the_models_own_loss() -> None:
     assert_close_to_scale(predicted, model(x).logits.numpy(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_fit_with_a_keras_loss_and_xy_batches() -> None:
     keras.utils.set_random_seed(1)
     model = TFCvtForImageClassification(tiny_config(**NO_DROP))
@@ -162,6 +163,7 @@ def test_from_pretrained_takes_a_data_format(tmp_path) -> None:
 
 
 # ---------------------------------------------------------------------------------------- files
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_keras_file_and_saved_model_reload_in_a_fresh_interpreter(tmp_path) -> None:
     """Both load in a new process that has imported cvt's TensorFlow models (which registers them

@@ -18,9 +18,7 @@ from cvt import hub as names, weights
 from cvt.cli import main
 from cvt.training import load_model
 
-from conftest import TINY_LABELS, save_tiny_classifier, tiny_config
-from test_predict import _original_layout
-from test_training import make_folder
+from conftest import TINY_LABELS, make_folder, original_layout, save_tiny_classifier, tiny_config
 
 HUB_NAMES = ["cvt-13", "microsoft/cvt-13", "someone/cvt-custom"]
 
@@ -101,7 +99,7 @@ def test_folder_and_weights_file_work_offline_in_every_command(hub, images, tmp_
                  "--engine", "torch"]) == 0
     original = tmp_path / "original.pth"  # microsoft/CvT's own layout: no preprocessing with it
     small = cvt.CvtForImageClassification(tiny_config(embed_dim=(64, 128, 192), depth=(1, 1, 1)))
-    torch.save(_original_layout(small.state_dict()), original)  # widths / 64 give the head counts
+    torch.save(original_layout(small.state_dict()), original)  # widths / 64 give the head counts
     assert main(["predict", str(original), str(images), "--engine", "torch"]) == 2
     assert "carries no preprocessing" in capsys.readouterr().err
     assert main(["predict", str(original), str(images), "--engine", "torch", "--image-size", "64"]) == 0

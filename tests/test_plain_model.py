@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from cvt import CvtConfig, CvtForImageClassification, CvtModel
 from cvt.config import kv_grid, stage_grids
 from cvt.modeling import CvtLayer, ModelOutput
-from conftest import randomise_, tiny_config
+from conftest import TINY_ARCHITECTURES, assert_close_to_scale, assert_gradients_close, randomise_, tiny_config
 
 NO_DROP = dict(drop_path_rate=(0.0, 0.0, 0.0))  # tiny_config keeps CvT's 0.1 in the last stage
 
@@ -37,19 +37,15 @@ def _assert_same_outputs(actual, expected, what: str) -> None:
     assert len(actual) == len(expected), what
     for a, e in zip(actual, expected):
         if isinstance(e, torch.Tensor):
-            torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-6, msg=lambda m: f"{what}: {m}")
+            assert_close_to_scale(a, e, rel=1e-6, msg=what)
         else:
             assert a == e, what
 
 
 # ------------------------------------------------------------------------------------------ hooks
-HOOK_CONFIGS = {
-    # dw_bn everywhere, a cls token in the last stage (CvtConfig's defaults)
-    "dw_bn-cls-last": tiny_config(**NO_DROP),
-    # the other projections, a cls token in the first stage only: mean-pooled classification
-    "avg-linear-cls-first": tiny_config(qkv_projection_method=("avg", "linear", "dw_bn"),
-                                        cls_token=(True, False, False), **NO_DROP),
-}
+HOOK_CONFIGS = {  # dw_bn with a cls token in the last stage; avg, linear, cls token in the first only
+    name: TINY_ARCHITECTURES[name].config(**NO_DROP)
+    for name in ("dw_bn-cls_last", "avg_linear_dw_bn-cls_first-quick_gelu")}
 GRAD_MODES = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
 
 
@@ -128,7 +124,7 @@ def test_adapter_swapped_into_a_layer_changes_logits_and_is_what_trains() -> Non
     check = copy.deepcopy(adapted).eval()
     with torch.no_grad():
         check.cvt.encoder.stages[1].layers[1].intermediate.dense.lora_b.zero_()
-        torch.testing.assert_close(check(x).logits, model.eval()(x).logits, atol=1e-5, rtol=0)
+        assert_close_to_scale(check(x).logits, model.eval()(x).logits, rel=1e-5)
 
     # fine-tune only the adapter
     adapted.train()
@@ -192,10 +188,9 @@ def test_torch_func_grad_matches_autograd() -> None:
     reference_x = x.clone().requires_grad_(True)
     model.zero_grad()
     model(reference_x).logits.sum().backward()
-    torch.testing.assert_close(grad_input, reference_x.grad, atol=1e-5, rtol=1e-5)
+    assert_close_to_scale(grad_input, reference_x.grad, rel=1e-5)
     assert reference_x.grad.abs().sum() > 0
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(grad_params[name], p.grad, atol=1e-5, rtol=1e-5, msg=name)
+    assert_gradients_close(grad_params, {n: p.grad for n, p in model.named_parameters()}, rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ FLOPs
@@ -260,10 +255,9 @@ def test_gradient_checkpointing_gives_the_same_step(drops) -> None:
     loss, grads, calls, bn = _step(plain, x, labels, seed=11)
     loss_ckpt, grads_ckpt, calls_ckpt, bn_ckpt = _step(checkpointed, x, labels, seed=11)
     assert calls == num_layers and calls_ckpt == 2 * num_layers  # each layer really recomputed
-    torch.testing.assert_close(loss_ckpt, loss, atol=1e-5, rtol=0)
-    for name, grad in grads.items():
-        assert grad is not None and grads_ckpt[name] is not None, name
-        torch.testing.assert_close(grads_ckpt[name], grad, atol=1e-5, rtol=0, msg=name)
+    assert_close_to_scale(loss_ckpt, loss, rel=1e-5)
+    assert all(g is not None for g in [*grads.values(), *grads_ckpt.values()])
+    assert_gradients_close(grads_ckpt, grads, rel=1e-5)
     # BatchNorm statistics updated exactly once, to the same values
     assert bn and bn.keys() == bn_ckpt.keys()
     for name, buffer in bn.items():
@@ -285,7 +279,7 @@ def test_gradient_checkpointing_switches_and_eval_outputs() -> None:
     assert all(stage.grad_checkpointing for stage in model.cvt.encoder.stages)
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, reference, atol=0, rtol=0)
-    torch.testing.assert_close(model(x).logits.detach(), reference, atol=1e-6, rtol=0)  # grad on
+    assert_close_to_scale(model(x).logits.detach(), reference, rel=1e-6)  # grad on
     model.set_grad_checkpointing(False)
     assert not model.is_gradient_checkpointing
     model.gradient_checkpointing_enable()

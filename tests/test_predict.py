@@ -19,9 +19,8 @@ from skimage import data as skimage_data
 from sklearn.datasets import load_sample_image
 
 import cvt
-from cvt import convert
 from cvt.cli import main
-from conftest import TINY_LABELS, save_tiny_classifier
+from conftest import TINY_LABELS, original_layout, save_tiny_classifier
 
 GOOD = ("chelsea.jpg", "sub/coffee.png", "sub/deeper/china.JPEG", "rgba.png")
 BAD = {"corrupt.jpg": "truncated image file", "text.png": "not an image file"}
@@ -99,6 +98,7 @@ def test_json_holds_the_pipelines_top_k_for_each_image_and_the_errors(model_dir,
         assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1 + 1e-6
         expected = classifier(photos / name)
         assert [p["label"] for p in predictions] == [p["label"] for p in expected]
+        # softmax / sigmoid scores: 1 is their scale
         np.testing.assert_allclose(scores, [p["score"] for p in expected], atol=1e-6)
     for name, reason in BAD.items():
         assert records[str(photos / name)]["error"].startswith(reason)
@@ -154,6 +154,7 @@ def test_a_model_folder_without_preprocessing_is_a_clear_error(photos, tmp_path,
     assert status == 2 and "has no preprocessor_config.json" in err
 
 
+@pytest.mark.subprocess
 def test_the_installed_command_no_traceback_no_progress_bar_off_a_terminal(model_dir, photos) -> None:
     done = subprocess.run([sys.executable, "-m", "cvt", "predict", str(model_dir), str(photos),
                            "--format", "json"], capture_output=True, text=True, timeout=300)
@@ -163,31 +164,12 @@ def test_the_installed_command_no_traceback_no_progress_bar_off_a_terminal(model
     assert all(line.startswith("cvt: ") for line in done.stderr.splitlines()), done.stderr
 
 
-def _original_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Invert cvt.convert's renaming table: a transformers-layout state dict in original key names."""
-    inverse = []
-    for pattern, replacement in convert._RENAME_TABLE:
-        groups = iter([r"\1", r"\2"])
-        back = re.sub(r"\(\\d\+\)", lambda _: next(groups), pattern.strip("^$")).replace("\\.", ".")
-        inverse.append((re.compile("^" + re.escape(replacement).replace(r"\\1", r"(\d+)").replace(r"\\2", r"(\d+)")),
-                        back))
-    renamed = {}
-    for key, tensor in state_dict.items():
-        for pattern, back in inverse:
-            if pattern.match(key):
-                renamed[pattern.sub(back, key)] = tensor
-                break
-        else:
-            raise AssertionError(f"no original name for {key}")
-    return renamed
-
-
 @pytest.mark.slow  # a full-size CvT-13
 def test_a_converted_variant_carries_its_preprocessing_into_predict(photos, tmp_path, capsys) -> None:
     """`cvt convert --model cvt-13-384` writes the variant's preprocessor_config.json, so
     `cvt predict` on the folder warps to 384 and names ImageNet classes."""
     model = cvt.create_model("cvt-13-384")
-    torch.save(_original_layout(model.state_dict()), tmp_path / "CvT-13-384x384-IN-1k.pth")
+    torch.save(original_layout(model.state_dict()), tmp_path / "CvT-13-384x384-IN-1k.pth")
     out = tmp_path / "cvt-13-384"
     assert main(["convert", str(tmp_path / "CvT-13-384x384-IN-1k.pth"), str(out), "--model", "cvt-13-384"]) == 0
     assert cvt.CvtImageProcessor.from_pretrained(out) == cvt.CvtImageProcessor.from_pretrained("cvt-13-384")

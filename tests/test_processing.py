@@ -17,6 +17,7 @@ from sklearn.datasets import load_sample_image
 import cvt
 from cvt import CvtImageProcessor
 from cvt.variants import IMAGENET_MEAN, IMAGENET_STD, VARIANTS
+from conftest import assert_close_to_scale
 
 PHOTOS = {
     "chelsea": skimage_data.chelsea,  # 300 x 451
@@ -55,7 +56,7 @@ def test_pixel_values_equal_transformers_on_real_photographs(name, size, kind) -
     ours = pixels(image, size=size)
     theirs = transformers_processor(size)(image, return_tensors="pt")["pixel_values"]
     assert ours.shape == (1, 3, size, size) and ours.dtype == torch.float32
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    assert_close_to_scale(ours, theirs, rel=1e-5)
 
 
 @pytest.mark.parametrize("size", [224, 384])
@@ -88,9 +89,9 @@ def test_recipe_crops_below_384_and_warps_from_384() -> None:
         return torch.from_numpy(((values - mean) / std).transpose(2, 0, 1))[None]
 
     resized = image.resize((384, 256), Image.Resampling.BICUBIC)  # 451 * 256 / 300 = 384.9 -> 384
-    torch.testing.assert_close(pixels(image), expected(resized.crop((80, 16, 304, 240))), atol=1e-6, rtol=0)
+    assert_close_to_scale(pixels(image), expected(resized.crop((80, 16, 304, 240))), rel=1e-6)
     warped = image.resize((384, 384), Image.Resampling.BICUBIC)
-    torch.testing.assert_close(pixels(image, size=384), expected(warped), atol=1e-6, rtol=0)
+    assert_close_to_scale(pixels(image, size=384), expected(warped), rel=1e-6)
 
 
 def test_a_batch_equals_its_images_one_by_one() -> None:
@@ -109,7 +110,7 @@ def test_each_step_can_be_switched_off() -> None:
     raw = pixels(image, do_resize=False, do_rescale=False, do_normalize=False)
     assert torch.equal(raw[0], torch.from_numpy(image.transpose(2, 0, 1).astype(np.float32)))
     scaled = pixels(image, do_resize=False, do_normalize=False)
-    torch.testing.assert_close(scaled, raw / 255, atol=1e-7, rtol=0)
+    assert_close_to_scale(scaled, raw / 255, rel=1e-7)
 
 
 # ------------------------------------------------------------------------------- kinds of input
@@ -205,8 +206,8 @@ def test_saved_settings_are_read_by_transformers_and_give_the_same_pixels(tmp_pa
     theirs = transformers.ConvNextImageProcessorPil.from_pretrained(tmp_path)
     assert (theirs.size.shortest_edge, theirs.crop_pct, theirs.resample) == (160, 0.9, 2)
     image = photo("china")
-    torch.testing.assert_close(ours(image)["pixel_values"],
-                               theirs(image, return_tensors="pt")["pixel_values"], atol=1e-5, rtol=0)
+    assert_close_to_scale(ours(image)["pixel_values"],
+                               theirs(image, return_tensors="pt")["pixel_values"], rel=1e-5)
     auto = transformers.AutoImageProcessor.from_pretrained(tmp_path)
     assert type(auto).__name__.startswith("ConvNextImageProcessor")
 
@@ -218,8 +219,8 @@ def test_reads_what_transformers_saves(tmp_path) -> None:
     ours = CvtImageProcessor.from_pretrained(tmp_path)
     assert ours == CvtImageProcessor(size=288, crop_pct=0.95)
     image = photo("coffee-portrait")
-    torch.testing.assert_close(ours(image)["pixel_values"],
-                               theirs(image, return_tensors="pt")["pixel_values"], atol=1e-5, rtol=0)
+    assert_close_to_scale(ours(image)["pixel_values"],
+                               theirs(image, return_tensors="pt")["pixel_values"], rel=1e-5)
 
 
 def test_reads_the_older_hub_format_with_an_integer_size(tmp_path) -> None:

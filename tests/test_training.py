@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 import cvt
 from cvt import cli
@@ -27,60 +25,31 @@ from cvt.training.optim import WarmupCosine, parameter_groups
 from cvt.training.recipes import RECIPES
 from cvt.training.state import STATE_NAME, load_state, save_state
 
-from conftest import REPO_ROOT, randomise_, tiny_config
+from conftest import (REPO_ROOT, TRAIN_IMAGE_SIZE, make_folder, make_model_folder, read_metrics,
+                      read_weights, tiny_config)
 
-IMAGE_SIZE = 32
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These tiny models gain nothing from a second thread, and on a shared 2-core machine a
-    busy core stalls every two-thread kernel; one thread keeps the tests' time predictable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def make_folder(root: Path, classes=("ant", "bee", "cat"), per_class: int = 8, seed: int = 0) -> Path:
-    """An ImageFolder of small images whose class is visible (a tinted square at a class-specific
-    place), so that a model can learn it."""
-    rng = np.random.default_rng(seed)
-    for c, name in enumerate(classes):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 120, (40, 40, 3), dtype=np.uint8)
-            pixels[4 + 10 * c:16 + 10 * c, 4:30, c] = 255
-            Image.fromarray(pixels).save(root / name / f"{name}{i}.png")
-    return root
-
-
-def make_model_folder(folder: Path, config: cvt.CvtConfig, seed: int = 0) -> Path:
-    model = randomise_(cvt.CvtForImageClassification(config), seed)
-    model.save_pretrained(str(folder))
-    CvtImageProcessor(size=IMAGE_SIZE).save_pretrained(folder)
-    return folder
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(folder / "model.safetensors")
-
-
-def assert_same_weights(a: dict, b: dict, atol: float) -> None:
-    assert a.keys() == b.keys()
-    worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
-    assert worst <= atol, f"weights differ by up to {worst:.3g} (allowed {atol})"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def max_change(a: dict, b: dict) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
 
 
-def records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+def assert_same_training(start: dict, a: dict, b: dict, rel: float) -> None:
+    """Two runs from `start` trained (a weight moved by more than 1e-2) and reached the same
+    weights, within `rel` of the largest update. The bound scales with the update, not with the
+    weights: AdamW's normalised step turns float rounding in the gradients (which differs between
+    AVX2 and AVX-512 kernels) into weight differences proportional to the learning rate."""
+    assert a.keys() == b.keys() == start.keys()
+    moved = max_change(a, start)
+    assert moved > 1e-2, f"the runs hardly trained (largest update {moved:.3g})"
+    worst = max_change(a, b)
+    assert worst <= rel * moved, f"weights differ by up to {worst:.3g}, {worst / moved:.3g} of the largest update {moved:.3g} (allowed {rel})"
 
 
 # ------------------------------------------------------------------------------ distributed
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_torchrun_two_processes_equal_one_process(tmp_path, capsys):
     """2 gloo processes with global batch B give the weights of 1 process with batch B: same data
     order, per-image augmentation independent of the rank, gradients averaged by DDP.
@@ -103,11 +72,10 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, capsys):
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
 
-    one, two = weights(tmp_path / "one" / "last"), weights(tmp_path / "two" / "last")
-    assert max_change(one, weights(start)) > 1e-2  # the runs really trained
-    assert_same_weights(one, two, atol=1e-5)
+    one, two = read_weights(tmp_path / "one" / "last"), read_weights(tmp_path / "two" / "last")
+    assert_same_training(read_weights(start), one, two, rel=1e-2)
     # the same steps and validation scores, each written once (only rank 0 writes)
-    assert_same_metrics(tmp_path / "one", tmp_path / "two", steps=4, epochs=2, atol=1e-5)
+    assert_same_metrics(tmp_path / "one", tmp_path / "two", steps=4, epochs=2, rel=1e-5)
 
     # cvt eval under torchrun: each process scores its share, every image counted exactly once
     evaluate = ["eval", "--model", str(tmp_path / "one" / "last"), "--data", str(data), "--format", "json",
@@ -122,23 +90,24 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, capsys):
     assert two_processes["count"] == one_process["count"] == 24
     assert two_processes["per_class"] == one_process["per_class"]
     for key in ("top1", "top5", "loss"):
-        assert two_processes[key] == pytest.approx(one_process[key], abs=1e-6)
+        assert two_processes[key] == pytest.approx(one_process[key], rel=1e-6, abs=0), key
 
 
-def assert_same_metrics(a: Path, b: Path, steps: int, epochs: int, atol: float) -> None:
+def assert_same_metrics(a: Path, b: Path, steps: int, epochs: int, rel: float) -> None:
     """Two runs' metrics.jsonl: steps 1..steps once each with the same losses, and the same
-    per-epoch scores."""
-    steps_a, steps_b = ([r for r in records(run) if "loss" in r] for run in (a, b))
+    per-epoch scores (within `rel` of each value)."""
+    steps_a, steps_b = ([r for r in read_metrics(run) if "loss" in r] for run in (a, b))
     assert [r["step"] for r in steps_b] == [r["step"] for r in steps_a] == list(range(1, steps + 1))
-    np.testing.assert_allclose([r["loss"] for r in steps_b], [r["loss"] for r in steps_a], atol=atol)
-    epochs_a, epochs_b = ([r for r in records(run) if "val_top1" in r] for run in (a, b))
+    np.testing.assert_allclose([r["loss"] for r in steps_b], [r["loss"] for r in steps_a], rtol=rel, atol=0)
+    epochs_a, epochs_b = ([r for r in read_metrics(run) if "val_top1" in r] for run in (a, b))
     assert len(epochs_a) == len(epochs_b) == epochs
     for x, y in zip(epochs_a, epochs_b):
         for key in ("train_loss", "val_loss", "val_top1", "val_top5"):
-            assert x[key] == pytest.approx(y[key], abs=atol), key
+            assert x[key] == pytest.approx(y[key], rel=rel, abs=0), key
 
 
 # ------------------------------------------------------------------------------ resume
+@pytest.mark.slow
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
     """Stopped mid-epoch and resumed (with another worker count), a run with RandAugment, random
     erasing, MixUp/CutMix, stochastic depth and an EMA ends with the same weights."""
@@ -154,11 +123,10 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
     assert load_state(tmp_path / "parts" / STATE_NAME)["step"] == 4  # mid-epoch (3 steps per epoch)
     train(TrainOptions(output_dir=tmp_path / "parts", workers=2, resume=True, **common))
 
-    whole, parts = weights(tmp_path / "whole" / "last"), weights(tmp_path / "parts" / "last")
-    assert max_change(whole, weights(start)) > 1e-2
-    assert_same_weights(whole, parts, atol=1e-6)
+    whole, parts = read_weights(tmp_path / "whole" / "last"), read_weights(tmp_path / "parts" / "last")
+    assert_same_training(read_weights(start), whole, parts, rel=1e-4)
     # metrics.jsonl reads as one run: each step once, the same losses
-    assert_same_metrics(tmp_path / "whole", tmp_path / "parts", steps=6, epochs=2, atol=1e-6)
+    assert_same_metrics(tmp_path / "whole", tmp_path / "parts", steps=6, epochs=2, rel=1e-6)
 
 
 def test_a_finished_run_continues_for_more_epochs_on_a_replanned_schedule(tmp_path, capsys):
@@ -169,11 +137,11 @@ def test_a_finished_run_continues_for_more_epochs_on_a_replanned_schedule(tmp_pa
     assert cli.main(args) == 0
     assert cli.main([*args, "--resume"]) == 2 and "--extend-epochs N" in capsys.readouterr().err
     assert cli.main([*args, "--extend-epochs", "2"]) == 2 and "needs --resume" in capsys.readouterr().err
-    first = weights(tmp_path / "run" / "last")
+    first = read_weights(tmp_path / "run" / "last")
     assert cli.main([*args, "--resume", "--extend-epochs", "2"]) == 0
-    steps = [r for r in records(tmp_path / "run") if "loss" in r]
+    steps = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 10))
-    assert max_change(weights(tmp_path / "run" / "last"), first) > 1e-4
+    assert max_change(read_weights(tmp_path / "run" / "last"), first) > 1e-4
     recipe = RECIPES["finetune"]
     replanned = WarmupCosine(1e-3, 9, 3, start=recipe.warmup_lr, floor=recipe.min_lr)
     assert [r["lr"] for r in steps[3:]] == pytest.approx([replanned(s) for s in range(3, 9)])
@@ -226,6 +194,7 @@ def digits(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_tiny_cvt_learns_digits_and_writes_a_complete_run(digits, tmp_path, capsys):
     """scikit-learn's handwritten digits (1,438 train / 359 held out): real accuracy after 2 epochs
     (44 steps); the outputs are the documented layout and cvt eval / cvt.pipeline read them."""
@@ -237,7 +206,7 @@ def test_tiny_cvt_learns_digits_and_writes_a_complete_run(digits, tmp_path, caps
 
     assert {p.name for p in out.iterdir()} >= {"best", "last", "metrics.jsonl", "curves.png", STATE_NAME}
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = records(out)
+    rows = read_metrics(out)
     step_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in step_rows] == list(range(1, 45))
     assert all(r["lr"] > 0 and r["images_per_s"] > 0 and np.isfinite(r["loss"]) for r in step_rows)
@@ -293,7 +262,7 @@ def test_corrupt_image_and_empty_class_folder_are_reported_and_skipped(tmp_path,
 
 def test_other_label_count_replaces_only_the_head(tmp_path):
     source = make_model_folder(tmp_path / "five", tiny_config(num_labels=5))
-    stored = weights(source)
+    stored = read_weights(source)
     model = load_model(str(source), ["ant", "bee", "cat"])
     assert model.config.id2label == {0: "ant", 1: "bee", 2: "cat"}
     assert model.classifier.weight.shape == (3, 48)
@@ -308,7 +277,7 @@ def test_other_label_count_replaces_only_the_head(tmp_path):
     data = make_folder(tmp_path / "data", per_class=4)
     train(TrainOptions(model=str(source), data=data, output_dir=tmp_path / "probe", epochs=1,
                        batch_size=4, lr=1e-2, val_split=0, workers=0, freeze_backbone=True))
-    probed = weights(tmp_path / "probe" / "last")
+    probed = read_weights(tmp_path / "probe" / "last")
     backbone = [k for k in stored if k.startswith("cvt.")]
     assert any("running_mean" in k for k in backbone)
     for key in backbone:
@@ -321,7 +290,7 @@ def test_same_labels_in_another_order_keep_the_head(tmp_path):
     source = make_model_folder(tmp_path / "m", tiny_config(id2label=labels, num_labels=3))
     model = load_model(str(source), ["ant", "bee", "cat"])
     assert model.config.id2label == labels
-    torch.testing.assert_close(model.classifier.weight, weights(source)["classifier.weight"])
+    torch.testing.assert_close(model.classifier.weight, read_weights(source)["classifier.weight"])
     train_images, _ = load_source(make_folder(tmp_path / "data", per_class=2), val_split=0)
     relabelled = train_images.relabel([labels[i] for i in range(3)], "data")
     assert [relabelled.classes[y] for y in relabelled.labels] == [train_images.classes[y] for y in train_images.labels]
@@ -335,9 +304,8 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     common = dict(model=str(start), data=data, epochs=1, batch_size=4, lr=3e-3, val_split=0, workers=0)
     train(TrainOptions(output_dir=tmp_path / "whole", **common))
     train(TrainOptions(output_dir=tmp_path / "accumulated", accum_steps=2, **common))
-    whole = weights(tmp_path / "whole" / "last")
-    assert max_change(whole, weights(start)) > 1e-2
-    assert_same_weights(whole, weights(tmp_path / "accumulated" / "last"), atol=1e-5)
+    whole = read_weights(tmp_path / "whole" / "last")
+    assert_same_training(read_weights(start), whole, read_weights(tmp_path / "accumulated" / "last"), rel=1e-2)
 
 
 def test_grad_checkpointing_option_trains_the_same_weights_and_statistics(tmp_path):
@@ -349,9 +317,8 @@ def test_grad_checkpointing_option_trains_the_same_weights_and_statistics(tmp_pa
               "--lr", "3e-3", "--val-split", "0", "--workers", "0"]
     assert cli.main([*common, "--output-dir", str(tmp_path / "plain")]) == 0
     assert cli.main([*common, "--output-dir", str(tmp_path / "ckpt"), "--grad-checkpointing"]) == 0
-    plain = weights(tmp_path / "plain" / "last")
-    assert max_change(plain, weights(start)) > 1e-2
-    assert_same_weights(plain, weights(tmp_path / "ckpt" / "last"), atol=1e-5)
+    plain = read_weights(tmp_path / "plain" / "last")
+    assert_same_training(read_weights(start), plain, read_weights(tmp_path / "ckpt" / "last"), rel=1e-2)
 
 
 def test_bf16_autocast_trains_on_cpu(tmp_path):
@@ -360,10 +327,10 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
     start = make_model_folder(tmp_path / "start", tiny_config(num_labels=3))
     train(TrainOptions(model=str(start), data=data, output_dir=tmp_path / "bf16", precision="bf16",
                        epochs=1, batch_size=4, lr=3e-3, val_split=0.25, workers=0))
-    bf16 = weights(tmp_path / "bf16" / "last")
+    bf16 = read_weights(tmp_path / "bf16" / "last")
     assert all(t.dtype == torch.float32 for t in bf16.values() if t.is_floating_point())
-    assert max_change(bf16, weights(start)) > 1e-2
-    assert all(np.isfinite(r["loss"]) for r in records(tmp_path / "bf16") if "loss" in r)
+    assert max_change(bf16, read_weights(start)) > 1e-2
+    assert all(np.isfinite(r["loss"]) for r in read_metrics(tmp_path / "bf16") if "loss" in r)
 
 
 # ------------------------------------------------------------------------------ data sources
@@ -480,11 +447,13 @@ def test_hugging_face_datasets_source(tmp_path):
         assert image.mode == "RGB" and image.size == (40, 40)
 
     result = train(TrainOptions(model=tiny_config(num_labels=3), data=dataset, output_dir=tmp_path / "run",
-                                epochs=1, batch_size=3, image_size=IMAGE_SIZE, workers=0))
+                                epochs=1, batch_size=3, image_size=TRAIN_IMAGE_SIZE, workers=0))
     assert result.count == 3
 
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_cvt_demo_reaches_ninety_percent_offline(tmp_path, capsys):
     """The README's demo, as a user runs it: real digits, >= 0.9 held-out accuracy, and the
     `cvt train` layout plus a confusion matrix and predictions of held-out files."""
@@ -498,7 +467,7 @@ def test_cvt_demo_reaches_ninety_percent_offline(tmp_path, capsys):
     predictions = [line for line in printed.splitlines() if " predicted " in line]
     assert len(predictions) == 8 and all(str(out / "data" / "val") in line for line in predictions)
     assert sum(line.endswith("right") for line in predictions) >= 6
-    epochs = [r for r in records(out) if "val_top1" in r]
+    epochs = [r for r in read_metrics(out) if "val_top1" in r]
     assert max(r["val_top1"] for r in epochs) == pytest.approx(top1, abs=1e-4)  # printed to 4 places
 
     assert cli.main(["demo", "--output-dir", str(out)]) == 2  # an existing run is never overwritten
