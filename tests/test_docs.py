@@ -89,12 +89,13 @@ def page_params() -> list:
 
 # The runner: one fresh interpreter per page, so the hub environment applies from its first import.
 RUNNER = r"""
-import json, subprocess, sys, traceback
+import json, subprocess, sys, time, traceback
 page, blocks = json.load(open(sys.argv[1], encoding="utf-8"))
 namespace = {"__name__": "__main__"}
+start = time.perf_counter()
 for block in blocks:
     where = f"{page}:{block['line']}"
-    print(f"--- {where} ({block['lang']})", flush=True)
+    print(f"--- {where} ({block['lang']}) at {time.perf_counter() - start:.1f} s", flush=True)
     if block["lang"] == "python":
         try:
             exec(compile(block["code"], where, "exec"), namespace)
