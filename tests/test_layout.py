@@ -20,12 +20,13 @@ LAYERS = [
     ["images", "processing", "export", "modeling_tf", "attention"],
     ["engines"],
     ["inference"],
+    ["predictions", "ray"],
     ["predict", "training", "keras_data"],
     ["benchmark"],
     ["cli", "__main__", "__init__"],
 ]
-# the package-internal imports allowed inside a function: TensorFlow is an optional extra
-LAZY_OPTIONAL = {("__init__", "modeling_tf"), ("export", "modeling_tf")}
+# the package-internal imports allowed inside a function: TensorFlow and Ray are optional extras
+LAZY_OPTIONAL = {("__init__", "modeling_tf"), ("export", "modeling_tf"), ("predict", "ray")}
 
 
 def module_name(path: Path) -> str:

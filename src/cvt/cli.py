@@ -183,7 +183,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return predict.run(args.model, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
                            device=args.device, fmt=args.format, output=args.output,
                            engine=args.engine, precision=args.precision,
-                           calibration=args.calibration, image_size=args.image_size)
+                           calibration=args.calibration, image_size=args.image_size,
+                           ray=args.ray, workers=args.workers)
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    """--ray [ADDRESS] and --workers N (`cvt serve` takes the same --ray)."""
+    parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                        help="run on Ray: alone, a private Ray instance on this machine; with the "
+                        "HOST:PORT that `ray start --head` printed, that cluster (write it after the inputs)")
+    parser.add_argument("--workers", type=int, metavar="N", help="with --ray: N actors, one model "
+                        "each, 1 CPU each (default: one per CPU of the cluster)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--output", help="write the results to this file instead of stdout")
     pred.add_argument("--image-size", type=int, help="input size (default: the model's own "
                       "preprocessing; needed for a weights file, which carries none)")
+    add_ray_arguments(pred)
     add_engine_arguments(pred)
     pred.set_defaults(run=cmd_predict)
 
