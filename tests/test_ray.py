@@ -11,6 +11,7 @@ import math
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -259,6 +260,7 @@ def ray_cluster(cpus_per_node: list[int], env: dict[str, str]) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 node.kill()
             log.close()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _wait_for(log, node: subprocess.Popen, timeout: float = 240) -> None:
@@ -278,7 +280,8 @@ def test_ray_with_two_workers_gives_the_same_rows(model_dir, folder, plain_rows,
                    env=ray_env(secrets.token_hex(16)))
     assert done.returncode == 1, done.stderr
     assert_same_rows(read_jsonl(out), plain_rows[engine])
-    assert re.search(r"ray: \d+ files on 2 actors", done.stderr)
+    assert re.search(r"cvt: ray: \d+ files on 2 actors", done.stderr)
+    assert done.stdout.startswith("wrote jsonl results for ")  # no log of Ray's on stdout
 
 
 @pytest.mark.slow
@@ -332,3 +335,25 @@ def _an_actor_of(cluster: str) -> psutil.Process:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     raise AssertionError("no CvtPredictor actor process found")
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_ctrl_c_stops_the_driver_and_its_ray_instance_and_keeps_the_rows(model_dir, tmp_path) -> None:
+    photos = make_folder(tmp_path / "many", 600)
+    out = tmp_path / "out.jsonl"
+    child = subprocess.Popen([sys.executable, "-m", "cvt", "predict", str(model_dir), str(photos), "--format",
+                              "jsonl", "--output", str(out), "--engine", "onnxruntime", "--ray", "--workers",
+                              "2", "--batch-size", "2"], stderr=subprocess.PIPE, text=True,
+                             env=ray_env(secrets.token_hex(16)))
+    tmp = Path(next(m[1] for line in child.stderr if (m := re.search(r"cvt: writing to (\S+)", line))))
+    while child.poll() is None and _count_lines(tmp) < 20:
+        time.sleep(0.05)
+    processes = psutil.Process(child.pid).children(recursive=True)  # Ray's GCS, raylet, actors, ...
+    child.send_signal(signal.SIGINT)
+    _, stderr = child.communicate(timeout=30)
+    assert child.returncode == 130, stderr
+    rows = read_jsonl(out)
+    assert 20 <= len(rows) < 600 and "cvt: interrupted after" in stderr
+    gone, alive = psutil.wait_procs(processes, timeout=10)
+    assert alive == [], [p.pid for p in alive]

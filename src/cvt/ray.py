@@ -85,14 +85,16 @@ class CvtPredictor:
 
 def connect(address: str = "local") -> bool:
     """Connect this process to Ray, unless it is already: "local" starts a private instance on
-    this machine. Returns whether this call connected (the caller then calls `ray.shutdown`)."""
+    this machine. The workers' logs stay in Ray's session folder: forwarded, they would mix
+    with results written to stdout. Returns whether this call connected (the caller then calls
+    `ray.shutdown`)."""
     if ray.is_initialized():
         return False
     if not ADDRESS.match(address):
         raise InvalidValueError(f"--ray {address}: expected HOST:PORT (as `ray start --head` prints it), "
                                 f"ray://HOST:PORT or auto; write --ray after the inputs, or --ray=ADDRESS")
     private = {"include_dashboard": False} if address == "local" else {}
-    ray.init(address=address, logging_level=logging.WARNING, **private)
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, **private)
     return True
 
 
@@ -126,7 +128,7 @@ def predict_rows(paths: Sequence[str], model: str, *, address: str = "local", wo
         if started:
             ray.shutdown()
         raise
-    log.info("ray: %d files on %d actors", len(paths), workers)
+    log.info("cvt: ray: %d files on %d actors", len(paths), workers)
     return _stream(dataset, started)
 
 
@@ -139,10 +141,10 @@ def _stream(dataset: ray.data.Dataset, started: bool) -> Iterator[Row]:
             for row in table.to_pylist():
                 node = row.pop("node")
                 if node not in per_node:
-                    log.info("ray: node %s: first results", node)
+                    log.info("cvt: ray: node %s: first results", node)
                 per_node[node] = per_node.get(node, 0) + 1
                 yield row
-        log.info("ray: files per node: %s", ", ".join(f"{n} {count}" for n, count in per_node.items()))
+        log.info("cvt: ray: files per node: %s", ", ".join(f"{n} {count}" for n, count in per_node.items()))
     finally:
         if started:
             ray.shutdown()
