@@ -357,3 +357,43 @@ def test_ctrl_c_stops_the_driver_and_its_ray_instance_and_keeps_the_rows(model_d
     assert 20 <= len(rows) < 600 and "cvt: interrupted after" in stderr
     gone, alive = psutil.wait_procs(processes, timeout=10)
     assert alive == [], [p.pid for p in alive]
+
+
+IMAGE_COLUMN = """
+import json, sys
+import numpy as np
+import ray
+import cvt
+from cvt.ray import CvtPredictor
+
+model = sys.argv[1]
+rng = np.random.default_rng(0)
+images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(40, 30, 3), (64, 64, 3), (17, 90, 3)]]
+images += [np.zeros((5, 7, 2), np.uint8), np.zeros((0, 4, 3), np.uint8)]  # 2 channels; empty
+ray.init(address="local", include_dashboard=False)
+dataset = ray.data.from_items([{"image": image, "path": f"a{i}"} for i, image in enumerate(images)])
+rows = dataset.map_batches(CvtPredictor, fn_constructor_args=(model,), fn_constructor_kwargs={"top_k": 3},
+                           batch_size=8, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1).take_all()
+want = cvt.pipeline("image-classification", model, top_k=3)(images[:3])
+print(json.dumps({"rows": sorted(rows, key=lambda r: r["path"]), "want": want}, default=list))
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_an_image_column_as_read_images_gives_it(model_dir) -> None:
+    """Arrays in an `image` column: the pipeline's top-k for each good one, an error row for
+    each unusable one (two channels, no pixels), and the `path` column passed through."""
+    done = subprocess.run([sys.executable, "-c", IMAGE_COLUMN, str(model_dir)], capture_output=True, text=True,
+                          env=ray_env(secrets.token_hex(16)), timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    rows, want = result["rows"], result["want"]
+    assert [row["path"] for row in rows] == ["a0", "a1", "a2", "a3", "a4"]
+    for row, top in zip(rows, want):
+        assert row["error"] is None and row["labels"] == [p["label"] for p in top]
+        assert np.allclose(row["scores"], [p["score"] for p in top], rtol=1e-5, atol=0)
+    assert "2 or 3 dimensions" not in rows[3]["error"] and "C = 1, 3 or 4" in rows[3]["error"]
+    assert "empty" in rows[4]["error"] and rows[3]["labels"] is None and rows[4]["scores"] is None
+    assert len({row["node"] for row in rows}) == 1
