@@ -22,15 +22,16 @@ ROW_GROUP = 1024  # rows per parquet row group: bounded memory, and groups large
 
 
 class Row(TypedDict):
-    path: str
+    path: str | None
     labels: list[str] | None
     scores: list[float | None] | None
     error: str | None
 
 
-def to_row(path: str | os.PathLike, result: list[Prediction] | ImageError) -> Row:
-    """The row of one file's result: its top-k, or the error that stopped it."""
-    path = str(path)
+def to_row(path: str | os.PathLike | None, result: list[Prediction] | ImageError) -> Row:
+    """The row of one file's result: its top-k, or the error that stopped it (`path` is None for
+    an image that came without one)."""
+    path = None if path is None else str(path)
     if isinstance(result, ImageError):
         return {"path": path, "labels": None, "scores": None, "error": str(result).removeprefix(f"{path}: ")}
     scores = [p["score"] if math.isfinite(p["score"]) else None for p in result]
