@@ -164,7 +164,7 @@ def test_streaming_formats_hold_the_same_results(model_dir, folder, plain_rows, 
 
 def test_parquet_needs_an_output_file_and_workers_need_ray(model_dir, folder, capsys) -> None:
     for args, message in [(["--format", "parquet"], "--output"), (["--workers", "2"], "--ray"),
-                          (["--ray", "nowhere/"], "HOST:PORT")]:
+                          (["--ray", "nowhere/"], "HOST:PORT"), (["--ray", "--workers", "0"], "positive")]:
         assert main(["predict", str(model_dir), str(folder), *args]) == 2
         assert message in capsys.readouterr().err.splitlines()[-1]
 

@@ -116,12 +116,12 @@ def predict_rows(paths: Sequence[str], model: str, *, address: str = "local", wo
                  **settings: Any) -> Iterator[Row]:
     """Connect to Ray and classify `paths` there: each file's row, in the order they finish.
     `settings` are `CvtPredictor`'s; `workers` defaults to one per CPU of the cluster."""
+    if workers is not None and workers < 1:
+        raise InvalidValueError(f"--workers must be a positive number of actors, got {workers}")
     started = connect(address)
     try:
         if workers is None:
             workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        if workers < 1:
-            raise InvalidValueError(f"--workers must be a positive number of actors, got {workers}")
         ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
         dataset = classify_dataset(paths, model, workers=workers, **settings)
     except BaseException:
