@@ -22,13 +22,14 @@ LAYERS = [
     ["factory", "images", "processing", "onnx_graph", "modeling_tf", "attention"],
     ["engines", "export"],
     ["inference"],
+    ["predictions", "ray"],
     ["predict", "training", "keras_data"],
     ["benchmark"],
     ["cli", "__main__", "__init__"],
 ]
-# the package-internal imports allowed inside a function: TensorFlow is an optional extra; and
-# the command line imports what a command runs only when it runs (`cvt --help` loads no torch)
-LAZY_OPTIONAL = {("__init__", "modeling_tf"), ("export", "modeling_tf")}
+# the package-internal imports allowed inside a function: TensorFlow and Ray are optional extras;
+# and the command line imports what a command runs only when it runs (`cvt --help` loads no torch)
+LAZY_OPTIONAL = {("__init__", "modeling_tf"), ("export", "modeling_tf"), ("predict", "ray")}
 LAZY_PACKAGES = {"cli"}
 
 

@@ -22,4 +22,4 @@ ENGINE_PRECISIONS = ("fp32", "bf16", "fp16", "int8")  # fp16: CUDA only; int8: c
 TRAINING_PRECISIONS = ("fp32", "bf16", "fp16")
 
 # what `cvt predict` writes
-PREDICT_FORMATS = ("table", "json", "csv")
+PREDICT_FORMATS = ("table", "json", "jsonl", "csv", "parquet")

@@ -1,12 +1,15 @@
-"""`cvt predict`: finds image files, classifies them in batches, and reports the results as a table, JSON or CSV.
+"""`cvt predict`: finds image files, classifies them in batches (in this process, or on a Ray
+cluster with `ray=`), and reports the results as a table, JSON, JSON lines, CSV or parquet.
 
 If a file cannot be classified (it is not an image, is truncated, or is a decompression bomb),
 one line on stderr gives its path and the reason, and the file is skipped. Every other file is
 still classified, and exit status 1 says that some failed. A file whose scores are not finite
 (NaN weights) counts as failed too, with its scores written as null: the JSON is always valid.
-Inputs are only read. The --output file is written atomically, so a run that crashes leaves an
-earlier file intact; Ctrl-C stops the run, and the results finished so far are still written
-(a complete JSON/CSV file) before `KeyboardInterrupt` goes on up.
+Inputs are only read. Results are written as they arrive, so memory does not grow with the
+folder. The --output file is written to a temporary file beside it (named on stderr for the
+streaming formats: a killed run leaves a valid prefix there) and renamed over it at the end, so
+an earlier file stays intact until then. Ctrl-C stops the run, and the results finished so far
+are still written (a complete file) before `KeyboardInterrupt` goes on up.
 """
 
 from __future__ import annotations
@@ -14,48 +17,53 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TextIO
 
 from tqdm import tqdm
 
 from .constants import PREDICT_FORMATS
-from .images import ImageError, find_images
+from .images import find_images
 from .files import write_atomic
-from .inference import ImageClassificationPipeline, Prediction, pipeline
+from .inference import pipeline
+from .predictions import ParquetRows, Row, jsonl_line, to_row
 from .processing import CvtImageProcessor
 from .errors import InvalidValueError
 
+STREAMING = ("jsonl", "csv", "parquet")  # rows written as they arrive, to a temporary file named at the start
 MAX_PATH_COLUMN = 60  # the table's path column grows to the longest path, up to this
 
 
 def run(model: str, inputs: Sequence[str], *, top_k: int = 5, batch_size: int = 8,
         device: str | None = None, fmt: str = "table", output: str | None = None,
         engine: str = "auto", precision: str = "fp32", calibration: str | None = None,
-        image_size: int | None = None) -> int:
-    """Classify every image under `inputs`. Returns 0 if all were classified, 1 if some could not be."""
+        image_size: int | None = None, ray: str | None = None, workers: int | None = None) -> int:
+    """Classify every image under `inputs`; with `ray` (an address, or "local" for a private
+    instance) on `workers` Ray actors. Returns 0 if all were classified, 1 if some could not be."""
     if fmt not in PREDICT_FORMATS:
         raise InvalidValueError(f"unknown format {fmt!r}; choose one of {', '.join(PREDICT_FORMATS)}")
+    if fmt == "parquet" and output is None:
+        raise InvalidValueError("--format parquet writes a file: give --output FILE.parquet")
+    if workers is not None and ray is None:
+        raise InvalidValueError("--workers is the number of Ray actors: give --ray as well")
     paths = find_images(inputs)
     if output is not None and Path(output).resolve() in {p.resolve() for p in paths}:
         raise InvalidValueError(f"--output {output} is one of the input images and would be overwritten")
-    classifier = pipeline("image-classification", model, device=device, top_k=top_k,
-                          image_processor=CvtImageProcessor.for_model(model, image_size),
-                          batch_size=batch_size, engine=engine, precision=precision,
-                          calibration=calibration)
-    if output is None:
-        done, failures = report(classifier, paths, fmt, sys.stdout)
+    processor = CvtImageProcessor.for_model(model, image_size)  # checked here, before any work starts
+    settings = dict(top_k=top_k, batch_size=batch_size, device=device, engine=engine,
+                    precision=precision, calibration=calibration)
+    if ray is None:
+        classifier = pipeline("image-classification", model, image_processor=processor, **settings)
+        rows: Iterable[Row] = (to_row(path, result) for path, result in classifier.classify_files(paths))
     else:
-        def write(tmp: str) -> None:
-            nonlocal done, failures
-            with open(tmp, "w", encoding="utf-8", newline="") as out:
-                done, failures = report(classifier, paths, fmt, out)
+        from . import ray as on_ray  # the "ray" extra
 
-        done = failures = 0
-        write_atomic(output, write)
+        rows = on_ray.predict_rows([str(p) for p in paths], model, address=ray, workers=workers,
+                                   image_size=image_size, **settings)
+    done, failures = _write(rows, paths, fmt, output)
+    if output is not None:
         print(f"wrote {fmt} results for {done - failures} of {len(paths)} files to {output}"
               + (f" ({failures} could not be classified)" if failures else ""))
     if done < len(paths):
@@ -63,77 +71,101 @@ def run(model: str, inputs: Sequence[str], *, top_k: int = 5, batch_size: int = 
     return 1 if failures else 0
 
 
-def report(classifier: ImageClassificationPipeline, paths: list[Path], fmt: str, out: TextIO
-           ) -> tuple[int, int]:
-    """Write each file's result to `out` as it is ready, with errors on stderr. Ctrl-C stops it
+def _write(rows: Iterable[Row], paths: list[Path], fmt: str, output: str | None) -> tuple[int, int]:
+    """Report `rows` on stdout, or into a temporary file renamed over `output` once complete."""
+    if output is None:
+        return report(rows, paths, fmt, sys.stdout)
+    counts = (0, 0)
+
+    def write(tmp: str) -> None:
+        nonlocal counts
+        if fmt in STREAMING:
+            print(f"cvt: writing to {tmp} (renamed to {output} when complete)", file=sys.stderr)
+        if fmt == "parquet":
+            counts = report(rows, paths, fmt, ParquetRows(tmp))
+            return
+        with open(tmp, "w", encoding="utf-8", newline="") as out:
+            counts = report(rows, paths, fmt, out)
+
+    write_atomic(output, write)
+    return counts
+
+
+def report(rows: Iterable[Row], paths: list[Path], fmt: str, out: TextIO | ParquetRows) -> tuple[int, int]:
+    """Write each file's row to `out` as it arrives, with errors on stderr. Ctrl-C stops it
     early, with the output still complete. Returns (files done, how many of them failed)."""
     width = min(max(len(str(p)) for p in paths), MAX_PATH_COLUMN)
+    streaming = fmt in STREAMING
 
     def emit(line: str) -> None:
         if out.isatty():  # lift the progress bar off the terminal, write, put it back
             tqdm.write(line, file=out)
         else:
-            print(line, file=out)
+            out.write(line + "\n")
+            if streaming:  # one write per line: a killed run leaves whole lines only
+                out.flush()
 
     if fmt == "table":
         emit(f"{'image':<{width}}  {'score':>6}  label")
     elif fmt == "csv":
         emit(_csv_row("path", "rank", "label", "score", "error"))
-    else:
+    elif fmt == "json":
         emit("[")
     done = failures = 0
     with tqdm(total=len(paths), unit="image", desc="classifying", file=sys.stderr, delay=1.0, leave=False,
               disable=not sys.stderr.isatty()) as bar:
         try:
-            for path, result in classifier.classify_files(paths):
-                reason = _failure(path, result)
-                if reason:
+            for row in rows:
+                if row["error"]:
                     failures += 1
-                    tqdm.write(f"cvt: error: {path}: {reason}", file=sys.stderr)
-                for line in _format(fmt, path, result, reason, width, first=done == 0):
-                    emit(line)
+                    tqdm.write(f"cvt: error: {row['path']}: {row['error']}", file=sys.stderr)
+                if isinstance(out, ParquetRows):
+                    out.write(row)
+                else:
+                    for line in _format(fmt, row, width, first=done == 0):
+                        emit(line)
                 done += 1
                 bar.update()
         except KeyboardInterrupt:  # keep what is finished: the caller writes it and re-raises
             pass
+        finally:
+            _close(rows)
     if fmt == "json":
         emit("]")
+    elif isinstance(out, ParquetRows):
+        out.close()
     if failures:
         tqdm.write(f"cvt: {failures} of {done} files could not be classified", file=sys.stderr)
     return done, failures
 
 
-def _failure(path: Path, result: list[Prediction] | ImageError) -> str | None:
-    """Why a file's result is not usable (its error, or scores that are not finite), or None."""
-    if isinstance(result, ImageError):
-        return str(result).removeprefix(f"{path}: ")
-    if not all(math.isfinite(p["score"]) for p in result):
-        return "the model gave NaN or infinite scores (written as null; check its weights)"
-    return None
+def _close(rows: Iterable[Row]) -> None:
+    """Stop the source of rows now (its threads, or its Ray job), not when it is collected."""
+    close = getattr(rows, "close", None)
+    if close is not None:
+        close()
 
 
-def _format(fmt: str, path: Path, result: list[Prediction] | ImageError, reason: str | None,
-            width: int, first: bool) -> list[str]:
+def _format(fmt: str, row: Row, width: int, first: bool) -> list[str]:
+    if fmt == "jsonl":
+        return [jsonl_line(row)]
     if fmt == "json":
-        entry: dict = {"path": str(path)}
-        if isinstance(result, list):
-            entry["predictions"] = [{"label": p["label"], "score": _finite(p["score"])} for p in result]
-        if reason:
-            entry["error"] = reason
+        entry: dict = {"path": row["path"]}
+        if row["labels"] is not None:
+            entry["predictions"] = [{"label": label, "score": score}
+                                    for label, score in zip(row["labels"], row["scores"])]
+        if row["error"]:
+            entry["error"] = row["error"]
         return [("" if first else ",") + json.dumps(entry, allow_nan=False)]
     if fmt == "csv":
-        if isinstance(result, ImageError):
-            return [_csv_row(path, "", "", "", reason)]
-        return [_csv_row(path, rank, p["label"], _finite(p["score"]), reason or "")
-                for rank, p in enumerate(result, 1)]
-    if reason:
+        if row["labels"] is None:
+            return [_csv_row(row["path"], "", "", "", row["error"])]
+        return [_csv_row(row["path"], rank, label, score, row["error"] or "")
+                for rank, (label, score) in enumerate(zip(row["labels"], row["scores"]), 1)]
+    if row["error"]:
         return []  # the table holds results; the error line went to stderr
-    return [f"{str(path) if rank == 0 else '':<{width}}  {p['score']:.4f}  {p['label']}"
-            for rank, p in enumerate(result)]
-
-
-def _finite(score: float) -> float | None:
-    return score if math.isfinite(score) else None
+    return [f"{row['path'] if rank == 0 else '':<{width}}  {score:.4f}  {label}"
+            for rank, (label, score) in enumerate(zip(row["labels"], row["scores"]))]
 
 
 def _csv_row(*fields: object) -> str:

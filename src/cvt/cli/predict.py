@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..constants import PREDICT_FORMATS
-from .common import add_engine_arguments, messages_on_stderr
+from .common import add_engine_arguments, add_ray_arguments, messages_on_stderr
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +23,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     pred.add_argument("--output", help="write the results to this file instead of stdout")
     pred.add_argument("--image-size", type=int, help="input size (default: the model's own "
                       "preprocessing; needed for a weights file, which carries none)")
+    add_ray_arguments(pred)
     add_engine_arguments(pred)
     pred.set_defaults(run=cmd_predict)
 
@@ -34,4 +35,5 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return predict.run(args.model, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
                            device=args.device, fmt=args.format, output=args.output,
                            engine=args.engine, precision=args.precision,
-                           calibration=args.calibration, image_size=args.image_size)
+                           calibration=args.calibration, image_size=args.image_size,
+                           ray=args.ray, workers=args.workers)
