@@ -184,6 +184,7 @@ def test_docs_page_runs(page, docs_world, tmp_path):
     files, env = docs_world
     blocks = code_blocks(page.read_text(encoding="utf-8"))
     done = run_page(page_id(page), blocks, fresh_workdir(files, tmp_path), env)
+    print(done.stdout[-3000:])  # when each block started: shown with -s, or -rP
     assert done.returncode == 0, f"{done.stdout[-6000:]}\n{done.stderr[-6000:]}"
 
 
