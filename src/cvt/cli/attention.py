@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import UsageError
+from .common import UsageError, image_size_arg, picture_size_arg
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -20,8 +20,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     att.add_argument("--output", required=True, help="the PNG file to write")
     att.add_argument("--head", type=int, help="draw this head of the last layer (default: the mean over heads)")
     att.add_argument("--rollout", action="store_true", help="draw attention rollout through the stage's layers")
-    att.add_argument("--size", type=int, help="output width and height in pixels (default: the model's input size)")
-    att.add_argument("--image-size", type=int, help="input size (default: the model's own preprocessing; "
+    att.add_argument("--size", type=picture_size_arg, help="output width and height in pixels (default: the model's input size)")
+    att.add_argument("--image-size", type=image_size_arg, help="input size (default: the model's own preprocessing; "
                      "needed for a weights file, which carries none)")
     att.set_defaults(run=cmd_attention)
 
@@ -34,8 +34,6 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
     if args.head is not None and args.rollout:
         raise UsageError("give --head or --rollout, not both")
-    if args.size is not None and args.size < 1:
-        raise UsageError(f"--size must be a positive number of pixels, got {args.size}")
     if Path(args.output).suffix.lower() != ".png":
         raise UsageError(f"--output must be a .png file, got {args.output}")
     model = load(args.model)

@@ -10,12 +10,27 @@ import logging
 import sys
 from collections.abc import Iterator
 
-from ..constants import ENGINE_PRECISIONS, ENGINES
-from ..errors import CvtError
+from ..constants import ENGINE_PRECISIONS, ENGINES, IMAGE_SIZE_RANGE, PICTURE_SIZE_RANGE
+from ..errors import CvtError, check_size
 
 
 class UsageError(CvtError):
     """A mistake in what the user asked for; printed without a traceback."""
+
+
+def _pixels(option: str, limits: tuple[int, int]):
+    """An argparse type: a whole number of pixels within `limits`, checked as the option is read."""
+    def parse(text: str) -> int:
+        try:
+            return check_size(option, int(text), limits)
+        except (ValueError, CvtError) as err:
+            message = str(err) if isinstance(err, CvtError) else f"{option} must be a whole number, got {text!r}"
+            raise argparse.ArgumentTypeError(message) from None
+    return parse
+
+
+image_size_arg = _pixels("--image-size", IMAGE_SIZE_RANGE)
+picture_size_arg = _pixels("--size", PICTURE_SIZE_RANGE)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
