@@ -53,14 +53,15 @@ def one_line_error(capsys, argv: list[str]) -> str:
 
 
 # ------------------------------------------------------------------------------ the engine cache
-def test_another_models_int8_entry_under_this_models_key_is_rebuilt(tmp_path, monkeypatch, caplog) -> None:
-    """An int8 entry copied in from another model (its files and manifest whole) is refused by
-    its fingerprint, rebuilt with a warning, and the engine computes this model's outputs."""
-    images = write_images(tmp_path / "images", count=8)
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_another_models_entry_under_this_models_key_is_rebuilt(tmp_path, monkeypatch, caplog, precision) -> None:
+    """An entry copied in from another model (its files and manifest whole) is refused by its
+    fingerprint, rebuilt with a warning, and the engine computes this model's outputs."""
+    images = write_images(tmp_path / "images", count=8) if precision == "int8" else None
     root = tmp_path / "cache"
     ours = cvt.CvtForImageClassification.from_pretrained(str(save_tiny_classifier(tmp_path / "a", seed=1)))
     theirs = cvt.CvtForImageClassification.from_pretrained(str(save_tiny_classifier(tmp_path / "b", seed=2)))
-    options = dict(precision="int8", image_size=64, calibration=images, cache_dir=root)
+    options = dict(precision=precision, image_size=64, calibration=images, cache_dir=root)
     foreign = build_engine(theirs, "onnxruntime", **options)
     (entry,) = root.iterdir()
     load = cache.EngineCache.load
@@ -318,3 +319,85 @@ def test_a_config_thousands_of_layers_deep_beside_one_layer_is_refused_within_a_
     seconds, before_kb, peak_kb = float(numbers[0]), int(numbers[2]), int(numbers[4])
     print(f"refused in {seconds:.3f} s; peak {peak_kb / 1024:.0f} MB, {before_kb / 1024:.0f} MB before the call")
     assert seconds < 1 and (peak_kb - before_kb) / 1024 < 500
+
+
+# ------------------------------------------------------------------------------ what held, kept
+def test_sigterm_mid_epoch_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch) -> None:
+    from test_hostile_inputs import start_with_a_slow_file
+    from test_training import weights
+
+    args = train_args(tmp_path, tmp_path / "run")
+    (tmp_path / "data" / "cat" / "cat0.png").rename(tmp_path / "data" / "cat" / "slow.png")
+    args = [*args, "--epochs", "2", "--save-every", "1"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    process, _ = start_with_a_slow_file(tmp_path, args)
+    process.terminate()  # SIGTERM while a step waits for its images
+    process.communicate(timeout=30)
+    assert process.returncode == -15
+    step = load_state(tmp_path / "run" / STATE_NAME)["step"]
+    assert 0 < step < 6, step  # stopped mid-run, after some saved steps
+    assert cli.main([*args, "--resume"]) == 0
+    whole = [a if a != str(tmp_path / "run") else str(tmp_path / "whole") for a in args]
+    assert cli.main(whole) == 0
+    a, b = weights(tmp_path / "run" / "last"), weights(tmp_path / "whole" / "last")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("engine", ["torch", "onnxruntime", "openvino"])
+def test_four_threads_calling_one_pipeline_agree_exactly_with_serial_calls(tmp_path, engine) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    photos = sorted((write_images(tmp_path / "photos", count=4)).rglob("*.png"))
+    classifier = cvt.pipeline("image-classification", str(save_tiny_classifier(tmp_path / "m")), engine=engine)
+    calls = [photos[i % len(photos)] for i in range(80)]  # 4 threads x 20 calls
+    serial = [classifier(str(p)) for p in calls]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda p: classifier(str(p)), calls))
+    assert threaded == serial
+
+
+def test_a_symlink_loop_in_a_folder_is_skipped_and_the_rest_predicted(tmp_path, capsys) -> None:
+    photos = write_images(tmp_path / "photos", count=2)
+    (photos / "loop").symlink_to(photos, target_is_directory=True)
+    (photos / "self.png").symlink_to(photos / "self.png")
+    capsys.readouterr()
+    status = cli.main(["predict", str(save_tiny_classifier(tmp_path / "m")), str(photos), "--format", "json",
+                       "--engine", "torch"])
+    records = json.loads(capsys.readouterr().out)
+    assert status in (0, 1) and sum("predictions" in r for r in records) >= 2
+
+
+def test_emoji_class_names_train_and_come_back_as_labels(tmp_path) -> None:
+    classes = ("🐱 cat", "☕", "🚀 rocket")
+    data = make_folder(tmp_path / "data", classes=classes, per_class=4)
+    make_model_folder(tmp_path / "start", tiny_config(num_labels=3))
+    options = dict(model=tmp_path / "start", data=data, output_dir=tmp_path / "run", epochs=1, batch_size=4,
+                   val_split=0, workers=0)
+    assert cli.main(as_args(options)) == 0
+    config = json.loads((tmp_path / "run" / "last" / "config.json").read_text(encoding="utf-8"))
+    assert sorted(config["id2label"].values()) == sorted(classes)
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd.safetensors", "../nowhere", "/etc/../nowhere",
+                                  "a/../../b/c", "..\\..\\x"])
+def test_path_traversal_model_names_are_refused_as_names_of_nothing(name) -> None:
+    with pytest.raises(CheckpointError):
+        cvt.load(name)
+
+
+def test_json_output_round_trips_odd_labels_and_non_utf8_file_names(tmp_path, capsys) -> None:
+    labels = {0: 'say "hi"\nthen \\ leave', 1: "🐱\u200b", 2: "", 3: "<b>&</b>", 4: "tab\tsep"}
+    model = randomise_(cvt.CvtForImageClassification(tiny_config(id2label=labels)), 2)
+    folder = tmp_path / "m"
+    model.save_pretrained(folder)
+    cvt.CvtImageProcessor(size=64).save_pretrained(folder)
+    photos = write_images(tmp_path / "photos", count=1)
+    (image,) = photos.rglob("*.png")
+    raw = os.fsencode(photos) + b"/caf\xe9 \xff.png"
+    os.rename(image, raw)
+    capsys.readouterr()
+    assert cli.main(["predict", str(folder), str(photos), "--format", "json", "--top-k", "5",
+                     "--engine", "torch"]) == 0
+    (record,) = json.loads(capsys.readouterr().out)
+    assert os.fsencode(record["path"]) == raw
+    assert sorted(p["label"] for p in record["predictions"]) == sorted(labels.values())
