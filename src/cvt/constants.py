@@ -31,4 +31,4 @@ IMAGE_SIZE_RANGE = (1, 1024)
 PICTURE_SIZE_RANGE = (1, 8192)
 
 # how much of a long name (a model name, a path) a message shows at each end
-NAME_SHOWN = 40
+NAME_SHOWN = 60

@@ -303,7 +303,9 @@ def check_depth_and_width(config: CvtConfig, state_dict: Mapping[str, Any], sour
     if not widths:
         return
     stages = max(widths) + 1
-    problems = [f"{config.num_stages} stages in the config, {stages} in the weights"] if stages != config.num_stages else []
+    problems = []
+    if stages != config.num_stages:
+        problems.append(f"{config.num_stages} stages in the config, {stages} in the weights")
     for s in range(min(stages, config.num_stages)):
         if layers.get(s, 0) != config.depth[s]:
             problems.append(f"stage {s} has depth {config.depth[s]} in the config, {layers.get(s, 0)} in the weights")
