@@ -1,6 +1,6 @@
 """What several commands share: the usage error, the --engine/--precision/--calibration options,
-the library's messages on stderr while a command runs, and the input size a checkpoint's
-preprocessing gives."""
+the pixel sizes (--image-size, --size) bounded as they are read, the library's messages on
+stderr while a command runs, and the input size a checkpoint's preprocessing gives."""
 
 from __future__ import annotations
 
