@@ -41,5 +41,6 @@ def check_size(what: str, value: object, limits: tuple[int, int]) -> int:
     naming the range (0 and negatives are errors, never "not given")."""
     low, high = limits
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
-        raise InvalidValueError(f"{what} must be a whole number of pixels from {low} to {high}, got {value!r}")
+        raise InvalidValueError(f"{what} must be a positive whole number of pixels, from {low} to {high}; "
+                                f"got {value!r}")
     return int(value)

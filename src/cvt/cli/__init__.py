@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from ..constants import DISTRIBUTION
 from ..errors import CvtError, short
 from . import attention, bench, export, models, predict, training
-from .common import UsageError
+from .common import UsageError, check_sizes
 
 __all__ = ["EXPECTED_ERRORS", "UsageError", "build_parser", "entry", "main"]
 
@@ -59,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_sizes(args)
         return args.run(args)
     except KeyboardInterrupt as err:
         print(f"cvt: interrupted{f' {err}' if str(err) else ''}", file=sys.stderr)

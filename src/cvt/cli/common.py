@@ -1,5 +1,5 @@
 """What several commands share: the usage error, the --engine/--precision/--calibration options,
-the pixel sizes (--image-size, --size) bounded as they are read, the library's messages on
+the pixel sizes (--image-size, --size) bounded before a command runs, the library's messages on
 stderr while a command runs, and the input size a checkpoint's preprocessing gives."""
 
 from __future__ import annotations
@@ -18,19 +18,15 @@ class UsageError(CvtError):
     """A mistake in what the user asked for; printed without a traceback."""
 
 
-def _pixels(option: str, limits: tuple[int, int]):
-    """An argparse type: a whole number of pixels within `limits`, checked as the option is read."""
-    def parse(text: str) -> int:
-        try:
-            return check_size(option, int(text), limits)
-        except (ValueError, CvtError) as err:
-            message = str(err) if isinstance(err, CvtError) else f"{option} must be a whole number, got {text!r}"
-            raise argparse.ArgumentTypeError(message) from None
-    return parse
+# the pixel sizes commands accept (argparse dest -> option, inclusive range), checked before a
+# command runs so that 0, negatives and absurd sizes are one-line errors, never "not given"
+BOUNDED_SIZES = {"image_size": ("--image-size", IMAGE_SIZE_RANGE), "size": ("--size", PICTURE_SIZE_RANGE)}
 
 
-image_size_arg = _pixels("--image-size", IMAGE_SIZE_RANGE)
-picture_size_arg = _pixels("--size", PICTURE_SIZE_RANGE)
+def check_sizes(args: argparse.Namespace) -> None:
+    for dest, (option, limits) in BOUNDED_SIZES.items():
+        if getattr(args, dest, None) is not None:
+            check_size(option, getattr(args, dest), limits)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:

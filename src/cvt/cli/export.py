@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import UsageError, image_size_arg, processor_image_size
+from .common import UsageError, processor_image_size
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +19,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     exp.add_argument("output", metavar="OUTPUT", help="the file to write (.onnx; .xml for openvino, "
                      "with the .bin beside it; .tflite)")
     exp.add_argument("--format", choices=("onnx", "openvino", "tflite"), default="onnx", help="default: onnx")
-    exp.add_argument("--image-size", type=image_size_arg, help="input height and width (default: the model's own, else 224)")
+    exp.add_argument("--image-size", type=int, help="input height and width (default: the model's own, else 224)")
     exp.add_argument("--batch-size", type=int, help="fix the batch size (default: a dynamic batch axis)")
     exp.add_argument("--dynamic-size", action="store_true", help="symbolic height and width: one file "
                      "serves several input sizes (--image-size is then the size traced and checked)")

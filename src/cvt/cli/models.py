@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 from ..variants import VARIANTS
-from .common import UsageError, image_size_arg, processor_image_size
+from .common import UsageError, processor_image_size
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     info = sub.add_parser("info", help="architecture, parameters and multiply-adds of a model")
     info.add_argument("model", help="variant name (e.g. cvt-13), checkpoint folder or config.json")
-    info.add_argument("--image-size", type=image_size_arg, help="input size (default: the model's own)")
+    info.add_argument("--image-size", type=int, help="input size (default: the model's own)")
     info.set_defaults(run=cmd_info)
 
     conv = sub.add_parser("convert", help="original microsoft/CvT .pth -> transformers-layout folder")
@@ -22,7 +22,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     conv.add_argument("output_dir", help="folder to write config.json and model.safetensors to")
     conv.add_argument("--model", choices=list(VARIANTS), help="architecture of a released variant")
     conv.add_argument("--config", help="config.json, or the original MODEL.SPEC as JSON")
-    conv.add_argument("--image-size", type=image_size_arg, help="input size the checkpoint was trained at: "
+    conv.add_argument("--image-size", type=int, help="input size the checkpoint was trained at: "
                       "writes CvT's standard preprocessing for it (default: the variant's)")
     conv.set_defaults(run=cmd_convert)
 

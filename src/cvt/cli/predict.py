@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..constants import PREDICT_FORMATS
-from .common import add_engine_arguments, image_size_arg, messages_on_stderr
+from .common import add_engine_arguments, messages_on_stderr
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +21,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     pred.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda or mps if available)")
     pred.add_argument("--format", choices=PREDICT_FORMATS, default="table", help="default: table")
     pred.add_argument("--output", help="write the results to this file instead of stdout")
-    pred.add_argument("--image-size", type=image_size_arg, help="input size (default: the model's own "
+    pred.add_argument("--image-size", type=int, help="input size (default: the model's own "
                       "preprocessing; needed for a weights file, which carries none)")
     add_engine_arguments(pred)
     pred.set_defaults(run=cmd_predict)

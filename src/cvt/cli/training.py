@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..constants import TRAINING_PRECISIONS
 from ..training.recipes import RECIPES
-from .common import add_engine_arguments, image_size_arg, messages_on_stderr
+from .common import add_engine_arguments, messages_on_stderr
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -47,7 +47,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--cutmix", type=float, help="CutMix alpha (0: off)")
     tr.add_argument("--clip-grad", type=float, help="maximum gradient norm")
     tr.add_argument("--ema-decay", type=float, help="keep an EMA of the weights (e.g. 0.9998)")
-    tr.add_argument("--image-size", type=image_size_arg, help="input size (default: the model's preprocessing)")
+    tr.add_argument("--image-size", type=int, help="input size (default: the model's preprocessing)")
     tr.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation steps")
     tr.add_argument("--precision", choices=TRAINING_PRECISIONS, default="fp32",
                     help="bf16: autocast on CPU or GPU; fp16: autocast with a grad scaler (GPU)")
@@ -71,7 +71,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="top-1/top-5/loss and per-class accuracy of a model on labelled images")
     ev.add_argument("--model", required=True, help="checkpoint folder, weights file, hub id or "
                     "variant name (cvt-13: its published weights)")
-    ev.add_argument("--image-size", type=image_size_arg, help="input size (default: the model's own "
+    ev.add_argument("--image-size", type=int, help="input size (default: the model's own "
                     "preprocessing; needed for a weights file, which carries none)")
     ev.add_argument("--data", required=True, help="folder of class subfolders, or any layout train accepts")
     ev.add_argument("--format", choices=("table", "json"), default="table", help="default: table")
