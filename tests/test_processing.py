@@ -182,8 +182,9 @@ def test_wrong_types_and_options_are_clear_errors() -> None:
 
 # ------------------------------------------------------------------------------- settings and files
 @pytest.mark.parametrize("settings, message", [
-    (dict(size=0), "size must be a positive integer"),
-    (dict(size="224"), "size must be a positive integer"),
+    (dict(size=0), "image size must be a positive whole number of pixels, from 1 to 1024; got 0"),
+    (dict(size="224"), "image size must be a positive whole number of pixels, from 1 to 1024; got '224'"),
+    (dict(size=100000), "image size must be a positive whole number of pixels, from 1 to 1024; got 100000"),
     (dict(crop_pct=0), r"crop_pct must be a number in \(0, 1\]"),
     (dict(crop_pct=1.2), r"crop_pct must be a number in \(0, 1\]"),
     (dict(resample=9), "Pillow filter code"),

@@ -28,7 +28,8 @@ from .config import kv_grid, stage_grids
 from .images import ImageInput
 from .modeling import CvtForImageClassification, CvtModel
 from .processing import CvtImageProcessor
-from .errors import InvalidValueError
+from .constants import PICTURE_SIZE_RANGE
+from .errors import InvalidValueError, check_size
 
 # viridis at five points: a perceptually even ramp that needs no plotting library
 _COLORS = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)], float)
@@ -127,7 +128,9 @@ def draw(maps: AttentionMaps, which: str | int = "mean", size: int | None = None
     else:
         raise InvalidValueError(f"which map to draw: 'mean', 'rollout' or a head index 0-{len(maps.heads) - 1}, "
                          f"got {which!r}")
-    width, height = (size, size) if size else maps.image.size
+    if size is not None:
+        check_size("the picture size", size, PICTURE_SIZE_RANGE)
+    width, height = (size, size) if size is not None else maps.image.size
     span = float(values.max() - values.min())
     scaled = (values - values.min()) / span if span > 0 else np.zeros_like(values)
     heat = Image.fromarray(scaled.astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR)

@@ -8,11 +8,14 @@ per-stage field is a tuple with one entry per stage; the number of stages is `le
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InvalidValueError
+from .errors import InvalidValueError, short
+
+logger = logging.getLogger("cvt")
 
 PROJECTION_METHODS = ("dw_bn", "avg", "linear")
 ACTIVATIONS = ("gelu", "quick_gelu")
@@ -228,11 +231,15 @@ class CvtConfig:
             if not isinstance(self.id2label, dict):
                 raise ConfigError(f"CvtConfig.id2label must be a mapping, got {self.id2label!r}")
             try:
-                self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+                indices = {int(k): str(v) for k, v in self.id2label.items()}
             except (TypeError, ValueError):
                 raise ConfigError(
                     f"CvtConfig.id2label keys must be class indices, got {list(self.id2label)[:5]}"
                 ) from None
+            if len(indices) != len(self.id2label):
+                raise ConfigError(f"CvtConfig.id2label keys must be distinct integers; "
+                                  f"{_colliding(self.id2label)} name the same class index")
+            self.id2label = indices
             if set(self.id2label) != set(range(len(self.id2label))):
                 raise ConfigError(
                     f"CvtConfig.id2label must name every class index 0..{len(self.id2label) - 1} "
@@ -249,10 +256,24 @@ class CvtConfig:
             self.id2label = {i: f"LABEL_{i}" for i in range(n)}
             self.label2id = None
         self.num_labels = len(self.id2label)
-        if self.label2id is None or set(self.label2id.values()) != set(self.id2label):
-            self.label2id = {label: i for i, label in self.id2label.items()}
-        else:
-            self.label2id = {str(k): int(v) for k, v in self.label2id.items()}
+        self.label2id = self._label2id_checked()
+
+    def _label2id_checked(self) -> dict[str, int]:
+        """label2id as given when it is id2label's inverse (a repeated class name maps to one of
+        its indices), else rebuilt from id2label, with a warning when one was given."""
+        rebuilt = {label: i for i, label in self.id2label.items()}
+        if self.label2id is None:
+            return rebuilt
+        try:
+            given = {str(k): int(v) for k, v in dict(self.label2id).items()}
+        except (TypeError, ValueError):
+            given = None
+        if given is not None and given.keys() == rebuilt.keys() and all(
+                self.id2label.get(i) == label for label, i in given.items()):
+            return given
+        logger.warning("cvt: the config's label2id is not the inverse of its id2label; rebuilt from "
+                       "id2label (the class names the model's outputs are reported by)")
+        return rebuilt
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -361,6 +382,14 @@ class CvtConfig:
     def macs_per_image(self, height: int, width: int) -> int:
         """Multiply-adds of one forward pass (convolutions, linear layers, attention products)."""
         return _count_macs(self, height, width)
+
+
+def _colliding(id2label: dict[Any, Any]) -> str:
+    """The keys of `id2label` that are one integer written differently ('1' and '01')."""
+    groups: dict[int, list[str]] = {}
+    for key in id2label:
+        groups.setdefault(int(key), []).append(repr(key))
+    return "; ".join(" and ".join(short(k) for k in keys) for keys in groups.values() if len(keys) > 1)
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, ceil: bool = False) -> int:

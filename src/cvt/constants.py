@@ -23,3 +23,12 @@ TRAINING_PRECISIONS = ("fp32", "bf16", "fp16")
 
 # what `cvt predict` writes
 PREDICT_FORMATS = ("table", "json", "jsonl", "csv", "parquet")
+
+# every size a user can ask for, bounded before any memory is spent on it (inclusive pixels):
+# an input's height and width (--image-size, image_size=, an engine's build check) and the
+# picture `cvt attention --size` draws
+IMAGE_SIZE_RANGE = (1, 1024)
+PICTURE_SIZE_RANGE = (1, 8192)
+
+# how much of a long name (a model name, a path) a message shows at each end
+NAME_SHOWN = 60

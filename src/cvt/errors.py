@@ -4,7 +4,9 @@ its traceback (exit status 3)."""
 
 from __future__ import annotations
 
-from .constants import DISTRIBUTION
+import numbers
+
+from .constants import DISTRIBUTION, NAME_SHOWN
 
 
 class CvtError(Exception):
@@ -23,3 +25,22 @@ def install_hint(extra: str | None = None) -> str:
     """The pip command that installs cvt with an optional extra, for messages about a missing one
     (PyPI's `cvt` is another project, which also imports as `cvt`: ours is DISTRIBUTION)."""
     return f'pip install "{DISTRIBUTION}[{extra}]"' if extra else f"pip install {DISTRIBUTION}"
+
+
+def short(name: object) -> str:
+    """`name` as a message shows it: its first and last NAME_SHOWN characters when it is longer
+    (a 10,000-character name would otherwise make a 10,000-character error line)."""
+    text = str(name)
+    if len(text) <= 2 * NAME_SHOWN + 3:
+        return text
+    return f"{text[:NAME_SHOWN]}...{text[-NAME_SHOWN:]}"
+
+
+def check_size(what: str, value: object, limits: tuple[int, int]) -> int:
+    """`value` as an int when it is a whole number within `limits`, else an `InvalidValueError`
+    naming the range (0 and negatives are errors, never "not given")."""
+    low, high = limits
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+        raise InvalidValueError(f"{what} must be a positive whole number of pixels, from {low} to {high}; "
+                                f"got {value!r}")
+    return int(value)

@@ -5,18 +5,31 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .errors import InvalidValueError, short
+
+
+# the temporary file `write_atomic` writes beside its target NAME: `.NAME.<hex>.tmp`
+TEMPORARY_NAME = re.compile(r"\.(?P<target>.+)\.[0-9a-f]+\.tmp")
+
+
+def temporary_of(name: str) -> str | None:
+    """The target a file named `name` is `write_atomic`'s temporary file for, or None."""
+    match = TEMPORARY_NAME.fullmatch(name)
+    return match["target"] if match else None
+
 
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)`, fsync it, then rename over `path`: readers see old or new, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp")  # TEMPORARY_NAME
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0666 less the umask, as open() gives
@@ -46,3 +59,11 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
 
     write_atomic(path, write)
+
+
+def require_folder(path: str | os.PathLike, what: str) -> Path:
+    """`path`, which must be a folder (or not exist yet): a file there is an error saying so."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InvalidValueError(f"{what} {short(path)} is a file, not a folder; move it or choose another folder")
+    return path

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
+from .errors import CheckpointError, short
 from .variants import VARIANTS, Variant, get_variant
 
 CONFIG_NAME = "config.json"
@@ -47,18 +47,24 @@ def locate(name_or_path: str | os.PathLike) -> Location:
     file first, then a variant name ("cvt-13" means its published weights, microsoft/cvt-13),
     then a hub id ("org/name")."""
     path, name = Path(name_or_path), str(name_or_path)
-    if path.is_dir():
-        return Location("folder", name)
-    if path.is_file():
-        return Location("file", name)
+    if not name.strip():  # Path("") is the current folder: an unset $MODEL must not mean it
+        raise CheckpointError(f"the model name is empty ({name!r}); give a variant name, a hub id, "
+                              f"or a checkpoint folder or file")
+    shown = short(name)
+    try:
+        kind = "folder" if path.is_dir() else "file" if path.is_file() else None
+    except OSError:  # a name too long to be a path (ENAMETOOLONG) names no folder or file
+        kind = None
+    if kind is not None:
+        return Location(kind, name)
     if path.suffix in WEIGHT_SUFFIXES | {".json"}:
-        raise CheckpointError(f"{name}: no such file")
+        raise CheckpointError(f"{shown}: no such file")
     if name in VARIANTS:
         return Location("hub", get_variant(name).hub_id, get_variant(name))
     if _looks_like_hub_id(name):
         published = name.startswith("microsoft/") and name.removeprefix("microsoft/") in VARIANTS
         return Location("hub", name, get_variant(name) if published else None)
-    raise CheckpointError(f"{name}: no such folder or file, not a variant ({', '.join(VARIANTS)}) "
+    raise CheckpointError(f"{shown}: no such folder or file, not a variant ({', '.join(VARIANTS)}) "
                           f"and not a hub id (org/name)")
 
 

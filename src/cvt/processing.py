@@ -25,7 +25,8 @@ from . import hub, weights
 from .files import write_json
 from .images import ImageInput, as_rgb_image, check_budget, split_batch
 from .variants import IMAGENET_MEAN, IMAGENET_STD
-from .errors import CheckpointError, InvalidValueError
+from .constants import IMAGE_SIZE_RANGE
+from .errors import CheckpointError, InvalidValueError, check_size
 
 PROCESSOR_CONFIG_NAME = weights.PROCESSOR_CONFIG_NAME
 WARP_FROM = 384  # from this size up the checkpoints were evaluated on the whole image, warped
@@ -54,8 +55,7 @@ class CvtImageProcessor:
     image_std: tuple[float, ...] = IMAGENET_STD
 
     def __post_init__(self) -> None:
-        if isinstance(self.size, bool) or not isinstance(self.size, numbers.Integral) or self.size < 1:
-            raise InvalidValueError(f"size must be a positive integer (pixels), got {self.size!r}")
+        check_size("the image size", self.size, IMAGE_SIZE_RANGE)
         if not _is_number(self.crop_pct) or not 0 < self.crop_pct <= 1:
             raise InvalidValueError(f"crop_pct must be a number in (0, 1], got {self.crop_pct!r}")
         if isinstance(self.resample, bool) or self.resample not in _RESAMPLE_CODES:
@@ -190,6 +190,8 @@ class CvtImageProcessor:
         given; CvT's standard preprocessing at `image_size` for a model that carries none (a
         single weights file, a config). Without either, a `CheckpointError` (guessing a size
         silently would degrade results)."""
+        if image_size is not None:
+            check_size("the image size", image_size, IMAGE_SIZE_RANGE)
         try:
             processor = cls.from_pretrained(name_or_path, **hub_kwargs)
         except CheckpointError as err:
@@ -197,7 +199,7 @@ class CvtImageProcessor:
                 raise CheckpointError(f"{err}; or give an image size (--image-size) to use "
                                               f"CvT's standard preprocessing") from None
             processor = cls()
-        return dataclasses.replace(processor, size=image_size) if image_size else processor
+        return dataclasses.replace(processor, size=image_size) if image_size is not None else processor
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write `preprocessor_config.json` (readable here and by transformers) into `folder`."""

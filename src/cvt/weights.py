@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import logging
 import os
 from collections.abc import Iterable, Mapping
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from . import convert
 from .config import CvtConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, short
 from .files import write_atomic, write_json
 from .hub import CONFIG_NAME, HUB_ARGUMENTS, Fetch, fetcher, locate
 
@@ -64,7 +65,7 @@ def read_json(path: str | os.PathLike) -> Any:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+        raise CheckpointError(f"{short(path)} is not valid JSON: {err}") from None
 
 
 def read_config(path: str | os.PathLike, **overrides: Any) -> CvtConfig:
@@ -75,14 +76,14 @@ def read_config(path: str | os.PathLike, **overrides: Any) -> CvtConfig:
             return CvtConfig(**{**convert.spec_fields(data), **overrides})
         return CvtConfig.from_dict(data, **overrides)
     except (ValueError, TypeError) as err:
-        raise CheckpointError(f"{path}: {err}") from None
+        raise CheckpointError(f"{short(path)}: {err}") from None
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """Tensors of one weights file: safetensors, or a torch file loaded with weights_only=True."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no weights file at {path}")
+        raise CheckpointError(f"no weights file at {short(path)}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -90,12 +91,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
             return load_file(path)
         except Exception as err:  # safetensors raises its own error types for damaged files
             raise CheckpointError(
-                f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+                f"{short(path)} is not a readable safetensors file (truncated or corrupt?): {err}") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and unsafe-global errors alike mean "cannot use this"
         raise CheckpointError(
-            f"{path} could not be read as a PyTorch weights file with weights_only=True "
+            f"{short(path)} could not be read as a PyTorch weights file with weights_only=True "
             f"(truncated, corrupt, or it holds Python objects rather than tensors): {err}") from None
     return _unwrap_state_dict(obj, path)
 
@@ -107,7 +108,7 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+        raise CheckpointError(f"{short(path)} does not hold a state dict (a mapping of names to tensors)")
     if all(k.startswith("module.") for k in obj):
         obj = {k.removeprefix("module."): v for k, v in obj.items()}
     return obj
@@ -121,13 +122,13 @@ def read_folder_weights(folder: Path, fetch: Fetch) -> dict[str, Tensor]:
         single_path, index_path = fetch(single), fetch(index_name)
         if single_path is not None and index_path is not None:
             raise CheckpointError(
-                f"{folder} holds both {single} and the shard index {index_name}: it is not clear "
+                f"{short(folder)} holds both {single} and the shard index {index_name}: it is not clear "
                 f"which weights are current; remove the stale one")
         if single_path is not None:
             return read_state_dict(single_path)
         if index_path is not None:
             return _read_shards(index_path, fetch)
-    raise CheckpointError(f"{folder} holds no weights: expected one of {', '.join(WEIGHT_FILES)}")
+    raise CheckpointError(f"{short(folder)} holds no weights: expected one of {', '.join(WEIGHT_FILES)}")
 
 
 def _read_shards(index_path: Path, fetch: Fetch) -> dict[str, Tensor]:
@@ -181,7 +182,7 @@ def read_architecture(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any
         return location.variant.config()
     if location.kind == "file":
         if Path(location.where).suffix != ".json":
-            raise CheckpointError(f"{name_or_path} is a weights file; its architecture comes with "
+            raise CheckpointError(f"{short(name_or_path)} is a weights file; its architecture comes with "
                                   f"its weights (leave out from-scratch), or give a config.json")
         return read_config(location.where)
     return _stored_config(fetcher(location, hub_kwargs), name_or_path)
@@ -190,7 +191,7 @@ def read_architecture(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any
 def _stored_config(fetch: Fetch, name_or_path: str | os.PathLike) -> CvtConfig:
     config_path = fetch(CONFIG_NAME)
     if config_path is None:
-        raise CheckpointError(f"{name_or_path} has no {CONFIG_NAME}")
+        raise CheckpointError(f"{short(name_or_path)} has no {CONFIG_NAME}")
     return read_config(config_path)
 
 
@@ -248,22 +249,23 @@ def build_from_state_dict(cls: type[M], state_dict: dict[str, Tensor], source: A
             try:
                 config = convert.infer_config(state_dict, **overrides)
             except ValueError as err:
-                raise CheckpointError(f"{source}: {err}") from None
+                raise CheckpointError(f"{short(source)}: {err}") from None
             overrides = {}
         try:
             state_dict = convert.original_to_transformers(state_dict)
         except ValueError as err:
-            raise CheckpointError(f"{source}: {err}") from None
+            raise CheckpointError(f"{short(source)}: {err}") from None
     base = config or stored
     if base is None:
         raise CheckpointError(
-            f"{source} is a single weights file in transformers layout with no config.json "
+            f"{short(source)} is a single weights file in transformers layout with no config.json "
             f"beside it; pass config=")
     try:
         config = base.replace(**overrides) if overrides else base
     except (ValueError, TypeError) as err:
-        raise CheckpointError(f"{source}: {err}") from None
+        raise CheckpointError(f"{short(source)}: {err}") from None
     reinit_head = relabel or ignore_mismatched_sizes
+    check_depth_and_width(config, state_dict, source)
     planned = _planned_shapes(cls, config)
     if planned is not None:  # refuse a config that does not fit the weights before allocating it
         state_dict = match_prefix(state_dict, planned, source)
@@ -275,6 +277,43 @@ def build_from_state_dict(cls: type[M], state_dict: dict[str, Tensor], source: A
     state_dict = match_prefix(state_dict, shapes, source)
     load_state_dict_checked(model, state_dict, source, reinit_head=reinit_head, shapes=shapes)
     return model.eval()
+
+
+# a stage's layers (their indices) and its width (the token embedding's output channels), by key
+_STAGE_KEY = re.compile(r"(?:^|\.)encoder\.stages\.(\d+)\."
+                        r"(?:layers\.(\d+)\.|embedding\.convolution_embeddings\.projection\.weight$)")
+
+
+def check_depth_and_width(config: CvtConfig, state_dict: Mapping[str, Any], source: Any) -> None:
+    """Refuse a config whose stage, layer or width counts are not the weights', read from their
+    key names and shapes alone, before any module is built (even on the meta device, a config
+    claiming thousands of layers takes minutes to build). Weights of no stage at all are left
+    to `check_keys`, which says they are not a CvT checkpoint."""
+    layers: dict[int, int] = {}
+    widths: dict[int, int] = {}
+    for key, value in state_dict.items():
+        match = _STAGE_KEY.search(key)
+        if match is None:
+            continue
+        stage = int(match[1])
+        if match[2] is not None:
+            layers[stage] = max(layers.get(stage, 0), int(match[2]) + 1)
+        elif len(getattr(value, "shape", ())) > 0:
+            widths[stage] = int(value.shape[0])
+    if not widths:
+        return
+    stages = max(widths) + 1
+    problems = []
+    if stages != config.num_stages:
+        problems.append(f"{config.num_stages} stages in the config, {stages} in the weights")
+    for s in range(min(stages, config.num_stages)):
+        if layers.get(s, 0) != config.depth[s]:
+            problems.append(f"stage {s} has depth {config.depth[s]} in the config, {layers.get(s, 0)} in the weights")
+        if s in widths and widths[s] != config.embed_dim[s]:
+            problems.append(f"stage {s} has embed_dim {config.embed_dim[s]} in the config, {widths[s]} in the weights")
+    if problems:
+        raise CheckpointError(f"{short(source)} does not match its configuration: {'; '.join(problems[:6])}"
+                              f"{' ...' if len(problems) > 6 else ''}")
 
 
 def _planned_shapes(cls: type, config: CvtConfig) -> dict[str, tuple[int, ...]] | None:
@@ -307,7 +346,7 @@ def check_weight_values(state_dict: Mapping[str, Any], source: Any) -> None:
                                    ("NaN or infinite values", nonfinite),
                                    ("negative BatchNorm variances", negative)) if keys]
     if problems:
-        raise CheckpointError(f"{source} holds weights no trained model has ({'; '.join(problems)}); "
+        raise CheckpointError(f"{short(source)} holds weights no trained model has ({'; '.join(problems)}); "
                               f"if that is intended, load with check_weights=False")
 
 
@@ -363,7 +402,7 @@ def check_keys(model_name: str, expected: Mapping[str, tuple[int, ...]], state_d
     if expected and len(missing) == len(expected):
         sample = ", ".join(list(state_dict)[:5])
         raise CheckpointError(
-            f"{source} does not look like a CvT checkpoint: none of the {len(expected)} weights of "
+            f"{short(source)} does not look like a CvT checkpoint: none of the {len(expected)} weights of "
             f"{model_name} is in it (its keys start: {sample})")
     new_head = [k for k in missing if k.startswith(HEAD_PREFIXES)]
     if reinit_head:
@@ -382,7 +421,7 @@ def check_keys(model_name: str, expected: Mapping[str, tuple[int, ...]], state_d
                     if all(k.startswith(HEAD_PREFIXES) for k in mismatched) else "")
             problems.append(f"{len(mismatched)} with another shape: {', '.join(details)}{hint}")
         raise CheckpointError(
-            f"{source} does not match this {model_name} configuration; " + "; ".join(problems))
+            f"{short(source)} does not match this {model_name} configuration; " + "; ".join(problems))
     return new_head
 
 

@@ -28,9 +28,9 @@ import traceback
 from collections.abc import Sequence
 
 from ..constants import DISTRIBUTION
-from ..errors import CvtError
+from ..errors import CvtError, short
 from . import attention, bench, export, models, predict, training
-from .common import UsageError
+from .common import UsageError, check_sizes
 
 __all__ = ["EXPECTED_ERRORS", "UsageError", "build_parser", "entry", "main"]
 
@@ -59,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_sizes(args)
         return args.run(args)
     except KeyboardInterrupt as err:
         print(f"cvt: interrupted{f' {err}' if str(err) else ''}", file=sys.stderr)
@@ -68,11 +69,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug or not expected:
             traceback.print_exc()
         if expected:
-            print(f"cvt: error: {err}", file=sys.stderr)
+            print(f"cvt: error: {_message(err)}", file=sys.stderr)
             return EXIT_ERROR
         print(f"cvt: internal error ({type(err).__name__}): this is a bug in cvt; please report it "
               f"with the traceback above", file=sys.stderr)
         return EXIT_BUG
+
+
+def _message(err: Exception) -> str:
+    """An expected error's line; a file-system error's file names shortened (a 10,000-character
+    name would make a 10,000-character line)."""
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:
+        names = [short(n) for n in (err.filename, err.filename2) if n is not None]
+        return f"{err.strerror}: {' -> '.join(names)}"
+    return str(err)
 
 
 def entry() -> None:

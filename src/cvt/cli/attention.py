@@ -34,8 +34,6 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
     if args.head is not None and args.rollout:
         raise UsageError("give --head or --rollout, not both")
-    if args.size is not None and args.size < 1:
-        raise UsageError(f"--size must be a positive number of pixels, got {args.size}")
     if Path(args.output).suffix.lower() != ".png":
         raise UsageError(f"--output must be a .png file, got {args.output}")
     model = load(args.model)

@@ -1,6 +1,6 @@
 """What several commands share: the usage error, the --engine/--precision/--calibration options,
-the library's messages on stderr while a command runs, and the input size a checkpoint's
-preprocessing gives."""
+the pixel sizes (--image-size, --size) bounded before a command runs, the library's messages on
+stderr while a command runs, and the input size a checkpoint's preprocessing gives."""
 
 from __future__ import annotations
 
@@ -10,12 +10,23 @@ import logging
 import sys
 from collections.abc import Iterator
 
-from ..constants import ENGINE_PRECISIONS, ENGINES
-from ..errors import CvtError
+from ..constants import ENGINE_PRECISIONS, ENGINES, IMAGE_SIZE_RANGE, PICTURE_SIZE_RANGE
+from ..errors import CvtError, check_size
 
 
 class UsageError(CvtError):
     """A mistake in what the user asked for; printed without a traceback."""
+
+
+# the pixel sizes commands accept (argparse dest -> option, inclusive range), checked before a
+# command runs so that 0, negatives and absurd sizes are one-line errors, never "not given"
+BOUNDED_SIZES = {"image_size": ("--image-size", IMAGE_SIZE_RANGE), "size": ("--size", PICTURE_SIZE_RANGE)}
+
+
+def check_sizes(args: argparse.Namespace) -> None:
+    for dest, (option, limits) in BOUNDED_SIZES.items():
+        if getattr(args, dest, None) is not None:
+            check_size(option, getattr(args, dest), limits)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:

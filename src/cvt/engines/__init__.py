@@ -25,11 +25,11 @@ import torch
 
 from ..processing import CvtImageProcessor
 from . import fused, onnxruntime_engine, openvino_engine
-from ..constants import ENGINE_PRECISIONS, ENGINES
+from ..constants import ENGINE_PRECISIONS, ENGINES, IMAGE_SIZE_RANGE
 from .base import Engine, EngineError, Model, PrecisionReport, verify
 from .cache import EngineCache
 from .calibration import CalibrationSet, load_calibration
-from ..errors import InvalidValueError
+from ..errors import InvalidValueError, check_size
 
 # fastest first, measured by `cvt bench` (benchmarks/README.md); an engine is used if installed
 AUTO_ORDER = {"cpu": ("onnxruntime", "openvino", "torch"), "cuda": ("torch",)}
@@ -67,7 +67,9 @@ def build_engine(model: Model, engine: str = "auto", *, device: str | torch.devi
     if precision not in ENGINE_PRECISIONS:
         raise InvalidValueError(f"unknown precision {precision!r}; choose one of {', '.join(ENGINE_PRECISIONS)}")
     device = torch.device(device)
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    pair = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    # bounded before the build check runs the plain model on a batch of this size
+    size = tuple(check_size("image_size", side, IMAGE_SIZE_RANGE) for side in pair)
     name = auto_engine(device, model) if engine == "auto" else engine
     was_training = model.training
     model.eval()

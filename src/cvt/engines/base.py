@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -100,6 +101,9 @@ class Engine:
         self.report: PrecisionReport | None = None  # set for reduced precision
 
     def __call__(self, pixel_values: Tensor) -> Tensor:
+        if isinstance(pixel_values, np.ndarray):
+            raise TypeError(f"pixel_values must be a torch.Tensor, got a numpy.ndarray of "
+                            f"{pixel_values.dtype}; pass torch.from_numpy(array)")
         if not isinstance(pixel_values, Tensor) or not pixel_values.is_floating_point():
             raise TypeError(f"pixel_values must be a floating-point torch.Tensor, got "
                             f"{getattr(pixel_values, 'dtype', type(pixel_values).__name__)}")
@@ -134,16 +138,21 @@ def random_batch(model: Model, image_size: tuple[int, int], batch: int = CHECK_B
     return torch.randn(batch, model.config.num_channels, *image_size, generator=generator)
 
 
-def check_fp32(engine: Engine, model: Model) -> float:
-    """The largest difference between the engine and the plain model on a random batch; above
-    1e-4 (or NaN) raises `EngineError`."""
+def check_difference(engine: Engine, model: Model) -> float:
+    """The largest difference between the engine and the plain model on a fixed random batch
+    (NaN when the engine gives non-finite outputs)."""
     pixel_values = random_batch(model, engine.image_size)
     want = plain_output(model, pixel_values).cpu()
     got = engine(pixel_values.to(engine.device)).float().cpu()
     if got.shape != want.shape:
         raise EngineError(f"the {engine.name} engine's output has shape {tuple(got.shape)}, the "
                           f"model's {tuple(want.shape)}")
-    difference = (got - want).abs().max().item()
+    return (got - want).abs().max().item()
+
+
+def check_fp32(engine: Engine, model: Model) -> float:
+    """`check_difference`; above 1e-4 (or NaN) raises `EngineError`."""
+    difference = check_difference(engine, model)
     if not difference <= TOLERANCE:
         raise EngineError(f"the {engine.name} engine differs from the plain model by up to "
                           f"{difference:.3g} (allowed {TOLERANCE:g}) on a random batch; not used")

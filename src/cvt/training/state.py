@@ -4,12 +4,17 @@ It holds the model, optimiser, grad-scaler and EMA state dicts, the optimiser st
 validation accuracy, every rank's random-number-generator states, and the settings a resumed
 run must share with it (`cvt.training.trainer.RESUME_COMPARED`). Writing goes through
 `cvt.files.write_atomic` (temporary file, fsync, rename), so an interrupted save leaves the
-previous state in place; the temporary files a killed process leaves behind are removed when the
-run starts or resumes.
+previous state in place (`cvt.training.folder` removes the temporary files a killed process
+leaves behind). A state records its format (STATE_FORMAT) and the cvt that wrote it: a newer
+format is refused naming both versions, as is a file that is not a cvt state, or one whose
+values no run has (a negative step, a NaN score).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import math
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -17,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..constants import DISTRIBUTION
+from ..errors import short
 from ..files import write_atomic
 from ..weights import CheckpointError
 
@@ -26,6 +33,12 @@ STATE_PARTS: dict[str, tuple[type, ...]] = {
     "step": (int,), "best_top1": (float, int), "run": (dict,), "rng": (list,), "extra_epochs": (int,),
     "model": (dict,), "optimizer": (dict,), "scaler": (dict, type(None)), "ema": (dict, type(None))}
 RNG_PARTS = ("torch", "cuda", "python", "numpy")
+# the layout of a saved state; a state without "format" was written by a cvt before formats (1)
+STATE_FORMAT = 1
+
+
+def cvt_version() -> str:
+    return importlib.metadata.version(DISTRIBUTION)
 
 
 class ResumeError(CheckpointError):
@@ -34,41 +47,61 @@ class ResumeError(CheckpointError):
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
+    state = {**state, "format": STATE_FORMAT, "cvt_version": cvt_version()}
     write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_state(path: Path) -> dict[str, Any]:
-    """The saved state at `path`, each of its parts present and of the right kind."""
+    """The saved state at `path`, each of its parts present, of the right kind and in range."""
+    shown = short(path)
     if not path.is_file():
-        raise ResumeError(f"cannot resume: no training state at {path}")
+        raise ResumeError(f"cannot resume: no training state at {shown}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # weights-only loading met something no cvt state holds
+        raise ResumeError(f"cannot resume: {shown} is not a cvt training state (it holds Python "
+                          f"objects a training state never has)") from None
     except Exception as err:  # truncated zip, bad pickle: all mean the file cannot be trusted
+        reason = str(err).splitlines()[0] if str(err) else ""
         raise ResumeError(
-            f"cannot resume from {path}: the file is truncated or corrupt ({type(err).__name__}: "
-            f"{err}); restore it from a backup or start without --resume") from None
+            f"cannot resume from {shown}: the file is truncated or corrupt ({type(err).__name__}: "
+            f"{reason}); restore it from a backup or start without --resume") from None
     if not isinstance(state, dict) or "step" not in state or "model" not in state:
-        raise ResumeError(f"{path} is not a cvt training state (no 'step' or 'model')")
+        raise ResumeError(f"{shown} is not a cvt training state (no 'step' or 'model')")
+    _check_format(state, shown)
     for part, kinds in STATE_PARTS.items():
         if part not in state:
-            raise ResumeError(f"cannot resume from {path}: its {part!r} part is missing")
+            raise ResumeError(f"cannot resume from {shown}: its {part!r} part is missing")
         if not isinstance(state[part], kinds) or isinstance(state[part], bool):
-            raise ResumeError(f"cannot resume from {path}: its {part!r} part is a "
+            raise ResumeError(f"cannot resume from {shown}: its {part!r} part is a "
                               f"{type(state[part]).__name__}, not a {' or '.join(k.__name__ for k in kinds)}")
     if not state["rng"] or not all(isinstance(r, dict) and set(RNG_PARTS) <= r.keys() for r in state["rng"]):
-        raise ResumeError(f"cannot resume from {path}: its 'rng' part does not hold a random state "
+        raise ResumeError(f"cannot resume from {shown}: its 'rng' part does not hold a random state "
                           f"({', '.join(RNG_PARTS)}) for every process")
+    _check_values(state, shown)
     return state
 
 
-def remove_leftovers(folder: Path) -> list[Path]:
-    """Delete the temporary files (`.NAME.<hex>.tmp`) that writes killed half-way left in a run's
-    folder and its best/ and last/ models; returns them."""
-    leftovers = [p for sub in (folder, folder / "best", folder / "last") if sub.is_dir()
-                 for p in sub.glob(".*.tmp") if p.is_file()]
-    for path in leftovers:
-        path.unlink(missing_ok=True)
-    return leftovers
+def written_by(state: dict[str, Any]) -> str:
+    """Which cvt wrote a state, for messages that name both versions."""
+    return f"cvt {state.get('cvt_version', '(unrecorded)')}, state format {state.get('format', 1)}"
+
+
+def _check_format(state: dict[str, Any], shown: str) -> None:
+    version = state.get("format", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version > STATE_FORMAT:
+        raise ResumeError(f"cannot resume from {shown}: it was written by {written_by(state)}; this is "
+                          f"cvt {cvt_version()}, which reads state formats up to {STATE_FORMAT}; "
+                          f"resume with a newer cvt")
+
+
+def _check_values(state: dict[str, Any], shown: str) -> None:
+    """Values no run saves: refused by name (they would divide by zero or never save best/)."""
+    problems = [f"{name} is {state[name]} (negative)" for name in ("step", "extra_epochs") if state[name] < 0]
+    if not math.isfinite(state["best_top1"]) or not -1 <= state["best_top1"] <= 1:
+        problems.append(f"best_top1 is {state['best_top1']} (a run's is -1 before any validation, else 0 to 1)")
+    if problems:
+        raise ResumeError(f"cannot resume from {shown}: its {'; '.join(problems)}")
 
 
 def rng_state() -> dict[str, Any]:

@@ -40,7 +40,9 @@ from .data import (DataError, LabelledImages, ResumableSampler, ShardSampler, Tr
 from .optim import WarmupCosine, WeightEMA, parameter_groups
 from .recipes import Recipe, get_recipe
 from .report import CURVES_NAME, METRICS_NAME, EvalResult, MetricsLog, plot_curves
-from .state import STATE_NAME, ResumeError, load_state, remove_leftovers, rng_state, save_state, set_rng_state
+from .folder import RunFolder, check_paths, lock_run_folder, remove_leftovers
+from .state import (STATE_NAME, ResumeError, cvt_version, load_state, rng_state, save_state, set_rng_state,
+                    written_by)
 from ..errors import InvalidValueError
 
 logger = logging.getLogger("cvt")
@@ -175,9 +177,11 @@ def train(options: TrainOptions) -> EvalResult | None:
     """Run (or resume) a training run; returns the final validation result (None without one,
     or when `stop_at_step` stopped it within an epoch)."""
     ctx = distributed.start()
+    folder = None
     try:
         run = _prepare(options, ctx)
-        _resume(run) if options.resume else _start(run)
+        folder = lock_run_folder(run.out) if ctx.is_main else None
+        _resume(run, folder) if options.resume else _start(run, folder)
         result = None
         while run.step < run.total_steps:
             epoch = run.step // run.steps_per_epoch
@@ -190,6 +194,8 @@ def train(options: TrainOptions) -> EvalResult | None:
                 break
         return result
     finally:
+        if folder is not None:
+            folder.release()
         distributed.stop(ctx)
 
 
@@ -301,22 +307,23 @@ def _identity(options: TrainOptions, recipe: Recipe, config: CvtConfig, processo
     }
 
 
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested run record as dotted names."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def _identity_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """'name: saved run X, this command Y' for every setting that differs (nested ones dotted),
     and the settings a state saved by an earlier cvt did not record."""
-    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in d.items():
-            if isinstance(value, dict):
-                out.update(flat(value, f"{prefix}{key}."))
-            else:
-                out[f"{prefix}{key}"] = value
-        return out
-
-    before, after = flat(saved), flat(now)
-    differences = [f"{key}: saved run {before[key]!r}, this command "
-                   f"{repr(after[key]) if key in after else '(no such setting)'}"
-                   for key in sorted(before) if key not in after or before[key] != after[key]]
+    before, after = _flat(saved), _flat(now)
+    differences = [f"{key}: saved run {before[key]!r}, this command {after[key]!r}"
+                   for key in sorted(before.keys() & after.keys()) if before[key] != after[key]]
     unrecorded = sorted(after.keys() - before.keys())
     if unrecorded:
         differences.append(f"settings the saved run did not record (saved by an earlier cvt?): "
@@ -346,15 +353,17 @@ def _place(model: CvtForImageClassification, options: TrainOptions, ctx: distrib
         model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
 
-def _start(run: _Run) -> None:
-    """A new run: its folder must not hold a saved state. A run killed before its first save
-    (metrics but no state) is started again in place."""
+def _start(run: _Run, folder: RunFolder | None) -> None:
+    """A new run: its folder must not hold a saved state, nor files cvt cannot tell it wrote. A
+    run killed before its first save (metrics but no state) is started again in place."""
     out = run.out
     if (out / STATE_NAME).exists():
         raise ResumeError(f"{out} already holds a training run; pass --resume to continue it or "
                           f"choose another --output-dir")
-    if run.ctx.is_main:
-        _tidy(out)
+    if folder is not None:
+        check_paths(folder, fresh=True)
+        folder.claim()
+        remove_leftovers(out)
         if (out / METRICS_NAME).exists():
             logger.warning("%s holds the metrics of a run that never saved a state; starting it again",
                            out)
@@ -367,19 +376,21 @@ def _start(run: _Run) -> None:
                     run.ctx.device.type)
 
 
-def _tidy(out: Path) -> None:
-    for path in remove_leftovers(out):
-        logger.info("removed %s, left by a write that was interrupted", path)
-
-
-def _resume(run: _Run) -> None:
+def _resume(run: _Run, folder: RunFolder | None) -> None:
     """Read back the saved state of the same run; anything else is refused, naming each
     difference, before anything is changed."""
     path = run.out / STATE_NAME
     if not path.exists() and (run.out / METRICS_NAME).exists():
         raise ResumeError(f"cannot resume {run.out}: the run stopped before its first saved state; "
                           f"start it again without --resume")
+    if folder is not None:
+        check_paths(folder, fresh=False)
     state = load_state(path)
+    unknown = sorted(_flat(state["run"]).keys() - _flat(run.identity).keys())
+    if unknown:
+        raise ResumeError(f"cannot resume {run.out}: its run records settings this cvt does not know "
+                          f"({', '.join(unknown)}); it was written by {written_by(state)}, this is "
+                          f"cvt {cvt_version()}; resume with the cvt that wrote it")
     differences = _identity_differences(state["run"], run.identity)
     if differences:
         raise ResumeError(f"cannot resume {run.out}: this command differs from the saved run in "
@@ -399,8 +410,9 @@ def _resume(run: _Run) -> None:
         _restore(path, "ema", lambda: run.ema.load_state_dict(state["ema"]))
     _restore(path, "rng", lambda: set_rng_state(state["rng"][run.ctx.rank % len(state["rng"])]))
     run.step, run.best_top1 = state["step"], float(state["best_top1"])
-    if run.ctx.is_main:
-        _tidy(run.out)
+    if folder is not None:
+        folder.claim()
+        remove_leftovers(run.out)
         run.log.rewind(run.step)
         logger.info("resuming %s at step %d of %d", run.out, run.step, run.total_steps)
 

@@ -1,0 +1,399 @@
+"""Hostile input, round three: the engine cache (foreign, linked, unwritable entries), engine
+inputs, training folders (locks, files cvt did not write, paths checked before the first step),
+sizes bounded before memory is spent, training states that are not ours or out of range, empty
+and long names, label maps, and configs far deeper than their weights."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cvt
+from cvt import CvtConfig, cli
+from cvt.engines import build_engine, cache
+from cvt.errors import InvalidValueError
+from cvt.training.folder import lock_run_folder
+from cvt.training.state import (STATE_FORMAT, STATE_NAME, ResumeError, cvt_version, load_state, rng_state,
+                               save_state)
+from cvt.weights import CheckpointError
+
+from conftest import randomise_, save_tiny_classifier, tiny_config
+from test_engines import write_images
+from test_resume_safety import as_args, one_torch_thread, paused  # noqa: F401  (fixtures)
+from test_training import make_folder, make_model_folder
+
+
+def cvt_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "cvt" and r.levelno == logging.WARNING]
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    """Run `cvt argv`, which must fail as a user error (exit 2, no traceback); its last line."""
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+# ------------------------------------------------------------------------------ the engine cache
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_another_models_entry_under_this_models_key_is_rebuilt(tmp_path, monkeypatch, caplog, precision) -> None:
+    """An entry copied in from another model (its files and manifest whole) is refused by its
+    fingerprint, rebuilt with a warning, and the engine computes this model's outputs."""
+    images = write_images(tmp_path / "images", count=8) if precision == "int8" else None
+    root = tmp_path / "cache"
+    ours = cvt.CvtForImageClassification.from_pretrained(str(save_tiny_classifier(tmp_path / "a", seed=1)))
+    theirs = cvt.CvtForImageClassification.from_pretrained(str(save_tiny_classifier(tmp_path / "b", seed=2)))
+    options = dict(precision=precision, image_size=64, calibration=images, cache_dir=root)
+    foreign = build_engine(theirs, "onnxruntime", **options)
+    (entry,) = root.iterdir()
+    load = cache.EngineCache.load
+
+    def load_after_copying_it_in(self, key):
+        if not (self.root / key).exists():
+            shutil.copytree(entry, self.root / key)
+        return load(self, key)
+
+    monkeypatch.setattr(cache.EngineCache, "load", load_after_copying_it_in)
+    with caplog.at_level(logging.WARNING, logger="cvt"):
+        engine = build_engine(ours, "onnxruntime", **options)
+    assert not engine.from_cache
+    assert any("built for other weights or settings" in m for m in cvt_warnings(caplog))
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    want = ours(x).logits
+    assert (engine(x) - want).abs().max() < (foreign(x) - want).abs().max() / 4
+
+
+def test_a_full_or_read_only_cache_warns_once_and_serves_the_engine(tmp_path, monkeypatch, caplog) -> None:
+    model = randomise_(cvt.CvtForImageClassification(tiny_config()), 3).eval()
+    root = tmp_path / "cache"
+    codes = [errno.ENOSPC, errno.EROFS]
+
+    def failing_copy(source, target):
+        (target / "model.onnx").write_bytes(b"half an engine")
+        code = codes.pop(0)
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(cache, "_copy_files", failing_copy)
+    x = torch.randn(2, 3, 64, 64)
+    with caplog.at_level(logging.WARNING, logger="cvt"):
+        for _ in range(2):
+            engine = build_engine(model, "onnxruntime", image_size=64, cache_dir=root)
+            assert (engine(x) - model(x).logits).abs().max() <= 1e-4
+    assert codes == [] and len([m for m in cvt_warnings(caplog) if "cannot store engines" in m]) == 1
+    assert list(root.iterdir()) == []  # no partial entry, temporary folder or lock file
+
+
+def test_a_cache_path_that_is_a_file_is_a_one_line_error(tmp_path, monkeypatch, capsys) -> None:
+    folder = save_tiny_classifier(tmp_path / "model")
+    (tmp_path / "cache").write_text("not a folder")
+    model = cvt.CvtForImageClassification.from_pretrained(str(folder))
+    with pytest.raises(InvalidValueError, match="is a file, not a folder"):
+        build_engine(model, "onnxruntime", image_size=64, cache_dir=tmp_path / "cache")
+    monkeypatch.setenv("CVT_CACHE_DIR", str(tmp_path / "cache"))
+    photos = write_images(tmp_path / "photos", count=1)
+    line = one_line_error(capsys, ["predict", str(folder), str(photos), "--engine", "onnxruntime"])
+    assert "engine cache" in line and "is a file, not a folder" in line
+
+
+def test_a_cache_entry_that_is_a_symlink_is_not_followed_but_rebuilt(tmp_path, caplog) -> None:
+    model = randomise_(cvt.CvtForImageClassification(tiny_config()), 4).eval()
+    root = tmp_path / "cache"
+    build_engine(model, "onnxruntime", image_size=64, cache_dir=root)
+    (entry,) = root.iterdir()
+    elsewhere = tmp_path / "elsewhere"
+    entry.rename(elsewhere)
+    entry.symlink_to(elsewhere, target_is_directory=True)
+    with caplog.at_level(logging.WARNING, logger="cvt"):
+        engine = build_engine(model, "onnxruntime", image_size=64, cache_dir=root)
+    assert not engine.from_cache and any("symbolic link" in m for m in cvt_warnings(caplog))
+    assert entry.is_dir() and not entry.is_symlink() and (elsewhere / "manifest.json").is_file()
+
+
+def test_a_numpy_array_given_to_an_engine_is_refused_naming_what_to_pass() -> None:
+    model = randomise_(cvt.CvtForImageClassification(tiny_config()), 5).eval()
+    engine = build_engine(model, "torch", image_size=64)
+    array = np.zeros((1, 3, 64, 64), np.float32)
+    with pytest.raises(TypeError, match=r"numpy\.ndarray.*torch\.from_numpy"):
+        engine(array)
+
+
+# ------------------------------------------------------------------------------ sizes
+def test_attention_size_is_bounded_before_anything_is_drawn(capsys) -> None:
+    for size in ("100000", "0", "-5"):
+        line = one_line_error(capsys, ["attention", "m", "i.png", "--output", "o.png", "--size", size])
+        assert "--size must be a positive whole number of pixels, from 1 to 8192" in line
+
+
+@pytest.mark.parametrize("command", [["predict", "m", "photos"], ["info", "cvt-13"], ["eval", "--model", "m", "--data", "d"],
+                                     ["export", "m", "o.onnx"], ["train", "--model", "m", "--data", "d", "--output-dir", "o"],
+                                     ["attention", "m", "i.png", "--output", "o.png"]])
+def test_image_size_zero_negative_or_huge_is_an_error_on_every_command(capsys, command) -> None:
+    for size in ("100000", "0", "-5"):
+        line = one_line_error(capsys, [*command, "--image-size", size])
+        assert "--image-size must be a positive whole number of pixels, from 1 to 1024" in line
+
+
+def test_engines_bound_their_build_check_before_allocating() -> None:
+    model = cvt.CvtForImageClassification(tiny_config()).eval()
+    for size in (100000, 0, -5, (64, 5000)):
+        with pytest.raises(InvalidValueError, match="from 1 to 1024"):
+            build_engine(model, "torch", image_size=size)
+
+
+# ------------------------------------------------------------------------------ training folders
+def train_args(tmp_path: Path, out: Path) -> list[str]:
+    data = make_folder(tmp_path / "data", per_class=4)
+    if not (tmp_path / "start").exists():
+        make_model_folder(tmp_path / "start", tiny_config(num_labels=3))
+    return as_args(dict(model=tmp_path / "start", data=data, output_dir=out, epochs=1, batch_size=4,
+                        lr=1e-3, val_split=0, workers=0))
+
+
+def test_training_deletes_only_files_it_wrote_and_names_the_rest(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    (out / "best").mkdir(parents=True)
+    theirs = [out / ".draft.tmp", out / "best" / ".notes.tmp", out / "notes.txt"]
+    for path in theirs:
+        path.write_text("the user's")
+    (out / "metrics.jsonl").write_text('{"mine": 1}\n')
+    line = one_line_error(capsys, train_args(tmp_path, out))
+    assert "holds metrics.jsonl, best" in line and "no cvt run started there" in line
+    assert (out / "metrics.jsonl").read_text() == '{"mine": 1}\n'
+
+    (out / "metrics.jsonl").unlink()
+    shutil.rmtree(out / "best")
+    theirs.remove(out / "best" / ".notes.tmp")
+    ours = out / f".{STATE_NAME}.{'ab' * 16}.tmp"  # what write_atomic leaves when killed
+    ours.write_bytes(b"half")
+    assert cli.main(train_args(tmp_path, out)) == 0
+    err = capsys.readouterr().err
+    assert not ours.exists() and all(p.read_text() == "the user's" for p in theirs)
+    assert ".draft.tmp" in err and "not files cvt wrote" in err
+
+
+def test_a_second_run_into_a_locked_folder_is_refused_naming_the_holder(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    holder = lock_run_folder(out)
+    try:
+        line = one_line_error(capsys, train_args(tmp_path, out))
+    finally:
+        holder.release()
+    assert f"process {os.getpid()} on {socket.gethostname()}" in line and "in use" in line
+    assert not (out / "metrics.jsonl").exists()
+    assert cli.main(train_args(tmp_path, out)) == 0  # released: the folder is free
+
+
+@pytest.mark.parametrize("name", ["best", "last"])
+def test_a_file_where_a_model_folder_goes_is_refused_before_the_first_step(tmp_path, capsys, monkeypatch, name) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / name).write_text("a file")
+    monkeypatch.setattr("cvt.training.trainer._train_epoch", lambda *a: pytest.fail("trained"))
+    line = one_line_error(capsys, train_args(tmp_path, out))
+    assert f"{name} is a file, not a folder" in line
+
+
+# ------------------------------------------------------------------------------ training states
+def minimal_state(**changes) -> dict:
+    return {"step": 1, "best_top1": 0.5, "run": {}, "rng": [rng_state()], "extra_epochs": 0, "model": {},
+            "optimizer": {}, "scaler": None, "ema": None, **changes}
+
+
+def test_a_file_that_is_not_a_cvt_state_says_so_in_one_line(tmp_path) -> None:
+    path = tmp_path / STATE_NAME
+    torch.save({"step": 1, "model": {}, "sneaky": Fraction(1, 3)}, path)
+    with pytest.raises(ResumeError) as caught:
+        load_state(path)
+    assert "is not a cvt training state" in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("changes, named", [({"step": -3}, "step is -3"), ({"best_top1": float("nan")}, "best_top1 is nan"),
+                                            ({"extra_epochs": -1}, "extra_epochs is -1")])
+def test_state_values_out_of_range_are_refused_by_name(tmp_path, changes, named) -> None:
+    save_state(tmp_path / STATE_NAME, minimal_state(**changes))
+    with pytest.raises(ResumeError, match=named):
+        load_state(tmp_path / STATE_NAME)
+
+
+def test_a_state_records_its_format_and_a_newer_one_is_refused_naming_both_versions(tmp_path) -> None:
+    save_state(tmp_path / STATE_NAME, minimal_state())
+    state = load_state(tmp_path / STATE_NAME)
+    assert state["format"] == STATE_FORMAT and state["cvt_version"]
+    torch.save({**state, "format": STATE_FORMAT + 1, "cvt_version": "99.0"}, tmp_path / STATE_NAME)
+    with pytest.raises(ResumeError) as caught:
+        load_state(tmp_path / STATE_NAME)
+    message = str(caught.value)
+    assert f"cvt 99.0, state format {STATE_FORMAT + 1}" in message and f"up to {STATE_FORMAT}" in message
+    assert f"this is cvt {cvt_version()}" in message
+
+
+def test_run_settings_this_cvt_does_not_know_are_refused_naming_both_versions(paused, capsys) -> None:  # noqa: F811
+    options, _ = paused
+    path = options["output_dir"] / STATE_NAME
+    state = torch.load(path, weights_only=True)
+    state["run"]["warp_drive"] = 9
+    torch.save({**state, "cvt_version": "99.0"}, path)
+    line = one_line_error(capsys, [*as_args(options), "--resume"])
+    assert "settings this cvt does not know (warp_drive)" in line and "cvt 99.0" in line
+
+
+# ------------------------------------------------------------------------------ names and configs
+def test_an_empty_model_name_is_an_error_saying_it_is_empty(tmp_path, capsys) -> None:
+    with pytest.raises(CheckpointError, match="the model name is empty"):
+        cvt.load("")
+    line = one_line_error(capsys, ["predict", "", str(write_images(tmp_path / "p", count=1))])
+    assert "the model name is empty" in line
+
+
+def test_a_long_model_name_is_shortened_in_messages(capsys) -> None:
+    name = "x" * 10_000
+    line = one_line_error(capsys, ["info", name])
+    assert len(line) < 400 and "xxx...xxx" in line
+
+
+def test_id2label_keys_must_be_distinct_integers() -> None:
+    with pytest.raises(InvalidValueError, match="distinct integers.*'1' and '01'"):
+        CvtConfig(id2label={"0": "a", "1": "b", "01": "c"})
+
+
+def test_a_contradicting_label2id_is_rebuilt_from_id2label_with_a_warning(caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="cvt"):
+        config = CvtConfig(id2label={0: "cat", 1: "dog"}, label2id={"cat": 1, "dog": 0})
+    assert config.label2id == {"cat": 0, "dog": 1}
+    assert any("label2id is not the inverse" in m for m in cvt_warnings(caplog))
+    caplog.clear()
+    repeated = CvtConfig(id2label={0: "crane", 1: "crane"}, label2id={"crane": 1})  # ImageNet repeats names
+    assert repeated.label2id == {"crane": 1} and cvt_warnings(caplog) == []
+
+
+PEAK = """
+import sys, time
+from cvt import CvtForImageClassification  # imports torch: not the call's time or memory
+from cvt.weights import CheckpointError
+
+def peak_kb():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+
+before, start = peak_kb(), time.perf_counter()
+try:
+    CvtForImageClassification.from_pretrained(sys.argv[1])
+    print("LOADED")
+except CheckpointError as err:
+    print("REFUSED", err)
+print("SECONDS", time.perf_counter() - start, "BEFORE_KB", before, "PEAK_KB", peak_kb())
+"""
+
+
+@pytest.mark.subprocess
+def test_a_config_thousands_of_layers_deep_beside_one_layer_is_refused_within_a_second(tmp_path) -> None:
+    """Counted from the weights' key names and shapes before any module is built: the call takes
+    under 1 s and adds under 500 MB to the process's peak (VmHWM, in a fresh process; importing
+    torch alone peaks at about 520 MB, mostly its libraries' pages, before the call)."""
+    folder = make_model_folder(tmp_path / "m", tiny_config(depth=(1, 1, 1)))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "depth": [1, 1, 5000]}))
+    run = subprocess.run([sys.executable, "-c", PEAK, str(folder)], capture_output=True, text=True, timeout=300,
+                         env={"PYTHONPATH": str(Path(cvt.__file__).parents[1]), "OMP_NUM_THREADS": "1",
+                              "PATH": "/usr/bin:/bin"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "REFUSED" in run.stdout and "stage 2 has depth 5000 in the config, 1 in the weights" in run.stdout
+    numbers = run.stdout.split("SECONDS")[1].split()
+    seconds, before_kb, peak_kb = float(numbers[0]), int(numbers[2]), int(numbers[4])
+    print(f"refused in {seconds:.3f} s; peak {peak_kb / 1024:.0f} MB, {before_kb / 1024:.0f} MB before the call")
+    assert seconds < 1 and (peak_kb - before_kb) / 1024 < 500
+
+
+# ------------------------------------------------------------------------------ what held, kept
+def test_sigterm_mid_epoch_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch) -> None:
+    from test_hostile_inputs import start_with_a_slow_file
+    from test_training import weights
+
+    args = train_args(tmp_path, tmp_path / "run")
+    (tmp_path / "data" / "cat" / "cat0.png").rename(tmp_path / "data" / "cat" / "slow.png")
+    args = [*args, "--epochs", "2", "--save-every", "1"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    process, _ = start_with_a_slow_file(tmp_path, args)
+    process.terminate()  # SIGTERM while a step waits for its images
+    process.communicate(timeout=30)
+    assert process.returncode == -15
+    step = load_state(tmp_path / "run" / STATE_NAME)["step"]
+    assert 0 < step < 6, step  # stopped mid-run, after some saved steps
+    assert cli.main([*args, "--resume"]) == 0
+    whole = [a if a != str(tmp_path / "run") else str(tmp_path / "whole") for a in args]
+    assert cli.main(whole) == 0
+    a, b = weights(tmp_path / "run" / "last"), weights(tmp_path / "whole" / "last")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("engine", ["torch", "onnxruntime", "openvino"])
+def test_four_threads_calling_one_pipeline_agree_exactly_with_serial_calls(tmp_path, engine) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    photos = sorted((write_images(tmp_path / "photos", count=4)).rglob("*.png"))
+    classifier = cvt.pipeline("image-classification", str(save_tiny_classifier(tmp_path / "m")), engine=engine)
+    calls = [photos[i % len(photos)] for i in range(80)]  # 4 threads x 20 calls
+    serial = [classifier(str(p)) for p in calls]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda p: classifier(str(p)), calls))
+    assert threaded == serial
+
+
+def test_a_symlink_loop_in_a_folder_is_skipped_and_the_rest_predicted(tmp_path, capsys) -> None:
+    photos = write_images(tmp_path / "photos", count=2)
+    (photos / "loop").symlink_to(photos, target_is_directory=True)
+    (photos / "self.png").symlink_to(photos / "self.png")
+    capsys.readouterr()
+    status = cli.main(["predict", str(save_tiny_classifier(tmp_path / "m")), str(photos), "--format", "json",
+                       "--engine", "torch"])
+    records = json.loads(capsys.readouterr().out)
+    assert status in (0, 1) and sum("predictions" in r for r in records) >= 2
+
+
+def test_emoji_class_names_train_and_come_back_as_labels(tmp_path) -> None:
+    classes = ("🐱 cat", "☕", "🚀 rocket")
+    data = make_folder(tmp_path / "data", classes=classes, per_class=4)
+    make_model_folder(tmp_path / "start", tiny_config(num_labels=3))
+    options = dict(model=tmp_path / "start", data=data, output_dir=tmp_path / "run", epochs=1, batch_size=4,
+                   val_split=0, workers=0)
+    assert cli.main(as_args(options)) == 0
+    config = json.loads((tmp_path / "run" / "last" / "config.json").read_text(encoding="utf-8"))
+    assert sorted(config["id2label"].values()) == sorted(classes)
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd.safetensors", "../nowhere", "/etc/../nowhere",
+                                  "a/../../b/c", "..\\..\\x"])
+def test_path_traversal_model_names_are_refused_as_names_of_nothing(name) -> None:
+    with pytest.raises(CheckpointError):
+        cvt.load(name)
+
+
+def test_json_output_round_trips_odd_labels_and_non_utf8_file_names(tmp_path, capsys) -> None:
+    labels = {0: 'say "hi"\nthen \\ leave', 1: "🐱\u200b", 2: "", 3: "<b>&</b>", 4: "tab\tsep"}
+    model = randomise_(cvt.CvtForImageClassification(tiny_config(id2label=labels)), 2)
+    folder = tmp_path / "m"
+    model.save_pretrained(folder)
+    cvt.CvtImageProcessor(size=64).save_pretrained(folder)
+    photos = write_images(tmp_path / "photos", count=1)
+    (image,) = photos.rglob("*.png")
+    raw = os.fsencode(photos) + b"/caf\xe9 \xff.png"
+    os.rename(image, raw)
+    capsys.readouterr()
+    assert cli.main(["predict", str(folder), str(photos), "--format", "json", "--top-k", "5",
+                     "--engine", "torch"]) == 0
+    (record,) = json.loads(capsys.readouterr().out)
+    assert os.fsencode(record["path"]) == raw
+    assert sorted(p["label"] for p in record["predictions"]) == sorted(labels.values())
