@@ -233,3 +233,37 @@ def original_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         else:
             raise AssertionError(f"no original name for {key}")
     return renamed
+
+
+def write_images(folder: Path, count: int = 24, labels=TINY_LABELS) -> Path:
+    """Photos-like random images in class folders named after the model's labels."""
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        label = labels[i % len(labels)]
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (80, 90, 3), dtype=np.uint8)).save(folder / label / f"{i}.png")
+    return folder
+
+
+def as_args(options: dict) -> list[str]:
+    args = ["train"]
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif value is not None and value is not False:
+            args += [flag, str(value)]
+    return args
+
+
+@pytest.fixture()
+def paused(tmp_path) -> tuple[dict, Path]:
+    """A run of 2 epochs x 3 steps paused (state saved) after step 1, and its options."""
+    data = make_folder(tmp_path / "data", per_class=4)
+    options = dict(model=tmp_path / "start", data=data, output_dir=tmp_path / "run", epochs=2,
+                   batch_size=4, lr=1e-3, val_split=0, workers=0)
+    make_model_folder(options["model"], tiny_config(num_labels=3))
+    from cvt import cli
+
+    assert cli.main([*as_args(options), "--stop-at-step", "1"]) == 0
+    return options, tmp_path

@@ -8,22 +8,19 @@ from __future__ import annotations
 import gc
 import importlib.util
 import logging
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import cvt
 from cvt import engines
 from cvt.cli import main
-from cvt.engines import EngineError, build_engine, exported, fused, onnxruntime_engine, openvino_engine
+from cvt.engines import EngineError, build_engine, exported, fused, onnxruntime_engine
 from cvt.engines.base import cpu_has_bf16
 from cvt.native import signal_stack
 
-from conftest import (TINY_ARCHITECTURES, TINY_LABELS, assert_close_to_scale, randomise_, save_tiny_classifier,
-                      tiny_config)
+from conftest import (TINY_ARCHITECTURES, assert_close_to_scale, randomise_, save_tiny_classifier, tiny_config,
+                      write_images)
 
 SIZE = (61, 77)  # odd token maps (the engines on every architecture: test_models.py)
 
@@ -120,16 +117,6 @@ def test_cache_is_reused_and_a_damaged_entry_rebuilt(monkeypatch, tmp_path, capl
     assert "unusable" in caplog.text and "model.bin" in caplog.text
     pixel_values = torch.randn(2, 3, *size)
     assert_close_to_scale(rebuilt(pixel_values), plain(model, pixel_values), rel=1e-4)
-
-
-def write_images(folder: Path, count: int = 24, labels=TINY_LABELS) -> Path:
-    """Photos-like random images in class folders named after the model's labels."""
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        label = labels[i % len(labels)]
-        (folder / label).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (80, 90, 3), dtype=np.uint8)).save(folder / label / f"{i}.png")
-    return folder
 
 
 @pytest.mark.slow

@@ -29,10 +29,8 @@ from cvt.training.state import (STATE_FORMAT, STATE_NAME, ResumeError, cvt_versi
                                save_state)
 from cvt.weights import CheckpointError
 
-from conftest import randomise_, save_tiny_classifier, tiny_config
-from test_engines import write_images
-from test_resume_safety import as_args, one_torch_thread, paused  # noqa: F401  (fixtures)
-from test_training import make_folder, make_model_folder
+from conftest import (as_args, make_folder, make_model_folder, randomise_, save_tiny_classifier, tiny_config,
+                      write_images)
 
 
 def cvt_warnings(caplog) -> list[str]:

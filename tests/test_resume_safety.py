@@ -17,7 +17,7 @@ from cvt.training.folder import LOCK_NAME
 from cvt.training.state import STATE_NAME, load_state, save_state
 from cvt.training.trainer import RESUME_COMPARED, RESUME_NEUTRAL
 
-from conftest import assert_close_to_scale, make_folder, make_model_folder, read_metrics, read_weights, tiny_config
+from conftest import as_args, assert_close_to_scale, make_folder, make_model_folder, read_metrics, read_weights, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -26,28 +26,6 @@ def train_options() -> list[str]:
     """Every option of `cvt train`, read from the parser itself."""
     sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
     return [a.dest for a in sub.choices["train"]._actions if a.dest != "help"]
-
-
-def as_args(options: dict) -> list[str]:
-    args = ["train"]
-    for name, value in options.items():
-        flag = "--" + name.replace("_", "-")
-        if value is True:
-            args.append(flag)
-        elif value is not None and value is not False:
-            args += [flag, str(value)]
-    return args
-
-
-@pytest.fixture()
-def paused(tmp_path) -> tuple[dict, Path]:
-    """A run of 2 epochs x 3 steps paused (state saved) after step 1, and its options."""
-    data = make_folder(tmp_path / "data", per_class=4)
-    options = dict(model=tmp_path / "start", data=data, output_dir=tmp_path / "run", epochs=2,
-                   batch_size=4, lr=1e-3, val_split=0, workers=0)
-    make_model_folder(options["model"], tiny_config(num_labels=3))
-    assert cli.main([*as_args(options), "--stop-at-step", "1"]) == 0
-    return options, tmp_path
 
 
 def renamed_class_data(tmp_path: Path, data: Path) -> Path:
