@@ -5,6 +5,7 @@ and long names, label maps, and configs far deeper than their weights."""
 
 from __future__ import annotations
 
+import csv
 import errno
 import json
 import logging
@@ -379,19 +380,48 @@ def test_path_traversal_model_names_are_refused_as_names_of_nothing(name) -> Non
         cvt.load(name)
 
 
-def test_json_output_round_trips_odd_labels_and_non_utf8_file_names(tmp_path, capsys) -> None:
-    labels = {0: 'say "hi"\nthen \\ leave', 1: "🐱\u200b", 2: "", 3: "<b>&</b>", 4: "tab\tsep"}
+def read_back(path: Path, fmt: str) -> list[dict]:
+    """Rows (path, labels, scores, error) read from a `cvt predict --output` file of `fmt`;
+    CSV is read as its bytes' surrogateescape decoding, as cvt writes names that are not UTF-8;
+    parquet holds such a name with `\\xNN` escapes."""
+    if fmt == "json":
+        return [{"path": r["path"], "labels": [p["label"] for p in r.get("predictions", [])],
+                 "scores": [p["score"] for p in r.get("predictions", [])], "error": r.get("error")}
+                for r in json.loads(path.read_text(encoding="utf-8"))]
+    if fmt == "jsonl":
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        table = list(csv.DictReader(f))
+    rows: dict[str, dict] = {}
+    for r in table:
+        row = rows.setdefault(r["path"], {"path": r["path"], "labels": [], "scores": [], "error": r["error"] or None})
+        row["labels"].append(r["label"])
+        row["scores"].append(float(r["score"]))
+        assert int(r["rank"]) == len(row["labels"])
+    return list(rows.values())
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "csv", "parquet"])
+def test_every_format_reads_back_odd_labels_and_non_utf8_file_names(fmt, tmp_path, capsys) -> None:
+    labels = {0: 'say "hi"\nthen \\ leave', 1: "🐱\u200b, comma", 2: "", 3: "<b>&</b>", 4: "tab\tsep\r\n"}
     model = randomise_(cvt.CvtForImageClassification(tiny_config(id2label=labels)), 2)
     folder = tmp_path / "m"
     model.save_pretrained(folder)
     cvt.CvtImageProcessor(size=64).save_pretrained(folder)
     photos = write_images(tmp_path / "photos", count=1)
     (image,) = photos.rglob("*.png")
-    raw = os.fsencode(photos) + b"/caf\xe9 \xff.png"
+    raw = os.fsencode(photos) + b"/caf\xe9 \xff\n.png"
     os.rename(image, raw)
-    capsys.readouterr()
-    assert cli.main(["predict", str(folder), str(photos), "--format", "json", "--top-k", "5",
-                     "--engine", "torch"]) == 0
-    (record,) = json.loads(capsys.readouterr().out)
-    assert os.fsencode(record["path"]) == raw
-    assert sorted(p["label"] for p in record["predictions"]) == sorted(labels.values())
+    expected = cvt.pipeline("image-classification", str(folder), top_k=5, engine="torch")(os.fsdecode(raw))
+    out = tmp_path / f"out.{fmt}"
+    assert cli.main(["predict", str(folder), str(photos), "--format", fmt, "--top-k", "5",
+                     "--engine", "torch", "--output", str(out)]) == 0
+    (record,) = read_back(out, fmt)
+    written = raw.decode("utf-8", "backslashreplace") if fmt == "parquet" else os.fsdecode(raw)
+    assert record["path"] == written and record["error"] is None
+    assert record["labels"] == [p["label"] for p in expected]
+    np.testing.assert_allclose(record["scores"], [p["score"] for p in expected], rtol=1e-6)  # scores: scale 1

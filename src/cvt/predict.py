@@ -84,7 +84,9 @@ def _write(rows: Iterable[Row], paths: list[Path], fmt: str, output: str | None)
         if fmt == "parquet":
             counts = report(rows, paths, fmt, ParquetRows(tmp))
             return
-        with open(tmp, "w", encoding="utf-8", newline="") as out:
+        # file names that are not UTF-8 go out as their own bytes (surrogateescape): a reader
+        # decoding the file the same way gets the names back exactly (JSON escapes them)
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as out:
             counts = report(rows, paths, fmt, out)
 
     write_atomic(output, write)

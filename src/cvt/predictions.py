@@ -52,6 +52,14 @@ def arrow_schema() -> Any:
                       ("scores", pa.list_(pa.float64())), ("error", pa.string())])
 
 
+def parquet_text(path: str | None) -> str | None:
+    """A file name as parquet can hold it: parquet strings are UTF-8, so the bytes of a name that
+    is not UTF-8 are written as `\\xNN` escapes (JSON lines and CSV keep the exact name)."""
+    if path is None:
+        return None
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 class ParquetRows:
     """Rows written to a parquet file in row groups of `ROW_GROUP` as they come; the file is
     valid once `close` has run (so `predict` writes it beside the target and renames it)."""
@@ -64,7 +72,7 @@ class ParquetRows:
         self.pending: list[Row] = []
 
     def write(self, row: Row) -> None:
-        self.pending.append(row)
+        self.pending.append({**row, "path": parquet_text(row["path"])})
         if len(self.pending) >= ROW_GROUP:
             self.flush()
 
