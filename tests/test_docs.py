@@ -6,7 +6,8 @@ How a page runs (the documented fixture, `docs_world`):
   `a.jpg`, `b.jpg`, `images/` (photographs from scikit-image) and `photos/train/<class>/`,
   `photos/val/<class>/` (a small two-class set);
 - with hub ids answered from a local folder: every `microsoft/cvt-...` id a page names is
-  saved, with random weights of its architecture, into a Hugging Face cache
+  saved, with random weights of its architecture and preprocessing at 64 pixels (so that the
+  examples that train, export or calibrate take seconds), into a Hugging Face cache
   (`HF_HUB_CACHE`) and the hub is offline (`HF_HUB_OFFLINE=1`), so `from_pretrained`,
   `cvt predict microsoft/cvt-13` and friends go through the real hub code path;
 - python blocks share one namespace per page (later blocks use earlier names); bash blocks run
@@ -142,15 +143,20 @@ def make_files(root: Path) -> None:
                 save_photo(view, root / "photos" / split / label / f"{label}{k}.jpg")
 
 
+# the hub checkpoints' input size: the examples train, export and calibrate in seconds, not minutes
+HUB_IMAGE_SIZE = 64
+
+
 def make_hub_cache(cache: Path, ids: set[str]) -> None:
     """Hugging Face's cache layout (refs/main -> snapshots/<revision>/files) for each hub id,
-    holding the variant's architecture with random weights and its preprocessing."""
+    holding the variant's architecture with random weights, preprocessed at HUB_IMAGE_SIZE."""
     import cvt
 
     revision = "0" * 40
     for variant in sorted(ids):
         folder = cache / f"models--microsoft--{variant}" / "snapshots" / revision
         cvt.create_model(variant).save_pretrained(folder)
+        cvt.CvtImageProcessor(size=HUB_IMAGE_SIZE).save_pretrained(folder)
         (folder.parents[1] / "refs").mkdir(exist_ok=True)
         (folder.parents[1] / "refs" / "main").write_text(revision)
 
