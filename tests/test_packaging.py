@@ -3,6 +3,7 @@ built wheel that works outside the checkout (entry point, package data)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -120,8 +121,11 @@ def test_built_wheel_works_in_a_fresh_venv(tmp_path):
     subprocess.run([bin_dir / "python", "-m", "pip", "install", "--no-deps", "--no-index",
                     "--ignore-installed", "--quiet", str(wheel)], check=True, capture_output=True)
 
+    # the venv alone decides what `import cvt` finds (a PYTHONPATH to a checkout would win)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
     def run(*args: str) -> str:
-        done = subprocess.run([str(a) for a in args], capture_output=True, text=True, cwd=tmp_path)
+        done = subprocess.run([str(a) for a in args], capture_output=True, text=True, cwd=tmp_path, env=env)
         assert done.returncode == 0, done.stderr
         return done.stdout
 
