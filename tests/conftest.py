@@ -5,6 +5,11 @@ and the shared test data. Test modules import from here, never from each other."
 from __future__ import annotations
 
 import json
+import time
+import textwrap
+import sys
+import subprocess
+import os
 import math
 import re
 from dataclasses import dataclass, field
@@ -267,3 +272,36 @@ def paused(tmp_path) -> tuple[dict, Path]:
 
     assert cli.main([*as_args(options), "--stop-at-step", "1"]) == 0
     return options, tmp_path
+
+
+SLOW_LOADER = """
+import pathlib, time
+import cvt.images
+_load = cvt.images.load_image
+def load_image(path):
+    if "slow" in str(path):  # a file on a stalled network share
+        pathlib.Path({marker!r}).touch()
+        time.sleep(60)
+    return _load(path)
+cvt.images.load_image = load_image
+import cvt.training.data
+cvt.training.data.load_image = load_image
+"""
+
+
+def start_with_a_slow_file(tmp_path: Path, args: list[str]) -> tuple[subprocess.Popen, Path]:
+    """`python -m cvt *args` with every file named slow* taking a minute to read; returns the
+    process once it has started reading one."""
+    marker, site = tmp_path / "slow-started", tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(textwrap.dedent(SLOW_LOADER.format(marker=str(marker))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(Path(cvt.__file__).resolve().parents[1])])}
+    process = subprocess.Popen([sys.executable, "-m", "cvt", *args], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not marker.exists():
+        process.kill()
+        pytest.fail(f"the slow file was never read: {process.communicate(timeout=10)[1]}")
+    return process, marker

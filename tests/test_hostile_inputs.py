@@ -10,7 +10,6 @@ import signal
 import struct
 import subprocess
 import sys
-import textwrap
 import time
 import zlib
 from pathlib import Path
@@ -24,7 +23,7 @@ import cvt
 from cvt import CvtImageProcessor, ImageError, load_image
 from cvt.cli import main
 from cvt.images import MAX_PIXELS, check_image_file
-from conftest import TINY_LABELS, randomise_, save_tiny_classifier, tiny_config
+from conftest import TINY_LABELS, randomise_, save_tiny_classifier, start_with_a_slow_file, tiny_config
 
 SRC = str(Path(cvt.__file__).resolve().parents[1])
 
@@ -221,39 +220,6 @@ def test_nan_scores_are_null_in_valid_json_and_counted_as_failed(tmp_path, model
 
 
 # ----------------------------------------------------------------------------- Ctrl-C
-SLOW_LOADER = """
-import pathlib, time
-import cvt.images
-_load = cvt.images.load_image
-def load_image(path):
-    if "slow" in str(path):  # a file on a stalled network share
-        pathlib.Path({marker!r}).touch()
-        time.sleep(60)
-    return _load(path)
-cvt.images.load_image = load_image
-import cvt.training.data
-cvt.training.data.load_image = load_image
-"""
-
-
-def start_with_a_slow_file(tmp_path: Path, args: list[str]) -> tuple[subprocess.Popen, Path]:
-    """`python -m cvt *args` with every file named slow* taking a minute to read; returns the
-    process once it has started reading one."""
-    marker, site = tmp_path / "slow-started", tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(textwrap.dedent(SLOW_LOADER.format(marker=str(marker))))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), SRC])}
-    process = subprocess.Popen([sys.executable, "-m", "cvt", *args], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if not marker.exists():
-        process.kill()
-        pytest.fail(f"the slow file was never read: {process.communicate(timeout=10)[1]}")
-    return process, marker
-
-
 def interrupt(process: subprocess.Popen) -> tuple[float, str]:
     """Ctrl-C; (seconds until the process ended, its stderr)."""
     start = time.monotonic()

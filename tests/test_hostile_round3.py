@@ -30,8 +30,8 @@ from cvt.training.state import (STATE_FORMAT, STATE_NAME, ResumeError, cvt_versi
                                save_state)
 from cvt.weights import CheckpointError
 
-from conftest import (as_args, make_folder, make_model_folder, randomise_, save_tiny_classifier, tiny_config,
-                      write_images)
+from conftest import (as_args, make_folder, make_model_folder, randomise_, read_weights, save_tiny_classifier,
+                      start_with_a_slow_file, tiny_config, write_images)
 
 
 def cvt_warnings(caplog) -> list[str]:
@@ -317,10 +317,8 @@ def test_a_config_thousands_of_layers_deep_beside_one_layer_is_refused_within_a_
 
 
 # ------------------------------------------------------------------------------ what held, kept
+@pytest.mark.usefixtures("one_torch_thread")  # as the interrupted process (OMP_NUM_THREADS=1): one summation order
 def test_sigterm_mid_epoch_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch) -> None:
-    from test_hostile_inputs import start_with_a_slow_file
-    from test_training import weights
-
     args = train_args(tmp_path, tmp_path / "run")
     (tmp_path / "data" / "cat" / "cat0.png").rename(tmp_path / "data" / "cat" / "slow.png")
     args = [*args, "--epochs", "2", "--save-every", "1"]
@@ -334,7 +332,7 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical_to_an_uninterrupted_run(
     assert cli.main([*args, "--resume"]) == 0
     whole = [a if a != str(tmp_path / "run") else str(tmp_path / "whole") for a in args]
     assert cli.main(whole) == 0
-    a, b = weights(tmp_path / "run" / "last"), weights(tmp_path / "whole" / "last")
+    a, b = read_weights(tmp_path / "run" / "last"), read_weights(tmp_path / "whole" / "last")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -171,6 +171,7 @@ def _format(fmt: str, row: Row, width: int, first: bool) -> list[str]:
 
 
 def _csv_row(*fields: object) -> str:
+    """One CSV line; the writer's own line ending makes it quote fields holding \\r or \\n."""
     buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="").writerow(fields)
-    return buffer.getvalue()
+    csv.writer(buffer, lineterminator="\r\n").writerow(fields)
+    return buffer.getvalue().removesuffix("\r\n")
