@@ -693,6 +693,11 @@ class TFCvtPreTrainedModel(keras.Model):
         at once); every variable is created in PyTorch's order, whatever the input's size."""
         self.build()
 
+    def _output_settings(self, output_hidden_states: bool | None, return_dict: bool | None) -> tuple[bool, bool]:
+        """A call's output_hidden_states and return_dict, the config's where not given."""
+        return (self.config.output_hidden_states if output_hidden_states is None else output_hidden_states,
+                self.config.return_dict if return_dict is None else return_dict)
+
     def _inputs(self, pixel_values: Any, labels: Any, training: bool) -> tuple[tf.Tensor, Any]:
         """The checked pixel values and the labels: a dict batch, as Keras passes it, holds both."""
         if isinstance(pixel_values, dict):
@@ -760,10 +765,7 @@ class TFCvtModel(TFCvtPreTrainedModel):
         """As `CvtModel.forward`: NCHW pixels (NHWC with `data_format="channels_last"`) to the
         last stage's map, the cls token and, on request, every stage's map and attention."""
         pixel_values, _ = self._inputs(pixel_values, None, training)
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
-        if return_dict is None:
-            return_dict = self.config.return_dict
+        output_hidden_states, return_dict = self._output_settings(output_hidden_states, return_dict)
         out = self.encoder(pixel_values, output_hidden_states=output_hidden_states, training=training,
                            output_attentions=output_attentions)
         return out if return_dict else out.to_tuple()
@@ -798,10 +800,7 @@ class TFCvtForImageClassification(TFCvtPreTrainedModel):
         """As `CvtForImageClassification.forward`: logits, and with `labels` the loss of the
         PyTorch model's `problem_type` rules."""
         pixel_values, labels = self._inputs(pixel_values, labels, training)
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
-        if return_dict is None:
-            return_dict = self.config.return_dict
+        output_hidden_states, return_dict = self._output_settings(output_hidden_states, return_dict)
         outputs = self.cvt(pixel_values, output_hidden_states=output_hidden_states, training=training,
                            output_attentions=output_attentions)
         if outputs.cls_token_value is not None:
