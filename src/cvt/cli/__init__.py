@@ -21,13 +21,12 @@ Ctrl-C is exit status 130. `cvt --debug ...` shows the traceback of every error.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import os
 import sys
 import traceback
 from collections.abc import Sequence
 
-from ..constants import DISTRIBUTION
+from .. import __version__
 from ..errors import CvtError, short
 from . import attention, bench, export, models, predict, training
 from .common import UsageError, check_sizes
@@ -44,8 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     generated from it)."""
     parser = argparse.ArgumentParser(prog="cvt", description="CvT image models: inspect, convert, "
                                      "classify, train, export, benchmark.")
-    parser.add_argument("--version", action="version",
-                        version=f"cvt {importlib.metadata.version(DISTRIBUTION)}")
+    parser.add_argument("--version", action="version", version=f"cvt {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of every error")
     sub = parser.add_subparsers(dest="command", required=True)
     for group in (models, training, predict, export, attention, bench):  # the order --help lists
