@@ -170,7 +170,8 @@ def test_a_32_bit_integer_tiff_is_scaled_by_its_real_range(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("empty", [np.zeros((0, 0, 3), np.uint8), np.zeros((0, 5), np.float32),
-                                   torch.zeros(3, 0, 4), Image.new("RGB", (0, 0))], ids=repr)
+                                   torch.zeros(3, 0, 4), Image.new("RGB", (0, 0))],
+                         ids=["array-0x0x3", "array-0x5", "tensor-3x0x4", "pil-0x0"])
 def test_an_empty_image_is_an_image_error(empty) -> None:
     with pytest.raises(ImageError, match="empty"):
         CvtImageProcessor(size=64)(empty)

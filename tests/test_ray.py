@@ -32,6 +32,9 @@ import cvt
 from cvt.cli import main
 from conftest import save_tiny_classifier
 
+# one worker runs this module: its Ray clusters are started once, not once per worker
+pytestmark = pytest.mark.xdist_group("ray")
+
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "camera", "rocket", "coins", "hubble_deep_field",
                   "immunohistochemistry", "page", "moon", "retina", "grass", "brick", "cat")
 ROW_KEYS = ["path", "labels", "scores", "error"]
