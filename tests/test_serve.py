@@ -315,13 +315,13 @@ def test_the_page_shows_the_top_label_in_a_browser(service, reference, photos, t
         browser.quit()
 
 
-def test_sigterm_stops_the_service_within_5_s_leaving_no_process(service):
-    """Last in this module: it stops the shared service."""
-    _, process, log = service
+def assert_stops_leaving_nothing(process: subprocess.Popen, log: Path, signum: int, whole_group: bool) -> None:
+    """Send `signum` to the command (or its whole process group, as Ctrl-C in a terminal does):
+    it must end with status 0 within 5 s, with every process Ray started gone."""
     started = psutil.Process(process.pid).children(recursive=True)  # Ray's processes, in several groups
     assert started, "cvt serve started no Ray process"
     began = time.monotonic()
-    process.send_signal(signal.SIGTERM)
+    (os.killpg if whole_group else os.kill)(process.pid, signum)
     process.wait(STOP_TIMEOUT_S + 5)
     _, alive = psutil.wait_procs(started, timeout=max(0.1, STOP_TIMEOUT_S - (time.monotonic() - began)))
     took = time.monotonic() - began
@@ -329,7 +329,8 @@ def test_sigterm_stops_the_service_within_5_s_leaving_no_process(service):
     assert took < STOP_TIMEOUT_S, f"stopped in {took:.1f} s"
     in_group = [p.pid for p in psutil.process_iter() if _pgid(p.pid) == process.pid]
     assert not in_group, f"left in the process group: {in_group}"
-    assert "interrupted by SIGTERM" in log.read_text()
+    assert process.returncode == 0, log.read_text()[-3000:]  # a service's normal end
+    assert f"cvt: stopping (by {signal.Signals(signum).name})" in log.read_text()
 
 
 def _pgid(pid: int) -> int | None:
@@ -337,3 +338,25 @@ def _pgid(pid: int) -> int | None:
         return os.getpgid(pid)
     except ProcessLookupError:
         return None
+
+
+def test_sigterm_stops_the_service_within_5_s_leaving_no_process(service):
+    """Last of the tests on the shared service: it stops it."""
+    _, process, log = service
+    assert_stops_leaving_nothing(process, log, signal.SIGTERM, whole_group=False)
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_process_group_stops_it_too(model_dir, reference, tmp_path):
+    """Ray's own processes get the signal too (most of them share the group): the command must
+    not wait for them."""
+    port, log = free_port(), tmp_path / "stderr.txt"
+    with open(log, "wb") as err:
+        process = subprocess.Popen([sys.executable, "-m", "cvt", "serve", str(model_dir), "--port", str(port)],
+                                   stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    try:
+        wait_until_healthy(f"http://127.0.0.1:{port}", process, log)
+        assert_stops_leaving_nothing(process, log, signal.SIGINT, whole_group=True)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)

@@ -13,12 +13,14 @@ to the replica's log, never to the client.
 # objects, and Ray Serve's ingress rewraps the methods away from this module's names
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import io
 import logging
 import signal
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -35,6 +37,7 @@ from .processing import CvtImageProcessor
 from .ray import connect
 
 try:
+    import psutil
     import ray
     from fastapi import FastAPI
     from ray import serve
@@ -47,6 +50,7 @@ except ImportError as err:  # absolute imports: Ray's package, never this module
 
 log = logging.getLogger(__name__)
 APP_NAME = "cvt"
+SHUTDOWN_WAIT_S = 1.5  # how long ray.shutdown may take before what Ray started is killed
 DEFAULT_TOP_K = 5  # the Inference API's default
 OVERLAY_SIZE = 224  # the attention picture's side, unless the model's input is larger
 PAGE_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
@@ -270,9 +274,9 @@ def check_port_free(host: str, port: int) -> None:
 
 def run(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
         address: str = "local") -> None:
-    """Serve until SIGINT or SIGTERM (`KeyboardInterrupt`). With "local", on a private Ray
-    instance, shut down (every Ray process with it) on the way out; on a cluster, the
-    application is deleted and the cluster left running."""
+    """Serve until SIGINT or SIGTERM, then return. With "local", on a private Ray instance, shut
+    down with every Ray process on the way out; on a cluster, the application is deleted and the
+    cluster left running."""
     check_options(settings, host, port, replicas)
     if address == "local":
         check_port_free(host, port)
@@ -288,6 +292,8 @@ def run(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, replic
                  f"[{host}]" if ":" in host else host, port, replicas, "" if replicas == 1 else "s")
         while True:
             time.sleep(3600)
+    except KeyboardInterrupt as stop:  # the normal end of a service (exit status 0), even while it starts
+        log.info("cvt: stopping (%s)", stop)
     finally:
         _stop(started, private=address == "local")
         for sig, handler in previous.items():
@@ -303,7 +309,26 @@ def _stop(started: bool, private: bool) -> None:
     otherwise only this application is deleted (Serve's applications outlive their driver)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if not (started and private) and ray.is_initialized():
+    if started and private:
+        _shutdown_private()
+        return
+    if ray.is_initialized():
         serve.delete(APP_NAME)
     if started:
         ray.shutdown()
+
+
+def _shutdown_private() -> None:
+    """`ray.shutdown()` of the private instance, bounded in time: when Ray's own processes died
+    first (the signal went to the whole process group), its driver waits many seconds for them;
+    then what is left of the processes Ray started, all descendants of this one, is killed."""
+    started = psutil.Process().children(recursive=True)
+    shutdown = threading.Thread(target=ray.shutdown, daemon=True)
+    shutdown.start()
+    shutdown.join(SHUTDOWN_WAIT_S)
+    if shutdown.is_alive():
+        log.warning("cvt: Ray did not shut down in %g s: killing its processes", SHUTDOWN_WAIT_S)
+        for process in started:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        psutil.wait_procs(started, timeout=1)
