@@ -274,9 +274,22 @@ def test_an_unexpected_error_is_a_500_without_its_traceback(caplog):
     assert Replica.responses["500"] == 1
 
 
+def test_an_upload_decodes_as_its_file_does(photos, tmp_path):
+    from cvt.images import ImageError, load_image, load_image_bytes
+
+    content = photos["coffee"].read_bytes()
+    assert np.array_equal(np.asarray(load_image_bytes(content)), np.asarray(load_image(photos["coffee"])))
+    (tmp_path / "cut.jpg").write_bytes(content[:len(content) // 3])
+    with pytest.raises(ImageError) as from_file:
+        load_image(tmp_path / "cut.jpg")
+    with pytest.raises(ImageError) as from_bytes:
+        load_image_bytes(content[:len(content) // 3], name="upload.jpg")
+    assert str(from_bytes.value) == str(from_file.value).replace(str(tmp_path / "cut.jpg"), "upload.jpg")
+
+
 def test_bad_options_are_refused_before_ray_starts(model_dir, capsys):
     for option, value in (("--replicas", "0"), ("--max-batch-size", "0"), ("--port", "70000"),
-                          ("--batch-wait-ms", "-1")):
+                          ("--batch-wait-ms", "-1"), ("--max-body-mb", "0")):
         assert main(["serve", str(model_dir), option, value]) == 2
         assert option in capsys.readouterr().err
 

@@ -250,10 +250,11 @@ def application(settings: Settings, replicas: int = 1) -> serve.Application:
 
 def check_options(settings: Settings, host: str, port: int, replicas: int) -> None:
     """The options, checked before Ray starts: numbers in range, the model's preprocessing found."""
-    for name, value, low in (("--replicas", replicas, 1), ("--max-batch-size", settings.max_batch_size, 1),
-                             ("--port", port, 1), ("--max-body-mb", settings.max_body_bytes, 1)):
-        if value < low:
-            raise InvalidValueError(f"{name} must be at least {low}, got {value}")
+    for name, value in (("--replicas", replicas), ("--max-batch-size", settings.max_batch_size), ("--port", port)):
+        if value < 1:
+            raise InvalidValueError(f"{name} must be at least 1, got {value}")
+    if settings.max_body_bytes < 1:
+        raise InvalidValueError(f"--max-body-mb must be positive, got {settings.max_body_bytes / 1e6:g}")
     if port > 65535:
         raise InvalidValueError(f"--port must be at most 65535, got {port}")
     if settings.batch_wait_ms < 0:
