@@ -50,7 +50,7 @@ except ImportError as err:  # absolute imports: Ray's package, never this module
 
 log = logging.getLogger(__name__)
 APP_NAME = "cvt"
-SHUTDOWN_WAIT_S = 1.5  # how long ray.shutdown may take before what Ray started is killed
+SHUTDOWN_WAIT_S = 2.0  # how long ray.shutdown may take before what Ray started is killed
 DEFAULT_TOP_K = 5  # the Inference API's default
 OVERLAY_SIZE = 224  # the attention picture's side, unless the model's input is larger
 PAGE_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
@@ -286,6 +286,10 @@ def run(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, replic
     try:
         started = connect(address)
         signal.signal(signal.SIGTERM, _interrupt)  # ray.init installs its own
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        if address == "local" and replicas > cpus:  # Serve would wait for the CPUs for ever
+            raise InvalidValueError(f"--replicas {replicas}: each replica takes a CPU, and this machine "
+                                    f"has {cpus} for Ray")
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         serve.start(http_options={"host": host, "port": port})
         serve.run(application(settings, replicas), name=APP_NAME, route_prefix="/")
@@ -328,7 +332,7 @@ def _shutdown_private() -> None:
     shutdown.start()
     shutdown.join(SHUTDOWN_WAIT_S)
     if shutdown.is_alive():
-        log.warning("cvt: Ray did not shut down in %g s: killing its processes", SHUTDOWN_WAIT_S)
+        log.info("cvt: Ray did not shut down in %g s: killing its processes", SHUTDOWN_WAIT_S)
         for process in started:
             with contextlib.suppress(psutil.Error):
                 process.kill()
