@@ -23,7 +23,7 @@ LAYERS = [
     ["engines", "export"],
     ["inference"],
     ["predictions", "ray"],
-    ["predict", "training", "keras_data"],
+    ["predict", "training", "keras_data", "serve"],
     ["benchmark"],
     ["cli", "__main__", "__init__"],
 ]

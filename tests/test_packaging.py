@@ -112,7 +112,9 @@ def test_built_wheel_works_in_a_fresh_venv(tmp_path):
     wheel, = dist.glob("cvt_vision-*.whl")
     sdist, = dist.glob("cvt_vision-*.tar.gz")
     assert sdist.stat().st_size > 0
-    assert "cvt/imagenet_1k_labels.txt" in zipfile.ZipFile(wheel).namelist()
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "cvt/imagenet_1k_labels.txt" in names
+    assert {f"cvt/serve_page/{name}" for name in ("index.html", "app.js", "style.css")} <= set(names)  # cvt serve's page
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)

@@ -74,6 +74,14 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         return to_rgb(image)
 
 
+def load_image_bytes(data: bytes, name: str = "the upload") -> Image.Image:
+    """Decode an image held in memory (an upload) exactly as `load_image` decodes a file: the
+    same budget and the same messages, `name` standing for the file's path in them."""
+    with _opened(Path(name), data) as image:
+        image.load()
+        return to_rgb(image)
+
+
 def check_image_file(path: str | os.PathLike) -> None:
     """A cheap check, without decoding, that `path` is a regular image file within the pixel
     budget (a JPEG counted at the size it will be decoded at); `ImageError` says why not."""
@@ -82,11 +90,13 @@ def check_image_file(path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def _opened(path: Path) -> Iterator[Image.Image]:
-    """The image file at `path`, opened (not decoded) and fitted to the budget; any failure, here
-    or in the caller's block, becomes an `ImageError` naming the file and the reason."""
+def _opened(path: Path, data: bytes | None = None) -> Iterator[Image.Image]:
+    """The image file at `path` (or, given `data`, those bytes, named `path` in messages), opened
+    (not decoded) and fitted to the budget; any failure, here or in the caller's block, becomes an
+    `ImageError` naming the file and the reason."""
     try:
-        with _open_regular(path) as file, warnings.catch_warnings():
+        source = _open_regular(path) if data is None else io.BytesIO(data)
+        with source as file, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our budget decides
             with Image.open(file) as image:
                 _fit_budget(image)

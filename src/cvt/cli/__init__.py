@@ -7,6 +7,7 @@
 - `cvt attention` (`cvt.cli.attention`): what a model attends to, drawn over an image;
 - `cvt train`, `cvt eval` and `cvt demo` (`cvt.cli.training`): fine-tune or train, score a
   model on labelled images, and the offline digits demo;
+- `cvt serve` (`cvt.cli.serve`): a model as an HTTP service on Ray Serve, with a page;
 - `cvt bench` (`cvt.cli.bench`): speed and memory against transformers' CvT.
 
 Building the parser imports no torch: a command imports what it runs (torch, the runtimes,
@@ -28,7 +29,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import CvtError, short
-from . import attention, bench, export, models, predict, training
+from . import attention, bench, export, models, predict, serve, training
 from .common import UsageError, check_sizes
 
 __all__ = ["EXPECTED_ERRORS", "UsageError", "build_parser", "entry", "main"]
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cvt {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of every error")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (models, training, predict, export, attention, bench):  # the order --help lists
+    for group in (models, training, predict, serve, export, attention, bench):  # the order --help lists
         group.add_parsers(sub)
     return parser
 

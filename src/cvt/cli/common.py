@@ -72,10 +72,12 @@ def processor_image_size(source: str) -> int:
         return 224
 
 
-def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
-    """--ray [ADDRESS] and --workers N, for the commands that run on a Ray cluster."""
+def add_ray_arguments(parser: argparse.ArgumentParser, workers: bool = True) -> None:
+    """--ray [ADDRESS], and --workers N unless `workers` is False (`cvt serve` has replicas),
+    for the commands that run on a Ray cluster."""
     parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                         help="run on Ray: alone, a private Ray instance on this machine; with the "
                         "HOST:PORT that `ray start --head` printed, that cluster (write it after the inputs)")
-    parser.add_argument("--workers", type=int, metavar="N", help="with --ray: N actors, one model "
-                        "each, 1 CPU each (default: one per CPU of the cluster)")
+    if workers:
+        parser.add_argument("--workers", type=int, metavar="N", help="with --ray: N actors, one model "
+                            "each, 1 CPU each (default: one per CPU of the cluster)")

@@ -1,0 +1,53 @@
+"""`cvt serve`: a model as an HTTP service on Ray Serve (the work is `cvt.serve`'s)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .common import add_engine_arguments, add_ray_arguments, messages_on_stderr
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    srv = sub.add_parser("serve", help="serve a model over HTTP (Ray Serve), with a page to try it",
+                         description="Serve a model over HTTP on Ray Serve: POST /predict (image bytes "
+                         "or a multipart upload) answers [{label, score}, ...]; GET / is a page to try "
+                         "it in a browser. Runs until Ctrl-C or SIGTERM. No authentication: it binds "
+                         "to 127.0.0.1 unless --host says otherwise.")
+    srv.add_argument("model", help="variant name, hub id, checkpoint folder or weights file")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, "
+                     "this machine only; 0.0.0.0 is every interface)")
+    srv.add_argument("--port", type=int, default=8000, help="default: 8000")
+    srv.add_argument("--replicas", type=int, default=1, help="copies of the model, one CPU (or GPU) "
+                     "each (default: 1)")
+    srv.add_argument("--max-batch-size", type=int, default=8, help="most requests per forward pass "
+                     "(default: 8; 1 turns batching off)")
+    srv.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a request waits for "
+                     "others to fill a batch (default: 10)")
+    srv.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body in "
+                     "megabytes; larger ones get 413 (default: 32)")
+    srv.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda or mps if available)")
+    srv.add_argument("--image-size", type=int, help="input size (default: the model's own "
+                     "preprocessing; needed for a weights file, which carries none)")
+    add_ray_arguments(srv, workers=False)
+    add_engine_arguments(srv)
+    srv.set_defaults(run=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve until SIGINT or SIGTERM, then end the process at once with status 0."""
+    from .. import serve
+
+    settings = serve.Settings(model=args.model, engine=args.engine, precision=args.precision,
+                              calibration=args.calibration, device=args.device, image_size=args.image_size,
+                              max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+                              max_body_bytes=round(args.max_body_mb * 1e6))
+    with messages_on_stderr():
+        serve.run(settings, host=args.host, port=args.port, replicas=args.replicas, address=args.ray or "local")
+    # The service is down and Ray shut down (or our application deleted). Finalizing Ray's,
+    # torch's and the runtimes' modules would take seconds more, and a stopped service must be
+    # gone within 5 s of SIGTERM: end now, the output flushed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -1,0 +1,339 @@
+"""A model as an HTTP service on Ray Serve (the "serve" extra): `cvt serve MODEL`.
+
+Each replica loads the model and builds its engine once. A request's image is decoded and
+preprocessed by cvt's bounded loader in the replica's threads, before it joins a batch, so a bad
+upload fails alone and never reaches the model; `@serve.batch` gathers the good ones into the
+engine's batches. The API speaks Hugging Face's Inference API for image classification (POST the
+bytes, get `[{"label", "score"}, ...]` best first) and serves a page to try the model in a
+browser. Bad input is a 4xx with cvt's message; anything unexpected is a 500 whose traceback goes
+to the replica's log, never to the client.
+"""
+
+# no `from __future__ import annotations`: FastAPI reads the endpoints' annotations (Request) as
+# objects, and Ray Serve's ingress rewraps the methods away from this module's names
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import io
+import logging
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import Any
+
+import torch
+
+from .attention import attention_maps, draw
+from .errors import InvalidValueError, install_hint, short
+from .images import ImageError, load_image_bytes
+from .inference import pipeline
+from .processing import CvtImageProcessor
+from .ray import connect
+
+try:
+    import psutil
+    import ray
+    from fastapi import FastAPI
+    from ray import serve
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+except ImportError as err:  # absolute imports: Ray's package, never this module
+    raise ImportError(f"cvt.serve needs Ray Serve: {install_hint('serve')}") from err
+
+log = logging.getLogger(__name__)
+APP_NAME = "cvt"
+SHUTDOWN_WAIT_S = 2.0  # how long ray.shutdown may take before what Ray started is killed
+DEFAULT_TOP_K = 5  # the Inference API's default
+OVERLAY_SIZE = 224  # the attention picture's side, unless the model's input is larger
+PAGE_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+              "style.css": "text/css; charset=utf-8"}
+
+
+class BadRequest(InvalidValueError):
+    """A request the service cannot use (400), its message sent back."""
+
+
+class BodyTooLarge(InvalidValueError):
+    """A request body over the service's limit (413)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What every replica needs to build its engine and check its requests."""
+
+    model: str
+    engine: str = "auto"
+    precision: str = "fp32"
+    calibration: str | None = None
+    device: str | None = None
+    image_size: int | None = None
+    max_batch_size: int = 8
+    batch_wait_ms: float = 10.0
+    max_body_bytes: int = 32_000_000
+
+
+def parse_top_k(text: str | None, labels: int) -> int:
+    """`?top_k=` as a count of labels: a positive integer, at most the model's labels."""
+    if text is None:
+        return min(DEFAULT_TOP_K, labels)
+    try:
+        value = int(text)
+    except ValueError:
+        raise BadRequest(f"top_k must be a positive integer, got {short(text)!r}") from None
+    if value < 1:
+        raise BadRequest(f"top_k must be a positive integer, got {value}")
+    return min(value, labels)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, refused (`BodyTooLarge`) as soon as it is known to exceed `limit`
+    bytes: from its Content-Length before reading, or while it streams in."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"the body ({int(declared):,} bytes) is over this service's limit of {limit:,} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLarge(f"the body is over this service's limit of {limit:,} bytes")
+    return bytes(body)
+
+
+async def image_bytes(request: Request, limit: int) -> bytes:
+    """The uploaded image's bytes: the body itself, or the first file of a multipart form."""
+    body = await read_body(request, limit)
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        if not body:
+            raise BadRequest("the body is empty: send the image's bytes, or a multipart upload")
+        return body
+
+    async def replay() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=1, max_fields=16)
+    except HTTPException as err:  # starlette's word for a malformed form
+        raise BadRequest(f"the multipart upload could not be read: {err.detail}") from None
+    files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
+    if not files:
+        raise BadRequest("the multipart upload holds no file: send the image as a file field")
+    return await files[0].read()
+
+
+def answers(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
+    """An endpoint whose errors become answers: 400 or 413 with cvt's message, 500 for anything
+    unexpected (its traceback logged, never sent); every answer is counted by status."""
+
+    @functools.wraps(handler)
+    async def endpoint(self: Any, request: Request) -> Response:
+        try:
+            response = await handler(self, request)
+        except BodyTooLarge as err:
+            response = JSONResponse({"error": str(err)}, status_code=413)
+        except (ImageError, BadRequest) as err:
+            response = JSONResponse({"error": str(err)}, status_code=400)
+        except Exception:
+            log.exception("cvt serve: %s %s failed", request.method, request.url.path)
+            response = JSONResponse({"error": "internal error: the service's log has the details"},
+                                    status_code=500)
+        self.responses[str(response.status_code)] += 1
+        return response
+
+    return endpoint
+
+
+def page_file(name: str) -> Response:
+    """One of the page's files, shipped inside the package (the page works offline)."""
+    content = resources.files("cvt").joinpath("serve_page", name).read_bytes()
+    return Response(content, media_type=PAGE_FILES[name])
+
+
+# Ray Serve serializes the class when it is decorated: what its methods use is defined above it
+app = FastAPI(title="cvt", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@serve.deployment
+@serve.ingress(app)
+class CvtService:
+    """One replica: the model's pipeline (its engine built once) and the counters `/info` shows
+    (of this replica: with several replicas, each answers with its own)."""
+
+    def __init__(self, settings: Settings) -> None:
+        processor = CvtImageProcessor.for_model(settings.model, settings.image_size)
+        self.pipeline = pipeline("image-classification", settings.model, image_processor=processor,
+                                 device=settings.device, engine=settings.engine, precision=settings.precision,
+                                 calibration=settings.calibration)
+        self.settings = settings
+        self.responses: Counter[str] = Counter()
+        self.batch_sizes: Counter[int] = Counter()
+        self._classify.set_max_batch_size(settings.max_batch_size)
+        self._classify.set_batch_wait_timeout_s(settings.batch_wait_ms / 1000)
+
+    def _prepare(self, data: bytes) -> torch.Tensor:
+        return self.pipeline.image_processor(load_image_bytes(data))["pixel_values"]
+
+    @serve.batch
+    async def _classify(self, items: list[tuple[torch.Tensor, int]]) -> list[list[dict[str, Any]]]:
+        self.batch_sizes[len(items)] += 1
+        pixel_values = torch.cat([values for values, _ in items])
+        top = await asyncio.to_thread(self.pipeline.classify, pixel_values, max(k for _, k in items))
+        return [result[:k] for result, (_, k) in zip(top, items)]
+
+    @app.post("/predict")
+    @answers
+    async def predict(self, request: Request) -> Response:
+        top_k = parse_top_k(request.query_params.get("top_k"), len(self.pipeline.labels))
+        data = await image_bytes(request, self.settings.max_body_bytes)
+        pixel_values = await asyncio.to_thread(self._prepare, data)
+        return JSONResponse(await self._classify((pixel_values, top_k)))
+
+    @app.post("/attention")
+    @answers
+    async def attention(self, request: Request) -> Response:
+        data = await image_bytes(request, self.settings.max_body_bytes)
+        png = await asyncio.to_thread(self._overlay, data)
+        return Response(png, media_type="image/png")
+
+    def _overlay(self, data: bytes) -> bytes:
+        processor = self.pipeline.image_processor
+        maps = attention_maps(self.pipeline.model, load_image_bytes(data), processor)
+        buffer = io.BytesIO()
+        draw(maps, "rollout", size=max(OVERLAY_SIZE, processor.size)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    @app.get("/health")
+    @answers
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/info")
+    @answers
+    async def info(self, request: Request) -> Response:
+        engine = self.pipeline.engine
+        return JSONResponse({
+            "model": self.settings.model, "labels": self.pipeline.labels,
+            "input_size": self.pipeline.image_processor.size, "engine": engine.name,
+            "precision": engine.precision, "max_batch_size": self.settings.max_batch_size,
+            "batch_wait_ms": self.settings.batch_wait_ms, "responses": dict(self.responses),
+            "batch_sizes": {str(size): count for size, count in sorted(self.batch_sizes.items())}})
+
+    @app.get("/")
+    @answers
+    async def page(self, request: Request) -> Response:
+        return page_file("index.html")
+
+    @app.get("/static/{name}")
+    async def static(self, name: str) -> Response:
+        if name not in PAGE_FILES or name == "index.html":
+            return JSONResponse({"error": f"no such file: {short(name)}"}, status_code=404)
+        return page_file(name)
+
+
+def application(settings: Settings, replicas: int = 1) -> serve.Application:
+    """The service as a Ray Serve application: `replicas` replicas of one CPU (and one GPU with
+    a CUDA device) each, admitting enough requests at once to fill two batches."""
+    gpu = str(settings.device or "").startswith("cuda")
+    return CvtService.options(
+        num_replicas=replicas, max_ongoing_requests=2 * settings.max_batch_size + 4,
+        ray_actor_options={"num_cpus": 1, "num_gpus": 1 if gpu else 0},
+        graceful_shutdown_timeout_s=2, graceful_shutdown_wait_loop_s=0.5, max_constructor_retry_count=1,
+    ).bind(settings)
+
+
+def check_options(settings: Settings, host: str, port: int, replicas: int) -> None:
+    """The options, checked before Ray starts: numbers in range, the model's preprocessing found."""
+    for name, value in (("--replicas", replicas), ("--max-batch-size", settings.max_batch_size), ("--port", port)):
+        if value < 1:
+            raise InvalidValueError(f"{name} must be at least 1, got {value}")
+    if settings.max_body_bytes < 1:
+        raise InvalidValueError(f"--max-body-mb must be positive, got {settings.max_body_bytes / 1e6:g}")
+    if port > 65535:
+        raise InvalidValueError(f"--port must be at most 65535, got {port}")
+    if settings.batch_wait_ms < 0:
+        raise InvalidValueError(f"--batch-wait-ms must not be negative, got {settings.batch_wait_ms}")
+    CvtImageProcessor.for_model(settings.model, settings.image_size)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """An `InvalidValueError` now, rather than a proxy that never starts, if host:port is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise InvalidValueError(f"cannot serve on {host}:{port}: {err.strerror}") from None
+
+
+def run(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
+        address: str = "local") -> None:
+    """Serve until SIGINT or SIGTERM, then return. With "local", on a private Ray instance, shut
+    down with every Ray process on the way out; on a cluster, the application is deleted and the
+    cluster left running."""
+    check_options(settings, host, port, replicas)
+    if address == "local":
+        check_port_free(host, port)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    started = False
+    try:
+        started = connect(address)
+        signal.signal(signal.SIGTERM, _interrupt)  # ray.init installs its own
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        if address == "local" and replicas > cpus:  # Serve would wait for the CPUs for ever
+            raise InvalidValueError(f"--replicas {replicas}: each replica takes a CPU, and this machine "
+                                    f"has {cpus} for Ray")
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(application(settings, replicas), name=APP_NAME, route_prefix="/")
+        log.info("cvt: serving %s at http://%s:%d/ (%d replica%s); Ctrl-C stops it", settings.model,
+                 f"[{host}]" if ":" in host else host, port, replicas, "" if replicas == 1 else "s")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt as stop:  # the normal end of a service (exit status 0), even while it starts
+        log.info("cvt: stopping (%s)", stop)
+    finally:
+        _stop(started, private=address == "local")
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"by {signal.Signals(signum).name}")
+
+
+def _stop(started: bool, private: bool) -> None:
+    """A private instance this call started is shut down, Ray Serve's processes with it;
+    otherwise only this application is deleted (Serve's applications outlive their driver)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if started and private:
+        _shutdown_private()
+        return
+    if ray.is_initialized():
+        serve.delete(APP_NAME)
+    if started:
+        ray.shutdown()
+
+
+def _shutdown_private() -> None:
+    """`ray.shutdown()` of the private instance, bounded in time: when Ray's own processes died
+    first (the signal went to the whole process group), its driver waits many seconds for them;
+    then what is left of the processes Ray started, all descendants of this one, is killed."""
+    started = psutil.Process().children(recursive=True)
+    shutdown = threading.Thread(target=ray.shutdown, daemon=True)
+    shutdown.start()
+    shutdown.join(SHUTDOWN_WAIT_S)
+    if shutdown.is_alive():
+        log.info("cvt: Ray did not shut down in %g s: killing its processes", SHUTDOWN_WAIT_S)
+        for process in started:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        psutil.wait_procs(started, timeout=1)

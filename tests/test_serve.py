@@ -1,0 +1,375 @@
+"""`cvt serve`: one service (the real command, on a private Ray instance, a tiny model, one
+replica) answers as `cvt.pipeline` does, refuses hostile requests with their 4xx and goes on
+answering, draws the attention rollout, shows its page in a real browser (Debian's chromium),
+and stops on SIGTERM within 5 s leaving no process behind. Everything runs on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+from skimage import data as skimage_data
+
+import cvt
+from cvt.cli import main
+from conftest import save_tiny_classifier
+
+pytestmark = pytest.mark.subprocess
+
+MAX_BODY_MB = 1  # a low limit, so that the oversized bodies below are quick to send
+START_TIMEOUT_S = 180
+STOP_TIMEOUT_S = 5
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def jpeg(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).convert("RGB").save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("photos")
+    found = {}
+    for name in ("chelsea", "coffee", "astronaut"):
+        found[name] = folder / f"{name}.jpg"
+        found[name].write_bytes(jpeg(getattr(skimage_data, name)()))
+    return found
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_tiny_classifier(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """The pipeline the service must agree with (its engine built here, and cached for the service)."""
+    return cvt.pipeline("image-classification", str(model_dir))
+
+
+@pytest.fixture(scope="module")
+def service(model_dir, reference, tmp_path_factory):
+    """`cvt serve` in its own process group: (its base URL, the process, its stderr file)."""
+    port, log = free_port(), tmp_path_factory.mktemp("serve") / "stderr.txt"
+    with open(log, "wb") as err:
+        process = subprocess.Popen([sys.executable, "-m", "cvt", "serve", str(model_dir), "--port", str(port),
+                                    "--max-body-mb", str(MAX_BODY_MB), "--batch-wait-ms", "20"],
+                                   stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(url, process, log)
+        yield url, process, log
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"cvt serve exited: {log.read_text()[-3000:]}"
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:  # refused, or the proxy's 503 before the replica is up
+            time.sleep(0.5)
+    pytest.fail(f"cvt serve did not become healthy in {START_TIMEOUT_S} s: {log.read_text()[-3000:]}")
+
+
+def request(url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:
+    """(status, body) of one request; urllib's default Content-Type for a body is form-urlencoded."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, body, headers or {}), timeout=60) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def multipart(field: str, filename: str, content: bytes) -> tuple[bytes, dict]:
+    boundary = "cvt-test-boundary-7d3f"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def assert_as_pipeline(answer: bytes, expected: list[dict], top_k: int = 5) -> None:
+    got = json.loads(answer)
+    assert [p["label"] for p in got] == [p["label"] for p in expected[:top_k]]
+    assert np.allclose([p["score"] for p in got], [p["score"] for p in expected[:top_k]], rtol=0, atol=1e-5)
+
+
+def test_predict_answers_as_the_pipeline(service, reference, photos):
+    url = service[0]
+    for name, path in photos.items():
+        expected = reference(str(path))
+        content = path.read_bytes()
+        status, answer = request(f"{url}/predict", content)  # form-urlencoded, as urllib and curl send
+        assert status == 200, answer
+        assert_as_pipeline(answer, expected)
+        status, answer = request(f"{url}/predict?top_k=2", content, {"Content-Type": "image/jpeg"})
+        assert status == 200 and len(json.loads(answer)) == 2
+        assert_as_pipeline(answer, expected, top_k=2)
+        status, answer = request(f"{url}/predict?top_k=1000", *multipart("file", path.name, content))
+        assert status == 200, answer
+        assert_as_pipeline(answer, expected, top_k=len(reference.labels))  # top_k over the labels: all of them
+
+
+def wide_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((1, 2_000_000), np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def truncated_jpeg() -> bytes:
+    whole = jpeg(skimage_data.chelsea())
+    return whole[: len(whole) // 3]
+
+
+HOSTILE = {  # name: (path and query, body, headers, status, words of the message)
+    "empty body": ("/predict", b"", {}, 400, "empty"),
+    "text file": ("/predict", b"not an image, just text\n" * 10, {"Content-Type": "text/plain"}, 400,
+                  "not an image"),
+    "truncated JPEG": ("/predict", truncated_jpeg(), {"Content-Type": "image/jpeg"}, 400, "truncated"),
+    "1x2,000,000 PNG": ("/predict", wide_png(), {"Content-Type": "image/png"}, 400, "budget"),
+    "body over the limit": ("/predict", os.urandom(MAX_BODY_MB * 1_000_000 + 1), {}, 413, "limit"),
+    "top_k=0": ("/predict?top_k=0", jpeg(skimage_data.coffee()), {}, 400, "top_k"),
+    "top_k=many": ("/predict?top_k=many", jpeg(skimage_data.coffee()), {}, 400, "top_k"),
+    "form without a file": ("/predict", b"--b\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\n1\r\n--b--\r\n",
+                            {"Content-Type": "multipart/form-data; boundary=b"}, 400, "no file"),
+    "attention of a text file": ("/attention", b"hello", {}, 400, "not an image"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_a_hostile_request_gets_its_4xx_and_the_next_is_answered(service, reference, photos, case):
+    url = service[0]
+    where, body, headers, expected_status, words = HOSTILE[case]
+    status, answer = request(url + where, body, headers)
+    assert status == expected_status, answer
+    assert words in json.loads(answer)["error"]
+    status, answer = request(f"{url}/predict", photos["chelsea"].read_bytes())
+    assert status == 200
+    assert_as_pipeline(answer, reference(str(photos["chelsea"])))
+
+
+def send_zeros_slowly(url: str, total: int = 50_000_000, chunk: int = 64 * 1024,
+                      time_limit_s: float = 60) -> tuple[bytes, int]:
+    """POST `total` zero bytes, chunked (no Content-Length to refuse early), a chunk every
+    millisecond, until the service answers: (the answer's first bytes, bytes sent)."""
+    host, port = url.removeprefix("http://").split(":")
+    sent, deadline = 0, time.monotonic() + time_limit_s
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(b"POST /predict HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
+                           b"Content-Type: application/octet-stream\r\n\r\n")
+        piece = b"%x\r\n" % chunk + bytes(chunk) + b"\r\n"
+        try:
+            while sent < total and time.monotonic() < deadline:
+                if select.select([connection], [], [], 0)[0]:
+                    break  # the answer came before the body ended
+                connection.sendall(piece)
+                sent += chunk
+                time.sleep(0.001)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the service closed the connection after answering
+        return connection.recv(4096), sent
+
+
+def test_50_mb_of_zeros_sent_slowly_is_refused_early(service, reference, photos):
+    url = service[0]
+    answer, sent = send_zeros_slowly(url)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"limit" in answer
+    assert sent < 50_000_000  # refused while it was still coming
+    status, answer = request(f"{url}/predict", photos["coffee"].read_bytes())
+    assert status == 200
+    assert_as_pipeline(answer, reference(str(photos["coffee"])))
+
+
+def test_attention_is_the_rollout_png(service, model_dir, photos):
+    from cvt.attention import attention_maps, draw
+    from cvt.images import load_image_bytes
+    from cvt.serve import OVERLAY_SIZE
+
+    content = photos["astronaut"].read_bytes()
+    status, answer = request(f"{service[0]}/attention", content)
+    assert status == 200
+    picture = Image.open(io.BytesIO(answer))
+    assert picture.format == "PNG" and picture.size == (OVERLAY_SIZE, OVERLAY_SIZE)
+    processor = cvt.CvtImageProcessor.from_pretrained(model_dir)
+    expected = draw(attention_maps(cvt.load(str(model_dir)), load_image_bytes(content), processor), "rollout",
+                    size=OVERLAY_SIZE)
+    difference = np.abs(np.asarray(picture, np.int16) - np.asarray(expected, np.int16))
+    assert difference.max() <= 2  # float sums in another thread count may round a pixel differently
+
+
+def test_info_counts_the_requests_and_the_batches(service, reference, photos):
+    url = service[0]
+    before = json.loads(request(f"{url}/info")[1])
+    assert before["labels"] == reference.labels and before["input_size"] == 64
+    assert (before["engine"], before["precision"]) == (reference.engine.name, "fp32")
+    content, answers = photos["chelsea"].read_bytes(), []
+    clients = [threading.Thread(target=lambda: answers.append(request(f"{url}/predict", content)))
+               for _ in range(6)]
+    for client in clients:
+        client.start()
+    for client in clients:
+        client.join(60)
+    assert [status for status, _ in answers] == [200] * 6
+    after = json.loads(request(f"{url}/info")[1])
+
+    def classified(info: dict) -> int:
+        return sum(int(size) * count for size, count in info["batch_sizes"].items())
+
+    assert classified(after) - classified(before) == 6
+    assert after["responses"]["200"] - before["responses"].get("200", 0) == 6 + 1  # and the first /info
+
+
+def test_an_unexpected_error_is_a_500_without_its_traceback(caplog):
+    from starlette.requests import Request
+
+    from cvt.serve import answers
+
+    class Replica:
+        responses: dict = {"500": 0}
+
+    @answers
+    async def broken(self, request):
+        raise RuntimeError("a bug with a secret path /home/someone/model")
+
+    request = Request({"type": "http", "method": "POST", "path": "/predict", "headers": [], "query_string": b""})
+    response = asyncio.run(broken(Replica(), request))
+    assert response.status_code == 500
+    assert b"Traceback" not in response.body and b"secret" not in response.body
+    assert json.loads(response.body)["error"].startswith("internal error")
+    assert "Traceback" in caplog.text and "a bug with a secret path" in caplog.text
+    assert Replica.responses["500"] == 1
+
+
+def test_an_upload_decodes_as_its_file_does(photos, tmp_path):
+    from cvt.images import ImageError, load_image, load_image_bytes
+
+    content = photos["coffee"].read_bytes()
+    assert np.array_equal(np.asarray(load_image_bytes(content)), np.asarray(load_image(photos["coffee"])))
+    (tmp_path / "cut.jpg").write_bytes(content[:len(content) // 3])
+    with pytest.raises(ImageError) as from_file:
+        load_image(tmp_path / "cut.jpg")
+    with pytest.raises(ImageError) as from_bytes:
+        load_image_bytes(content[:len(content) // 3], name="upload.jpg")
+    assert str(from_bytes.value) == str(from_file.value).replace(str(tmp_path / "cut.jpg"), "upload.jpg")
+
+
+def test_bad_options_are_refused_before_ray_starts(model_dir, capsys):
+    for option, value in (("--replicas", "0"), ("--max-batch-size", "0"), ("--port", "70000"),
+                          ("--batch-wait-ms", "-1"), ("--max-body-mb", "0")):
+        assert main(["serve", str(model_dir), option, value]) == 2
+        assert option in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+                    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
+def test_the_page_shows_the_top_label_in_a_browser(service, reference, photos, tmp_path_factory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1100,900"):
+        options.add_argument(argument)
+    browser = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        browser.get(service[0] + "/")
+        browser.find_element(By.ID, "file").send_keys(str(photos["chelsea"]))
+        WebDriverWait(browser, 60).until(
+            lambda b: b.execute_script("return document.body.classList.contains('done') && "
+                                       "document.getElementById('overlay').complete") or
+            "error" in b.find_element(By.ID, "status").get_attribute("class"))
+        assert "error" not in browser.find_element(By.ID, "status").get_attribute("class"), \
+            browser.find_element(By.ID, "status").text
+        labels = browser.find_elements(By.CSS_SELECTOR, "#labels .label")
+        assert labels[0].text == reference(str(photos["chelsea"]))[0]["label"]
+        assert len(labels) == 5
+        assert browser.execute_script("return document.getElementById('overlay').naturalWidth") > 0
+        screenshot = tmp_path_factory.mktemp("browser") / "serve_page.png"
+        assert browser.save_screenshot(str(screenshot))
+        print(f"screenshot of the page: {screenshot}")
+    finally:
+        browser.quit()
+
+
+def assert_stops_leaving_nothing(process: subprocess.Popen, log: Path, signum: int, whole_group: bool) -> None:
+    """Send `signum` to the command (or its whole process group, as Ctrl-C in a terminal does):
+    it must end with status 0 within 5 s, with every process Ray started gone."""
+    started = psutil.Process(process.pid).children(recursive=True)  # Ray's processes, in several groups
+    assert started, "cvt serve started no Ray process"
+    began = time.monotonic()
+    (os.killpg if whole_group else os.kill)(process.pid, signum)
+    process.wait(STOP_TIMEOUT_S + 5)
+    _, alive = psutil.wait_procs(started, timeout=max(0.1, STOP_TIMEOUT_S - (time.monotonic() - began)))
+    took = time.monotonic() - began
+    assert not alive, f"still running: {[p.pid for p in alive]}"
+    assert took < STOP_TIMEOUT_S, f"stopped in {took:.1f} s"
+    in_group = [p.pid for p in psutil.process_iter() if _pgid(p.pid) == process.pid]
+    assert not in_group, f"left in the process group: {in_group}"
+    assert process.returncode == 0, log.read_text()[-3000:]  # a service's normal end
+    assert f"cvt: stopping (by {signal.Signals(signum).name})" in log.read_text()
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def test_sigterm_stops_the_service_within_5_s_leaving_no_process(service):
+    """Last of the tests on the shared service: it stops it."""
+    _, process, log = service
+    assert_stops_leaving_nothing(process, log, signal.SIGTERM, whole_group=False)
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_process_group_stops_it_too(model_dir, reference, tmp_path):
+    """Ray's own processes get the signal too (most of them share the group): the command must
+    not wait for them."""
+    port, log = free_port(), tmp_path / "stderr.txt"
+    with open(log, "wb") as err:
+        process = subprocess.Popen([sys.executable, "-m", "cvt", "serve", str(model_dir), "--port", str(port)],
+                                   stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    try:
+        wait_until_healthy(f"http://127.0.0.1:{port}", process, log)
+        assert_stops_leaving_nothing(process, log, signal.SIGINT, whole_group=True)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
