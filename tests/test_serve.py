@@ -30,7 +30,8 @@ import cvt
 from cvt.cli import main
 from conftest import save_tiny_classifier
 
-pytestmark = pytest.mark.subprocess
+# one worker runs this module, so its service starts once
+pytestmark = [pytest.mark.subprocess, pytest.mark.xdist_group("serve")]
 
 MAX_BODY_MB = 1  # a low limit, so that the oversized bodies below are quick to send
 START_TIMEOUT_S = 180
