@@ -5,6 +5,7 @@ what it measured: median times and per-round ratios (no speed is asserted here: 
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
@@ -99,3 +100,24 @@ def test_reduced_precision_is_judged_on_the_trained_model(monkeypatch, tmp_path)
     lines = out.getvalue().splitlines()
     assert "the demo's digits CvT, 15 held-out images" in lines[1]
     assert lines[-1].split()[:3] == ["engine", "onnxruntime", "int8"]
+
+
+@pytest.mark.slow
+def test_bf16_training_case_runs_both_sides_under_autocast(monkeypatch) -> None:
+    """The bf16 training row times transformers' and our training steps under bf16 autocast and
+    shows how far the losses are apart, without the fp32 bar."""
+    seen = []
+    original = benchmark.build_pair
+
+    def watched_pair(case, device, seed=0):
+        pair = original(case, device, seed)
+        for model in pair:
+            model.classifier.register_forward_hook(lambda *args: seen.append(torch.is_autocast_enabled("cpu")))
+        return pair
+
+    monkeypatch.setattr(benchmark, "build_pair", watched_pair)
+    case = benchmark.Case("tiny", (1, 2, 3), 64, 2, training=True, precision="bf16")
+    (row,) = benchmark.run_case(case, torch.device("cpu"), rounds=1, engines=False)
+    assert (row["side"], row["precision"]) == ("cvt", "bf16")
+    assert seen and all(seen)
+    assert row["max_abs_diff"] < 0.05 * math.log(1000)  # both losses start near ln(1000)
