@@ -6,8 +6,8 @@ int8 per output channel, activations quantized per call from their own range; th
 softmax, LayerNorm and the convolutions stay fp32. On a Zen 5 with VNNI it was the fastest of
 the variants tried (static QDQ and QOperator, per-channel or per-tensor, with and without the
 convolutions) and as accurate as any (benchmarks/README.md). The user's images (`calibration`)
-measure what it costs. CPU, or CUDA where
-onnxruntime-gpu is installed. Needs the `onnxruntime` extra: `pip install "cvt-vision[onnxruntime]"`.
+measure what it costs. CPU, or CUDA where onnxruntime-gpu is installed. Needs the `onnxruntime`
+extra: `pip install "cvt-vision[onnxruntime]"`.
 """
 
 from __future__ import annotations
