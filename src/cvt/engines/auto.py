@@ -67,10 +67,11 @@ def candidates(device: torch.device, model: Model | None = None) -> list[str]:
              if name == "torch" or importlib.util.find_spec(name) is not None]
     if model is not None and openvino_engine.unsupported(model):
         names = [name for name in names if name != "openvino"]
-    return names or ["torch"]
+    return names  # torch is always there
 
 
 def mode() -> str:
+    """`measure` (the default) or `order`, from $CVT_AUTO_ENGINE."""
     value = os.environ.get(ENVIRONMENT, "measure").strip().lower() or "measure"
     if value not in MODES:
         raise InvalidValueError(f"${ENVIRONMENT} must be one of {', '.join(MODES)}, got {value!r}")
@@ -78,6 +79,7 @@ def mode() -> str:
 
 
 def bucket(batch_size: int) -> int:
+    """The batch size `auto` times for batches of `batch_size` (and keys its choice by)."""
     return next((size for size in BUCKETS if batch_size <= size), BUCKETS[-1])
 
 
