@@ -173,10 +173,12 @@ def save_tiny_classifier(folder: Path, image_size: int = 64, seed: int = 1) -> P
 @pytest.fixture(autouse=True, scope="session")
 def engine_cache(tmp_path_factory) -> Path:
     """Built engines go to one folder per test session, never to the user's cache; tests that
-    build the same tiny model's engine twice reuse it, as users' second runs do."""
+    build the same tiny model's engine twice reuse it, as users' second runs do. `auto` takes
+    the fixed order instead of timing every engine (test_engines.py measures once)."""
     folder = tmp_path_factory.mktemp("engine-cache")
     patch = pytest.MonkeyPatch()
     patch.setenv("CVT_CACHE_DIR", str(folder))
+    patch.setenv("CVT_AUTO_ENGINE", "order")
     yield folder
     patch.undo()
 

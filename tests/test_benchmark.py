@@ -5,6 +5,7 @@ what it measured: median times and per-round ratios (no speed is asserted here: 
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
@@ -63,3 +64,60 @@ def test_disagreement_stops_the_benchmark(training, monkeypatch) -> None:
     monkeypatch.setattr(benchmark, "build_pair", broken_pair)
     with pytest.raises(SystemExit, match="outputs differ"):
         benchmark.run_case(case, torch.device("cpu"), rounds=1, engines=False)
+
+
+def test_auto_verdict_names_the_choice_against_the_fastest_engine(monkeypatch) -> None:
+    monkeypatch.setenv("CVT_AUTO_ENGINE", "measure")
+    rows = [{"side": "cvt model(x)", "precision": "fp32", "seconds": 0.5, "auto_choice": False},
+            {"side": "engine torch", "precision": "fp32", "seconds": 0.40, "auto_choice": False},
+            {"side": "engine onnxruntime", "precision": "fp32", "seconds": 0.42, "auto_choice": True},
+            {"side": "engine openvino int8", "precision": "int8", "seconds": 0.2, "auto_choice": False}]
+    assert benchmark._auto_verdict(rows) == ("auto chose engine onnxruntime (measured): 5.0 % slower "
+                                            "than engine torch in these rounds")
+    rows[2]["seconds"] = 0.39
+    assert benchmark._auto_verdict(rows) == ("auto chose engine onnxruntime (measured): the fastest fp32 "
+                                            "engine in these rounds")
+    assert benchmark._auto_verdict([{**r, "auto_choice": False} for r in rows]) is None
+
+
+@pytest.mark.slow
+def test_reduced_precision_is_judged_on_the_trained_model(monkeypatch, tmp_path) -> None:
+    """The quality rows come from the kept trained checkpoint and its held-out images, int8
+    calibrated on its training images (a tiny classifier stands in for the digits model)."""
+    from conftest import save_tiny_classifier, write_images
+
+    folder = tmp_path / "digits"
+    save_tiny_classifier(folder / "best", image_size=32)
+    write_images(folder / "data" / "train", count=10)
+    write_images(folder / "data" / "val", count=15)
+    monkeypatch.setattr(benchmark, "digits_run", lambda root=None: folder)
+    monkeypatch.setattr(benchmark, "reduced_engines", lambda device: [("onnxruntime", "int8")])
+    out = io.StringIO()
+    (row,) = benchmark.trained_quality(torch.device("cpu"), out)
+    assert row["trained_side"] == "engine onnxruntime int8" and row["images"] == 15
+    assert 0 < row["max_abs_logit_error"] < 1 and 0 <= row["top1_agreement"] <= 1
+    assert row["fp32_accuracy"] is not None
+    lines = out.getvalue().splitlines()
+    assert "the demo's digits CvT, 15 held-out images" in lines[1]
+    assert lines[-1].split()[:3] == ["engine", "onnxruntime", "int8"]
+
+
+@pytest.mark.slow
+def test_bf16_training_case_runs_both_sides_under_autocast(monkeypatch) -> None:
+    """The bf16 training row times transformers' and our training steps under bf16 autocast and
+    shows how far the losses are apart, without the fp32 bar."""
+    seen = []
+    original = benchmark.build_pair
+
+    def watched_pair(case, device, seed=0):
+        pair = original(case, device, seed)
+        for model in pair:
+            model.classifier.register_forward_hook(lambda *args: seen.append(torch.is_autocast_enabled("cpu")))
+        return pair
+
+    monkeypatch.setattr(benchmark, "build_pair", watched_pair)
+    case = benchmark.Case("tiny", (1, 2, 3), 64, 2, training=True, precision="bf16")
+    (row,) = benchmark.run_case(case, torch.device("cpu"), rounds=1, engines=False)
+    assert (row["side"], row["precision"]) == ("cvt", "bf16")
+    assert seen and all(seen)
+    assert row["max_abs_diff"] < 0.05 * math.log(1000)  # both losses start near ln(1000)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import json
 import logging
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 import cvt
 from cvt import engines
 from cvt.cli import main
-from cvt.engines import EngineError, build_engine, exported, fused, onnxruntime_engine
+from cvt.engines import EngineError, auto, build_engine, exported, fused, onnxruntime_engine
 from cvt.engines.base import cpu_has_bf16
 from cvt.native import signal_stack
 
@@ -156,9 +157,10 @@ def test_reduced_precision_errors_are_clear(tmp_path):
                 build_engine(model, name, precision="bf16", image_size=size)
 
 
-def test_auto_is_the_fastest_installed_engine(tmp_path, monkeypatch):
-    """On the CPU: ONNX Runtime (the fastest in benchmarks/README.md), else OpenVINO when the
-    model has no 'avg' projection (which OpenVINO pools differently), else torch; on CUDA, torch."""
+def test_auto_in_order_mode_takes_the_first_installed_engine(tmp_path, monkeypatch):
+    """CVT_AUTO_ENGINE=order (set for the suite): on the CPU ONNX Runtime, else OpenVINO when
+    the model has no 'avg' projection (which OpenVINO pools differently), else torch; on CUDA,
+    torch."""
     cpu, dw_bn = torch.device("cpu"), make()
     avg = cvt.CvtForImageClassification(tiny_config(qkv_projection_method=("avg", "dw_bn", "dw_bn")))
     assert engines.auto_engine(cpu) == engines.auto_engine(cpu, avg) == "onnxruntime"
@@ -172,6 +174,45 @@ def test_auto_is_the_fastest_installed_engine(tmp_path, monkeypatch):
                             lambda name, *args, missing=missing: None if name in missing else find_spec(name, *args))
         assert (engines.auto_engine(cpu, dw_bn), engines.auto_engine(cpu, avg)) == (with_dw_bn, with_avg), missing
         monkeypatch.undo()
+
+
+def test_auto_measures_once_then_reads_its_choice(tmp_path, monkeypatch):
+    """With measuring on, the first `auto` build builds every installed engine once, times them
+    and keeps the fastest; a later build (a second process, a Ray actor) reads the stored choice
+    and builds only that engine, for other weights of the architecture too; another batch-size
+    bucket is measured anew. (Each candidate is a torch engine under the runtime's name here:
+    exporting the runtimes' graphs costs ~10 s a build; the bench times the real ones.)"""
+    monkeypatch.setenv("CVT_AUTO_ENGINE", "measure")
+    monkeypatch.setattr(auto, "PAUSE_S", 0.0)
+    built, timed = [], []
+    original, time_rounds = engines._build, auto.time_rounds
+
+    def build(model, name, *args):
+        built.append(name)
+        engine = original(model, "torch", *args)
+        engine.name = name
+        return engine
+
+    monkeypatch.setattr(engines, "_build", build)
+    monkeypatch.setattr(auto, "time_rounds", lambda found, x: timed.append((sorted(found), len(x)))
+                        or time_rounds(found, x))
+    model, size, cache = make(seed=11), (32, 32), tmp_path / "cache"
+    first = build_engine(model, image_size=size, batch_size=3, cache_dir=cache)
+    assert built == auto.candidates(torch.device("cpu"), model) == ["onnxruntime", "openvino", "torch"]
+    assert timed == [(sorted(built), 8)]  # batch 3: the 2-8 bucket, timed at 8 images
+    (entry,) = cache.glob("auto-*")
+    seconds = json.loads((entry / "manifest.json").read_text())["meta"]["seconds"]
+    assert first.name == min(seconds, key=seconds.get) and set(seconds) == set(built)
+    built.clear()
+    again = build_engine(make(seed=12), image_size=size, batch_size=8, cache_dir=cache)
+    assert (again.name, built, len(timed)) == (first.name, [first.name], 1)
+    pixel_values = torch.randn(2, 3, *size)
+    assert_close_to_scale(first(pixel_values), plain(model, pixel_values), rel=1e-4)
+    build_engine(model, image_size=size, batch_size=1, cache_dir=cache)
+    assert [batch for _, batch in timed] == [8, 1]
+    with pytest.raises(ValueError, match="CVT_AUTO_ENGINE must be one of measure, order"):
+        monkeypatch.setenv("CVT_AUTO_ENGINE", "fastest")
+        build_engine(model, image_size=size, cache_dir=cache)
 
 
 @pytest.mark.slow

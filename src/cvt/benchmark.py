@@ -5,10 +5,14 @@ a side's speed-up is the median of its per-round time ratios to transformers, so
 a shared machine hit all sides alike. Inference cases time transformers, the plain model
 `model(x)`, each installed engine at fp32 (`cvt.engines`), onnxruntime and OpenVINO run by hand
 on the same exported ONNX file, and the reduced precisions this machine has (bf16 where the CPU
-has bf16 units; int8, calibrated on random images). Every fp32 side first checks that its logits
-equal transformers' within 1e-4 and the run stops loudly otherwise; reduced precision shows its
-logit error and top-1 agreement with fp32. Peak memory is measured in a fresh process per model
-and case. On a CUDA machine the same cases run on the GPU (synchronised timing, CUDA allocator peak).
+has bf16 units; int8, calibrated on random images); the engine `engine="auto"` chooses for the
+case is marked. Every fp32 side first checks that its logits equal transformers' within 1e-4
+and the run stops loudly otherwise. What reduced precision costs is judged on a trained model
+(random weights put the classes' logits close together): `cvt demo`'s digits CvT, trained once
+and kept in the engine cache folder, scored on its held-out digits. Training runs in fp32 and,
+where the CPU has bf16 units (or on a GPU), under bf16 autocast. Peak memory is measured in a
+fresh process per model and case. On a CUDA machine the same cases run on the GPU (synchronised
+timing, CUDA allocator peak).
 
 Run with `cvt bench` (its options: `cvt bench --help`) or `python benchmarks/bench.py`; needs the
 `bench` extra (transformers).
@@ -18,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import importlib.util
+import json
 import os
 import platform
 import random
@@ -27,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,16 +42,17 @@ import torch
 from .config import CvtConfig
 from .constants import TOLERANCE
 from .errors import install_hint
-from .engines import build_engine
-from .engines.base import cpu_has_bf16
-from .engines.calibration import CalibrationSet
+from .engines import auto, build_engine
+from .engines.base import cpu_has_bf16, measure_precision
+from .engines.cache import cache_root
+from .engines.calibration import CalibrationSet, load_calibration
 from .onnx_graph import compile_openvino, onnx_bytes
 from .files import write_json
 from .modeling import CvtForImageClassification
+from .processing import CvtImageProcessor
+from .training.demo import DEMO_CONFIG, DEMO_RECIPE, IMAGE_SIZE, write_digits
+from .training.trainer import TrainOptions, train
 
-# before each timed call: lets the previous side's runtime park its spinning worker threads, which
-# otherwise steal cores from whichever side runs next (a 5 % swing at batch 1 on 2 cores)
-PAUSE_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,7 @@ class Case:
     training: bool = False
     rounds: int = 5
     grad_checkpointing: bool = False
+    precision: str = "fp32"  # training under bf16 autocast: where the CPU has bf16 units, or a GPU
 
 
 CASES = [
@@ -65,9 +73,11 @@ CASES = [
     Case("CvT-13 384 b8", (1, 2, 10), 384, 8, rounds=7),
     Case("CvT-13 224 train b16", (1, 2, 10), 224, 16, training=True),
     Case("CvT-13 224 train b16 ckpt", (1, 2, 10), 224, 16, training=True, grad_checkpointing=True),
+    Case("CvT-13 224 train b16 bf16", (1, 2, 10), 224, 16, training=True, precision="bf16"),
 ]
 MEMORY_CASES = [c for c in CASES if c.name in ("CvT-13 224 b32", "CvT-13 224 train b16",
-                                               "CvT-13 224 train b16 ckpt", "CvT-13 384 b8")]
+                                               "CvT-13 224 train b16 ckpt", "CvT-13 224 train b16 bf16",
+                                               "CvT-13 384 b8")]
 
 
 def _device() -> torch.device:
@@ -110,13 +120,15 @@ def _inference_step(model, x: torch.Tensor) -> Callable[[], torch.Tensor]:
     return step
 
 
-def _training_step(model, x: torch.Tensor, labels: torch.Tensor) -> Callable[[], torch.Tensor]:
+def _training_step(model, x: torch.Tensor, labels: torch.Tensor, precision: str) -> Callable[[], torch.Tensor]:
+    """A training step, under bf16 autocast at bf16 (as `cvt train --precision bf16` runs)."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        loss = model(x, labels=labels).loss
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(x, labels=labels).loss
         loss.backward()
         optimizer.step()
         return loss.detach()
@@ -134,13 +146,15 @@ def _steps(case: Case, theirs, ours, device: torch.device):
     """transformers' and the plain model's step (inference logits, or a training step's loss)."""
     x, labels = _inputs(case, device)
     if case.training:
-        return _training_step(theirs, x, labels), _training_step(ours, x, labels)
+        return _training_step(theirs, x, labels, case.precision), _training_step(ours, x, labels, case.precision)
     return _inference_step(theirs, x), _inference_step(ours, x)
 
 
-def _engine_sides(case: Case, ours, device: torch.device, folder: Path) -> dict[str, tuple[Callable, str]]:
-    """name -> (step, precision) for each installed engine at fp32, onnxruntime and OpenVINO run
-    by hand on the same ONNX file, and the reduced precisions this machine has."""
+def _engine_sides(case: Case, ours, device: torch.device, folder: Path
+                  ) -> tuple[dict[str, tuple[Callable, str]], str]:
+    """(name -> (step, precision) for each installed engine at fp32, onnxruntime and OpenVINO
+    run by hand on the same ONNX file, and the reduced precisions this machine has; the engine
+    `auto` chose for the case's batch size)."""
     x, _ = _inputs(case, device)
     size = (case.image_size, case.image_size)
     sides: dict[str, tuple[Callable, str]] = {}
@@ -148,22 +162,29 @@ def _engine_sides(case: Case, ours, device: torch.device, folder: Path) -> dict[
         if name == "torch" or importlib.util.find_spec(name):
             engine = build_engine(ours, name, device=device, image_size=size, cache_dir=folder)
             sides[f"engine {name}"] = (functools.partial(engine, x), "fp32")
+    # measured here (the engines it times come from this run's cache), unless CVT_AUTO_ENGINE=order
+    chosen = build_engine(ours, "auto", device=device, image_size=size, batch_size=case.batch,
+                          cache_dir=folder).name
     if device.type == "cpu":
         onnx_file = folder / "model.onnx"
         onnx_file.write_bytes(onnx_bytes(ours, size))
         sides.update(_by_hand(onnx_file, x))
     calibration = CalibrationSet([(torch.randn(16, 3, *size), None) for _ in range(4)], "random")
-    reduced = (["bf16"] if device.type == "cuda" or cpu_has_bf16() else []) + ["int8"]
-    for precision in reduced:
-        for name in ("openvino", "onnxruntime") if device.type == "cpu" else ("torch",):
-            if importlib.util.find_spec(name) is None or (precision == "bf16" and name == "onnxruntime"):
-                continue
-            if precision == "int8" and name == "torch":
-                continue
-            engine = build_engine(ours, name, device=device, image_size=size, precision=precision,
-                                  calibration=calibration, cache_dir=folder)
-            sides[f"engine {name} {precision}"] = (functools.partial(engine, x), precision)
-    return sides
+    for name, precision in reduced_engines(device):
+        engine = build_engine(ours, name, device=device, image_size=size, precision=precision,
+                              calibration=calibration, cache_dir=folder)
+        sides[f"engine {name} {precision}"] = (functools.partial(engine, x), precision)
+    return sides, chosen
+
+
+def reduced_engines(device: torch.device) -> list[tuple[str, str]]:
+    """(engine, precision) for each installed reduced precision this machine has: bf16 where the
+    CPU has bf16 units (OpenVINO, torch) or on a GPU (torch), int8 on a CPU (OpenVINO, onnxruntime)."""
+    if device.type == "cuda":
+        return [("torch", "bf16")]
+    pairs = [("openvino", "bf16"), ("torch", "bf16")] if cpu_has_bf16() else []
+    pairs += [("openvino", "int8"), ("onnxruntime", "int8")]
+    return [(name, precision) for name, precision in pairs if name == "torch" or importlib.util.find_spec(name)]
 
 
 def _by_hand(onnx_file: Path, x: torch.Tensor) -> dict[str, tuple[Callable, str]]:
@@ -185,16 +206,64 @@ def _by_hand(onnx_file: Path, x: torch.Tensor) -> dict[str, tuple[Callable, str]
 
 def _compare(case: Case, name: str, reference: torch.Tensor, got: torch.Tensor, precision: str
              ) -> dict[str, float]:
-    """fp32 sides must equal transformers within 1e-4 (or the run stops); reduced precision
-    reports its logit error and top-1 agreement."""
+    """fp32 sides must equal transformers within 1e-4 (or the run stops); a bf16 training step
+    shows its loss's difference. Reduced-precision inference is judged on a trained model
+    instead (`trained_quality`): random weights put every class's logit close together."""
     diff = (reference.float().cpu() - got.float().cpu()).abs().max().item()
     if precision == "fp32" and not diff <= TOLERANCE:
         raise SystemExit(f"{case.name}: {name}'s outputs differ by {diff:.2e} (> {TOLERANCE}); not benchmarking")
-    result = {"max_abs_diff": diff}
-    if precision != "fp32":
-        agree = reference.argmax(-1).cpu() == got.argmax(-1).cpu()
-        result["top1_agreement"] = agree.float().mean().item()
-    return result
+    return {"max_abs_diff": diff} if precision == "fp32" or case.training else {}
+
+
+def digits_run(root: Path | None = None) -> Path:
+    """A folder with `cvt demo`'s digits (data/train, data/val) and its CvT trained on them by
+    the demo's recipe (best/): trained once (about a minute), then kept in the engine cache's
+    folder (`root`) for every later run."""
+    root = root or cache_root() / "bench"
+    recipe = json.dumps([DEMO_CONFIG.to_dict(), repr(DEMO_RECIPE), IMAGE_SIZE], sort_keys=True, default=str)
+    folder = root / f"digits-{hashlib.sha256(recipe.encode()).hexdigest()[:16]}"
+    if (folder / "best" / "config.json").is_file():
+        return folder
+    print(f"training the demo's digits CvT once for the reduced-precision rows (kept in {folder}) ...",
+          file=sys.stderr, flush=True)
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".digits-") as tmp:
+        kept = Path(tmp) / "kept"
+        write_digits(kept / "data")
+        train(TrainOptions(model=DEMO_CONFIG, data=kept / "data", output_dir=Path(tmp) / "run",
+                           recipe=DEMO_RECIPE, image_size=IMAGE_SIZE, workers=1))
+        (Path(tmp) / "run" / "best").rename(kept / "best")
+        try:
+            os.replace(kept, folder)
+        except OSError:  # another run kept its model first
+            if not (folder / "best" / "config.json").is_file():
+                raise
+    return folder
+
+
+def trained_quality(device: torch.device, out=sys.stdout, root: Path | None = None) -> list[dict[str, Any]]:
+    """What each reduced precision costs on a trained model: the demo's digits CvT on its
+    held-out digits, int8 calibrated on its training digits; printed and returned as rows."""
+    folder = digits_run(root)
+    model = CvtForImageClassification.from_pretrained(str(folder / "best")).to(device).eval()
+    processor = CvtImageProcessor.from_pretrained(str(folder / "best"))
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    held_out = load_calibration(folder / "data" / "val", processor, labels, limit=100_000)
+    print(f"\nreduced precision on a trained model: the demo's digits CvT, {held_out.images} held-out "
+          f"images\n  {'side':<28}{'max |logit - fp32|':>20}{'top-1 agree':>13}{'top-1':>9}{'fp32 top-1':>12}",
+          file=out)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="cvt-bench-") as engines_dir:
+        for name, precision in reduced_engines(device):
+            engine = build_engine(model, name, device=device, precision=precision, image_size=processor.size,
+                                  calibration=folder / "data" / "train", processor=processor,
+                                  cache_dir=engines_dir)
+            report = measure_precision(engine, model, held_out.batches)
+            rows.append({"trained_side": f"engine {name} {precision}", **asdict(report)})
+            print(f"  {rows[-1]['trained_side']:<28}{report.max_abs_logit_error:>20.2e}"
+                  f"{100 * report.top1_agreement:>11.1f} %{100 * report.accuracy:>7.1f} %"
+                  f"{100 * report.fp32_accuracy:>10.1f} %", file=out, flush=True)
+    return rows
 
 
 def _timed(step: Callable[[], Any], device: torch.device) -> float:
@@ -212,10 +281,12 @@ def run_case(case: Case, device: torch.device, rounds: int | None = None, engine
     theirs, ours = build_pair(case, device)
     ours.set_grad_checkpointing(case.grad_checkpointing)
     step_theirs, step_ours = _steps(case, theirs, ours, device)
-    sides = {"cvt" if case.training else "cvt model(x)": (step_ours, "fp32")}
+    sides = {"cvt" if case.training else "cvt model(x)": (step_ours, case.precision)}
+    chosen = None
     with tempfile.TemporaryDirectory(prefix="cvt-bench-") as folder:
         if engines and not case.training:
-            sides.update(_engine_sides(case, ours, device, Path(folder)))
+            engine_sides, chosen = _engine_sides(case, ours, device, Path(folder))
+            sides.update(engine_sides)
         reference = step_theirs()
         checks = {name: _compare(case, name, reference, step(), precision)
                   for name, (step, precision) in sides.items()}
@@ -231,6 +302,7 @@ def run_case(case: Case, device: torch.device, rounds: int | None = None, engine
             "transformers_s": statistics.median(times["transformers"]), "seconds": seconds,
             "speedup": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
             "images_per_s": case.batch / seconds, "gflops": flops / seconds / 1e9,
+            "auto_choice": name == f"engine {chosen}" and precision == "fp32",
         })
     return rows
 
@@ -247,7 +319,7 @@ def _alternate(step_theirs: Callable, sides: dict[str, tuple[Callable, str]], de
     for _ in range(rounds):
         rng.shuffle(steps)
         for name, step in steps:
-            time.sleep(PAUSE_S)
+            time.sleep(auto.PAUSE_S)  # the previous side's runtime parks its spinning threads
             times[name].append(_timed(step, device))
     return times
 
@@ -319,27 +391,40 @@ def run(cases: list[Case], memory: bool, rounds: int | None, engines: bool = Tru
     print(f"fp32 GEMM peak (2048x2048 mm, median): {peak:.0f} GFLOP/s", file=out)
     results = []
     for case in cases:
+        if not _runs_here(case, device):
+            print(f"\n{case.name}: skipped (this CPU has no bf16 units)", file=out)
+            continue
         rows = run_case(case, device, rounds, engines=engines)
         results += rows
-        print(f"\n{case.name}: transformers {rows[0]['transformers_s']:.3f} s", file=out)
-        print(f"  {'side':<28}{'s':>8}{'speed-up':>10}{'[min-max]':>13}{'img/s':>8}{'% peak':>8}"
-              f"{'max |diff|':>12}{'top-1 agree':>13}", file=out)
-        for r in rows:
-            spread = f"[{r['speedup_min']:.2f}-{r['speedup_max']:.2f}]"
-            agree = f"{100 * r['top1_agreement']:.1f} %" if "top1_agreement" in r else ""
-            print(f"  {r['side']:<28}{r['seconds']:>8.3f}{r['speedup']:>9.2f}x{spread:>13}"
-                  f"{r['images_per_s']:>8.1f}{100 * r['gflops'] / peak:>7.0f}%{r['max_abs_diff']:>12.1e}"
-                  f"{agree:>13}", file=out, flush=True)
-        verdict = _engines_vs_by_hand(rows)
-        if verdict:
-            print(f"  {verdict}", file=out, flush=True)
+        _print_case(case, rows, peak, out)
+    if engines and any(not case.training for case in cases) and reduced_engines(device):
+        results += trained_quality(device, out)
     if memory:
         print(f"\n{'peak memory (MB)':<28}{'transformers':>13}{'cvt':>9}{'ratio':>10}", file=out)
-        for case in MEMORY_CASES:
+        for case in (c for c in MEMORY_CASES if _runs_here(c, device)):
             a, b = _memory_in_subprocess(case, "transformers"), _memory_in_subprocess(case, "cvt")
             results.append({"memory_case": case.name, "transformers_mb": a, "cvt_mb": b})
             print(f"{case.name:<28}{a:>13.0f}{b:>9.0f}{b / a:>9.2f}x", file=out, flush=True)
     return results
+
+
+def _runs_here(case: Case, device: torch.device) -> bool:
+    return case.precision == "fp32" or device.type == "cuda" or cpu_has_bf16()
+
+
+def _print_case(case: Case, rows: list[dict[str, Any]], peak: float, out) -> None:
+    print(f"\n{case.name}: transformers {rows[0]['transformers_s']:.3f} s", file=out)
+    print(f"  {'side':<28}{'s':>8}{'speed-up':>10}{'[min-max]':>13}{'img/s':>8}{'% peak':>8}"
+          f"{'max |diff|':>12}", file=out)
+    for r in rows:
+        spread = f"[{r['speedup_min']:.2f}-{r['speedup_max']:.2f}]"
+        diff = f"{r['max_abs_diff']:.1e}" if "max_abs_diff" in r else ""
+        print(f"  {r['side']:<28}{r['seconds']:>8.3f}{r['speedup']:>9.2f}x{spread:>13}"
+              f"{r['images_per_s']:>8.1f}{100 * r['gflops'] / peak:>7.0f}%{diff:>12}"
+              f"{'  (auto)' if r['auto_choice'] else ''}", file=out, flush=True)
+    for verdict in (_engines_vs_by_hand(rows), _auto_verdict(rows)):
+        if verdict:
+            print(f"  {verdict}", file=out, flush=True)
 
 
 def _engines_vs_by_hand(rows: list[dict[str, Any]]) -> str | None:
@@ -352,6 +437,20 @@ def _engines_vs_by_hand(rows: list[dict[str, Any]]) -> str | None:
     change = 100 * (ours["seconds"] / theirs["seconds"] - 1)
     return (f"fastest fp32 engine: {ours['side']} {ours['speedup']:.2f}x transformers, "
             f"{abs(change):.1f} % {'slower' if change > 0 else 'faster'} than {theirs['side']}")
+
+
+def _auto_verdict(rows: list[dict[str, Any]]) -> str | None:
+    """Which engine `auto` chose, against the fastest fp32 engine in this run's rounds."""
+    chosen = next((r for r in rows if r["auto_choice"]), None)
+    if chosen is None:
+        return None
+    engines = [r for r in rows if r["side"].startswith("engine ") and r["precision"] == "fp32"]
+    fastest = min(engines, key=lambda r: r["seconds"])
+    how = "fixed order" if auto.mode() == "order" else "measured"
+    if fastest is chosen:
+        return f"auto chose {chosen['side']} ({how}): the fastest fp32 engine in these rounds"
+    return (f"auto chose {chosen['side']} ({how}): {100 * (chosen['seconds'] / fastest['seconds'] - 1):.1f} % "
+            f"slower than {fastest['side']} in these rounds")
 
 
 def run_command(args: argparse.Namespace) -> int:

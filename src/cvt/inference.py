@@ -81,7 +81,8 @@ class ImageClassificationPipeline:
         self.image_processor = image_processor
         self.engine = build_engine(self.model, engine, device=self.device, precision=precision,
                                    image_size=image_processor.size, calibration=calibration,
-                                   processor=image_processor, cache_dir=engine_cache_dir)
+                                   processor=image_processor, cache_dir=engine_cache_dir,
+                                   batch_size=self.batch_size)
         config = model.config
         self.labels = [config.id2label.get(i, f"LABEL_{i}") for i in range(config.num_labels)]
         self.multi_label = config.problem_type == "multi_label_classification" or config.num_labels == 1

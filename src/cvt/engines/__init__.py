@@ -12,47 +12,41 @@ accuracy when the calibration folder is labelled). `model(x)` always runs the pl
 | `onnxruntime` | the exported ONNX graph in ONNX Runtime | fp32, int8 |
 | `openvino` | the ONNX graph compiled by OpenVINO (CPU) | fp32, bf16, int8 |
 
-`auto` picks, for the device, the fastest installed fp32 engine by the measurements recorded
-in benchmarks/README.md.
+`auto` picks the fastest installed fp32 engine by measuring them on this machine once per
+architecture, input size and batch-size bucket (`cvt.engines.auto`; `CVT_AUTO_ENGINE=order`
+takes a fixed order instead).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
 
 from ..processing import CvtImageProcessor
-from . import fused, onnxruntime_engine, openvino_engine
+from . import auto, fused, onnxruntime_engine, openvino_engine
 from ..constants import ENGINE_PRECISIONS, ENGINES, IMAGE_SIZE_RANGE
 from .base import Engine, EngineError, Model, PrecisionReport, verify
 from .cache import EngineCache
 from .calibration import CalibrationSet, load_calibration
 from ..errors import InvalidValueError, check_size
 
-# fastest first, measured by `cvt bench` (benchmarks/README.md); an engine is used if installed
-AUTO_ORDER = {"cpu": ("onnxruntime", "openvino", "torch"), "cuda": ("torch",)}
-
 __all__ = ["ENGINES", "ENGINE_PRECISIONS", "CalibrationSet", "Engine", "EngineError", "PrecisionReport",
            "auto_engine", "build_engine"]
 
 
 def auto_engine(device: torch.device, model: Model | None = None) -> str:
-    """The fastest installed fp32 engine for `device` (that can run `model` exactly)."""
-    for name in AUTO_ORDER.get(device.type, ("torch",)):
-        if name == "openvino" and model is not None and openvino_engine.unsupported(model):
-            continue
-        if importlib.util.find_spec(name) is not None:
-            return name
-    return "torch"
+    """The engine `auto` takes without measuring: the first installed one of the fixed order
+    (`CVT_AUTO_ENGINE=order`, reduced precision) that can run `model` exactly."""
+    return auto.candidates(device, model)[0]
 
 
 def build_engine(model: Model, engine: str = "auto", *, device: str | torch.device = "cpu",
                  precision: str = "fp32", image_size: int | tuple[int, int] = 224,
                  calibration: str | os.PathLike | CalibrationSet | None = None,
                  processor: CvtImageProcessor | None = None,
-                 cache_dir: str | os.PathLike | None = None, compile: bool = False) -> Engine:
+                 cache_dir: str | os.PathLike | None = None, compile: bool = False,
+                 batch_size: int = 1) -> Engine:
     """An engine running `model` on `device` for `image_size` inputs at `precision`.
 
     `calibration`: a folder of the user's images (class subfolders named after the model's labels
@@ -60,7 +54,7 @@ def build_engine(model: Model, engine: str = "auto", *, device: str | torch.devi
     `image_size`), or a `CalibrationSet` of batches; needed for int8, and used to measure any
     reduced precision (random inputs without it). `cache_dir`
     overrides where built engines are stored. `compile` runs the torch engine through
-    `torch.compile`.
+    `torch.compile`. `batch_size`: the batches it will mostly run, which `auto` measures at.
     """
     if engine not in ENGINES:
         raise InvalidValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
@@ -70,11 +64,18 @@ def build_engine(model: Model, engine: str = "auto", *, device: str | torch.devi
     pair = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     # bounded before the build check runs the plain model on a batch of this size
     size = tuple(check_size("image_size", side, IMAGE_SIZE_RANGE) for side in pair)
-    name = auto_engine(device, model) if engine == "auto" else engine
     was_training = model.training
     model.eval()
-    try:
+
+    def build(name: str) -> Engine:
         return _build(model, name, device, precision, size, calibration, processor, cache_dir, compile)
+
+    try:
+        if engine != "auto":
+            return build(engine)
+        if precision != "fp32":
+            return build(auto_engine(device, model))
+        return auto.choose(model, device, size, batch_size, cache_dir, build)
     finally:
         model.train(was_training)
 

@@ -12,7 +12,8 @@ the difference measured when it was built. The cache is an optimisation: when it
 written (read-only, full) the engine is served anyway, with one warning, and nothing is left.
 
 The cache lives in `$CVT_CACHE_DIR`, else `$XDG_CACHE_HOME/cvt/engines`, else
-`~/.cache/cvt/engines`; `cache_dir=` overrides all three.
+`~/.cache/cvt/engines`; `cache_dir=` overrides all three. `auto`'s measured choices are entries
+too (`auto-*`: no files, the choice in the manifest; `cvt.engines.auto`).
 """
 
 from __future__ import annotations

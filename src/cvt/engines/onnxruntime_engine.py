@@ -1,9 +1,13 @@
 """The ONNX Runtime engine: the model exported to ONNX (torch's dynamo exporter, a symbolic batch
 axis), run by an onnxruntime session with every graph optimisation on.
 
-fp32 runs the exported graph; int8 is static post-training quantization (QDQ, per-channel
-weights, activations calibrated on the user's images). CPU, or CUDA where onnxruntime-gpu is
-installed. Needs the `onnxruntime` extra: `pip install "cvt-vision[onnxruntime]"`.
+fp32 runs the exported graph. int8 is dynamic quantization of every MatMul and Gemm: weights in
+int8 per output channel, activations quantized per call from their own range; the attention
+softmax, LayerNorm and the convolutions stay fp32. On a Zen 5 with VNNI it was the fastest of
+the variants tried (static QDQ and QOperator, per-channel or per-tensor, with and without the
+convolutions) and as accurate as any (benchmarks/README.md). The user's images (`calibration`)
+measure what it costs. CPU, or CUDA where onnxruntime-gpu is installed. Needs the `onnxruntime`
+extra: `pip install "cvt-vision[onnxruntime]"`.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from .exported import build_exported
 logger = logging.getLogger("cvt")
 
 FILE = "model.onnx"
-CALIBRATION_PIXELS = 16 * 224 * 224  # int8 calibration images x pixels: 16 at 224, 5 at 384 (~3 GB)
+INT8_OPS = ("MatMul", "Gemm")
 
 
 class OnnxRuntimeEngine(Engine):
@@ -68,40 +72,22 @@ def build(model: Model, *, device: torch.device, precision: str, image_size: tup
         if precision == "fp32":
             (folder / FILE).write_bytes(graph)
         else:
-            _quantize(graph, folder / FILE, calibration)
+            _quantize(graph, folder / FILE)
 
     return build_exported(OnnxRuntimeEngine, model, file=FILE, version=ort.__version__, device=device,
                           precision=precision, image_size=image_size, calibration=calibration,
-                          cache=cache, write=write, device_type=device.type)
+                          cache=cache, write=write, device_type=device.type, int8="dynamic " + " ".join(INT8_OPS))
 
 
-def _quantize(data: bytes, target: Path, calibration: CalibrationSet) -> None:
-    """Static int8 quantization of an fp32 ONNX graph, calibrated on the images."""
+def _quantize(data: bytes, target: Path) -> None:
+    """Dynamic int8 quantization of an fp32 ONNX graph's MatMul and Gemm nodes."""
     from onnxruntime import quantization as q
-
-    height, width = calibration.batches[0][0].shape[-2:]
-    budget = max(4, round(CALIBRATION_PIXELS / (height * width)))
-
-    class Reader(q.CalibrationDataReader):
-        """Two images at a time, at most `budget` of them: onnxruntime's calibrator keeps every
-        intermediate tensor of everything it is fed until the end (its option to bound that,
-        CalibMaxIntermediateOutputs, discards the data in onnxruntime 1.32), so the number of
-        images bounds its memory."""
-
-        def __init__(self) -> None:
-            images = torch.cat([x for x, _ in calibration.batches])[:budget]
-            self.feeds = iter(images.split(2))
-
-        def get_next(self):
-            part = next(self.feeds, None)
-            return None if part is None else {INPUT_NAME: part.numpy()}
 
     source = target.with_name("fp32.onnx")
     source.write_bytes(data)
     with _quantizer_chatter_dropped():
-        q.quantize_static(str(source), str(target), Reader(), quant_format=q.QuantFormat.QDQ,
-                          per_channel=True, activation_type=q.QuantType.QInt8,
-                          weight_type=q.QuantType.QInt8, calibrate_method=q.CalibrationMethod.MinMax)
+        q.quantize_dynamic(str(source), str(target), per_channel=True, op_types_to_quantize=list(INT8_OPS),
+                           weight_type=q.QuantType.QInt8)
     source.unlink()
 
 

@@ -632,7 +632,8 @@ def evaluate_model(model_source: str, data: Any, batch_size: int = 64, workers: 
         images = load_eval_source(data).relabel(classes, f"{data}")
         processor = CvtImageProcessor.for_model(model_source, image_size)
         runner = build_engine(model, engine, device=ctx.device, precision=precision,
-                              image_size=processor.size, calibration=calibration, processor=processor)
+                              image_size=processor.size, calibration=calibration, processor=processor,
+                              batch_size=batch_size)
         if runner.report is not None:
             logger.info("cvt: %s at %s: %s", runner.name, precision, runner.report)
         return score(runner, images, processor, batch_size,
