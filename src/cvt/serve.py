@@ -170,7 +170,7 @@ class CvtService:
         processor = CvtImageProcessor.for_model(settings.model, settings.image_size)
         self.pipeline = pipeline("image-classification", settings.model, image_processor=processor,
                                  device=settings.device, engine=settings.engine, precision=settings.precision,
-                                 calibration=settings.calibration)
+                                 calibration=settings.calibration, batch_size=settings.max_batch_size)
         self.settings = settings
         self.responses: Counter[str] = Counter()
         self.batch_sizes: Counter[int] = Counter()
