@@ -28,6 +28,7 @@ from cvt.errors import InvalidValueError
 from cvt.training.folder import lock_run_folder
 from cvt.training.state import (STATE_FORMAT, STATE_NAME, ResumeError, cvt_version, load_state, rng_state,
                                save_state)
+from cvt import weights as cvt_weights
 from cvt.weights import CheckpointError
 
 from conftest import (as_args, make_folder, make_model_folder, randomise_, read_weights, save_tiny_classifier,
@@ -299,7 +300,8 @@ print("SECONDS", time.perf_counter() - start, "BEFORE_KB", before, "PEAK_KB", pe
 
 @pytest.mark.subprocess
 def test_a_config_thousands_of_layers_deep_beside_one_layer_is_refused_within_a_second(tmp_path) -> None:
-    """Counted from the weights' key names and shapes before any module is built: the call takes
+    """Counted from the safetensors header's key names and shapes before anything else is read
+    or built: the call takes
     under 1 s and adds under 500 MB to the process's peak (VmHWM, in a fresh process; importing
     torch alone peaks at about 520 MB, mostly its libraries' pages, before the call)."""
     folder = make_model_folder(tmp_path / "m", tiny_config(depth=(1, 1, 1)))
@@ -314,6 +316,33 @@ def test_a_config_thousands_of_layers_deep_beside_one_layer_is_refused_within_a_
     seconds, before_kb, peak_kb = float(numbers[0]), int(numbers[2]), int(numbers[4])
     print(f"refused in {seconds:.3f} s; peak {peak_kb / 1024:.0f} MB, {before_kb / 1024:.0f} MB before the call")
     assert seconds < 1 and (peak_kb - before_kb) / 1024 < 500
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["one file", "shards"])
+def test_a_deep_config_is_refused_from_the_safetensors_headers_before_the_weights_are_read(
+        tmp_path, monkeypatch, sharded) -> None:
+    """The layer counts come from the headers' key names and shapes: not one tensor is read."""
+    folder = make_model_folder(tmp_path / "m", tiny_config(depth=(1, 1, 1)))
+    if sharded:  # transformers' layout: two shards and the index naming each key's shard
+        from safetensors.torch import save_file
+
+        weights = read_weights(folder)
+        keys = sorted(weights)
+        halves = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+        for shard, names in halves.items():
+            save_file({k: weights[k] for k in names}, folder / shard)
+        (folder / "model.safetensors").unlink()
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {k: shard for shard, names in halves.items() for k in names}}))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "depth": [1, 1, 5000]}))
+
+    def never(path):
+        raise AssertionError(f"weights read: {path}")
+
+    monkeypatch.setattr(cvt_weights, "read_state_dict", never)
+    with pytest.raises(CheckpointError, match="stage 2 has depth 5000 in the config, 1 in the weights"):
+        cvt.CvtForImageClassification.from_pretrained(folder)
 
 
 # ------------------------------------------------------------------------------ what held, kept

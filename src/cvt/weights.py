@@ -17,7 +17,7 @@ import json
 import re
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -39,6 +39,7 @@ PT_WEIGHTS_NAME = "pytorch_model.bin"
 PT_INDEX_NAME = "pytorch_model.bin.index.json"
 WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME, PT_WEIGHTS_NAME, PT_INDEX_NAME)
 HEAD_PREFIXES = ("layernorm.", "classifier.")
+SAFETENSORS_HEADER_LIMIT = 100_000_000  # safetensors' own bound on a header's size
 
 
 class CvtCheckpointModel(Protocol):
@@ -114,6 +115,44 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
     return obj
 
 
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """Each tensor's shape from a safetensors file's header alone (8 bytes of length, then JSON),
+    without reading the weights; None when the header is unreadable (reading the weights then
+    says why)."""
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if not 0 < length <= SAFETENSORS_HEADER_LIMIT:
+                return None
+            header = json.loads(f.read(length))
+        return {key: tuple(int(n) for n in entry["shape"]) for key, entry in header.items()
+                if key != "__metadata__"}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def folder_weight_shapes(fetch: Fetch) -> dict[str, tuple[int, ...]] | None:
+    """The shapes of a folder's safetensors weights (one file or the shards an index names), from
+    their headers; None for PyTorch files or anything unreadable."""
+    single, index = fetch(SAFE_WEIGHTS_NAME), fetch(SAFE_INDEX_NAME)
+    if single is not None:
+        return safetensors_shapes(single) if index is None else None
+    if index is None:
+        return None
+    stored = read_json(index)
+    weight_map = stored.get("weight_map") if isinstance(stored, dict) else None
+    if not isinstance(weight_map, dict):
+        return None
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in sorted({str(v) for v in weight_map.values()}):
+        path = fetch(shard) if Path(shard).name == shard else None
+        found = safetensors_shapes(path) if path is not None else None
+        if found is None:
+            return None
+        shapes.update(found)
+    return shapes
+
+
 def read_folder_weights(folder: Path, fetch: Fetch) -> dict[str, Tensor]:
     """The state dict of a transformers-layout folder; `fetch(name)` returns a local file or None.
     safetensors before PyTorch files; a single file beside a shard index of the same format is
@@ -162,15 +201,22 @@ def _read_shards(index_path: Path, fetch: Fetch) -> dict[str, Tensor]:
     return state_dict
 
 
-def resolve(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any] | None = None
+def resolve(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any] | None = None,
+            expected: Callable[[CvtConfig], CvtConfig | None] = lambda stored: None
             ) -> tuple[CvtConfig | None, dict[str, Tensor]]:
     """Find a checkpoint: (its config.json, or None for a single weights file; its state dict,
-    in whatever layout the file holds)."""
+    in whatever layout the file holds). For a folder of safetensors weights, the config that
+    `expected(stored)` gives is first checked against the headers' shapes, so a config far
+    deeper than its weights is refused before they are read."""
     location = locate(name_or_path)
     if location.kind == "file":
         return None, read_state_dict(Path(location.where))
     fetch = fetcher(location, hub_kwargs)
-    return _stored_config(fetch, name_or_path), read_folder_weights(Path(location.where), fetch)
+    stored = _stored_config(fetch, name_or_path)
+    config, shapes = expected(stored), folder_weight_shapes(fetch)
+    if config is not None and shapes is not None:
+        check_depth_and_width(config, shapes, name_or_path)
+    return stored, read_folder_weights(Path(location.where), fetch)
 
 
 def read_architecture(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any] | None = None
@@ -207,7 +253,7 @@ def load_pretrained(cls: type[M], name_or_path: str | os.PathLike, *, config: Cv
     unknown = set(kwargs) - config_fields
     if unknown:
         raise TypeError(f"from_pretrained got unexpected arguments: {', '.join(sorted(unknown))}")
-    stored, state_dict = resolve(name_or_path, hub_kwargs)
+    stored, state_dict = resolve(name_or_path, hub_kwargs, lambda stored: _configured(config or stored, kwargs))
     if backbone is not None and not has_head(state_dict):
         cls = backbone
     model = build_from_state_dict(cls, state_dict, name_or_path, stored=stored, config=config,
@@ -215,6 +261,14 @@ def load_pretrained(cls: type[M], name_or_path: str | os.PathLike, *, config: Cv
                                   check_weights=check_weights, **kwargs)
     model.preprocessing = stored_preprocessing(name_or_path, hub_kwargs)
     return model
+
+
+def _configured(base: CvtConfig, overrides: dict[str, Any]) -> CvtConfig | None:
+    """The config a load will build, if the overrides apply (else the load says why, later)."""
+    try:
+        return base.replace(**overrides) if overrides else base
+    except (ValueError, TypeError):
+        return None
 
 
 def has_head(state_dict: Mapping[str, Any]) -> bool:
@@ -265,7 +319,7 @@ def build_from_state_dict(cls: type[M], state_dict: dict[str, Tensor], source: A
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{short(source)}: {err}") from None
     reinit_head = relabel or ignore_mismatched_sizes
-    check_depth_and_width(config, state_dict, source)
+    check_depth_and_width(config, {key: tuple(value.shape) for key, value in state_dict.items()}, source)
     planned = _planned_shapes(cls, config)
     if planned is not None:  # refuse a config that does not fit the weights before allocating it
         state_dict = match_prefix(state_dict, planned, source)
@@ -284,22 +338,23 @@ _STAGE_KEY = re.compile(r"(?:^|\.)encoder\.stages\.(\d+)\."
                         r"(?:layers\.(\d+)\.|embedding\.convolution_embeddings\.projection\.weight$)")
 
 
-def check_depth_and_width(config: CvtConfig, state_dict: Mapping[str, Any], source: Any) -> None:
+def check_depth_and_width(config: CvtConfig, shapes: Mapping[str, tuple[int, ...]], source: Any) -> None:
     """Refuse a config whose stage, layer or width counts are not the weights', read from their
-    key names and shapes alone, before any module is built (even on the meta device, a config
-    claiming thousands of layers takes minutes to build). Weights of no stage at all are left
-    to `check_keys`, which says they are not a CvT checkpoint."""
+    key names and shapes alone (a safetensors header is enough), before any module is built
+    (even on the meta device, a config claiming thousands of layers takes minutes to build).
+    Weights of no stage at all are left to `check_keys`, which says they are not a CvT
+    checkpoint."""
     layers: dict[int, int] = {}
     widths: dict[int, int] = {}
-    for key, value in state_dict.items():
+    for key, shape in shapes.items():
         match = _STAGE_KEY.search(key)
         if match is None:
             continue
         stage = int(match[1])
         if match[2] is not None:
             layers[stage] = max(layers.get(stage, 0), int(match[2]) + 1)
-        elif len(getattr(value, "shape", ())) > 0:
-            widths[stage] = int(value.shape[0])
+        elif len(shape) > 0:
+            widths[stage] = int(shape[0])
     if not widths:
         return
     stages = max(widths) + 1
