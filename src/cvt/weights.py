@@ -39,7 +39,6 @@ PT_WEIGHTS_NAME = "pytorch_model.bin"
 PT_INDEX_NAME = "pytorch_model.bin.index.json"
 WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME, PT_WEIGHTS_NAME, PT_INDEX_NAME)
 HEAD_PREFIXES = ("layernorm.", "classifier.")
-SAFETENSORS_HEADER_LIMIT = 100_000_000  # safetensors' own bound on a header's size
 
 
 class CvtCheckpointModel(Protocol):
@@ -116,18 +115,14 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
 
 
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
-    """Each tensor's shape from a safetensors file's header alone (8 bytes of length, then JSON),
-    without reading the weights; None when the header is unreadable (reading the weights then
-    says why)."""
+    """Each tensor's shape from a safetensors file's header (`safe_open` reads no tensor); None
+    when the file cannot be opened (reading the weights then says why)."""
+    from safetensors import safe_open
+
     try:
-        with open(path, "rb") as f:
-            length = int.from_bytes(f.read(8), "little")
-            if not 0 < length <= SAFETENSORS_HEADER_LIMIT:
-                return None
-            header = json.loads(f.read(length))
-        return {key: tuple(int(n) for n in entry["shape"]) for key, entry in header.items()
-                if key != "__metadata__"}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        with safe_open(path, framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except Exception:  # safetensors raises its own error types for damaged files
         return None
 
 
@@ -139,13 +134,9 @@ def folder_weight_shapes(fetch: Fetch) -> dict[str, tuple[int, ...]] | None:
         return safetensors_shapes(single) if index is None else None
     if index is None:
         return None
-    stored = read_json(index)
-    weight_map = stored.get("weight_map") if isinstance(stored, dict) else None
-    if not isinstance(weight_map, dict):
-        return None
     shapes: dict[str, tuple[int, ...]] = {}
-    for shard in sorted({str(v) for v in weight_map.values()}):
-        path = fetch(shard) if Path(shard).name == shard else None
+    for shard in _shard_names(index)[1]:
+        path = fetch(shard)
         found = safetensors_shapes(path) if path is not None else None
         if found is None:
             return None
@@ -170,9 +161,9 @@ def read_folder_weights(folder: Path, fetch: Fetch) -> dict[str, Tensor]:
     raise CheckpointError(f"{short(folder)} holds no weights: expected one of {', '.join(WEIGHT_FILES)}")
 
 
-def _read_shards(index_path: Path, fetch: Fetch) -> dict[str, Tensor]:
-    """The shards an index names: plain file names beside it (never a path out of the folder),
-    each key in exactly one shard."""
+def _shard_names(index_path: Path) -> tuple[dict[str, Any], list[str]]:
+    """(a shard index, the shard files it names): plain file names beside it, never a path out of
+    the folder."""
     index = read_json(index_path)
     if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
         raise CheckpointError(f"{index_path} has no 'weight_map'; not a sharded checkpoint index")
@@ -181,6 +172,13 @@ def _read_shards(index_path: Path, fetch: Fetch) -> dict[str, Tensor]:
         if shard in ("", ".", "..") or Path(shard).name != shard or "\\" in shard:
             raise CheckpointError(f"{index_path} names the shard {shard!r}; a shard must be a plain "
                                   f"file name in the checkpoint folder")
+    return index, shards
+
+
+def _read_shards(index_path: Path, fetch: Fetch) -> dict[str, Tensor]:
+    """The shards an index names: plain file names beside it (never a path out of the folder),
+    each key in exactly one shard."""
+    index, shards = _shard_names(index_path)
     state_dict: dict[str, Tensor] = {}
     origin: dict[str, str] = {}
     for shard in shards:
