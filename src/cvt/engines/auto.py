@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -44,7 +43,7 @@ from ..constants import DISTRIBUTION
 from ..errors import InvalidValueError
 from . import openvino_engine
 from .base import Engine, EngineError, Model, cpu_description, random_batch
-from .cache import EngineCache
+from .cache import EngineCache, installed_version
 
 logger = logging.getLogger("cvt")
 
@@ -110,18 +109,11 @@ def choice_key(model: Model, device: torch.device, image_size: tuple[int, int], 
     """What the speed depends on: the architecture (not the weights or labels), the input,
     the device and CPU, and the versions of cvt, torch and the runtimes."""
     config = {k: v for k, v in model.config.to_dict().items() if k not in ("id2label", "label2id")}
-    versions = {name: _version(name) for name in (DISTRIBUTION, "torch", *names)}
+    versions = {name: installed_version(name) for name in (DISTRIBUTION, "torch", *names)}
     description = json.dumps({"auto": config, "class": type(model).__name__, "image_size": image_size,
                               "batch": batch, "device": device.type, "cpu": cpu_description(),
                               "engines": names, "versions": versions}, sort_keys=True, default=str)
     return "auto-" + hashlib.sha256(description.encode()).hexdigest()[:40]
-
-
-def _version(distribution: str) -> str:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 @contextlib.contextmanager

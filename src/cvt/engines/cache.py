@@ -64,11 +64,20 @@ def weights_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def installed_version(distribution: str) -> str:
+    """A distribution's installed version ("unknown" when it is not installed): part of every
+    key, so that an upgrade rebuilds or re-measures."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def entry_key(model: nn.Module, **facts: Any) -> str:
     """The cache key of a build of `model` that depends on `facts` (runtime, precision, ...)."""
     description = json.dumps({
         "weights": weights_digest(model), "config": model.config.to_dict(),
-        "class": type(model).__name__, "cvt": importlib.metadata.version(DISTRIBUTION), "cpu": cpu_description(), **facts,
+        "class": type(model).__name__, "cvt": installed_version(DISTRIBUTION), "cpu": cpu_description(), **facts,
     }, sort_keys=True, default=str)
     return hashlib.sha256(description.encode()).hexdigest()[:40]
 
