@@ -17,11 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-# The suite runs on two pytest-xdist workers (pyproject's addopts). Each worker, and every process
-# it starts, computes on one thread: two workers of two threads each on two cores would fight.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ["OMP_NUM_THREADS"] = "1"
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -29,8 +24,11 @@ from safetensors.torch import load_file
 import cvt
 from cvt import CvtConfig
 
+# The suite runs on two pytest-xdist workers (pyproject's addopts). Each worker, and every process
+# it starts, computes on one thread: two workers of two threads each on two cores would fight.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # for the processes the tests start
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TESTDATA = REPO_ROOT.parent / "shared" / "testdata"

@@ -143,6 +143,7 @@ def multipart(field: str, filename: str, content: bytes) -> tuple[bytes, dict]:
 def assert_as_pipeline(answer: bytes, expected: list[dict], top_k: int = 5) -> None:
     got = json.loads(answer)
     assert [p["label"] for p in got] == [p["label"] for p in expected[:top_k]]
+    # scores are probabilities (1 is their scale): the 1e-5 at fp32, absolute
     assert np.allclose([p["score"] for p in got], [p["score"] for p in expected[:top_k]], rtol=0, atol=1e-5)
 
 
