@@ -32,7 +32,7 @@ def test_reads_transformers_config_json(tmp_path) -> None:
     assert config.num_labels == 7 and config.id2label[6] == "LABEL_6"
     assert config.problem_type == "multi_label_classification"
     assert config.hidden_act == "gelu"  # transformers' activation, so its checkpoints match
-    assert "transformers_version" not in config.extra and config.extra.get("dtype") in (None, "float32")
+    assert config.model_type == "cvt" and config.label2id["LABEL_6"] == 6
 
 
 def test_json_round_trip_is_lossless(tmp_path) -> None:
@@ -43,11 +43,13 @@ def test_json_round_trip_is_lossless(tmp_path) -> None:
         qkv_projection_method=["avg", "linear"], kernel_qkv=[3, 3], padding_kv=[1, 1],
         stride_kv=[2, 2], padding_q=[1, 1], stride_q=[1, 1], hidden_act="quick_gelu",
         id2label={0: "cat", 1: "dog", 2: "bird"}, problem_type="single_label_classification",
-        extra={"image_size": 224, "custom": [1, 2]})
-    text = json.dumps(config.to_dict())
+        image_size=224, custom=[1, 2])  # keywords no field names are kept, as transformers keeps them
+    text = config.to_json_string()
     again = CvtConfig.from_dict(json.loads(text))
-    assert again == config
-    assert again.label2id == {"cat": 0, "dog": 1, "bird": 2}
+    assert again.to_json_string() == text
+    assert again.label2id == {"cat": 0, "dog": 1, "bird": 2} and again.image_size == 224
+    config.save_pretrained(tmp_path)
+    assert CvtConfig.from_pretrained(tmp_path).to_json_string() == text
 
 
 def test_transformers_reads_ours(tmp_path) -> None:

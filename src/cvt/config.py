@@ -1,17 +1,22 @@
-"""`CvtConfig`: the architecture of a CvT model, with transformers' field names and defaults.
+"""`CvtConfig`: the architecture of a CvT model, a transformers `PreTrainedConfig` with CvT's
+field names and defaults.
 
-The defaults describe CvT-13 (and equal transformers' `CvtConfig` defaults), so a `config.json`
-written by transformers reads back here unchanged and ours reads back in transformers. Every
-per-stage field is a tuple with one entry per stage; the number of stages is `len(depth)`.
+It is transformers' config class for `model_type = "cvt"` in everything a user touches:
+`save_pretrained`, `from_pretrained`, `to_json_string`, extra keywords kept as attributes,
+`num_labels` relabelling `id2label`. On top, every field is checked when the config is built
+(and again when a model is built from it), with errors that name the field. The defaults
+describe CvT-13 and equal transformers' `CvtConfig` defaults. Every per-stage field is a tuple
+with one entry per stage; the number of stages is `len(depth)`.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import logging
 import math
-from dataclasses import dataclass, field
 from typing import Any
+
+from transformers import PreTrainedConfig
 
 from .errors import InvalidValueError, short
 
@@ -38,24 +43,23 @@ _STAGE_INT_FIELDS = {
 _STAGE_RATE_FIELDS = ("attention_drop_rate", "drop_rate", "drop_path_rate")
 _STAGE_BOOL_FIELDS = ("qkv_bias", "cls_token")
 
-# Keys transformers writes that describe the file rather than the architecture: read and dropped.
-_IGNORED_JSON_KEYS = {"transformers_version", "architectures", "model_type", "num_labels"}
-
 
 class ConfigError(InvalidValueError):
     """A configuration that describes no valid CvT model (a wrong type, a non-finite number,
     per-stage lists of different lengths, labels that do not cover every class index, ...)."""
 
 
-@dataclass
-class CvtConfig:
+class CvtConfig(PreTrainedConfig):
     """Configuration of `CvtModel` / `CvtForImageClassification`.
 
     Differs from transformers' only by `hidden_act`: "gelu" (exact erf, as transformers) or
     "quick_gelu" (x * sigmoid(1.702 x), as the original microsoft/CvT code that trained the
     released weights). `layer_norm_eps` is kept for config.json compatibility; like transformers
-    and the original code, every LayerNorm uses eps 1e-5.
+    and the original code, every LayerNorm uses eps 1e-5. Inherited fields (`id2label`,
+    `problem_type`, `output_hidden_states`, `return_dict`, ...) are transformers'.
     """
+
+    model_type = "cvt"
 
     num_channels: int = 3
     """Channels of the input image (3 for RGB)."""
@@ -102,27 +106,23 @@ class CvtConfig:
     """Kept for config.json compatibility: every LayerNorm uses 1e-5, as transformers and the original."""
     hidden_act: str = "gelu"
     """The MLP's activation: "gelu" (exact, as transformers) or "quick_gelu" (as the original code)."""
-    id2label: dict[int, str] | None = None
-    """Class index to name; a 1000-class ImageNet head for the released checkpoints."""
-    label2id: dict[str, int] | None = None
-    """Class name to index, the inverse of `id2label`."""
-    num_labels: int | None = None
-    """Number of classes; derived from `id2label` when that is given (default 2)."""
-    problem_type: str | None = None
-    """The loss: None (chosen per call from the labels), "regression",
-    "single_label_classification" or "multi_label_classification"."""
-    output_hidden_states: bool = False
-    """Whether models return every stage's output by default."""
-    return_dict: bool = True
-    """Whether models return output objects (True) or tuples by default."""
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
-    """Keys of a config.json that this library does not use (e.g. `dtype`), written back on save."""
 
-    def __post_init__(self) -> None:
-        self._validate_and_normalise()
+    def __post_init__(self, **kwargs: Any) -> None:
+        num_labels = kwargs.get("num_labels")
+        if self.id2label is not None and num_labels is not None and num_labels != len(self.id2label):
+            raise ConfigError(f"CvtConfig: num_labels={num_labels} disagrees with id2label, "
+                              f"which has {len(self.id2label)} entries")
+        if num_labels is not None:
+            self._check_int("num_labels", num_labels, minimum=0)
+        self._check_id2label()
+        super().__post_init__(**kwargs)
+        self.check()
 
     # ------------------------------------------------------------------ validation
-    def _validate_and_normalise(self) -> None:
+    def check(self) -> None:
+        """Validate every field and normalise the per-stage lists to tuples; a `ConfigError`
+        names the field. Runs when the config is built and when a model is built from it (a
+        field may have been assigned in between)."""
         self._check_scalars()
         self._normalise_stage_lists()
         self._check_stage_values()
@@ -137,20 +137,16 @@ class CvtConfig:
                 f"CvtConfig.problem_type: unknown value {self.problem_type!r}; "
                 f"expected None or one of {', '.join(PROBLEM_TYPES)}"
             )
-        self._normalise_labels()
+        self._check_id2label()
+        self.label2id = self._label2id_checked()
 
     def _check_scalars(self) -> None:
-        for name in ("num_channels",):
-            self._check_int(name, getattr(self, name), minimum=1)
+        self._check_int("num_channels", self.num_channels, minimum=1)
         for name in ("initializer_range", "layer_norm_eps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ConfigError(f"CvtConfig.{name} must be a positive finite number, got {value!r}")
             setattr(self, name, float(value))
-        for name in ("output_hidden_states", "return_dict"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"CvtConfig.{name} must be true or false, got {getattr(self, name)!r}")
-
     def _normalise_stage_lists(self) -> None:
         """Every per-stage field as a tuple, all of one length (the number of stages)."""
         num_stages = None
@@ -225,38 +221,29 @@ class CvtConfig:
             kind = "positive" if minimum == 1 else "non-negative"
             raise ConfigError(f"CvtConfig.{name} values must be {kind}, got {value}")
 
-    def _normalise_labels(self) -> None:
-        """Make id2label, label2id and num_labels agree (transformers' rules: default 2 labels)."""
-        if self.id2label is not None:
-            if not isinstance(self.id2label, dict):
-                raise ConfigError(f"CvtConfig.id2label must be a mapping, got {self.id2label!r}")
-            try:
-                indices = {int(k): str(v) for k, v in self.id2label.items()}
-            except (TypeError, ValueError):
-                raise ConfigError(
-                    f"CvtConfig.id2label keys must be class indices, got {list(self.id2label)[:5]}"
-                ) from None
-            if len(indices) != len(self.id2label):
-                raise ConfigError(f"CvtConfig.id2label keys must be distinct integers; "
-                                  f"{_colliding(self.id2label)} name the same class index")
+    def _check_id2label(self) -> None:
+        """id2label, when given, names every class index 0..n-1 once (keys may be strings, as
+        JSON writes them); labels become strings."""
+        if self.id2label is None:
+            return
+        if not isinstance(self.id2label, dict):
+            raise ConfigError(f"CvtConfig.id2label must be a mapping, got {self.id2label!r}")
+        try:
+            indices = {int(k): str(v) for k, v in self.id2label.items()}
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"CvtConfig.id2label keys must be class indices, got {list(self.id2label)[:5]}"
+            ) from None
+        if len(indices) != len(self.id2label):
+            raise ConfigError(f"CvtConfig.id2label keys must be distinct integers; "
+                              f"{_colliding(self.id2label)} name the same class index")
+        if set(indices) != set(range(len(indices))):
+            raise ConfigError(
+                f"CvtConfig.id2label must name every class index 0..{len(indices) - 1} "
+                f"once; its keys are {sorted(indices)[:10]}"
+            )
+        if indices != self.id2label:
             self.id2label = indices
-            if set(self.id2label) != set(range(len(self.id2label))):
-                raise ConfigError(
-                    f"CvtConfig.id2label must name every class index 0..{len(self.id2label) - 1} "
-                    f"once; its keys are {sorted(self.id2label)[:10]}"
-                )
-            if self.num_labels is not None and self.num_labels != len(self.id2label):
-                raise ConfigError(
-                    f"CvtConfig: num_labels={self.num_labels} disagrees with id2label, "
-                    f"which has {len(self.id2label)} entries"
-                )
-        else:
-            n = 2 if self.num_labels is None else self.num_labels
-            self._check_int("num_labels", n, minimum=0)
-            self.id2label = {i: f"LABEL_{i}" for i in range(n)}
-            self.label2id = None
-        self.num_labels = len(self.id2label)
-        self.label2id = self._label2id_checked()
 
     def _label2id_checked(self) -> dict[str, int]:
         """label2id as given when it is id2label's inverse (a repeated class name maps to one of
@@ -292,58 +279,30 @@ class CvtConfig:
 
     def replace(self, **changes: Any) -> CvtConfig:
         """A validated copy with some fields changed; `num_labels=` alone relabels the head."""
-        if "num_labels" in changes and "id2label" not in changes:
-            changes = {**changes, "id2label": None, "label2id": None}
+        config = copy.deepcopy(self)
         if "id2label" in changes and "label2id" not in changes:
             changes = {**changes, "label2id": None}
-        if "id2label" in changes and "num_labels" not in changes:
-            changes = {**changes, "num_labels": None}
-        return dataclasses.replace(self, **changes)
-
-    # ------------------------------------------------------------------ (de)serialisation
-    def to_dict(self) -> dict[str, Any]:
-        """The config.json content transformers writes for CvT (plus `hidden_act`)."""
-        out: dict[str, Any] = dict(self.extra)
-        for f in dataclasses.fields(self):
-            if f.name in ("extra", "num_labels", "output_hidden_states", "return_dict"):
-                continue
-            value = getattr(self, f.name)
-            if f.name == "problem_type" and value is None:
-                continue
-            if isinstance(value, tuple):
-                value = list(value)
-            elif f.name == "id2label":
-                value = {str(k): v for k, v in value.items()}
-            out[f.name] = value
-        if self.output_hidden_states:
-            out["output_hidden_states"] = True
-        if not self.return_dict:
-            out["return_dict"] = False
-        out["model_type"] = "cvt"
-        return dict(sorted(out.items()))
+        for name, value in changes.items():
+            setattr(config, name, value)
+        config.check()
+        return config
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], **overrides: Any) -> CvtConfig:
-        """Build from a config.json dict (transformers' or ours); unknown keys go to `extra`."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"a CvT config must be a JSON object, got {type(data).__name__}")
-        model_type = data.get("model_type", "cvt")
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> CvtConfig:
+        """transformers' `from_dict`, refusing another model's config by name; keyword arguments
+        override fields after loading (`num_labels=7` relabels the stored head)."""
+        if not isinstance(config_dict, dict):
+            raise ConfigError(f"a CvT config must be a JSON object, got {type(config_dict).__name__}")
+        model_type = config_dict.get("model_type", "cvt")
         if model_type != "cvt":
             raise ConfigError(
                 f"this config describes a {model_type!r} model, not CvT (model_type 'cvt' expected)"
             )
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "num_labels"}
-        kwargs: dict[str, Any] = {}
-        extra: dict[str, Any] = {}
-        for key, value in data.items():
-            if key in known:
-                kwargs[key] = value
-            elif key not in _IGNORED_JSON_KEYS:
-                extra[key] = value
-        if "num_labels" in data and "id2label" not in data:
-            kwargs["num_labels"] = data["num_labels"]
-        config = cls(**kwargs, extra=extra)
-        return config.replace(**overrides) if overrides else config
+        config_dict = {k: v for k, v in config_dict.items() if k != "num_labels" or "id2label" not in config_dict}
+        result = super().from_dict(config_dict, **kwargs)
+        config = result[0] if isinstance(result, tuple) else result
+        config.check()
+        return result
 
     def stage_in_channels(self, stage: int) -> int:
         """Channels entering `stage`'s token embedding: the image's, then the previous stage's width."""

@@ -20,7 +20,7 @@ from .errors import CheckpointError, short
 from .variants import VARIANTS, Variant, get_variant
 
 CONFIG_NAME = "config.json"
-HUB_ARGUMENTS = {"revision", "cache_dir", "token", "local_files_only", "force_download"}
+HUB_ARGUMENTS = {"revision", "cache_dir", "token", "local_files_only", "force_download", "subfolder"}
 HUB_TIMEOUT_S = 4  # one probe per process: an unreachable hub is reported, not retried for half a minute
 WEIGHT_SUFFIXES = {".pth", ".pt", ".bin", ".safetensors"}
 
@@ -98,7 +98,7 @@ def _probe(endpoint: str) -> str | None:
 def fetcher(location: Location, hub_kwargs: dict[str, Any] | None = None) -> Fetch:
     """`fetch(filename) -> local Path or None` for a folder or a hub repo."""
     if location.kind == "folder":
-        folder = Path(location.where)
+        folder = Path(location.where) / (hub_kwargs or {}).get("subfolder", "")
         return lambda name: (folder / name) if (folder / name).is_file() else None
     if location.kind == "hub":
         return _hub_fetcher(location.where, hub_kwargs or {})

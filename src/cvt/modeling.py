@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -35,21 +36,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
 
 from . import torch_registry, weights
 from .config import CvtConfig, pixel_values_problem
 from .constants import LAYER_NORM_EPS
 from .errors import InvalidValueError
-from .outputs import ModelOutput
 
 # ---------------------------------------------------------------------------------------- outputs
+# transformers' `ModelOutput`: readable by attribute, key or position (None fields skipped), and
+# a pytree node, so torch.export and torch.compile see through it
 @dataclass
 class BaseModelOutputWithCLSToken(ModelOutput):
     """`last_hidden_state` (B, C, H, W); `cls_token_value` (B, 1, C) when the last stage has one;
     `hidden_states`: one (B, C_s, H_s, W_s) map per stage, when asked for; `attentions`: see
     `CvtModel.forward`."""
 
-    last_hidden_state: Tensor
+    last_hidden_state: Tensor | None = None
     cls_token_value: Tensor | None = None
     hidden_states: tuple[Tensor, ...] | None = None
     attentions: tuple[Tensor, ...] | None = None
@@ -69,9 +73,8 @@ class ImageClassifierOutput(ModelOutput):
 # transformers' CvT names its classifier's output so; kept for code written against that name
 ImageClassifierOutputWithNoAttention = ImageClassifierOutput
 
-# torch.export, torch.compile and torch.utils._pytree see through both outputs (and cvt's
-# attention FLOP formulas count on the CPU): cvt's one write into torch's registries
-torch_registry.register(BaseModelOutputWithCLSToken, ImageClassifierOutput)
+# cvt's attention FLOP formulas for the CPU: its one write into torch's registries
+torch_registry.register()
 
 
 # ---------------------------------------------------------------------------------------- blocks
@@ -335,40 +338,49 @@ class CvtEncoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------- models
-class CvtPreTrainedModel(nn.Module):
-    """Shared by both models: configuration, weight initialisation, loading and saving."""
+class CvtPreTrainedModel(PreTrainedModel):
+    """Shared by both models: a transformers `PreTrainedModel` (loading, saving, `device`,
+    `dtype`, pipelines, `Trainer`, PEFT), with CvT's weight initialisation and cvt's checked
+    loading in front of transformers' own."""
 
+    config_class = CvtConfig
     base_model_prefix = "cvt"
     main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _no_split_modules = ["CvtLayer"]
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True  # attention always runs through scaled_dot_product_attention
     # preprocessor_config.json contents the weights came with (a variant's, a folder's), written
     # again by save_pretrained; None when unknown
     preprocessing: dict | None = None
 
     def __init__(self, config: CvtConfig) -> None:
-        super().__init__()
         if not isinstance(config, CvtConfig):
             raise TypeError(f"expected a cvt.CvtConfig, got {type(config).__name__}")
-        self.config = config
+        config.check()
+        super().__init__(config)
 
-    def init_weights(self, root: nn.Module | None = None) -> None:
-        """The original code's initialisation (of `root`'s modules, default all): truncated
-        normal for Linear layers and cls tokens, zero biases, unit norms; convolutions keep
-        PyTorch's default."""
+    def _init_weights(self, module: nn.Module) -> None:
+        """The original code's initialisation: truncated normal for Linear layers and cls tokens,
+        zero biases, unit norms with fresh BatchNorm statistics; convolutions get PyTorch's
+        default. Called by transformers for every module that was not loaded (and by
+        `init_weights()`, e.g. after building on the meta device and `to_empty`)."""
         std = self.config.initializer_range
-        for module in (root or self).modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
-                nn.init.ones_(module.weight)
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
                 nn.init.zeros_(module.bias)
-            elif isinstance(module, CvtStage) and module.cls_token is not None:
-                nn.init.trunc_normal_(module.cls_token, std=std)
-
-    def num_parameters(self) -> int:
-        """All parameters, trainable or not (transformers' name)."""
-        return sum(p.numel() for p in self.parameters())
+        elif isinstance(module, nn.Conv2d):
+            module.reset_parameters()
+        elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+            if isinstance(module, nn.BatchNorm2d):
+                nn.init.zeros_(module.running_mean)
+                nn.init.ones_(module.running_var)
+                nn.init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, CvtStage) and module.cls_token is not None:
+            nn.init.trunc_normal_(module.cls_token, std=std)
 
     @property
     def num_features(self) -> int:
@@ -413,10 +425,10 @@ class CvtPreTrainedModel(nn.Module):
                 module.grad_checkpointing = bool(enable)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """transformers' name for `set_grad_checkpointing(True)`; cvt always recomputes
-        non-reentrantly, so `gradient_checkpointing_kwargs` may only ask for that."""
-        if gradient_checkpointing_kwargs and gradient_checkpointing_kwargs.get("use_reentrant", False):
-            raise InvalidValueError("cvt's gradient checkpointing is non-reentrant (use_reentrant=False) only")
+        """transformers' name for `set_grad_checkpointing(True)`. cvt always recomputes
+        non-reentrantly (`use_reentrant` is not read: both give the same gradients, and only
+        the non-reentrant form keeps BatchNorm statistics and works with frozen inputs); an
+        adapter's frozen inputs need no `enable_input_require_grads`."""
         self.set_grad_checkpointing(True)
 
     def gradient_checkpointing_disable(self) -> None:
@@ -440,21 +452,39 @@ class CvtPreTrainedModel(nn.Module):
             raise InvalidValueError(problem)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, *, config: CvtConfig | None = None,
-                        ignore_mismatched_sizes: bool = False, **kwargs: Any):
-        """Load from a local folder (transformers layout), a hub id, or an original CvT `.pth`.
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None = None,
+                        *model_args: Any, config: CvtConfig | None = None,
+                        check_weights: bool = True, **kwargs: Any):
+        """transformers' `from_pretrained`, for every checkpoint cvt reads: a local folder
+        (transformers layout, `subfolder=`), a hub id, a variant name ("cvt-13"), or an original
+        microsoft/CvT `.pth`.
 
-        Keyword arguments that are config fields (`num_labels=`, `hidden_act=`, ...) override the
-        stored config; a different label count re-initialises only the classifier, with a warning.
-        Hub arguments (`revision`, `cache_dir`, `token`, `local_files_only`) are passed through.
-        Integer, NaN/inf and negative-variance weights are refused; `check_weights=False` loads them.
+        cvt reads and checks the files first (the config against the weights' headers, every key
+        and shape, integer, NaN/inf and negative-variance weights unless `check_weights=False`),
+        then hands the checked state dict to transformers' loading, which takes its usual
+        arguments (`dtype`, `device_map`, `output_loading_info`, `attn_implementation`, ...).
+        Keyword arguments that are config fields (`num_labels=`, `hidden_act=`, ...) override
+        the stored config; a head of another size needs `ignore_mismatched_sizes=True`.
         """
-        return weights.load_pretrained(cls, name_or_path, config=config,
-                               ignore_mismatched_sizes=ignore_mismatched_sizes, **kwargs)
+        if model_args:
+            raise TypeError(f"{cls.__name__} takes no positional model arguments, got {len(model_args)}")
+        return weights.load_pretrained(cls, pretrained_model_name_or_path, config=config,
+                                       check_weights=check_weights, build=_transformers_build, **kwargs)
 
-    def save_pretrained(self, folder: str) -> None:
-        """Write config.json + model.safetensors, loadable here and by transformers."""
-        weights.save_pretrained(self, folder)
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """transformers' `save_pretrained` (`max_shard_size=`, `safe_serialization=`, ...),
+        loadable here and by transformers, plus the model's preprocessor_config.json when it
+        knows its preprocessing. Files are staged beside the folder and each moved in whole; a
+        folder holding other weights (which the new ones would leave stale) is refused first."""
+        weights.save_staged(save_directory, lambda staging: super(CvtPreTrainedModel, self).save_pretrained(
+            staging, **kwargs), self.config, self.preprocessing)
+
+
+def _transformers_build(cls: type[CvtPreTrainedModel], config: CvtConfig, state_dict: dict[str, Tensor],
+                        source: Any, **kwargs: Any) -> CvtPreTrainedModel:
+    """transformers' loading of a state dict cvt has checked (dtype, device map, loading info,
+    a re-initialised head with `ignore_mismatched_sizes`)."""
+    return super(CvtPreTrainedModel, cls).from_pretrained(None, config=config, state_dict=state_dict, **kwargs)
 
 
 class CvtModel(CvtPreTrainedModel):
@@ -463,36 +493,33 @@ class CvtModel(CvtPreTrainedModel):
     def __init__(self, config: CvtConfig) -> None:
         super().__init__(config)
         self.encoder = CvtEncoder(config)
-        self.init_weights()
+        self.post_init()
 
     def forward(self, pixel_values: Tensor, output_hidden_states: bool | None = None,
                 return_dict: bool | None = None,
-                output_attentions: bool = False) -> BaseModelOutputWithCLSToken | tuple:
-        """With `output_attentions`, `attentions` holds every layer's attention probabilities,
+                output_attentions: bool | None = None) -> BaseModelOutputWithCLSToken | tuple:
+        """Each flag left None takes the config's value. `hidden_states` are the stage outputs
+        the next stage reads (channels-last views, as transformers'), so gradients reach them.
+        With `output_attentions`, `attentions` holds every layer's attention probabilities,
         stage by stage in order (`sum(config.depth)` tensors): (B, heads, T_q, T_kv), queries on
         the stage's token grid and keys on its key grid (`cvt.config.kv_grid`, smaller when
         `stride_kv > 1`), both row-major with the cls token first where the stage has one. Each
         row sums to 1 over the keys; the other outputs are unchanged."""
         self._check_pixel_values(pixel_values)
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
-        if return_dict is None:
-            return_dict = self.config.return_dict
-        maps, cls, attentions = self._encode(pixel_values, output_hidden_states, output_attentions)
-        out = BaseModelOutputWithCLSToken(
-            last_hidden_state=maps[-1],
-            cls_token_value=cls,
-            hidden_states=tuple(maps) if output_hidden_states else None,
-            attentions=attentions if output_attentions else None)
-        return out if return_dict else out.to_tuple()
+        output_hidden_states = _flag(output_hidden_states, self.config.output_hidden_states)
+        output_attentions = _flag(output_attentions, self.config.output_attentions)
+        last, cls, maps, attentions = self._encode(pixel_values, output_hidden_states, output_attentions)
+        out = BaseModelOutputWithCLSToken(last_hidden_state=last, cls_token_value=cls,
+                                          hidden_states=maps, attentions=attentions)
+        return out if _flag(return_dict, self.config.return_dict) else out.to_tuple()
 
-    def _encode(self, pixel_values: Tensor, every_stage: bool, output_attentions: bool = False
-                ) -> tuple[list[Tensor], Tensor | None, tuple[Tensor, ...]]:
-        """Contiguous (B, C, H, W) feature maps — of every stage, or of the last only — the
-        last stage's cls token, and the layers' attention probabilities (when asked). Inputs of
-        another floating dtype (fp16/bf16 into an fp32 model) are cast to the model's."""
+    def _encode(self, pixel_values: Tensor, every_stage: bool, output_attentions: bool
+                ) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...] | None, tuple[Tensor, ...] | None]:
+        """The last stage's contiguous (B, C, H, W) map and cls token, every stage's map (when
+        asked) and the layers' attention probabilities (when asked). Inputs of another floating
+        dtype (fp16/bf16 into an fp32 model) are cast to the model's."""
         x = pixel_values.to(next(self.parameters()).dtype).contiguous(memory_format=torch.channels_last)
-        maps, cls, attentions = [], None, ()
+        maps, cls, attentions = (), None, ()
         for stage in self.encoder.stages:
             if output_attentions:
                 x, cls, stage_attentions = stage(x, output_attentions=True)
@@ -500,8 +527,9 @@ class CvtModel(CvtPreTrainedModel):
             else:
                 x, cls = stage(x)
             if every_stage:
-                maps.append(x.contiguous())
-        return maps if every_stage else [x.contiguous()], cls, attentions
+                maps += (x,)
+        return (x.contiguous(), cls, maps if every_stage else None,
+                attentions if output_attentions else None)
 
     # timm's model interface -------------------------------------------------------------------
     num_classes = 0  # the backbone has no classifier
@@ -532,6 +560,11 @@ class CvtModel(CvtPreTrainedModel):
         out = self(pixel_values, output_hidden_states=True, return_dict=True)
         maps = [out.hidden_states[s] for s in stages]
         return maps if intermediates_only else (_final_tokens(out), maps)
+
+
+def _flag(value: bool | None, default: bool | None) -> bool:
+    """A forward flag: the call's value, else the config's (None there means False)."""
+    return bool(default) if value is None else bool(value)
 
 
 def _final_tokens(outputs: BaseModelOutputWithCLSToken) -> Tensor:
@@ -572,21 +605,19 @@ class CvtForImageClassification(CvtPreTrainedModel):
         dim = config.embed_dim[-1]
         self.layernorm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.classifier = nn.Linear(dim, config.num_labels) if config.num_labels > 0 else nn.Identity()
-        self.init_weights(self.classifier)  # the backbone initialised itself
+        self.post_init()
 
     def forward(self, pixel_values: Tensor, labels: Tensor | None = None,
                 output_hidden_states: bool | None = None, return_dict: bool | None = None,
-                output_attentions: bool = False) -> ImageClassifierOutput | tuple:
-        """`output_attentions`: as `CvtModel.forward`; the logits are those computed without."""
-        if return_dict is None:
-            return_dict = self.config.return_dict
+                output_attentions: bool | None = None) -> ImageClassifierOutput | tuple:
+        """The flags as `CvtModel.forward`'s; the logits are those computed without them."""
         outputs = self.cvt(pixel_values, output_hidden_states=output_hidden_states, return_dict=True,
                            output_attentions=output_attentions)
         logits = self.forward_head(self.layernorm(_final_tokens(outputs)))
         loss = self.loss(logits, labels) if labels is not None else None
         out = ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
-        return out if return_dict else out.to_tuple()
+        return out if _flag(return_dict, self.config.return_dict) else out.to_tuple()
 
     # timm's model interface -------------------------------------------------------------------
     @property
@@ -618,7 +649,7 @@ class CvtForImageClassification(CvtPreTrainedModel):
             self.classifier = nn.Linear(self.num_features, num_classes, device=weight.device, dtype=weight.dtype)
         else:
             self.classifier = nn.Identity()
-        self.init_weights(self.classifier)
+        self.classifier.apply(self._init_weights)
 
     def forward_intermediates(self, pixel_values: Tensor, indices: int | Sequence[int] | None = None,
                               intermediates_only: bool = False

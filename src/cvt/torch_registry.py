@@ -1,13 +1,9 @@
 """Everything cvt writes into torch's global registries, in this one place, done once when
-`cvt.modeling` is imported (`register`):
-
-- the model outputs (`BaseModelOutputWithCLSToken`, `ImageClassifierOutput`) as pytree nodes
-  (`torch.export.register_dataclass`), so `torch.export.export(model, (x,))` works with the
-  default `return_dict=True` and the exported module returns the same dataclasses, read by key
-  (`out["logits"]`) as eager ones;
-- FLOP formulas for the CPU flash-attention kernels that `scaled_dot_product_attention` runs
-  (torch's `FlopCounterMode` has them only for the GPU kernels): without them a FLOP count on
-  the CPU silently leaves attention out. A torch that has its own keeps its own.
+`cvt.modeling` is imported (`register`): FLOP formulas for the CPU flash-attention kernels that
+`scaled_dot_product_attention` runs (torch's `FlopCounterMode` has them only for the GPU
+kernels): without them a FLOP count on the CPU silently leaves attention out. A torch that has
+its own keeps its own. (The model outputs are transformers' `ModelOutput`s, which register
+themselves as pytree nodes.)
 """
 
 from __future__ import annotations
@@ -18,14 +14,9 @@ from torch.utils import flop_counter
 _done: set[str] = set()
 
 
-def register(*outputs: type) -> None:
-    """Register the output dataclasses `outputs` and the CPU attention FLOP formulas (once)."""
-    for cls in outputs:
-        name = f"{cls.__module__}.{cls.__qualname__}"
-        if name not in _done:
-            torch.export.register_dataclass(cls, serialized_type_name=name)
-            _done.add(name)
-    if "flops" not in _done:
+def register() -> None:
+    """Register the CPU attention FLOP formulas (once)."""
+    if not _done:
         _register_cpu_attention_flops()
         _done.add("flops")
 

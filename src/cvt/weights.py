@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import logging
 import os
+import re
+import shutil
+import stat
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -27,7 +30,7 @@ from torch import Tensor
 from . import convert
 from .config import CvtConfig
 from .errors import CheckpointError, short
-from .files import write_atomic, write_json
+from .files import require_folder, write_json
 from .hub import CONFIG_NAME, HUB_ARGUMENTS, Fetch, fetcher, locate
 
 logger = logging.getLogger("cvt")
@@ -144,11 +147,15 @@ def folder_weight_shapes(fetch: Fetch) -> dict[str, tuple[int, ...]] | None:
     return shapes
 
 
-def read_folder_weights(folder: Path, fetch: Fetch) -> dict[str, Tensor]:
+def read_folder_weights(folder: Path, fetch: Fetch, use_safetensors: bool | None = None) -> dict[str, Tensor]:
     """The state dict of a transformers-layout folder; `fetch(name)` returns a local file or None.
-    safetensors before PyTorch files; a single file beside a shard index of the same format is
-    ambiguous (which one is current?) and refused."""
-    for single, index_name in ((SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME), (PT_WEIGHTS_NAME, PT_INDEX_NAME)):
+    safetensors before PyTorch files (`use_safetensors`: True or False for one format only); a
+    single file beside a shard index of the same format is ambiguous (which one is current?) and
+    refused."""
+    formats = [(SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME), (PT_WEIGHTS_NAME, PT_INDEX_NAME)]
+    if use_safetensors is not None:
+        formats = formats[:1] if use_safetensors else formats[1:]
+    for single, index_name in formats:
         single_path, index_path = fetch(single), fetch(index_name)
         if single_path is not None and index_path is not None:
             raise CheckpointError(
@@ -158,7 +165,9 @@ def read_folder_weights(folder: Path, fetch: Fetch) -> dict[str, Tensor]:
             return read_state_dict(single_path)
         if index_path is not None:
             return _read_shards(index_path, fetch)
-    raise CheckpointError(f"{short(folder)} holds no weights: expected one of {', '.join(WEIGHT_FILES)}")
+    expected = [name for pair in formats for name in pair]
+    raise CheckpointError(f"{short(folder)} holds no weights: expected one of {', '.join(expected)}"
+                          + ("" if use_safetensors is None else f" (use_safetensors={use_safetensors})"))
 
 
 def _shard_names(index_path: Path) -> tuple[dict[str, Any], list[str]]:
@@ -200,12 +209,13 @@ def _read_shards(index_path: Path, fetch: Fetch) -> dict[str, Tensor]:
 
 
 def resolve(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any] | None = None,
-            expected: Callable[[CvtConfig], CvtConfig | None] = lambda stored: None
-            ) -> tuple[CvtConfig | None, dict[str, Tensor]]:
+            expected: Callable[[CvtConfig], CvtConfig | None] = lambda stored: None,
+            use_safetensors: bool | None = None) -> tuple[CvtConfig | None, dict[str, Tensor]]:
     """Find a checkpoint: (its config.json, or None for a single weights file; its state dict,
     in whatever layout the file holds). For a folder of safetensors weights, the config that
     `expected(stored)` gives is first checked against the headers' shapes, so a config far
-    deeper than its weights is refused before they are read."""
+    deeper than its weights is refused before they are read. `use_safetensors` is
+    transformers': True reads only safetensors, False only PyTorch files, None either."""
     location = locate(name_or_path)
     if location.kind == "file":
         return None, read_state_dict(Path(location.where))
@@ -214,7 +224,7 @@ def resolve(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any] | None =
     config, shapes = expected(stored), folder_weight_shapes(fetch)
     if config is not None and shapes is not None:
         check_depth_and_width(config, shapes, name_or_path)
-    return stored, read_folder_weights(Path(location.where), fetch)
+    return stored, read_folder_weights(Path(location.where), fetch, use_safetensors)
 
 
 def read_architecture(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any] | None = None
@@ -240,25 +250,64 @@ def _stored_config(fetch: Fetch, name_or_path: str | os.PathLike) -> CvtConfig:
 
 
 # ---------------------------------------------------------------------------------------- loading
-def load_pretrained(cls: type[M], name_or_path: str | os.PathLike, *, config: CvtConfig | None,
-                    ignore_mismatched_sizes: bool, check_weights: bool = True,
-                    backbone: type[M] | None = None, **kwargs: Any) -> M:
-    """Build `cls` from a checkpoint, reading each file once; see
-    `CvtPreTrainedModel.from_pretrained`. With `backbone`, a checkpoint without a classification
-    head builds `backbone` instead (`cvt.load`)."""
+# `from_pretrained` arguments that are config fields too, but mean the loading's (the weights' dtype)
+_LOADING_NOT_CONFIG = {"dtype", "torch_dtype"}
+# config properties (not fields) that `from_pretrained` sets, as transformers' loading does
+_CONFIG_PROPERTIES = {"num_labels", "output_attentions"}
+
+Build = Callable[..., Any]  # (cls, config, state_dict, source, ignore_mismatched_sizes, **kwargs) -> model
+
+
+def load_pretrained(cls: type[M], name_or_path: str | os.PathLike | None, *, config: CvtConfig | None = None,
+                    ignore_mismatched_sizes: bool = False, check_weights: bool = True,
+                    backbone: type[M] | None = None, build: Build | None = None,
+                    state_dict: dict[str, Tensor] | None = None, **kwargs: Any) -> Any:
+    """Build `cls` from a checkpoint, reading each file once and checking it before `build`
+    makes the model (default `build_and_load`; the PyTorch models hand the checked state dict to
+    transformers' loading, which takes the remaining `kwargs`); see
+    `CvtPreTrainedModel.from_pretrained`. With `backbone`, a checkpoint without a classifier
+    builds `backbone` instead (`cvt.load`). `name_or_path=None` loads `state_dict` (with `config`,
+    unless it is an original microsoft/CvT state dict)."""
     hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_ARGUMENTS}
-    config_fields = {f.name for f in dataclasses.fields(CvtConfig)}
-    unknown = set(kwargs) - config_fields
-    if unknown:
-        raise TypeError(f"from_pretrained got unexpected arguments: {', '.join(sorted(unknown))}")
-    stored, state_dict = resolve(name_or_path, hub_kwargs, lambda stored: _configured(config or stored, kwargs))
+    use_safetensors = kwargs.pop("use_safetensors", None)
+    fields = {f.name for f in dataclasses.fields(CvtConfig)} | _CONFIG_PROPERTIES
+    overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in fields - _LOADING_NOT_CONFIG}
+    if build is None and kwargs:
+        raise TypeError(f"from_pretrained got unexpected arguments: {', '.join(sorted(kwargs))}")
+    if name_or_path is None:
+        if state_dict is None or (config is None and not convert.is_original_checkpoint(state_dict)):
+            raise TypeError("from_pretrained(None, ...) loads a state dict: give config= and state_dict= "
+                            "(an original microsoft/CvT state dict needs no config)")
+        stored, source = None, "the given state dict"
+    elif state_dict is not None:
+        raise TypeError("give a checkpoint name or state_dict=, not both (as transformers)")
+    else:
+        stored, state_dict = resolve(name_or_path, hub_kwargs,
+                                     lambda stored: _configured(config or stored, overrides), use_safetensors)
+        source = name_or_path
     if backbone is not None and not has_head(state_dict):
         cls = backbone
-    model = build_from_state_dict(cls, state_dict, name_or_path, stored=stored, config=config,
-                                  ignore_mismatched_sizes=ignore_mismatched_sizes,
-                                  check_weights=check_weights, **kwargs)
-    model.preprocessing = stored_preprocessing(name_or_path, hub_kwargs)
-    return model
+    config, state_dict = checked_state_dict(cls, state_dict, source, stored=stored, config=config,
+                                            overrides=overrides, check_weights=check_weights,
+                                            ignore_mismatched_sizes=ignore_mismatched_sizes)
+    result = (build or build_and_load)(cls, config, state_dict, source,
+                                       ignore_mismatched_sizes=ignore_mismatched_sizes, **kwargs)
+    model = result[0] if isinstance(result, tuple) else result  # (model, loading info)
+    if name_or_path is not None:
+        model.preprocessing = stored_preprocessing(name_or_path, hub_kwargs)
+        model.config.name_or_path = str(name_or_path)
+    return result
+
+
+def build_and_load(cls: type[M], config: CvtConfig, state_dict: dict[str, Any], source: Any, *,
+                   ignore_mismatched_sizes: bool) -> M:
+    """`cls(config)` holding the state dict `checked_state_dict` gave, in eval mode (the
+    TensorFlow models): the head keys it let through as new or of another size stay initialised."""
+    model = cls(config)  # type: ignore[call-arg]  (every CvT model class takes its config)
+    shapes = model_shapes(model)
+    fitting = {k: v for k, v in state_dict.items() if k in shapes and tuple(v.shape) == tuple(shapes[k])}
+    model.load_state_dict(fitting, strict=len(fitting) == len(shapes))
+    return model.eval()
 
 
 def _configured(base: CvtConfig, overrides: dict[str, Any]) -> CvtConfig | None:
@@ -270,8 +319,9 @@ def _configured(base: CvtConfig, overrides: dict[str, Any]) -> CvtConfig | None:
 
 
 def has_head(state_dict: Mapping[str, Any]) -> bool:
-    """Whether a state dict (transformers' layout or the original's) holds a classification head."""
-    return any(key.split(".")[0] in ("classifier", "layernorm", "head", "norm") for key in state_dict)
+    """Whether a state dict (transformers' layout or the original's) holds a classifier: judged
+    by the classifier's own weights, never by the final norm beside it."""
+    return any(key.split(".")[0] in ("classifier", "head") for key in state_dict)
 
 
 def stored_preprocessing(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any] | None = None
@@ -287,15 +337,15 @@ def stored_preprocessing(name_or_path: str | os.PathLike, hub_kwargs: dict[str, 
     return read_json(path) if path is not None else None
 
 
-def build_from_state_dict(cls: type[M], state_dict: dict[str, Tensor], source: Any, *,
-                          stored: CvtConfig | None, config: CvtConfig | None,
-                          ignore_mismatched_sizes: bool, check_weights: bool = True,
-                          **overrides: Any) -> M:
-    """A `cls` in eval mode holding `state_dict` (transformers or original layout); `overrides`
-    are config fields, and asking for another label count re-initialises the head. The config
-    is checked against the weights' shapes before the model is allocated, and with
-    `check_weights` the weights' values are checked too (`check_weight_values`)."""
-    relabel = bool({"num_labels", "id2label"} & overrides.keys())
+def checked_state_dict(cls: type, state_dict: dict[str, Tensor], source: Any, *,
+                       stored: CvtConfig | None, config: CvtConfig | None, overrides: dict[str, Any],
+                       ignore_mismatched_sizes: bool, check_weights: bool = True
+                       ) -> tuple[CvtConfig, dict[str, Tensor]]:
+    """The config to build and the state dict in transformers' layout with `cls`'s key prefix,
+    both checked before any model is allocated: the config against the weights' stage, layer
+    and width counts, every key and shape against `cls(config)`'s (a head of another size only
+    with `ignore_mismatched_sizes`), and with `check_weights` the values (`check_weight_values`).
+    `overrides` are config fields; an original microsoft/CvT state dict is renamed."""
     if convert.is_original_checkpoint(state_dict):
         if config is None:
             try:
@@ -316,19 +366,16 @@ def build_from_state_dict(cls: type[M], state_dict: dict[str, Tensor], source: A
         config = base.replace(**overrides) if overrides else base
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{short(source)}: {err}") from None
-    reinit_head = relabel or ignore_mismatched_sizes
     check_depth_and_width(config, {key: tuple(value.shape) for key, value in state_dict.items()}, source)
     planned = _planned_shapes(cls, config)
     if planned is not None:  # refuse a config that does not fit the weights before allocating it
         state_dict = match_prefix(state_dict, planned, source)
-        check_keys(cls.__name__, planned, state_dict, source, reinit_head)
+        new_head = check_keys(cls.__name__, planned, state_dict, source, reinit_head=ignore_mismatched_sizes)
+        if new_head:
+            logger.warning("%s: newly initialised (train before use): %s", short(source), ", ".join(new_head))
     if check_weights:
         check_weight_values(state_dict, source)
-    model = cls(config)  # type: ignore[call-arg]  (every CvT model class takes its config)
-    shapes = model_shapes(model)
-    state_dict = match_prefix(state_dict, shapes, source)
-    load_state_dict_checked(model, state_dict, source, reinit_head=reinit_head, shapes=shapes)
-    return model.eval()
+    return config, state_dict
 
 
 # a stage's layers (their indices) and its width (the token embedding's output channels), by key
@@ -470,7 +517,7 @@ def check_keys(model_name: str, expected: Mapping[str, tuple[int, ...]], state_d
         if mismatched:
             details = [f"{k} (checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k])})"
                        for k in mismatched[:8]]
-            hint = (" — to train a new classifier head pass num_labels= (or ignore_mismatched_sizes=True)"
+            hint = (" — to train a new classifier head, load with ignore_mismatched_sizes=True"
                     if all(k.startswith(HEAD_PREFIXES) for k in mismatched) else "")
             problems.append(f"{len(mismatched)} with another shape: {', '.join(details)}{hint}")
         raise CheckpointError(
@@ -479,20 +526,64 @@ def check_keys(model_name: str, expected: Mapping[str, tuple[int, ...]], state_d
 
 
 # ---------------------------------------------------------------------------------------- writing
-def save_pretrained(model: torch.nn.Module, folder: str | os.PathLike) -> None:
-    """config.json + model.safetensors in transformers' layout (removing stale weight files),
-    and the model's preprocessor_config.json when it knows its preprocessing."""
-    save_arrays_pretrained(folder, model.state_dict(), model.config, type(model).__name__,
-                           preprocessing=getattr(model, "preprocessing", None))
+# weight files a save may leave stale: the single files, shard indexes and shards of both formats
+_SHARD_NAME = re.compile(r"(model|pytorch_model)-\d{5}-of-\d{5}\.(safetensors|bin)")
+
+
+def save_staged(folder: str | os.PathLike, save: Callable[[Path], None], config: CvtConfig,
+                preprocessing: Mapping[str, Any] | None = None) -> None:
+    """Save a model into `folder` in transformers' layout: `save(staging)` writes its files into a
+    private folder inside `folder` (with `preprocessing` as preprocessor_config.json), then each
+    file is moved into place whole. A folder holding weight files the new ones would not replace
+    (another format or sharding, which readers could take for the current weights) is refused
+    before anything in it changes: cvt never deletes files it cannot show it wrote."""
+    folder = require_folder(folder, "the save folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    if config.hidden_act == "quick_gelu":
+        logger.warning(
+            "cvt: %s runs QuickGELU, as the original microsoft/CvT code trained (hidden_act="
+            "'quick_gelu'); cvt loads it so, but transformers' CvT ignores hidden_act and runs "
+            "exact GELU, so its logits differ (by ~3e-2 on the published weights)", folder)
+    staging = Path(tempfile.mkdtemp(prefix=".cvt-save-", dir=folder))
+    try:
+        save(staging)
+        if preprocessing is not None:
+            write_json(staging / PROCESSOR_CONFIG_NAME, dict(preprocessing))
+        written = sorted(p.name for p in staging.iterdir())
+        stale = sorted(name for name in os.listdir(folder)
+                       if name not in written and (name in WEIGHT_FILES or _SHARD_NAME.fullmatch(name)))
+        if stale:
+            raise CheckpointError(
+                f"{short(folder)} holds weights this save would leave beside the new ones ({', '.join(stale)}); "
+                f"remove them or save to another folder")
+        mode = _new_file_mode(staging)
+        for name in written:
+            target = folder / name
+            os.chmod(staging / name, stat.S_IMODE(target.stat().st_mode) if target.is_file() else mode)
+            with open(staging / name, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(staging / name, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _new_file_mode(folder: Path) -> int:
+    """The permission bits a new file gets here (0666 less the umask): the safetensors writer
+    makes owner-only files, which a saved model should not be."""
+    probe = folder / ".mode"
+    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        return stat.S_IMODE(probe.stat().st_mode)
+    finally:
+        probe.unlink()
 
 
 def save_arrays_pretrained(folder: str | os.PathLike, arrays: Mapping[str, Any], config: CvtConfig,
                            architecture: str, preprocessing: Mapping[str, Any] | None = None) -> None:
-    """config.json + model.safetensors in transformers' layout (removing stale weight files) for
-    weights in the PyTorch layout, as torch tensors or numpy arrays (the TensorFlow models'):
-    loadable by the PyTorch models and transformers. `architecture` is the PyTorch class name
-    written into config.json; its "dtype" is that of the first floating-point weight. Every
-    weight is converted before any file is written, and each file is replaced atomically."""
+    """config.json + model.safetensors in transformers' layout for weights in the PyTorch layout,
+    as numpy arrays (the TensorFlow models'), through `save_staged`: loadable by the PyTorch
+    models and transformers. `architecture` is the PyTorch class name written into config.json;
+    its "dtype" is that of the first floating-point weight."""
     from safetensors.torch import save_file
 
     tensors = {k: torch.as_tensor(v).detach().to("cpu").contiguous() for k, v in arrays.items()}
@@ -500,18 +591,12 @@ def save_arrays_pretrained(folder: str | os.PathLike, arrays: Mapping[str, Any],
     data["architectures"] = [architecture]
     data["dtype"] = next((str(v.dtype).removeprefix("torch.") for v in tensors.values()
                           if v.is_floating_point()), "float32")
-    folder = Path(folder)
-    if config.hidden_act == "quick_gelu":
-        logger.warning(
-            "cvt: %s runs QuickGELU, as the original microsoft/CvT code trained (hidden_act="
-            "'quick_gelu'); cvt loads it so, but transformers' CvT ignores hidden_act and runs "
-            "exact GELU, so its logits differ (by ~3e-2 on the published weights)", folder)
-    write_atomic(folder / SAFE_WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    write_json(folder / CONFIG_NAME, dict(sorted(data.items())))
-    if preprocessing is not None:
-        write_json(folder / PROCESSOR_CONFIG_NAME, dict(preprocessing))
-    for stale in (SAFE_INDEX_NAME, PT_WEIGHTS_NAME, PT_INDEX_NAME):
-        (folder / stale).unlink(missing_ok=True)
+
+    def save(staging: Path) -> None:
+        save_file(tensors, staging / SAFE_WEIGHTS_NAME, metadata={"format": "pt"})
+        write_json(staging / CONFIG_NAME, dict(sorted(data.items())))
+
+    save_staged(folder, save, config, preprocessing)
 
 
 def convert_original(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, cls: type[M],
@@ -525,7 +610,6 @@ def convert_original(checkpoint: str | os.PathLike, output_dir: str | os.PathLik
     if not convert.is_original_checkpoint(state_dict):
         raise CheckpointError(
             f"{checkpoint} is not an original microsoft/CvT checkpoint (no stage0.patch_embed.proj.weight)")
-    model = build_from_state_dict(cls, state_dict, checkpoint, stored=None,
-                                  config=config, ignore_mismatched_sizes=False, **fields)
-    save_pretrained(model, output_dir)
+    model = cls.from_pretrained(None, config=config, state_dict=state_dict, **fields)
+    model.save_pretrained(output_dir)
     return model.config
