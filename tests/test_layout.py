@@ -29,7 +29,10 @@ LAYERS = [
 ]
 # the package-internal imports allowed inside a function: TensorFlow and Ray are optional extras;
 # and the command line imports what a command runs only when it runs (`cvt --help` loads no torch)
-LAZY_OPTIONAL = {("__init__", "modeling_tf"), ("export", "modeling_tf"), ("predict", "ray")}
+# (and a variant's config: transformers, which CvtConfig builds on, imports torch, and the
+# variants' names are read by `cvt --help`)
+LAZY_OPTIONAL = {("__init__", "modeling_tf"), ("export", "modeling_tf"), ("predict", "ray"),
+                 ("variants", "config")}
 LAZY_PACKAGES = {"cli"}
 
 

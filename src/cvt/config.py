@@ -273,6 +273,11 @@ class CvtConfig(PreTrainedConfig):
             "padding_q", "stride_q",
         )
 
+    @staticmethod
+    def architecture_fields() -> tuple[str, ...]:
+        """The fields CvT adds to transformers' config (the architecture and its activation)."""
+        return tuple(CvtConfig.__annotations__)
+
     @property
     def num_stages(self) -> int:
         return len(self.depth)

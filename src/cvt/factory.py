@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from . import weights
 from .config import CvtConfig
 from .errors import CheckpointError
-from .modeling import CvtForImageClassification, CvtModel, select_stages
+from .modeling import CvtForImageClassification, CvtModel, build_with_transformers, select_stages
 from .variants import get_variant
 
 
@@ -30,8 +30,8 @@ def load(source: str | os.PathLike, *, config: CvtConfig | None = None, check_we
     `local_files_only`) go to the hub, and `check_weights=False` loads weights no trained model
     has. The model keeps its checkpoint's preprocessing (`model.preprocessing`)."""
     return weights.load_pretrained(CvtForImageClassification, source, config=config,
-                                   ignore_mismatched_sizes=False, check_weights=check_weights,
-                                   backbone=CvtModel, **kwargs)
+                                   check_weights=check_weights, backbone=CvtModel,
+                                   build=build_with_transformers, **kwargs)
 
 
 class FeatureInfo(list):

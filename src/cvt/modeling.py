@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-from transformers import PreTrainedModel
+from transformers import AutoModel, AutoModelForImageClassification, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from . import torch_registry, weights
@@ -469,7 +469,7 @@ class CvtPreTrainedModel(PreTrainedModel):
         if model_args:
             raise TypeError(f"{cls.__name__} takes no positional model arguments, got {len(model_args)}")
         return weights.load_pretrained(cls, pretrained_model_name_or_path, config=config,
-                                       check_weights=check_weights, build=_transformers_build, **kwargs)
+                                       check_weights=check_weights, build=build_with_transformers, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """transformers' `save_pretrained` (`max_shard_size=`, `safe_serialization=`, ...),
@@ -480,7 +480,7 @@ class CvtPreTrainedModel(PreTrainedModel):
             staging, **kwargs), self.config, self.preprocessing)
 
 
-def _transformers_build(cls: type[CvtPreTrainedModel], config: CvtConfig, state_dict: dict[str, Tensor],
+def build_with_transformers(cls: type[CvtPreTrainedModel], config: CvtConfig, state_dict: dict[str, Tensor],
                         source: Any, **kwargs: Any) -> CvtPreTrainedModel:
     """transformers' loading of a state dict cvt has checked (dtype, device map, loading info,
     a re-initialised head with `ignore_mismatched_sizes`)."""
@@ -683,3 +683,10 @@ class CvtForImageClassification(CvtPreTrainedModel):
                 f"{tuple(logits.shape)}, got {labels.dtype} labels of shape {tuple(labels.shape)} "
                 f"(integer class indices select single-label cross-entropy)")
         return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+# transformers' Auto classes build cvt's models from a cvt config (`AutoModel.from_config`,
+# `AutoModelForImageClassification.from_pretrained(path, config=cvt_config)`); keyed by cvt's
+# config class, so transformers' own CvT is untouched
+AutoModel.register(CvtConfig, CvtModel, exist_ok=True)
+AutoModelForImageClassification.register(CvtConfig, CvtForImageClassification, exist_ok=True)

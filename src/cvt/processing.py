@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from transformers import BatchFeature
 
 from . import hub, weights
 from .files import write_json
@@ -79,8 +80,9 @@ class CvtImageProcessor:
 
     # ------------------------------------------------------------------------------------ images
     def __call__(self, images: ImageInput | list[ImageInput], return_tensors: str = "pt"
-                 ) -> dict[str, torch.Tensor | np.ndarray]:
-        """{"pixel_values": (B, 3, H, W) float32}, a torch tensor ("pt") or a numpy array ("np")."""
+                 ) -> BatchFeature:
+        """{"pixel_values": (B, 3, H, W) float32}, a torch tensor ("pt") or a numpy array ("np"),
+        as transformers' `BatchFeature` (`.to(device)`), so transformers' pipelines take it."""
         if return_tensors not in RETURN_TENSORS:
             raise InvalidValueError(f"return_tensors must be one of {RETURN_TENSORS}, got {return_tensors!r}")
         items, _ = split_batch(images)
@@ -92,7 +94,7 @@ class CvtImageProcessor:
             raise InvalidValueError(f"images of different sizes {sorted(shapes)} cannot be batched with "
                              f"do_resize=False; resize them first or process them one at a time")
         batch = np.stack(arrays)
-        return {"pixel_values": torch.from_numpy(batch) if return_tensors == "pt" else batch}
+        return BatchFeature({"pixel_values": torch.from_numpy(batch) if return_tensors == "pt" else batch})
 
     def _pixel_values(self, image: Image.Image) -> np.ndarray:
         """(3, H, W) float32 of one RGB image: resize/crop, rescale, normalise."""

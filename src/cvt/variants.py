@@ -9,9 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .config import CvtConfig
+if TYPE_CHECKING:
+    from .config import CvtConfig
+
 from .errors import InvalidValueError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -47,7 +49,11 @@ class Variant:
                 "image_std": list(self.std)}
 
     def config(self, **overrides: Any) -> CvtConfig:
-        """Its architecture with the ImageNet-1k labels, and any fields in `overrides` changed."""
+        """Its architecture with the ImageNet-1k labels, and any fields in `overrides` changed.
+        (CvtConfig, a transformers config, is imported here: the variants' names and sizes are
+        read by `cvt --help`, which loads neither transformers nor torch.)"""
+        from .config import CvtConfig
+
         base = CvtConfig(**self.architecture, id2label=dict(enumerate(imagenet_1k_labels())))
         return base.replace(**overrides) if overrides else base
 
