@@ -210,7 +210,9 @@ def test_from_pretrained_reads_a_transformers_folder(tmp_path) -> None:
 def test_from_pretrained_relabels_the_head(tmp_path, caplog) -> None:
     torch_model = randomise_(cvt.CvtForImageClassification(tiny_config()), 3)
     torch_model.save_pretrained(tmp_path)
-    model = TFCvtForImageClassification.from_pretrained(tmp_path, num_labels=3)
+    with pytest.raises(CheckpointError, match="ignore_mismatched_sizes=True"):  # as the PyTorch models
+        TFCvtForImageClassification.from_pretrained(tmp_path, num_labels=3)
+    model = TFCvtForImageClassification.from_pretrained(tmp_path, num_labels=3, ignore_mismatched_sizes=True)
     assert model.config.num_labels == 3
     assert tuple(model.classifier.kernel.shape) == (48, 3)
     assert "classifier.weight" in caplog.text  # the warning names the re-initialised weights

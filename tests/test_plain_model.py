@@ -227,9 +227,11 @@ def test_flop_counter_counts_the_whole_cvt13_forward_attention_included() -> Non
 
 # -------------------------------------------------------------------------- gradient checkpointing
 def _step(model: CvtForImageClassification, x, labels, seed: int):
-    """One training forward + backward (seeded); the loss, gradients, layer calls and BN buffers."""
+    """One training forward + backward (seeded); the loss, gradients, layer calls and BN buffers.
+    A layer's calls are counted at its attention block: a recomputation re-runs the layer's
+    forward, inside its own hooks."""
     layer_calls = [0]
-    handles = [m.register_forward_pre_hook(lambda *_: layer_calls.__setitem__(0, layer_calls[0] + 1))
+    handles = [m.attention.register_forward_pre_hook(lambda *_: layer_calls.__setitem__(0, layer_calls[0] + 1))
                for m in model.modules() if isinstance(m, CvtLayer)]
     torch.manual_seed(seed)
     loss = model(x, labels=labels).loss
@@ -276,7 +278,7 @@ def test_gradient_checkpointing_switches_and_eval_outputs() -> None:
     assert not model.is_gradient_checkpointing
     model.set_grad_checkpointing(True)
     assert model.is_gradient_checkpointing
-    assert all(stage.grad_checkpointing for stage in model.cvt.encoder.stages)
+    assert all(layer.gradient_checkpointing for stage in model.cvt.encoder.stages for layer in stage.layers)
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, reference, atol=0, rtol=0)
     assert_close_to_scale(model(x).logits.detach(), reference, rel=1e-6)  # grad on
@@ -296,4 +298,7 @@ def test_gradient_checkpointing_switches_and_eval_outputs() -> None:
     backbone = CvtModel(tiny_config())
     backbone.gradient_checkpointing_enable()
     assert backbone.is_gradient_checkpointing
-    assert all(stage.grad_checkpointing for stage in backbone.encoder.stages)
+    assert all(layer.gradient_checkpointing for stage in backbone.encoder.stages for layer in stage.layers)
+    backbone.activation_checkpointing_enable(every_n_layers=2)  # transformers' option
+    layers = [layer for stage in backbone.encoder.stages for layer in stage.layers]
+    assert [layer.gradient_checkpointing for layer in layers] == [i % 2 == 0 for i in range(len(layers))]

@@ -22,11 +22,13 @@ PLACEHOLDER = "<!-- config-fields -->"
 
 
 def render_config_fields() -> str:
-    """A Markdown table: every field of `CvtConfig`, its default, and its docstring."""
+    """A Markdown table: every field `CvtConfig` adds to transformers' `PreTrainedConfig`, its
+    default, and its docstring (the inherited ones are transformers' to document)."""
     docs = _field_docstrings()
     per_stage = set(CvtConfig.stage_fields())
+    own = set(CvtConfig.architecture_fields())
     rows = ["| field | default | per stage | what it sets |", "|---|---|---|---|"]
-    for field in dataclasses.fields(CvtConfig):
+    for field in (f for f in dataclasses.fields(CvtConfig) if f.name in own):
         if field.name not in docs:
             raise PluginError(f"CvtConfig.{field.name} has no docstring to document it with")
         default = field.default_factory() if field.default is dataclasses.MISSING else field.default

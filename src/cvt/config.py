@@ -245,9 +245,10 @@ class CvtConfig(PreTrainedConfig):
         if indices != self.id2label:
             self.id2label = indices
 
-    def _label2id_checked(self) -> dict[str, int]:
-        """label2id as given when it is id2label's inverse (a repeated class name maps to one of
-        its indices), else rebuilt from id2label, with a warning when one was given."""
+    def _label2id_checked(self) -> dict[str, Any]:
+        """label2id as given (values untouched, as transformers keeps them) when it is id2label's
+        inverse (a repeated class name maps to one of its indices), else rebuilt from id2label,
+        with a warning when one was given."""
         rebuilt = {label: i for i, label in self.id2label.items()}
         if self.label2id is None:
             return rebuilt
@@ -257,7 +258,7 @@ class CvtConfig(PreTrainedConfig):
             given = None
         if given is not None and given.keys() == rebuilt.keys() and all(
                 self.id2label.get(i) == label for label, i in given.items()):
-            return given
+            return self.label2id
         logger.warning("cvt: the config's label2id is not the inverse of its id2label; rebuilt from "
                        "id2label (the class names the model's outputs are reported by)")
         return rebuilt

@@ -21,6 +21,11 @@ class CheckpointError(InvalidValueError):
     """A checkpoint that cannot be used: unreadable, of another model, or not matching the config."""
 
 
+class CheckpointMismatchError(CheckpointError, RuntimeError):
+    """Weights that do not fit the model: missing, unexpected or of another shape (a RuntimeError
+    too, as transformers raises one for weights of another size)."""
+
+
 def install_hint(extra: str | None = None) -> str:
     """The pip command that installs cvt with an optional extra, for messages about a missing one
     (PyPI's `cvt` is another project, which also imports as `cvt`: ours is DISTRIBUTION)."""

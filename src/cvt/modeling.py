@@ -25,6 +25,7 @@ Making models by name (`cvt.load`, `create_model`) and the feature backbone live
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from collections import OrderedDict
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModel, AutoModelForImageClassification, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from . import torch_registry, weights
@@ -249,8 +251,10 @@ class Attention(nn.Module):
         return self.output(self.attention(x, height, width))
 
 
-class CvtLayer(nn.Module):
-    """Pre-norm transformer block: x + attention(LN(x)), then x + MLP(LN(x))."""
+class CvtLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer block: x + attention(LN(x)), then x + MLP(LN(x)). A transformers
+    `GradientCheckpointingLayer`: while training with activation checkpointing on, its forward
+    runs through `_gradient_checkpointing_func` (`checkpoint_keeping_statistics`)."""
 
     def __init__(self, config: CvtConfig, stage: int, drop_path_rate: float) -> None:
         super().__init__()
@@ -290,6 +294,19 @@ def _batchnorm_statistics_kept(module: nn.Module) -> Iterator[None]:
                 buffer.copy_(value)
 
 
+def checkpoint_keeping_statistics(layer: nn.Module, function: Any, *args: Any, offload: bool = False,
+                                  **checkpoint_kwargs: Any) -> Any:
+    """A layer's forward under torch's non-reentrant checkpoint, its BatchNorm statistics
+    restored after the recomputation (so they are updated once, as without checkpointing);
+    with `offload` the activations it saves wait in host memory."""
+    def context() -> tuple:
+        return contextlib.nullcontext(), _batchnorm_statistics_kept(layer)
+
+    with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if offload \
+            else contextlib.nullcontext():
+        return checkpoint(function, *args, use_reentrant=False, context_fn=context, **checkpoint_kwargs)
+
+
 class CvtStage(nn.Module):
     """Convolutional token embedding, optional cls token, then `depth` layers."""
 
@@ -305,7 +322,6 @@ class CvtStage(nn.Module):
             config.patch_padding[stage], config.drop_rate[stage])
         self.layers = nn.ModuleList(CvtLayer(config, stage, rate)
                                     for rate in config.layer_drop_path_rates(stage))
-        self.grad_checkpointing = False
 
     def forward(self, feature_map: Tensor, output_attentions: bool = False) -> tuple:
         """(B, C_in, H, W) -> (B, C, H', W') channels-last map, and the cls token (B, 1, C) or
@@ -315,12 +331,7 @@ class CvtStage(nn.Module):
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         attentions = []
         for layer in self.layers:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, height, width, output_attentions, use_reentrant=False,
-                               context_fn=lambda layer=layer: (contextlib.nullcontext(),
-                                                               _batchnorm_statistics_kept(layer)))
-            else:
-                x = layer(x, height, width, output_attentions)
+            x = layer(x, height, width, output_attentions)
             if output_attentions:
                 x, probabilities = x
                 attentions.append(probabilities)
@@ -420,24 +431,44 @@ class CvtPreTrainedModel(PreTrainedModel):
         """Recompute each layer's activations in backward instead of keeping them (timm's name):
         training memory falls to about a layer's worth per stage, for one more forward pass.
         Outputs, gradients and BatchNorm statistics are those of the model without it."""
-        for module in self.modules():
-            if isinstance(module, CvtStage):
-                module.grad_checkpointing = bool(enable)
+        if enable:
+            self.activation_checkpointing_enable()
+        else:
+            self.activation_checkpointing_disable()
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """transformers' name for `set_grad_checkpointing(True)`. cvt always recomputes
-        non-reentrantly (`use_reentrant` is not read: both give the same gradients, and only
-        the non-reentrant form keeps BatchNorm statistics and works with frozen inputs); an
-        adapter's frozen inputs need no `enable_input_require_grads`."""
-        self.set_grad_checkpointing(True)
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """transformers' switch for activation (gradient) checkpointing while training, on every
+        `every_n_layers`-th layer. cvt always recomputes non-reentrantly with the BatchNorm
+        statistics kept (`checkpoint_keeping_statistics`): a `use_reentrant` setting is not read
+        (only the non-reentrant form keeps the statistics and needs no input that requires
+        grad); other `activation_checkpointing_kwargs` go to torch's checkpoint."""
+        if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise InvalidValueError(f"every_n_layers must be a positive whole number, got {every_n_layers!r}")
+        kwargs = {k: v for k, v in (activation_checkpointing_kwargs or {}).items() if k != "use_reentrant"}
+        for index, layer in enumerate(m for m in self.modules() if isinstance(m, CvtLayer)):
+            layer.gradient_checkpointing = index % every_n_layers == 0
+            layer._gradient_checkpointing_func = functools.partial(
+                checkpoint_keeping_statistics, layer, offload=offload, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        """Every layer keeps its activations again."""
+        for layer in self.modules():
+            if isinstance(layer, CvtLayer):
+                layer.gradient_checkpointing = False
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None,
+                                      **kwargs: Any) -> None:
+        """transformers' older name for `activation_checkpointing_enable` (Trainer calls it)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     def gradient_checkpointing_disable(self) -> None:
-        """transformers' name for `set_grad_checkpointing(False)`."""
-        self.set_grad_checkpointing(False)
+        """transformers' older name for `activation_checkpointing_disable`."""
+        self.activation_checkpointing_disable()
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return any(m.grad_checkpointing for m in self.modules() if isinstance(m, CvtStage))
+        return self.is_activation_checkpointing
 
     def _check_pixel_values(self, pixel_values: Any) -> None:
         """Turn the commonest input mistakes into one clear error instead of a deep torch one."""

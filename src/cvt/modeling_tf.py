@@ -669,9 +669,10 @@ class TFCvtPreTrainedModel(keras.Model):
                         ignore_mismatched_sizes: bool = False, **kwargs: Any):
         """Load exactly what the PyTorch `from_pretrained` loads: a local folder (transformers
         layout), a hub id, or an original CvT `.pth`. Keyword arguments that are config fields
-        override the stored config (`num_labels=` re-initialises only the classifier); hub
-        arguments (`revision`, `cache_dir`, `token`, `local_files_only`) are passed through, and
-        `data_format="channels_last"` makes the model take NHWC pixels."""
+        override the stored config (`num_labels=` with `ignore_mismatched_sizes=True` re-initialises
+        only the classifier); hub arguments (`revision`, `cache_dir`, `token`, `local_files_only`,
+        `subfolder`) are passed through, and `data_format="channels_last"` makes the model take
+        NHWC pixels."""
         data_format = kwargs.pop("data_format", "channels_first")
         if data_format not in DATA_FORMATS:
             raise InvalidValueError(f"data_format must be one of {DATA_FORMATS}, got {data_format!r}")

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import convert
 from .config import CvtConfig
-from .errors import CheckpointError, short
+from .errors import CheckpointError, CheckpointMismatchError, short
 from .files import require_folder, write_json
 from .hub import CONFIG_NAME, HUB_ARGUMENTS, Fetch, fetcher, locate
 
@@ -268,6 +268,10 @@ def load_pretrained(cls: type[M], name_or_path: str | os.PathLike | None, *, con
     `CvtPreTrainedModel.from_pretrained`. With `backbone`, a checkpoint without a classifier
     builds `backbone` instead (`cvt.load`). `name_or_path=None` loads `state_dict` (with `config`,
     unless it is an original microsoft/CvT state dict)."""
+    if torch.get_default_device().type == "meta":  # transformers' words, which its users know
+        raise RuntimeError("You are using `from_pretrained` with a meta device context manager: weights "
+                           "cannot be loaded there; load outside it (build a model without weights "
+                           "on the meta device with the class itself)")
     hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_ARGUMENTS}
     use_safetensors = kwargs.pop("use_safetensors", None)
     fields = {f.name for f in dataclasses.fields(CvtConfig)} | _CONFIG_PROPERTIES
@@ -301,12 +305,12 @@ def load_pretrained(cls: type[M], name_or_path: str | os.PathLike | None, *, con
 
 def build_and_load(cls: type[M], config: CvtConfig, state_dict: dict[str, Any], source: Any, *,
                    ignore_mismatched_sizes: bool) -> M:
-    """`cls(config)` holding the state dict `checked_state_dict` gave, in eval mode (the
-    TensorFlow models): the head keys it let through as new or of another size stay initialised."""
+    """`cls(config)` holding `state_dict`, in eval mode: the TensorFlow models, whose keys and
+    shapes are checked here, against the built model (`load_state_dict_checked`)."""
     model = cls(config)  # type: ignore[call-arg]  (every CvT model class takes its config)
     shapes = model_shapes(model)
-    fitting = {k: v for k, v in state_dict.items() if k in shapes and tuple(v.shape) == tuple(shapes[k])}
-    model.load_state_dict(fitting, strict=len(fitting) == len(shapes))
+    load_state_dict_checked(model, match_prefix(state_dict, shapes, source), source,
+                            reinit_head=ignore_mismatched_sizes, shapes=shapes)
     return model.eval()
 
 
@@ -520,7 +524,7 @@ def check_keys(model_name: str, expected: Mapping[str, tuple[int, ...]], state_d
             hint = (" — to train a new classifier head, load with ignore_mismatched_sizes=True"
                     if all(k.startswith(HEAD_PREFIXES) for k in mismatched) else "")
             problems.append(f"{len(mismatched)} with another shape: {', '.join(details)}{hint}")
-        raise CheckpointError(
+        raise CheckpointMismatchError(
             f"{short(source)} does not match this {model_name} configuration; " + "; ".join(problems))
     return new_head
 

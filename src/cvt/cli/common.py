@@ -43,6 +43,24 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @contextlib.contextmanager
+def progress_bars_on_a_terminal_only() -> Iterator[None]:
+    """transformers' progress bars (loading weights, downloading) only while stderr is a
+    terminal: a log file or a pipe gets no carriage-return frames."""
+    if sys.stderr.isatty():
+        yield
+        return
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
 def messages_on_stderr() -> Iterator[None]:
     """Show the library's progress messages (INFO) and problems (WARNING) on stderr while a
     command runs."""
