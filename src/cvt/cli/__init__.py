@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from .. import __version__
 from ..errors import CvtError, short
 from . import attention, bench, export, models, predict, serve, training
-from .common import UsageError, check_sizes
+from .common import UsageError, check_sizes, stdout_writes_any_text
 
 __all__ = ["EXPECTED_ERRORS", "UsageError", "build_parser", "entry", "main"]
 
@@ -59,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         check_sizes(args)
-        return args.run(args)
+        with stdout_writes_any_text():
+            return args.run(args)
     except KeyboardInterrupt as err:
         print(f"cvt: interrupted{f' {err}' if str(err) else ''}", file=sys.stderr)
         return EXIT_INTERRUPTED
