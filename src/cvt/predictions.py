@@ -73,7 +73,8 @@ class ParquetRows:
         self.schema = arrow_schema()  # without pyarrow: an error naming the extra
         import pyarrow.parquet as pq
 
-        self.writer = pq.ParquetWriter(str(path), self.schema)
+        self.file = open(path, "wb")  # by Python: pyarrow opens only names that are UTF-8
+        self.writer = pq.ParquetWriter(self.file, self.schema)
         self.pending: list[Row] = []
 
     def write(self, row: Row) -> None:
@@ -87,8 +88,11 @@ class ParquetRows:
             self.writer.write_table(_pyarrow().Table.from_pylist(rows, schema=self.schema))
 
     def close(self) -> None:
-        self.flush()
-        self.writer.close()
+        try:
+            self.flush()
+            self.writer.close()
+        finally:
+            self.file.close()
 
 
 def _pyarrow() -> Any:
