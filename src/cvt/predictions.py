@@ -74,7 +74,11 @@ class ParquetRows:
         import pyarrow.parquet as pq
 
         self.file = open(path, "wb")  # by Python: pyarrow opens only names that are UTF-8
-        self.writer = pq.ParquetWriter(self.file, self.schema)
+        try:
+            self.writer = pq.ParquetWriter(self.file, self.schema)
+        except BaseException:
+            self.file.close()
+            raise
         self.pending: list[Row] = []
 
     def write(self, row: Row) -> None:
