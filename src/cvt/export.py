@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 from .config import pixel_values_problem
 from .constants import TOLERANCE
 from .errors import CvtError, InvalidValueError, install_hint
-from .files import write_bytes
+from .files import folders_made_for, kept_mode, write_bytes
 from .modeling import CvtForImageClassification, CvtModel
 from .onnx_graph import (INPUT_NAME, TensorOutputs, compile_openvino, eval_mode, min_dynamic_size,
                          onnx_bytes, output_names, quiet)
@@ -172,8 +173,8 @@ def export_openvino(model: CvtModel | CvtForImageClassification, path: str | os.
                     image_size: int | tuple[int, int] = (224, 224), check: bool = True) -> ExportResult:
     """Export `model` as OpenVINO IR: `path` (.xml) and the weights beside it (.bin, fp32), with a
     dynamic batch axis. With `check`, OpenVINO's fp32 outputs on a random batch must equal
-    PyTorch's within 1e-4 before anything is written (`ExportCheckError` otherwise). Needs the
-    `openvino` extra."""
+    PyTorch's within 1e-4 before anything is written (`ExportCheckError` otherwise). Files it
+    replaces keep their permission bits. Needs the `openvino` extra."""
     try:
         import openvino as ov
     except ImportError:
@@ -184,16 +185,18 @@ def export_openvino(model: CvtModel | CvtForImageClassification, path: str | os.
         raise InvalidValueError(problem)
     _require_exporter(check=False)
     xml = Path(path).with_suffix(".xml")
-    with tempfile.TemporaryDirectory(dir=xml.parent if xml.parent.exists() else None) as tmp:
+    # staged beside the target, so the renames stay on its file system (a temporary folder
+    # elsewhere fails across devices); the folders made for it go again if anything fails
+    with folders_made_for(xml), tempfile.TemporaryDirectory(prefix=".cvt-export-", dir=xml.parent) as tmp:
         onnx_file = Path(tmp) / "model.onnx"
         onnx_file.write_bytes(onnx_bytes(model, (height, width)))
         graph = ov.Core().read_model(str(onnx_file))
         staged = Path(tmp) / xml.name
         ov.save_model(graph, str(staged), compress_to_fp16=False)
         difference = _check_openvino(model, staged, height, width) if check else None
-        xml.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staged.with_suffix(".bin"), xml.with_suffix(".bin"))
-        os.replace(staged, xml)
+        for source, target in ((staged.with_suffix(".bin"), xml.with_suffix(".bin")), (staged, xml)):
+            os.chmod(source, kept_mode(target, stat.S_IMODE(source.stat().st_mode)))
+            os.replace(source, target)
     size = xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
     return ExportResult(xml, size, None, difference)
 

@@ -1,46 +1,120 @@
 """Writing files safely: every file cvt writes goes through `write_atomic` (a temporary file
-beside the target, fsync, rename), so readers see the old file or the new one, never half."""
+beside the target, fsync, rename), so readers see the old file or the new one, never half.
+A replaced file keeps its permission bits, and folders made for a write that fails are removed.
+Text goes out with one policy for characters the output cannot encode (`TEXT_ERRORS`)."""
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import json
 import os
 import re
+import secrets
 import stat
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from .errors import InvalidValueError, short
 
-
-# the temporary file `write_atomic` writes beside its target NAME: `.NAME.<hex>.tmp`
+# the temporary file `write_atomic` writes beside its target NAME: `.NAME.<hex>.tmp`, where NAME
+# is cut to its first bytes when the whole would pass NAME_MAX
 TEMPORARY_NAME = re.compile(r"\.(?P<target>.+)\.[0-9a-f]+\.tmp")
+NAME_MAX = 255  # bytes in one file name on common file systems (ext4, XFS, APFS; NTFS counts fewer)
+_RANDOM_BYTES = 8
+_NAME_ROOM = NAME_MAX - len("..") - 2 * _RANDOM_BYTES - len(".tmp")  # for NAME in the temporary name
+
+# The error handler for text cvt writes (files and stdout): a file name's undecodable bytes
+# (Python's surrogateescape, U+DC80-U+DCFF) go out as those bytes, so the name reads back
+# exactly; any other character the encoding lacks (a lone surrogate in a label, an emoji on a
+# Latin-1 terminal) as a backslash escape (\ud83d), never an error.
+TEXT_ERRORS = "cvt.bytes-else-escape"
+
+
+def _bytes_else_escape(error: UnicodeError) -> tuple[bytes, int]:
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    text = error.object[error.start:error.end]
+    return b"".join(bytes([ord(c) - 0xDC00]) if 0xDC80 <= ord(c) <= 0xDCFF
+                    else c.encode("ascii", "backslashreplace") for c in text), error.end
+
+
+codecs.register_error(TEXT_ERRORS, _bytes_else_escape)
+
+
+def utf8_text(text: str) -> str:
+    """`text` as valid UTF-8 can hold it (parquet strings must be): undecodable file-name bytes
+    written as `\\xNN`, lone surrogates as `\\udNNN`."""
+    return text.encode("utf-8", TEXT_ERRORS).decode("utf-8", "backslashreplace")
 
 
 def temporary_of(name: str) -> str | None:
-    """The target a file named `name` is `write_atomic`'s temporary file for, or None."""
+    """The target a file named `name` is `write_atomic`'s temporary file for (for a target name
+    too long to fit, its first bytes), or None."""
     match = TEMPORARY_NAME.fullmatch(name)
     return match["target"] if match else None
+
+
+def temporary_name(name: str) -> str:
+    """A fresh `write_atomic` temporary name for the target `name`, within NAME_MAX bytes."""
+    stem = name[:_NAME_ROOM]
+    while len(os.fsencode(stem)) > _NAME_ROOM:  # multi-byte characters: cut whole ones
+        stem = stem[:-1]
+    return f".{stem}.{secrets.token_hex(_RANDOM_BYTES)}.tmp"  # TEMPORARY_NAME
+
+
+def kept_mode(path: str | os.PathLike, default: int) -> int:
+    """The permission bits for a file replacing `path`: those of the file there now (a 0600
+    file stays 0600), else `default`."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return default
+    return status.st_mode & 0o777 if stat.S_ISREG(status.st_mode) else default
+
+
+@contextlib.contextmanager
+def folders_made_for(path: str | os.PathLike) -> Iterator[None]:
+    """Make `path`'s missing parent folders; if the body fails, remove the ones made here
+    (those still empty): a failed write leaves no trace."""
+    missing = []
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    made = []
+    try:
+        for folder in reversed(missing):
+            try:
+                folder.mkdir()
+            except FileExistsError:  # made by someone else meanwhile: not ours to remove
+                continue
+            made.append(folder)
+        yield
+    except BaseException:
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)`, fsync it, then rename over `path`: readers see old or new, never half."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp")  # TEMPORARY_NAME
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-    try:
-        mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0666 less the umask, as open() gives
-        write(tmp)
-        os.chmod(tmp, mode)  # some writers replace the file with an owner-only one (safetensors does)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with folders_made_for(path):
+        tmp = str(path.parent / temporary_name(path.name))
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        try:
+            mode = kept_mode(path, stat.S_IMODE(os.stat(tmp).st_mode))  # else 0666 less the umask
+            write(tmp)
+            os.chmod(tmp, mode)  # some writers replace the file with an owner-only one (safetensors does)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

@@ -7,9 +7,12 @@ still classified, and exit status 1 says that some failed. A file whose scores a
 (NaN weights) counts as failed too, with its scores written as null: the JSON is always valid.
 Inputs are only read. Results are written as they arrive, so memory does not grow with the
 folder. The --output file is written to a temporary file beside it (named on stderr for the
-streaming formats: a killed run leaves a valid prefix there) and renamed over it at the end, so
-an earlier file stays intact until then. Ctrl-C stops the run, and the results finished so far
-are still written (a complete file) before `KeyboardInterrupt` goes on up.
+streaming formats) and renamed over it at the end, so an earlier file stays intact until then.
+Ctrl-C (and SIGTERM, under `cvt predict`) stops the run, and the results finished so far are
+still written (a complete file, parquet's footer included) before `KeyboardInterrupt` goes on
+up. A process killed outright leaves in the temporary file whole lines of jsonl or csv, a valid
+prefix; a parquet file is readable only once its footer is written, so that one is not.
+CSV cells a spreadsheet would run as a formula get a leading single quote (`_csv_cell`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from tqdm import tqdm
 
 from .constants import PREDICT_FORMATS
 from .images import find_images
-from .files import write_atomic
+from .files import TEXT_ERRORS, write_atomic
 from .inference import pipeline
 from .predictions import ParquetRows, Row, jsonl_line, to_row
 from .processing import CvtImageProcessor
@@ -34,6 +37,8 @@ from .errors import InvalidValueError
 
 STREAMING = ("jsonl", "csv", "parquet")  # rows written as they arrive, to a temporary file named at the start
 MAX_PATH_COLUMN = 60  # the table's path column grows to the longest path, up to this
+# what makes a spreadsheet read a CSV cell as a formula (OWASP's list: = + - @, tab, carriage return)
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def run(model: str, inputs: Sequence[str], *, top_k: int = 5, batch_size: int = 8,
@@ -84,9 +89,9 @@ def _write(rows: Iterable[Row], paths: list[Path], fmt: str, output: str | None)
         if fmt == "parquet":
             counts = report(rows, paths, fmt, ParquetRows(tmp))
             return
-        # file names that are not UTF-8 go out as their own bytes (surrogateescape): a reader
-        # decoding the file the same way gets the names back exactly (JSON escapes them)
-        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as out:
+        # file names that are not UTF-8 go out as their own bytes: a reader decoding the file
+        # with surrogateescape gets the names back exactly (JSON escapes them); as on stdout
+        with open(tmp, "w", encoding="utf-8", errors=TEXT_ERRORS, newline="") as out:
             counts = report(rows, paths, fmt, out)
 
     write_atomic(output, write)
@@ -173,5 +178,15 @@ def _format(fmt: str, row: Row, width: int, first: bool) -> list[str]:
 def _csv_row(*fields: object) -> str:
     """One CSV line; the writer's own line ending makes it quote fields holding \\r or \\n."""
     buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\r\n").writerow(fields)
+    csv.writer(buffer, lineterminator="\r\n").writerow([_csv_cell(field) for field in fields])
     return buffer.getvalue().removesuffix("\r\n")
+
+
+def _csv_cell(field: object) -> object:
+    """A text cell that starts with one of FORMULA_START gets a leading single quote, as OWASP
+    advises against formula injection (a label `=HYPERLINK(...)` stays text in a spreadsheet);
+    so does one that starts with quotes before such a character, so that reading back is one
+    rule: a cell starting with `'` followed (after any quotes) by one of them had one added."""
+    if isinstance(field, str) and field.lstrip("'").startswith(FORMULA_START):
+        return "'" + field
+    return field

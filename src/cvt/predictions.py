@@ -14,6 +14,7 @@ import os
 from typing import Any, TypedDict
 
 from .errors import InvalidValueError, install_hint
+from .files import utf8_text
 from .images import ImageError
 from .inference import Prediction
 
@@ -52,39 +53,50 @@ def arrow_schema() -> Any:
                       ("scores", pa.list_(pa.float64())), ("error", pa.string())])
 
 
-def parquet_text(path: str | None) -> str | None:
-    """A file name as parquet can hold it: parquet strings are UTF-8, so the bytes of a name that
-    is not UTF-8 are written as `\\xNN` escapes (JSON lines and CSV keep the exact name)."""
-    if path is None:
-        return None
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+def parquet_row(row: Row) -> Row:
+    """A row as parquet can hold it: parquet strings are UTF-8, so the bytes of a file name that
+    is not UTF-8 are written as `\\xNN` escapes, and a lone surrogate in a label or message as
+    `\\udNNN` (JSON lines and CSV keep the exact name)."""
+    def text(value: str | None) -> str | None:
+        return None if value is None else utf8_text(value)
+
+    labels = None if row["labels"] is None else [text(label) for label in row["labels"]]
+    return {**row, "path": text(row["path"]), "labels": labels, "error": text(row["error"])}
 
 
 class ParquetRows:
     """Rows written to a parquet file in row groups of `ROW_GROUP` as they come; the file is
-    valid once `close` has run (so `predict` writes it beside the target and renames it)."""
+    valid once `close` has run (its footer is written last), so `predict` writes it beside the
+    target, closes it even when interrupted, and renames it."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.schema = arrow_schema()  # without pyarrow: an error naming the extra
         import pyarrow.parquet as pq
 
-        self.writer = pq.ParquetWriter(str(path), self.schema)
+        self.file = open(path, "wb")  # by Python: pyarrow opens only names that are UTF-8
+        try:
+            self.writer = pq.ParquetWriter(self.file, self.schema)
+        except BaseException:
+            self.file.close()
+            raise
         self.pending: list[Row] = []
 
     def write(self, row: Row) -> None:
-        self.pending.append({**row, "path": parquet_text(row["path"])})
+        self.pending.append(parquet_row(row))
         if len(self.pending) >= ROW_GROUP:
             self.flush()
 
     def flush(self) -> None:
-        if self.pending:
-            table = _pyarrow().Table.from_pylist(self.pending, schema=self.schema)
-            self.writer.write_table(table)
-            self.pending = []
+        rows, self.pending = self.pending, []  # taken first: an interrupt mid-write never repeats them
+        if rows:
+            self.writer.write_table(_pyarrow().Table.from_pylist(rows, schema=self.schema))
 
     def close(self) -> None:
-        self.flush()
-        self.writer.close()
+        try:
+            self.flush()
+            self.writer.close()
+        finally:
+            self.file.close()
 
 
 def _pyarrow() -> Any:

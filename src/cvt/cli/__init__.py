@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from .. import __version__
 from ..errors import CvtError, short
 from . import attention, bench, export, models, predict, serve, training
-from .common import UsageError, check_sizes, progress_bars_on_a_terminal_only
+from .common import UsageError, check_sizes, progress_bars_on_a_terminal_only, stdout_writes_any_text
 
 __all__ = ["EXPECTED_ERRORS", "UsageError", "build_parser", "entry", "main"]
 
@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         check_sizes(args)
-        with progress_bars_on_a_terminal_only():
+        with stdout_writes_any_text(), progress_bars_on_a_terminal_only():
             return args.run(args)
     except KeyboardInterrupt as err:
         print(f"cvt: interrupted{f' {err}' if str(err) else ''}", file=sys.stderr)

@@ -1,17 +1,21 @@
 """What several commands share: the usage error, the --engine/--precision/--calibration options,
 the pixel sizes (--image-size, --size) bounded before a command runs, the library's messages on
-stderr while a command runs, and the input size a checkpoint's preprocessing gives."""
+stderr while a command runs, stdout that writes any text, SIGTERM as an interrupt, and the input
+size a checkpoint's preprocessing gives."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 
 from ..constants import ENGINE_PRECISIONS, ENGINES, IMAGE_SIZE_RANGE, PICTURE_SIZE_RANGE
 from ..errors import CvtError, check_size
+from ..files import TEXT_ERRORS
 
 
 class UsageError(CvtError):
@@ -77,6 +81,44 @@ def messages_on_stderr() -> Iterator[None]:
         logger.removeHandler(handler)
         logger.setLevel(level)
         logger.propagate = propagate
+
+
+@contextlib.contextmanager
+def stdout_writes_any_text() -> Iterator[None]:
+    """While a command runs, stdout writes what its encoding cannot (a file name that is not
+    UTF-8, a lone surrogate in a label) by cvt's one policy (`cvt.files.TEXT_ERRORS`: the name's
+    own bytes, else an escape), as --output files do, never failing with a strict encoding
+    (PYTHONIOENCODING=utf-8:strict). stderr escapes them already (Python's backslashreplace)."""
+    stream = sys.stdout
+    errors = getattr(stream, "errors", None)
+    reconfigure = getattr(stream, "reconfigure", None)
+    if reconfigure is None or errors is None:  # not a text file (a StringIO encodes nothing)
+        yield
+        return
+    reconfigure(errors=TEXT_ERRORS)
+    try:
+        yield
+    finally:
+        reconfigure(errors=errors)
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops the command as Ctrl-C does (the results finished so far are still written,
+    as a complete file), instead of ending the process at once. Python runs signal handlers in
+    the main thread only: elsewhere (a command called from a thread) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def processor_image_size(source: str) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..constants import PREDICT_FORMATS
-from .common import add_engine_arguments, add_ray_arguments, messages_on_stderr
+from .common import add_engine_arguments, add_ray_arguments, messages_on_stderr, terminate_as_interrupt
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +31,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .. import predict
 
-    with messages_on_stderr():
+    with messages_on_stderr(), terminate_as_interrupt():
         return predict.run(args.model, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
                            device=args.device, fmt=args.format, output=args.output,
                            engine=args.engine, precision=args.precision,

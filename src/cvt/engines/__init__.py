@@ -4,7 +4,9 @@
 (or, for a `CvtModel`, the last feature map). Each engine checks itself against the plain model
 when built: fp32 within 1e-4, else `EngineError` and nothing is cached; reduced precision (bf16,
 int8) reports what it costs (`engine.report`: logit error and top-1 agreement with fp32, and
-accuracy when the calibration folder is labelled). `model(x)` always runs the plain model.
+accuracy when the calibration folder is labelled), and one that differs from the plain model by
+more than a quarter of its outputs' scale is an `EngineError`. `model(x)` always runs the plain
+model.
 
 | engine | what runs | precisions |
 |---|---|---|
@@ -66,23 +68,24 @@ def build_engine(model: Model, engine: str = "auto", *, device: str | torch.devi
     size = tuple(check_size("image_size", side, IMAGE_SIZE_RANGE) for side in pair)
     was_training = model.training
     model.eval()
+    cache = EngineCache(cache_dir)  # one for the call: the weights' digest is computed once
 
     def build(name: str) -> Engine:
-        return _build(model, name, device, precision, size, calibration, processor, cache_dir, compile)
+        return _build(model, name, device, precision, size, calibration, processor, cache, compile)
 
     try:
         if engine != "auto":
             return build(engine)
         if precision != "fp32":
             return build(auto_engine(device, model))
-        return auto.choose(model, device, size, batch_size, cache_dir, build)
+        return auto.choose(model, device, size, batch_size, cache, build, compile=bool(compile))
     finally:
         model.train(was_training)
 
 
 def _build(model: Model, name: str, device: torch.device, precision: str, size: tuple[int, int],
            calibration: str | os.PathLike | CalibrationSet | None, processor: CvtImageProcessor | None,
-           cache_dir: str | os.PathLike | None, compile: bool) -> Engine:
+           cache: EngineCache, compile: bool) -> Engine:
     if calibration is not None and not isinstance(calibration, CalibrationSet):
         labels = [model.config.id2label.get(i, "") for i in range(model.config.num_labels)]
         calibration = load_calibration(calibration, processor or CvtImageProcessor(size=size[0]), labels)
@@ -94,4 +97,4 @@ def _build(model: Model, name: str, device: torch.device, precision: str, size: 
         return engine
     module = openvino_engine if name == "openvino" else onnxruntime_engine
     return module.build(model, device=device, precision=precision, image_size=size,
-                        calibration=calibration, cache=EngineCache(cache_dir))
+                        calibration=calibration, cache=cache)

@@ -2,14 +2,17 @@
 
 No engine wins everywhere: which is fastest depends on the CPU, the batch size and the image
 size, and only the machine the user runs on can tell. So the first time `auto` meets a model
-architecture at an input size, a batch-size bucket (1, 2-8, over 8), a device and a CPU (with
-these runtime versions), it builds each installed fp32 engine that can run the model exactly
-(each checked against the plain model to 1e-4, as every engine is), times them on a random
-batch of the bucket's size (1, 8 or 32 images) in alternating rounds, keeps the fastest median,
-and records the choice in the engine cache. A file lock makes the first process measure while
-the others (Ray actors, serve replicas started together) wait and read its choice; later runs
-pay nothing. The weights are not part of the key: a fine-tuned copy of an architecture runs at
-its speed.
+architecture at an input size, a batch-size bucket (1, 2-8, over 8), a device, a CPU, a thread
+count (torch's, which every engine uses) and `compile` (with these runtime versions), it builds
+each installed fp32 engine that can run the model exactly (each checked against the plain model
+to 1e-4, as every engine is), times them on a random batch of the bucket's size (1, 8 or 32
+images) in alternating rounds, keeps the fastest median, and records the choice in the engine
+cache; a stored choice that names no candidate is replaced, with a warning. A file lock
+(`filelock`, which never follows a symbolic link: one planted there is removed) makes the first
+process measure while the others (Ray actors, serve replicas started together) wait and read
+its choice; a waiting process says which lock it waits for, and after LOCK_WAIT_S (a stopped
+first process) gives up with an `EngineError`. Later runs pay nothing. The weights are not part
+of the key: a fine-tuned copy of an architecture runs at its speed.
 
 The bound on what it costs, once: engines are built until BUILD_BUDGET_S seconds have gone (those
 built by then compete), then each gets one warm-up call and timed rounds stop after ROUNDS
@@ -26,7 +29,6 @@ takes the fixed order too (what it measures is fp32 speed).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -38,9 +40,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 
 from ..constants import DISTRIBUTION
-from ..errors import InvalidValueError
+from ..errors import InvalidValueError, short
 from . import openvino_engine
 from .base import Engine, EngineError, Model, cpu_description, random_batch
 from .cache import EngineCache, installed_version
@@ -58,6 +61,10 @@ ROUNDS, MIN_ROUNDS = 7, 3
 # before each timed call: lets the previous runtime park its spinning worker threads, which
 # otherwise steal cores from whichever engine runs next (a 5 % swing at batch 1 on 2 cores)
 PAUSE_S = 0.05
+# how long a process waits for another measuring the same choice: far beyond a measurement's
+# budgets (and the build that may overrun them); a first process stopped or hung holds it longer
+LOCK_WAIT_S = 900.0
+LOCK_WARN_S = 120.0  # after this, the wait is said again as a warning (it shows without logging set up)
 
 
 def candidates(device: torch.device, model: Model | None = None) -> list[str]:
@@ -83,18 +90,19 @@ def bucket(batch_size: int) -> int:
 
 
 def choose(model: Model, device: torch.device, image_size: tuple[int, int], batch_size: int,
-           cache_dir: str | os.PathLike | None, build: Callable[[str], Engine]) -> Engine:
+           cache: EngineCache, build: Callable[[str], Engine], compile: bool = False) -> Engine:
     """The fastest of `candidates(device, model)` (`build(name)` builds one): measured the first
     time, read from the engine cache afterwards."""
     names = candidates(device, model)
     if len(names) == 1 or mode() == "order":
         return build(names[0])
-    cache = EngineCache(cache_dir)
     batch = bucket(batch_size)
-    key = choice_key(model, device, image_size, batch, names)
+    key = choice_key(model, device, image_size, batch, names, compile=compile)
     with _locked(cache.root, key):
         found = cache.load(key)
         chosen = found[1].get("engine") if found is not None else None
+        if found is not None and chosen not in names:
+            cache.discard(key, f"it chose {short(repr(chosen))}, not one of {', '.join(names)}")
         if chosen in names:
             logger.debug("cvt: auto: %s, as measured before", chosen)
         else:
@@ -105,30 +113,55 @@ def choose(model: Model, device: torch.device, image_size: tuple[int, int], batc
 
 
 def choice_key(model: Model, device: torch.device, image_size: tuple[int, int], batch: int,
-               names: list[str]) -> str:
+               names: list[str], compile: bool = False) -> str:
     """What the speed depends on: the architecture (not the weights or labels), the input,
-    the device and CPU, and the versions of cvt, torch and the runtimes."""
+    the device and CPU, the threads every engine runs on, `compile`, and the versions of cvt,
+    torch and the runtimes."""
     config = {k: v for k, v in model.config.to_dict().items() if k not in ("id2label", "label2id")}
     versions = {name: installed_version(name) for name in (DISTRIBUTION, "torch", *names)}
     description = json.dumps({"auto": config, "class": type(model).__name__, "image_size": image_size,
                               "batch": batch, "device": device.type, "cpu": cpu_description(),
+                              "threads": torch.get_num_threads(), "compile": compile,
                               "engines": names, "versions": versions}, sort_keys=True, default=str)
     return "auto-" + hashlib.sha256(description.encode()).hexdigest()[:40]
 
 
 @contextlib.contextmanager
 def _locked(root: Path, key: str) -> Iterator[None]:
-    """An exclusive lock on the choice `key` (a file beside the entries); without a writable
-    cache there is nothing to share, and no lock."""
+    """An exclusive lock on the choice `key` (a file beside the entries; a symbolic link there is
+    removed, never followed); without a writable cache there is nothing to share, and no lock."""
+    path = root / f".{key}.lock"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        handle = open(root / f".{key}.lock", "a+b")
+        if path.is_symlink():
+            logger.warning("cvt: auto: the lock file %s is a symbolic link; removed, not followed", short(path))
+            path.unlink()
+        lock = _acquire(FileLock(path), path)
     except OSError:
-        handle = None
-    with handle or contextlib.nullcontext():
-        if handle is not None:
-            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+        lock = None
+    try:
         yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _acquire(lock: FileLock, path: Path) -> FileLock:
+    """`lock`, taken; while another process holds it, says what it waits for (again, as a
+    warning, after LOCK_WARN_S); `EngineError` after LOCK_WAIT_S."""
+    waited = 0.0
+    for until, say in ((0.0, None), (min(LOCK_WARN_S, LOCK_WAIT_S), logger.info), (LOCK_WAIT_S, logger.warning)):
+        if say is not None:
+            say("cvt: auto: waiting%s for another process measuring the engines for this model (lock %s); "
+                "giving up after %.0f s", f" ({waited:.0f} s so far)" if waited else "", short(path), LOCK_WAIT_S)
+        try:
+            lock.acquire(timeout=until - waited)
+            return lock
+        except Timeout:
+            waited = until
+    raise EngineError(f"auto: another process has held the lock {short(path)} for {LOCK_WAIT_S:.0f} s while "
+                      f"measuring the engines for this model (stopped, or hung); end it, or choose an engine "
+                      f"(engine='onnxruntime', --engine) or set ${ENVIRONMENT}=order")
 
 
 def _measure(model: Model, image_size: tuple[int, int], batch: int, names: list[str],

@@ -28,6 +28,10 @@ from ..errors import CvtError, InvalidValueError, install_hint
 logger = logging.getLogger("cvt")
 
 CHECK_BATCH = 3  # images in the build check (not the 2 an exporter traces with)
+# the most a reduced-precision engine may differ from the plain model on the check batch, as a
+# fraction of the outputs' largest magnitude: int8 builds of the test models differ by 1-7 %, an
+# engine of another model with the same architecture by 100-200 %
+REDUCED_LIMIT = 0.25
 
 Model = CvtModel | CvtForImageClassification
 
@@ -138,24 +142,40 @@ def random_batch(model: Model, image_size: tuple[int, int], batch: int = CHECK_B
     return torch.randn(batch, model.config.num_channels, *image_size, generator=generator)
 
 
-def check_difference(engine: Engine, model: Model) -> float:
-    """The largest difference between the engine and the plain model on a fixed random batch
-    (NaN when the engine gives non-finite outputs)."""
+def check_difference(engine: Engine, model: Model) -> tuple[float, float]:
+    """(the largest difference between the engine and the plain model on a fixed random batch,
+    NaN when the engine gives non-finite outputs; the plain outputs' scale, their largest
+    magnitude)."""
     pixel_values = random_batch(model, engine.image_size)
     want = plain_output(model, pixel_values).cpu()
     got = engine(pixel_values.to(engine.device)).float().cpu()
     if got.shape != want.shape:
         raise EngineError(f"the {engine.name} engine's output has shape {tuple(got.shape)}, the "
                           f"model's {tuple(want.shape)}")
-    return (got - want).abs().max().item()
+    return (got - want).abs().max().item(), want.abs().max().item()
 
 
 def check_fp32(engine: Engine, model: Model) -> float:
     """`check_difference`; above 1e-4 (or NaN) raises `EngineError`."""
-    difference = check_difference(engine, model)
+    difference, _ = check_difference(engine, model)
     if not difference <= TOLERANCE:
         raise EngineError(f"the {engine.name} engine differs from the plain model by up to "
                           f"{difference:.3g} (allowed {TOLERANCE:g}) on a random batch; not used")
+    return difference
+
+
+def check_reduced(engine: Engine, model: Model, within: float | None = None) -> float:
+    """`check_difference` of a reduced-precision engine, which must stay within REDUCED_LIMIT of
+    the outputs' scale (and within `within`, when given and tighter), else `EngineError`. The
+    bound is the code's own: a stored engine's record can tighten it, never loosen it."""
+    difference, scale = check_difference(engine, model)
+    allowed = REDUCED_LIMIT * scale + TOLERANCE
+    if within is not None:
+        allowed = min(allowed, within)
+    if not difference <= allowed:
+        raise EngineError(f"the {engine.name} engine at {engine.precision} differs from the plain model by "
+                          f"up to {difference:.3g} on a random batch (allowed {allowed:.3g}; outputs up to "
+                          f"{scale:.3g}); not used")
     return difference
 
 
@@ -186,16 +206,16 @@ def measure_precision(engine: Engine, model: Model,
     return PrecisionReport(images, worst, agree / images, *accuracy)
 
 
-def verify(engine: Engine, model: Model, batches: list[tuple[Tensor, Tensor | None]] | None) -> None:
+def verify(engine: Engine, model: Model, batches: list[tuple[Tensor, Tensor | None]] | None) -> float:
     """What every new engine goes through: at fp32 the check against the plain model; at reduced
     precision its cost, measured on `batches` (calibration images, else random ones) and kept
-    as `engine.report`."""
+    as `engine.report`, and `check_reduced`. Returns the difference on the check batch."""
     if engine.precision == "fp32":
-        check_fp32(engine, model)
-        return
+        return check_fp32(engine, model)
     batches = batches or [(random_batch(model, engine.image_size, 8), None)]
     engine.report = measure_precision(engine, model, batches)
     logger.info("cvt: %s engine at %s: %s", engine.name, engine.precision, engine.report)
+    return check_reduced(engine, model)
 
 
 def report_dict(report: PrecisionReport | None) -> dict[str, Any] | None:

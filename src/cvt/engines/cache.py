@@ -1,19 +1,24 @@
 """Built engines on disk, so that a second run builds nothing.
 
-An entry is a folder named by a hash of everything the build depends on: the weights, the
-config, the input size, the precision, the runtime and its version, cvt's version, the CPU's
-instruction set and (for int8) the calibration images. Its files are written into a temporary
-folder that is renamed into place whole, with a manifest of their sizes and SHA-256 written
-last, with the key it was built for (a fingerprint of the weights and settings). An entry that
-is incomplete, corrupt, unreadable, a symbolic link, or built for another key (stale, or copied
-from another model) is removed and rebuilt with a warning, never trusted; a loaded entry is
-checked against the plain model too: at fp32 within 1e-4, at reduced precision within twice
-the difference measured when it was built. The cache is an optimisation: when it cannot be
-written (read-only, full) the engine is served anyway, with one warning, and nothing is left.
+An entry is a folder named by a hash of everything the build depends on: the weights (a digest
+of their bytes, computed once per model and build), the config, the input size, the precision,
+the runtime and its version, cvt's version, the CPU's instruction set and (for int8) the
+calibration images. Its files are written into a temporary folder that is renamed into place
+whole, with a manifest of their sizes and SHA-256 written last, with the key it was built for.
+Nothing in an entry is trusted: an entry that is incomplete, corrupt, unreadable, a symbolic
+link, built for another key (stale, or copied from another model), or whose manifest names a
+file that is not a plain regular file in the entry itself (a path with `..`, an absolute path, a
+link, a device, a FIFO) or is over MAX_FILE_BYTES, is removed and rebuilt with a warning before
+any of its files is read. A loaded entry is checked against the plain model too: at fp32 within
+1e-4, at reduced precision within twice the difference measured when it was built, and never
+more than the code's own bound (`base.check_reduced`), whatever the manifest says. The cache
+is an optimisation: when it cannot be written (read-only, full) the engine is served anyway,
+with one warning, and nothing is left.
 
 The cache lives in `$CVT_CACHE_DIR`, else `$XDG_CACHE_HOME/cvt/engines`, else
-`~/.cache/cvt/engines`; `cache_dir=` overrides all three. `auto`'s measured choices are entries
-too (`auto-*`: no files, the choice in the manifest; `cvt.engines.auto`).
+`~/.cache/cvt/engines` (`~` expanded in both variables; a relative `$XDG_CACHE_HOME` is
+ignored, as the XDG specification says); `cache_dir=` overrides all three. `auto`'s measured
+choices are entries too (`auto-*`: no files, the choice in the manifest; `cvt.engines.auto`).
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -36,12 +43,14 @@ from torch import Tensor, nn
 from ..constants import DISTRIBUTION, TOLERANCE
 from ..errors import short
 from ..files import require_folder
-from .base import (Engine, EngineError, Model, PrecisionReport, check_difference, check_fp32, cpu_description,
+from .base import (Engine, EngineError, Model, PrecisionReport, check_fp32, check_reduced, cpu_description,
                    report_dict, verify)
 
 logger = logging.getLogger("cvt")
 
 MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 1 << 20  # a manifest lists a few files: a larger one is not ours
+MAX_FILE_BYTES = 8 << 30  # an engine file: CvT-W24's fp32 ONNX graph is 1.1 GB
 _unwritable: set[Path] = set()  # cache roots this process has warned about
 
 
@@ -49,9 +58,11 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir)
     if os.environ.get("CVT_CACHE_DIR"):
-        return Path(os.environ["CVT_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "cvt" / "engines"
+        return Path(os.environ["CVT_CACHE_DIR"]).expanduser()  # quoted '~/x' reaches us unexpanded
+    base = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser()
+    if not base.is_absolute():  # the XDG specification: a relative path is invalid, ignored
+        base = Path.home() / ".cache"
+    return base / "cvt" / "engines"
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -73,74 +84,114 @@ def installed_version(distribution: str) -> str:
         return "unknown"
 
 
-def entry_key(model: nn.Module, **facts: Any) -> str:
-    """The cache key of a build of `model` that depends on `facts` (runtime, precision, ...)."""
-    description = json.dumps({
-        "weights": weights_digest(model), "config": model.config.to_dict(),
-        "class": type(model).__name__, "cvt": installed_version(DISTRIBUTION), "cpu": cpu_description(), **facts,
-    }, sort_keys=True, default=str)
-    return hashlib.sha256(description.encode()).hexdigest()[:40]
-
-
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, size: int) -> str:
+    """The SHA-256 of the first `size` bytes of the regular file `path` (opened without
+    following a link, so nothing but the file checked before is read)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ValueError(f"{path.name} is not a regular file")
+        while size > 0 and (block := f.read(min(size, 1 << 20))):
             digest.update(block)
+            size -= len(block)
     return digest.hexdigest()
 
 
+def _file_problem(folder: Path, name: str, record: object) -> str | None:
+    """Why the manifest's `name: [size, sha256]` is not a sound file of the entry, or None:
+    a plain name (no folder, no `..`), a regular file in the entry, of the recorded size, at
+    most MAX_FILE_BYTES, with the recorded checksum."""
+    if name in ("", ".", "..", MANIFEST) or Path(name).name != name or "\\" in name:
+        return f"its manifest names {short(repr(name))}, not a file of the entry"
+    if not (isinstance(record, list) and len(record) == 2 and type(record[0]) is int and isinstance(record[1], str)):
+        return f"its manifest's record of {name} is not [size, sha256]"
+    size, sha = record
+    status = os.lstat(folder / name)
+    if not stat.S_ISREG(status.st_mode):
+        return f"{name} is not a regular file (a link, a folder or a device)"
+    if status.st_size != size or not 0 <= size <= MAX_FILE_BYTES:
+        return f"{name} has {status.st_size} bytes, expected {size} (at most {MAX_FILE_BYTES})"
+    if _sha256(folder / name, size) != sha:
+        return f"{name} does not match its checksum"
+    return None
+
+
 class EngineCache:
-    """The entries under one root folder."""
+    """The entries under one root folder. The weights' digest is computed once per model for the
+    life of the object (one `build_engine` call, all of auto's candidates): the weights may be
+    changed in place between calls in ways no counter shows (`p.data.copy_`)."""
 
     def __init__(self, root: str | os.PathLike | None = None) -> None:
-        self.root = require_folder(cache_root(root), "the engine cache")
+        self.root = cache_root(root)
+        self._digests: dict[int, tuple[nn.Module, str]] = {}
+
+    def key(self, model: nn.Module, **facts: Any) -> str:
+        """The key of a build of `model` that depends on `facts` (runtime, precision, ...)."""
+        if id(model) not in self._digests:
+            self._digests[id(model)] = (model, weights_digest(model))  # the model kept: its id stays its own
+        description = json.dumps({
+            "weights": self._digests[id(model)][1], "config": model.config.to_dict(),
+            "class": type(model).__name__, "cvt": installed_version(DISTRIBUTION), "cpu": cpu_description(),
+            **facts,
+        }, sort_keys=True, default=str)
+        return hashlib.sha256(description.encode()).hexdigest()[:40]
 
     def load(self, key: str) -> tuple[Path, dict[str, Any]] | None:
         """(the entry's folder, the metadata stored with it), or None when there is no sound
         entry: a damaged, foreign or linked one is removed, with a warning."""
+        require_folder(self.root, "the engine cache")
         folder = self.root / key
         if not folder.is_symlink() and not folder.exists():
             return None
-        problem = self._problem(folder, key)
+        problem, meta = self._read(folder, key)
         if problem is None:
-            manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-            return folder, manifest["meta"]
-        logger.warning("cvt: the cached engine in %s is unusable (%s); rebuilding it", short(folder), problem)
-        self.remove(key)
+            return folder, meta
+        self.discard(key, problem)
         return None
 
-    def _problem(self, folder: Path, key: str) -> str | None:
+    def discard(self, key: str, problem: str) -> None:
+        """Remove the unusable entry `key`, with a warning saying why."""
+        logger.warning("cvt: the cached engine in %s is unusable (%s); rebuilding it", short(self.root / key), problem)
+        self.remove(key)
+
+    def _read(self, folder: Path, key: str) -> tuple[str | None, dict[str, Any]]:
+        """(why the entry is unusable or None, its metadata): every file it holds must be one its
+        manifest records, checked before anything else reads it."""
         if folder.is_symlink():
-            return "it is a symbolic link, not followed"
+            return "it is a symbolic link, not followed", {}
         try:
+            status = os.lstat(folder / MANIFEST)
+            if not stat.S_ISREG(status.st_mode) or status.st_size > MAX_MANIFEST_BYTES:
+                return f"its {MANIFEST} is not a regular file of at most {MAX_MANIFEST_BYTES} bytes", {}
             manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
             if manifest["meta"].get("fingerprint") != key:
-                return "it was built for other weights or settings"
-            for name, (size, sha) in manifest["files"].items():
-                path = folder / name
-                if path.is_symlink():
-                    return f"{name} is a symbolic link"
-                if path.stat().st_size != size:
-                    return f"{name} has {path.stat().st_size} bytes, expected {size}"
-                if _sha256(path) != sha:
-                    return f"{name} does not match its checksum"
-            return None
+                return "it was built for other weights or settings", {}
+            files = manifest["files"]
+            extra = sorted(set(os.listdir(folder)) - set(files) - {MANIFEST})
+            if extra:
+                return f"it holds {short(', '.join(extra))}, which its manifest does not record", {}
+            for name, record in files.items():
+                problem = _file_problem(folder, name, record)
+                if problem:
+                    return problem, {}
+            return None, manifest["meta"]
         except FileNotFoundError as err:
-            return f"missing {Path(err.filename).name}"
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            return f"unreadable manifest: {err}"
+            return f"missing {Path(err.filename).name}", {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
+            return f"unreadable manifest: {short(str(err))}", {}
 
     def store(self, key: str, write: Callable[[Path], None], meta: dict[str, Any]) -> Path | None:
         """Call `write(folder)` to fill a temporary folder, record its files in the manifest, and
         move it into place as the entry `key`; None (one warning per cache, nothing left behind)
         when the cache cannot be written."""
+        require_folder(self.root, "the engine cache")
         tmp = self.root / f".{key}.{uuid.uuid4().hex}.tmp"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
             write(tmp)
-            files = {p.name: (p.stat().st_size, _sha256(p)) for p in sorted(tmp.iterdir())}
+            files = {p.name: (p.stat().st_size, _sha256(p, p.stat().st_size)) for p in sorted(tmp.iterdir())}
             (tmp / MANIFEST).write_text(json.dumps({"files": files, "meta": {**meta, "fingerprint": key}},
                                                    indent=2), encoding="utf-8")
             try:
@@ -192,10 +243,10 @@ def build_cached(cache: EngineCache, key: str, model: Model, *, load: Callable[[
     with tempfile.TemporaryDirectory(prefix="cvt-engine-") as tmp:
         make(Path(tmp))
         engine = load(Path(tmp))
-        verify(engine, model, batches)
+        difference = verify(engine, model, batches)
         meta = {"engine": engine.name, "precision": engine.precision, "report": report_dict(engine.report)}
         if engine.precision != "fp32":
-            meta["check_difference"] = check_difference(engine, model)
+            meta["check_difference"] = difference
         folder = cache.store(key, lambda target: _copy_files(Path(tmp), target), meta)
     if folder is not None:
         logger.info("cvt: %s engine built and stored in %s", engine.name, short(folder))
@@ -204,16 +255,16 @@ def build_cached(cache: EngineCache, key: str, model: Model, *, load: Callable[[
 
 def _check_loaded(engine: Engine, model: Model, meta: dict[str, Any]) -> None:
     """A stored engine computes what it computed when built: fp32 within 1e-4 of the plain
-    model; reduced precision within twice the difference measured then (another model's
-    engine differs by the logits' whole scale)."""
+    model; reduced precision within twice the difference measured then, and within the code's
+    own bound whatever the manifest claims (another model's engine differs by the outputs'
+    whole scale)."""
     if engine.precision == "fp32":
         check_fp32(engine, model)
         return
-    built = float(meta["check_difference"])
-    now = check_difference(engine, model)
-    if not now <= 2 * built + TOLERANCE:
-        raise EngineError(f"it differs from the plain model by {now:.3g} on the check batch, "
-                          f"{built:.3g} when it was built")
+    built = meta["check_difference"]
+    if isinstance(built, bool) or not isinstance(built, (int, float)) or not 0 <= built < math.inf:
+        raise EngineError(f"its recorded check difference {short(repr(built))} is not a measurement")
+    check_reduced(engine, model, within=2 * built + TOLERANCE)
     engine.report = PrecisionReport(**meta["report"])
 
 

@@ -13,7 +13,7 @@ import torch
 
 from ..onnx_graph import onnx_bytes
 from .base import Engine, EngineError, Model
-from .cache import EngineCache, build_cached, entry_key
+from .cache import EngineCache, build_cached
 from .calibration import CalibrationSet
 
 logger = logging.getLogger("cvt")
@@ -28,7 +28,7 @@ def build_exported(engine_class: type[Engine], model: Model, *, file: str, versi
     files. `version` is the runtime's, `key_facts` any other facts the build depends on."""
     if precision == "int8" and calibration is None:
         raise EngineError("int8 needs calibration images: calibration='folder' (--calibration DIR)")
-    key = entry_key(model, runtime=engine_class.name, version=version, precision=precision,
+    key = cache.key(model, runtime=engine_class.name, version=version, precision=precision,
                     image_size=image_size, calibration=calibration.digest if calibration else None,
                     **key_facts)
 
