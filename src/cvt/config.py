@@ -279,6 +279,12 @@ class CvtConfig(PreTrainedConfig):
         """The fields CvT adds to transformers' config (the architecture and its activation)."""
         return tuple(CvtConfig.__annotations__)
 
+    def architecture(self) -> dict[str, Any]:
+        """The architecture as plain JSON values (`architecture_fields`): what a model's shapes
+        and computation depend on, without its labels or where it was loaded from."""
+        return {name: list(value) if isinstance(value, tuple) else value
+                for name, value in ((name, getattr(self, name)) for name in self.architecture_fields())}
+
     @property
     def num_stages(self) -> int:
         return len(self.depth)

@@ -117,7 +117,7 @@ def choice_key(model: Model, device: torch.device, image_size: tuple[int, int], 
     """What the speed depends on: the architecture (not the weights or labels), the input,
     the device and CPU, the threads every engine runs on, `compile`, and the versions of cvt,
     torch and the runtimes."""
-    config = {k: v for k, v in model.config.to_dict().items() if k not in ("id2label", "label2id")}
+    config = model.config.architecture()
     versions = {name: installed_version(name) for name in (DISTRIBUTION, "torch", *names)}
     description = json.dumps({"auto": config, "class": type(model).__name__, "image_size": image_size,
                               "batch": batch, "device": device.type, "cpu": cpu_description(),

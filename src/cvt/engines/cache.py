@@ -131,7 +131,8 @@ class EngineCache:
         if id(model) not in self._digests:
             self._digests[id(model)] = (model, weights_digest(model))  # the model kept: its id stays its own
         description = json.dumps({
-            "weights": self._digests[id(model)][1], "config": model.config.to_dict(),
+            "weights": self._digests[id(model)][1], "config": model.config.architecture(),
+            "labels": model.config.id2label,
             "class": type(model).__name__, "cvt": installed_version(DISTRIBUTION), "cpu": cpu_description(),
             **facts,
         }, sort_keys=True, default=str)

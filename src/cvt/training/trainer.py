@@ -292,8 +292,7 @@ def _identity(options: TrainOptions, recipe: Recipe, config: CvtConfig, processo
     """What a saved state must agree with to be resumed (RESUME_COMPARED), as plain values."""
     recipe_fields = {k: list(v) if isinstance(v, tuple) else v
                      for k, v in dataclasses.asdict(recipe).items() if k not in ("lr", "lr_batch")}
-    architecture = {k: list(v) if isinstance(v, tuple) else v
-                    for k, v in ((k, getattr(config, k)) for k in config.architecture_fields())}
+    architecture = config.architecture()
     preprocessing = {k: list(v) if isinstance(v, tuple) else v
                      for k, v in dataclasses.asdict(processor).items() if k != "size"}
     return {
