@@ -471,4 +471,4 @@ def test_cvt_demo_reaches_ninety_percent_offline(tmp_path, capsys):
     assert max(r["val_top1"] for r in epochs) == pytest.approx(top1, abs=1e-4)  # printed to 4 places
 
     assert cli.main(["demo", "--output-dir", str(out)]) == 2  # an existing run is never overwritten
-    assert "already holds a demo run" in capsys.readouterr().err
+    assert "already holds data, best, last, training_state.pt" in capsys.readouterr().err

@@ -4,7 +4,9 @@ its traceback (exit status 3)."""
 
 from __future__ import annotations
 
+import math
 import numbers
+from dataclasses import dataclass
 
 from .constants import DISTRIBUTION, NAME_SHOWN
 
@@ -44,3 +46,40 @@ def check_size(what: str, value: object, limits: tuple[int, int]) -> int:
         raise InvalidValueError(f"{what} must be a positive whole number of pixels, from {low} to {high}; "
                                 f"got {value!r}")
     return int(value)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a setting accepts: whole ones (`whole`) or any finite ones, from `low` (above
+    it with `low_open`) up to `high` (below it with `high_open`). NaN and infinities never are."""
+
+    whole: bool
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: object) -> bool:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral if self.whole else numbers.Real):
+            return False
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        kind = "a whole number" if self.whole else "a number"
+        if self.high == math.inf:
+            return f"{kind} {'above' if self.low_open else 'from'} {self.low:g}" + ("" if self.low_open else " up")
+        if not (self.low_open or self.high_open):
+            return f"{kind} from {self.low:g} to {self.high:g}"
+        low = f"above {self.low:g}" if self.low_open else f"from {self.low:g}"
+        high = f"below {self.high:g}" if self.high_open else f"up to {self.high:g}"
+        return f"{kind} {low}, {high}"
+
+    def check(self, what: str, value: object) -> object:
+        """`value` when it is in the range, else an `InvalidValueError` naming `what` and the range."""
+        if value not in self:
+            raise InvalidValueError(f"{what} must be {self}; got {value!r}")
+        return value

@@ -30,12 +30,14 @@ def cmd_attention(args: argparse.Namespace) -> int:
     from .. import attention
     from ..factory import load
     from ..files import write_atomic
+    from ..predict import check_output
     from ..processing import CvtImageProcessor
 
     if args.head is not None and args.rollout:
         raise UsageError("give --head or --rollout, not both")
     if Path(args.output).suffix.lower() != ".png":
         raise UsageError(f"--output must be a .png file, got {args.output}")
+    check_output(Path(args.output), args.model, [Path(args.image)])
     model = load(args.model)
     maps = attention.attention_maps(model, args.image, CvtImageProcessor.for_model(args.model, args.image_size))
     which = "rollout" if args.rollout else ("mean" if args.head is None else args.head)

@@ -1,6 +1,7 @@
 """What several commands share: the usage error, the --engine/--precision/--calibration options,
-the pixel sizes (--image-size, --size) bounded before a command runs, the library's messages on
-stderr while a command runs, and the input size a checkpoint's preprocessing gives."""
+numbers parsed within their range, the pixel sizes (--image-size, --size) bounded before a
+command runs, the library's messages on stderr while a command runs, and the input size a
+checkpoint's preprocessing gives."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import argparse
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ..constants import ENGINE_PRECISIONS, ENGINES, IMAGE_SIZE_RANGE, PICTURE_SIZE_RANGE
-from ..errors import CvtError, check_size
+from ..errors import CvtError, Range, check_size
 
 
 class UsageError(CvtError):
@@ -27,6 +28,22 @@ def check_sizes(args: argparse.Namespace) -> None:
     for dest, (option, limits) in BOUNDED_SIZES.items():
         if getattr(args, dest, None) is not None:
             check_size(option, getattr(args, dest), limits)
+
+
+def bounded(limits: Range) -> Callable[[str], int | float]:
+    """An argparse type: the option's number, refused by argparse (one line naming the option and
+    `limits`, exit status 2) when it is not a number within `limits` (0 images, a NaN rate)."""
+    def parse(text: str) -> int | float:
+        try:
+            value = int(text) if limits.whole else float(text)
+        except ValueError:
+            value = None
+        if value not in limits:
+            raise argparse.ArgumentTypeError(f"must be {limits}; got {text!r}")
+        return value
+
+    parse.__name__ = "whole number" if limits.whole else "number"
+    return parse
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
