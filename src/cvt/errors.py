@@ -23,6 +23,35 @@ class CheckpointError(InvalidValueError):
     """A checkpoint that cannot be used: unreadable, of another model, or not matching the config."""
 
 
+# cvt's optional packages, by the top-level module cvt imports, and the extra that installs each
+EXTRAS = {
+    "sklearn": "train", "matplotlib": "train", "torchvision": "train", "datasets": "hf",
+    "tensorflow": "tf", "keras": "tf", "ai_edge_litert": "tf",
+    "onnx": "export", "onnxscript": "export", "onnxruntime": "onnxruntime", "openvino": "openvino",
+    "nncf": "openvino", "pyarrow": "parquet", "ray": "ray", "fastapi": "serve", "multipart": "serve",
+    "psutil": "serve", "transformers": "bench",
+}
+
+
+class MissingExtraError(CvtError, ImportError):
+    """One of cvt's optional packages is not installed; the message names the extra to install."""
+
+
+def missing_extra(err: ImportError) -> MissingExtraError | None:
+    """`err` as the extra to install, when it (or an ImportError it was raised from) already
+    names one (cvt's own messages) or is one of EXTRAS not being found; None for any other
+    import error (a bug, shown as one)."""
+    while isinstance(err, ImportError):
+        if f'"{DISTRIBUTION}[' in str(err):  # install_hint's words
+            return MissingExtraError(str(err))
+        module = (err.name or "").partition(".")[0]
+        if module in EXTRAS:
+            return MissingExtraError(f"this needs the optional package {module!r}, which is not installed "
+                                     f"({err}): {install_hint(EXTRAS[module])}")
+        err = err.__cause__
+    return None
+
+
 def install_hint(extra: str | None = None) -> str:
     """The pip command that installs cvt with an optional extra, for messages about a missing one
     (PyPI's `cvt` is another project, which also imports as `cvt`: ours is DISTRIBUTION)."""
