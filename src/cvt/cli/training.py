@@ -17,6 +17,11 @@ from .common import add_engine_arguments, bounded, messages_on_stderr
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    _add_train(sub)
+    _add_eval_and_demo(sub)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     tr = sub.add_parser("train", help="fine-tune or train a CvT on labelled images (torchrun for DDP)",
                         description="Fine-tune a checkpoint or train a variant from scratch. Recipe "
                                     "values are overridden by the options given.")
@@ -76,6 +81,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     help="save the state and stop after step N (continue later with --resume)")
     tr.set_defaults(run=cmd_train)
 
+
+def _add_eval_and_demo(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="top-1/top-5/loss and per-class accuracy of a model on labelled images")
     ev.add_argument("--model", required=True, help="checkpoint folder, weights file, hub id or "
                     "variant name (cvt-13: its published weights)")
