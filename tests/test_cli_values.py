@@ -87,13 +87,13 @@ def test_the_library_refuses_them_too_before_anything_is_written(tmp_path, chang
 
 
 # ------------------------------------------------------------------------------ export
-def test_a_fixed_export_batch_is_bounded_before_anything_is_allocated() -> None:
+def test_a_fixed_export_batch_is_bounded_before_anything_is_allocated(tmp_path) -> None:
     model = cvt.CvtForImageClassification(tiny_config()).eval()
     low, high = EXPORT_BATCH_RANGE
     for batch in (high + 1, 2_000_000, 0):
         with pytest.raises(InvalidValueError, match=f"batch_size must be a whole number from {low} to {high}"):
-            export.export_onnx(model, "never-written.onnx", image_size=64, batch_size=batch)
-    assert not Path("never-written.onnx").exists()
+            export.export_onnx(model, tmp_path / "model.onnx", image_size=64, batch_size=batch)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.subprocess
