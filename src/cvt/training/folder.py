@@ -103,14 +103,20 @@ def _holder() -> dict[str, Any]:
 def _read_record(out: Path) -> dict[str, Any]:
     """The folder's record; {} when it is missing, not a small regular file (a planted link to
     /dev/zero would never end) or not a JSON object."""
-    path = out / RECORD_NAME
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        info = os.lstat(path)
+        fd = os.open(out / RECORD_NAME, flags)
+    except OSError:  # missing, or a link (O_NOFOLLOW)
+        return {}
+    try:
+        info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_RECORD_BYTES:
             return {}
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(os.read(fd, MAX_RECORD_BYTES + 1).decode("utf-8"))
     except (OSError, ValueError):
         return {}
+    finally:
+        os.close(fd)
     return data if isinstance(data, dict) else {}
 
 
