@@ -15,8 +15,8 @@ TensorFlow, transformers) only when it runs, so `cvt --help` and `cvt COMMAND --
 once. Each command is a small function from parsed arguments to an exit status. The error
 policy: an expected error (one of cvt's error classes, all derived from `cvt.errors.CvtError`, a
 file-system error, or a missing optional package, named with the extra that installs it) is one
-line (`cvt: error: ...`), exit status 2; exit status 1 means some
-inputs failed (the others were done); anything else is a bug: its traceback, exit status 3.
+line (`cvt: error: ...`), exit status 2; exit status 1 means some inputs failed (the others
+were done); anything else is a bug: its traceback, exit status 3.
 Ctrl-C is exit status 130. `cvt --debug ...` shows the traceback of every error.
 """
 

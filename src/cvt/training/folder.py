@@ -1,7 +1,7 @@
 """A training run's --output-dir is the run's alone.
 
-A run holds a lock on the folder while it runs (`filelock` on LOCK_NAME: flock on Unix and macOS,
-LockFileEx on Windows); a second run into the same folder is refused at once, naming the holder
+A run holds a lock on the folder while it runs (`filelock` on LOCK_NAME: the operating system's
+file lock on Linux, macOS and Windows alike); a second run into the same folder is refused at once, naming the holder
 that RECORD_NAME records (its process and host, and whether a cvt run started there and saved a
 state). The lock file is never followed when it is a symbolic link: nothing outside the folder
 is created or truncated. Before the first step every path the run will write is checked (best/
