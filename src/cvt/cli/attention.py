@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..constants import PICTURE_SIZE_RANGE
 from .common import UsageError
 
 
@@ -20,7 +21,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     att.add_argument("--output", required=True, help="the PNG file to write")
     att.add_argument("--head", type=int, help="draw this head of the last layer (default: the mean over heads)")
     att.add_argument("--rollout", action="store_true", help="draw attention rollout through the stage's layers")
-    att.add_argument("--size", type=int, help="output width and height in pixels (default: the model's input size)")
+    att.add_argument("--size", type=int, help=f"output width and height in pixels, {PICTURE_SIZE_RANGE[0]} to "
+                     f"{PICTURE_SIZE_RANGE[1]} (what drawing fits in about 0.55 GB; default: the model's input size)")
     att.add_argument("--image-size", type=int, help="input size (default: the model's own preprocessing; "
                      "needed for a weights file, which carries none)")
     att.set_defaults(run=cmd_attention)
