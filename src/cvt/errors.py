@@ -71,7 +71,7 @@ def check_size(what: str, value: object, limits: tuple[int, int]) -> int:
     """`value` as an int when it is a whole number within `limits`, else an `InvalidValueError`
     naming the range (0 and negatives are errors, never "not given")."""
     low, high = limits
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+    if value not in Range(True, low, high):
         raise InvalidValueError(f"{what} must be a positive whole number of pixels, from {low} to {high}; "
                                 f"got {value!r}")
     return int(value)
