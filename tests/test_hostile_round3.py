@@ -135,7 +135,7 @@ def test_a_numpy_array_given_to_an_engine_is_refused_naming_what_to_pass() -> No
 def test_attention_size_is_bounded_before_anything_is_drawn(capsys) -> None:
     for size in ("100000", "0", "-5"):
         line = one_line_error(capsys, ["attention", "m", "i.png", "--output", "o.png", "--size", size])
-        assert "--size must be a positive whole number of pixels, from 1 to 8192" in line
+        assert "--size must be a positive whole number of pixels, from 1 to 2048" in line
 
 
 @pytest.mark.parametrize("command", [["predict", "m", "photos"], ["info", "cvt-13"], ["eval", "--model", "m", "--data", "d"],

@@ -5,6 +5,7 @@ that never saved starts again in place; data of one class is refused."""
 
 from __future__ import annotations
 
+import errno
 import shutil
 from pathlib import Path
 
@@ -13,8 +14,8 @@ import torch
 
 from cvt import cli
 from cvt.training import TrainOptions, train
-from cvt.training.folder import LOCK_NAME
-from cvt.training.state import STATE_NAME, load_state, save_state
+from cvt.training.folder import LOCK_NAME, RECORD_NAME
+from cvt.training.state import STATE_NAME, StateWriteError, load_state, save_state
 from cvt.training.trainer import RESUME_COMPARED, RESUME_NEUTRAL
 
 from conftest import as_args, assert_close_to_scale, make_folder, make_model_folder, read_metrics, read_weights, tiny_config
@@ -135,12 +136,12 @@ def test_failed_save_keeps_the_previous_state_and_leftovers_are_removed(paused, 
     good = out / STATE_NAME
     good_bytes = good.read_bytes()
 
-    def dying_save(obj, path):  # writes half a state, then the disk is full
-        Path(path).write_bytes(good_bytes[: len(good_bytes) // 2])
-        raise OSError("No space left on device")
+    def dying_save(obj, f):  # writes half a state, then the disk is full
+        f.write(good_bytes[: len(good_bytes) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("cvt.training.state.torch.save", dying_save)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(StateWriteError, match="No space left on device.*previous state .* is intact"):
         train(TrainOptions(**options, resume=True, save_every=1))
     monkeypatch.undo()
     assert good.read_bytes() == good_bytes and load_state(good)["step"] == 1
@@ -183,8 +184,8 @@ def test_a_run_killed_before_its_first_save_starts_again_in_place(tmp_path, monk
     assert "stopped before its first saved state; start it again without --resume" in capsys.readouterr().err
     assert cli.main(as_args(options)) == 0
     assert [r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r] == [1, 2, 3]
-    # no temporary file is left; the lock file stays (it says a cvt run started there)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")) == [LOCK_NAME]
+    # no temporary file is left; the lock file and its record (a cvt run started there) stay
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")) == [RECORD_NAME, LOCK_NAME]
     # once it has a state, starting over is refused again (nothing is clobbered)
     assert cli.main(as_args(options)) == 2 and "already holds a training run" in capsys.readouterr().err
 

@@ -4,6 +4,7 @@ bad data is reported and skipped, a new head replaces only the head, and the pie
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -23,7 +24,7 @@ from cvt.training.data import split
 from cvt.training.demo import write_digits
 from cvt.training.optim import WarmupCosine, parameter_groups
 from cvt.training.recipes import RECIPES
-from cvt.training.state import STATE_NAME, load_state, save_state
+from cvt.training.state import STATE_NAME, StateWriteError, load_state, save_state
 
 from conftest import (REPO_ROOT, TRAIN_IMAGE_SIZE, make_folder, make_model_folder, read_metrics,
                       read_weights, tiny_config)
@@ -158,12 +159,12 @@ def test_truncated_state_is_refused_and_a_failed_save_keeps_the_previous_state(t
     good = state_path.read_bytes()
 
     # a save that dies half-way (disk full, killed) leaves the previous state untouched
-    def dying_save(obj, path):
-        Path(path).write_bytes(good[: len(good) // 2])
-        raise OSError("No space left on device")
+    def dying_save(obj, f):
+        f.write(good[: len(good) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("cvt.training.state.torch.save", dying_save)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(StateWriteError, match="No space left on device.*previous state .* is intact"):
         save_state(state_path, {"step": 99, "model": {}})
     monkeypatch.undo()
     assert state_path.read_bytes() == good
@@ -471,4 +472,4 @@ def test_cvt_demo_reaches_ninety_percent_offline(tmp_path, capsys):
     assert max(r["val_top1"] for r in epochs) == pytest.approx(top1, abs=1e-4)  # printed to 4 places
 
     assert cli.main(["demo", "--output-dir", str(out)]) == 2  # an existing run is never overwritten
-    assert "already holds a demo run" in capsys.readouterr().err
+    assert "already holds data, best, last, training_state.pt" in capsys.readouterr().err

@@ -28,7 +28,14 @@ PREDICT_FORMATS = ("table", "json", "jsonl", "csv", "parquet")
 # an input's height and width (--image-size, image_size=, an engine's build check) and the
 # picture `cvt attention --size` draws
 IMAGE_SIZE_RANGE = (1, 1024)
-PICTURE_SIZE_RANGE = (1, 8192)
+# `cvt attention` draws in float64 arrays, about 130 bytes per output pixel: 2048 x 2048 stays
+# near 0.55 GB (8192 x 8192 took 9 GB)
+PICTURE_SIZE_RANGE = (1, 2048)
+
+# a fixed batch `cvt export --batch-size` writes: its check runs the model on a batch that size
+# (CvT-13 at 224 pixels: about 14 MB an image, under 1 GB at 64); a dynamic batch axis, the
+# default, serves any batch
+EXPORT_BATCH_RANGE = (1, 64)
 
 # how much of a long name (a model name, a path) a message shows at each end
 NAME_SHOWN = 60

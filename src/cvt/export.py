@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from .config import pixel_values_problem
-from .constants import TOLERANCE
-from .errors import CvtError, InvalidValueError, install_hint
+from .constants import EXPORT_BATCH_RANGE, TOLERANCE
+from .errors import CvtError, InvalidValueError, Range, install_hint
 from .files import folders_made_for, kept_mode, write_bytes
 from .modeling import CvtForImageClassification, CvtModel
 from .onnx_graph import (INPUT_NAME, TensorOutputs, compile_openvino, eval_mode, min_dynamic_size,
@@ -59,8 +59,10 @@ def export_onnx(model: CvtModel | CvtForImageClassification, path: str | os.Path
     last stage has a cls token, `cls_token_value` (CvtModel). The batch axis is symbolic
     (`batch`) unless `batch_size` fixes it. With `dynamic_size`, height and width are symbolic
     too (`height`, `width`): `image_size` is then only the size traced and checked, and the file
-    serves any size from `min_dynamic_size(model.config)` up. `opset` defaults to torch's default
-    opset. The model is exported in eval mode (its mode is restored afterwards).
+    serves any size from `min_dynamic_size(model.config)` up; a fixed `batch_size` is bounded by
+    `cvt.constants.EXPORT_BATCH_RANGE`. `opset` defaults to torch's default opset; one torch
+    cannot write the model at (it would silently write another) is an `InvalidValueError`. The
+    model is exported in eval mode (its mode is restored afterwards).
 
     With `check` (needs onnxruntime), the file is run with onnxruntime on a random batch (3
     images when the batch axis is dynamic: not the 2 it was traced with) and compared with the
@@ -76,9 +78,10 @@ def export_onnx(model: CvtModel | CvtForImageClassification, path: str | os.Path
         raise InvalidValueError(f"export a float32 model (model.float()); this one is {dtype}, which the "
                          f"onnxruntime check cannot compare to 1e-4")
     height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                   or batch_size < 1):
-        raise InvalidValueError(f"batch_size must be a positive integer or None (dynamic), got {batch_size!r}")
+    if batch_size is not None and batch_size not in Range(True, *EXPORT_BATCH_RANGE):
+        raise InvalidValueError(f"batch_size must be {Range(True, *EXPORT_BATCH_RANGE)} (the check runs the model "
+                                f"on a batch that size), or None for a dynamic batch axis, which serves any "
+                                f"batch; got {batch_size!r}")
     problem = pixel_values_problem(model.config, (batch_size or 2, model.config.num_channels, height, width),
                                    training=False)
     if problem:
@@ -92,6 +95,10 @@ def export_onnx(model: CvtModel | CvtForImageClassification, path: str | os.Path
         sizes.append((smallest, smallest + 1))
     _require_exporter(check)
     data = onnx_bytes(model, (height, width), batch_size=batch_size, opset=opset, dynamic_size=dynamic_size)
+    if opset is not None and _opset_of(data) != opset:  # torch falls back to an opset it can write
+        raise InvalidValueError(f"opset {opset}: torch's ONNX exporter cannot write this model at that opset "
+                                f"(it wrote opset {_opset_of(data)}); ask for one it writes, such as "
+                                f"{_opset_of(data)}; nothing was written")
     difference = None
     if check:
         difference = max(_check(model, data, output_names(model), batch_size or 3, *size) for size in sizes)

@@ -33,7 +33,7 @@ from .files import TEXT_ERRORS, write_atomic
 from .inference import pipeline
 from .predictions import ParquetRows, Row, jsonl_line, to_row
 from .processing import CvtImageProcessor
-from .errors import InvalidValueError
+from .errors import InvalidValueError, short
 
 STREAMING = ("jsonl", "csv", "parquet")  # rows written as they arrive, to a temporary file named at the start
 MAX_PATH_COLUMN = 60  # the table's path column grows to the longest path, up to this
@@ -54,8 +54,8 @@ def run(model: str, inputs: Sequence[str], *, top_k: int = 5, batch_size: int = 
     if workers is not None and ray is None:
         raise InvalidValueError("--workers is the number of Ray actors: give --ray as well")
     paths = find_images(inputs)
-    if output is not None and Path(output).resolve() in {p.resolve() for p in paths}:
-        raise InvalidValueError(f"--output {output} is one of the input images and would be overwritten")
+    if output is not None:
+        check_output(Path(output), model, paths)
     processor = CvtImageProcessor.for_model(model, image_size)  # checked here, before any work starts
     settings = dict(top_k=top_k, batch_size=batch_size, device=device, engine=engine,
                     precision=precision, calibration=calibration)
@@ -74,6 +74,20 @@ def run(model: str, inputs: Sequence[str], *, top_k: int = 5, batch_size: int = 
     if done < len(paths):
         raise KeyboardInterrupt(f"after {done} of {len(paths)} files")
     return 1 if failures else 0
+
+
+def check_output(output: Path, model: str, paths: list[Path]) -> None:
+    """Before anything is read or written: the results never go over what the run reads, an
+    input image, the model's weights file, or a file in its folder (a new file there could
+    change which weights the folder holds)."""
+    target = output.resolve()
+    if target in {p.resolve() for p in paths}:
+        raise InvalidValueError(f"--output {short(output)} is one of the input images and would be overwritten")
+    source = Path(model).resolve() if model and Path(model).exists() else None
+    if source is not None and (target == source or (source.is_dir() and target.is_relative_to(source))):
+        what = "the model's weights file" if target == source else f"in the model folder {short(model)}"
+        raise InvalidValueError(f"--output {short(output)} is {what}, which this run reads; write the "
+                                f"results elsewhere")
 
 
 def _write(rows: Iterable[Row], paths: list[Path], fmt: str, output: str | None) -> tuple[int, int]:

@@ -13,9 +13,10 @@
 Building the parser imports no torch: a command imports what it runs (torch, the runtimes,
 TensorFlow, transformers) only when it runs, so `cvt --help` and `cvt COMMAND --help` start at
 once. Each command is a small function from parsed arguments to an exit status. The error
-policy: an expected error (one of cvt's error classes, all derived from `cvt.errors.CvtError`, or
-a file-system error) is one line (`cvt: error: ...`), exit status 2; exit status 1 means some
-inputs failed (the others were done); anything else is a bug: its traceback, exit status 3.
+policy: an expected error (one of cvt's error classes, all derived from `cvt.errors.CvtError`, a
+file-system error, or a missing optional package, named with the extra that installs it) is one
+line (`cvt: error: ...`), exit status 2; exit status 1 means some inputs failed (the others
+were done); anything else is a bug: its traceback, exit status 3.
 Ctrl-C is exit status 130. `cvt --debug ...` shows the traceback of every error.
 """
 
@@ -28,7 +29,7 @@ import traceback
 from collections.abc import Sequence
 
 from .. import __version__
-from ..errors import CvtError, short
+from ..errors import CvtError, missing_extra, short
 from . import attention, bench, export, models, predict, serve, training
 from .common import UsageError, check_sizes, progress_bars_on_a_terminal_only, stdout_writes_any_text
 
@@ -65,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cvt: interrupted{f' {err}' if str(err) else ''}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:
+        if isinstance(err, ImportError):
+            err = missing_extra(err) or err
         expected = isinstance(err, EXPECTED_ERRORS)
         if args.debug or not expected:
             traceback.print_exc()

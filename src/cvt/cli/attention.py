@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..constants import PICTURE_SIZE_RANGE
 from .common import UsageError
 
 
@@ -20,7 +21,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     att.add_argument("--output", required=True, help="the PNG file to write")
     att.add_argument("--head", type=int, help="draw this head of the last layer (default: the mean over heads)")
     att.add_argument("--rollout", action="store_true", help="draw attention rollout through the stage's layers")
-    att.add_argument("--size", type=int, help="output width and height in pixels (default: the model's input size)")
+    att.add_argument("--size", type=int, help=f"output width and height in pixels, {PICTURE_SIZE_RANGE[0]} to "
+                     f"{PICTURE_SIZE_RANGE[1]} (what drawing fits in about 0.55 GB; default: the model's input size)")
     att.add_argument("--image-size", type=int, help="input size (default: the model's own preprocessing; "
                      "needed for a weights file, which carries none)")
     att.set_defaults(run=cmd_attention)
@@ -30,12 +32,14 @@ def cmd_attention(args: argparse.Namespace) -> int:
     from .. import attention
     from ..factory import load
     from ..files import write_atomic
+    from ..predict import check_output
     from ..processing import CvtImageProcessor
 
     if args.head is not None and args.rollout:
         raise UsageError("give --head or --rollout, not both")
     if Path(args.output).suffix.lower() != ".png":
         raise UsageError(f"--output must be a .png file, got {args.output}")
+    check_output(Path(args.output), args.model, [Path(args.image)])
     model = load(args.model)
     maps = attention.attention_maps(model, args.image, CvtImageProcessor.for_model(args.model, args.image_size))
     which = "rollout" if args.rollout else ("mean" if args.head is None else args.head)

@@ -1,7 +1,7 @@
 """What several commands share: the usage error, the --engine/--precision/--calibration options,
-the pixel sizes (--image-size, --size) bounded before a command runs, the library's messages on
-stderr while a command runs, stdout that writes any text, SIGTERM as an interrupt, and the input
-size a checkpoint's preprocessing gives."""
+numbers parsed within their range, the pixel sizes (--image-size, --size) bounded before a
+command runs, the library's messages on stderr while a command runs, stdout that writes any
+text, SIGTERM as an interrupt, and the input size a checkpoint's preprocessing gives."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ..constants import ENGINE_PRECISIONS, ENGINES, IMAGE_SIZE_RANGE, PICTURE_SIZE_RANGE
-from ..errors import CvtError, check_size
+from ..errors import CvtError, Range, check_size
 from ..files import TEXT_ERRORS
 
 
@@ -31,6 +31,22 @@ def check_sizes(args: argparse.Namespace) -> None:
     for dest, (option, limits) in BOUNDED_SIZES.items():
         if getattr(args, dest, None) is not None:
             check_size(option, getattr(args, dest), limits)
+
+
+def bounded(limits: Range) -> Callable[[str], int | float]:
+    """An argparse type: the option's number, refused by argparse (one line naming the option and
+    `limits`, exit status 2) when it is not a number within `limits` (0 images, a NaN rate)."""
+    def parse(text: str) -> int | float:
+        try:
+            value = int(text) if limits.whole else float(text)
+        except ValueError:
+            value = None
+        if value not in limits:
+            raise argparse.ArgumentTypeError(f"must be {limits}; got {text!r}")
+        return value
+
+    parse.__name__ = "whole number" if limits.whole else "number"
+    return parse
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:

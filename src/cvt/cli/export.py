@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import UsageError, processor_image_size
+from ..constants import EXPORT_BATCH_RANGE
+from ..errors import Range
+from .common import UsageError, bounded, processor_image_size
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -20,10 +22,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                      "with the .bin beside it; .tflite)")
     exp.add_argument("--format", choices=("onnx", "openvino", "tflite"), default="onnx", help="default: onnx")
     exp.add_argument("--image-size", type=int, help="input height and width (default: the model's own, else 224)")
-    exp.add_argument("--batch-size", type=int, help="fix the batch size (default: a dynamic batch axis)")
+    exp.add_argument("--batch-size", type=bounded(Range(True, *EXPORT_BATCH_RANGE)),
+                     help=f"fix the batch size, {EXPORT_BATCH_RANGE[0]} to {EXPORT_BATCH_RANGE[1]} (the check runs "
+                     f"the model on a batch that size; default: a dynamic batch axis, which serves any)")
     exp.add_argument("--dynamic-size", action="store_true", help="symbolic height and width: one file "
                      "serves several input sizes (--image-size is then the size traced and checked)")
-    exp.add_argument("--opset", type=int, help="ONNX opset (default: torch's)")
+    exp.add_argument("--opset", type=bounded(Range(True, 1)), help="ONNX opset (default: torch's; one torch "
+                     "cannot write the model at is refused, nothing written)")
     exp.add_argument("--no-check", action="store_true", help="skip the check of the written file's outputs")
     exp.set_defaults(run=cmd_export)
 

@@ -12,11 +12,16 @@ import os
 from pathlib import Path
 
 from ..constants import TRAINING_PRECISIONS
-from ..training.recipes import RECIPES
-from .common import add_engine_arguments, messages_on_stderr
+from ..training.recipes import BOUNDS, RECIPES
+from .common import add_engine_arguments, bounded, messages_on_stderr
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    _add_train(sub)
+    _add_eval_and_demo(sub)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     tr = sub.add_parser("train", help="fine-tune or train a CvT on labelled images (torchrun for DDP)",
                         description="Fine-tune a checkpoint or train a variant from scratch. Recipe "
                                     "values are overridden by the options given.")
@@ -30,44 +35,54 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                          "path,label, or hf:<datasets name or saved folder>")
     tr.add_argument("--output-dir", required=True, type=Path, help="where best/, last/, metrics go")
     tr.add_argument("--val-data", help="separate validation data (any layout --data accepts)")
-    tr.add_argument("--val-split", type=float, default=0.1,
+    tr.add_argument("--val-split", type=_number("val_split"), default=0.1,
                     help="fraction of each class held out when the data has no validation part "
                          "(default 0.1; 0: no validation)")
     tr.add_argument("--recipe", choices=list(RECIPES), default="finetune",
                     help="finetune (default): short, low learning rate; paper: the original "
                          "ImageNet training from scratch")
-    tr.add_argument("--epochs", type=int, help="passes over the training data (default: the recipe's)")
-    tr.add_argument("--batch-size", type=int, help="images per optimiser step over all processes")
-    tr.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's, scaled by batch)")
-    tr.add_argument("--weight-decay", type=float, help="AdamW weight decay (not on norms, biases, cls tokens)")
-    tr.add_argument("--warmup-epochs", type=float, help="linear learning-rate warm-up before the cosine decay")
-    tr.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing (0: off)")
-    tr.add_argument("--hflip", type=float, help="horizontal flip probability (0 for text, digits)")
-    tr.add_argument("--mixup", type=float, help="MixUp alpha (0: off)")
-    tr.add_argument("--cutmix", type=float, help="CutMix alpha (0: off)")
-    tr.add_argument("--clip-grad", type=float, help="maximum gradient norm")
-    tr.add_argument("--ema-decay", type=float, help="keep an EMA of the weights (e.g. 0.9998)")
+    tr.add_argument("--epochs", type=_number("epochs"),
+                    help="passes over the training data (default: the recipe's)")
+    tr.add_argument("--batch-size", type=_number("batch_size"),
+                    help="images per optimiser step over all processes")
+    tr.add_argument("--lr", type=_number("lr"),
+                    help="peak learning rate (default: the recipe's, scaled by batch)")
+    tr.add_argument("--weight-decay", type=_number("weight_decay"),
+                    help="AdamW weight decay (not on norms, biases, cls tokens)")
+    tr.add_argument("--warmup-epochs", type=_number("warmup_epochs"),
+                    help="linear learning-rate warm-up before the cosine decay")
+    tr.add_argument("--label-smoothing", type=_number("label_smoothing"),
+                    help="cross-entropy label smoothing (0: off)")
+    tr.add_argument("--hflip", type=_number("hflip"), help="horizontal flip probability (0 for text, digits)")
+    tr.add_argument("--mixup", type=_number("mixup"), help="MixUp alpha (0: off)")
+    tr.add_argument("--cutmix", type=_number("cutmix"), help="CutMix alpha (0: off)")
+    tr.add_argument("--clip-grad", type=_number("clip_grad"), help="maximum gradient norm")
+    tr.add_argument("--ema-decay", type=_number("ema_decay"), help="keep an EMA of the weights (e.g. 0.9998)")
     tr.add_argument("--image-size", type=int, help="input size (default: the model's preprocessing)")
-    tr.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation steps")
+    tr.add_argument("--accum-steps", type=_number("accum_steps"), default=1,
+                    help="gradient accumulation steps")
     tr.add_argument("--precision", choices=TRAINING_PRECISIONS, default="fp32",
                     help="bf16: autocast on CPU or GPU; fp16: autocast with a grad scaler (GPU)")
     tr.add_argument("--freeze-backbone", action="store_true", help="train only the head: final LayerNorm and classifier (linear probe)")
     tr.add_argument("--grad-checkpointing", action="store_true",
                     help="recompute each layer in backward: much less memory for one more forward pass")
     tr.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs under torchrun")
-    tr.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+    tr.add_argument("--workers", type=_number("workers"), default=min(4, os.cpu_count() or 1),
                     help="DataLoader worker processes per training process")
     tr.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and "
                     "augmentation (default 0): the same seed gives the same run")
     tr.add_argument("--resume", action="store_true", help="continue the run saved in --output-dir")
-    tr.add_argument("--extend-epochs", type=int, metavar="N",
+    tr.add_argument("--extend-epochs", type=_number("extend_epochs"), metavar="N",
                     help="with --resume: train N epochs more than planned (a finished run too), "
                          "the cosine schedule re-planned over the new total")
-    tr.add_argument("--save-every", type=int, help="also save the resumable state every N steps")
-    tr.add_argument("--stop-at-step", type=int,
+    tr.add_argument("--save-every", type=_number("save_every"),
+                    help="also save the resumable state every N steps")
+    tr.add_argument("--stop-at-step", type=_number("stop_at_step"),
                     help="save the state and stop after step N (continue later with --resume)")
     tr.set_defaults(run=cmd_train)
 
+
+def _add_eval_and_demo(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="top-1/top-5/loss and per-class accuracy of a model on labelled images")
     ev.add_argument("--model", required=True, help="checkpoint folder, weights file, hub id or "
                     "variant name (cvt-13: its published weights)")
@@ -75,8 +90,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     "preprocessing; needed for a weights file, which carries none)")
     ev.add_argument("--data", required=True, help="folder of class subfolders, or any layout train accepts")
     ev.add_argument("--format", choices=("table", "json"), default="table", help="default: table")
-    ev.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    ev.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+    ev.add_argument("--batch-size", type=_number("batch_size"), default=64,
+                    help="images per forward pass (default 64)")
+    ev.add_argument("--workers", type=_number("workers"), default=min(4, os.cpu_count() or 1),
                     help="DataLoader worker processes decoding images")
     add_engine_arguments(ev)
     ev.set_defaults(run=cmd_eval)
@@ -85,14 +101,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                        "evaluate it and classify held-out images")
     demo.add_argument("--output-dir", type=Path, default=Path("cvt-demo"),
                       help="where the data, the run and the plots go (default ./cvt-demo)")
-    demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's)")
-    demo.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+    demo.add_argument("--epochs", type=_number("epochs"), default=None,
+                      help="training epochs (default: the demo's)")
+    demo.add_argument("--workers", type=_number("workers"), default=min(2, os.cpu_count() or 1),
                       help="DataLoader worker processes decoding images")
     demo.set_defaults(run=cmd_demo)
 
 
+def _number(name: str):
+    """The argparse type of the number BOUNDS names: outside its range, one line and exit 2."""
+    return bounded(BOUNDS[name])
+
+
 def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    from ..training.distributed import launch_environment
+
+    return launch_environment()[0] == 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:

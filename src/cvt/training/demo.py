@@ -19,10 +19,11 @@ from PIL import Image
 from ..config import CvtConfig
 from ..inference import pipeline
 from ..modeling import CvtForImageClassification
-from ..weights import CheckpointError
+from ..errors import InvalidValueError, short
+from ..files import require_folder
+from .folder import MODEL_FOLDERS, RECORD_NAME, RUN_FILES
 from .recipes import Recipe
 from .report import format_table, plot_confusion
-from .state import STATE_NAME
 from .trainer import TrainOptions, evaluate_model, train
 
 logger = logging.getLogger("cvt")
@@ -31,6 +32,8 @@ IMAGE_SIZE = 24
 VAL_FRACTION = 0.2
 HELD_OUT_SHOWN = 8
 CONFUSION_NAME = "confusion_matrix.png"
+# everything the demo writes in its --output-dir (the run's files, the data, the plots)
+OUTPUTS = ("data", *MODEL_FOLDERS, *RUN_FILES, RECORD_NAME, CONFUSION_NAME)
 
 # About 0.54 M parameters; stride-2 token embeddings keep 12x12, 6x6 and 3x3 grids at 24 pixels.
 DEMO_CONFIG = CvtConfig(
@@ -72,8 +75,7 @@ def write_digits(root: Path, seed: int = 0) -> list[tuple[Path, str]]:
 def run_demo(output_dir: Path, epochs: int | None = None, workers: int = 2) -> float:
     """Train, evaluate, classify; print what happened; returns the validation top-1 accuracy."""
     output_dir = Path(output_dir)
-    if (output_dir / STATE_NAME).exists():
-        raise CheckpointError(f"{output_dir} already holds a demo run; remove it or pass another --output-dir")
+    _check_outputs(output_dir)
     started = time.perf_counter()
     data = output_dir / "data"
     held_out = write_digits(data)
@@ -104,6 +106,16 @@ def run_demo(output_dir: Path, epochs: int | None = None, workers: int = 2) -> f
           f"training_state.pt data/")
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
     return result.top1
+
+
+def _check_outputs(output_dir: Path) -> None:
+    """Before anything is written: every folder and file the demo writes must be free (an existing
+    data/ would get 1,797 images mixed into it, and trained on)."""
+    require_folder(output_dir, "--output-dir")
+    taken = [name for name in OUTPUTS if (output_dir / name).exists() or (output_dir / name).is_symlink()]
+    if taken:
+        raise InvalidValueError(f"{short(output_dir)} already holds {', '.join(taken)}, which the demo "
+                                f"writes; remove them or pass another --output-dir")
 
 
 def _parameters(config: CvtConfig) -> int:

@@ -2,6 +2,8 @@
 
 Under `torchrun` (WORLD_SIZE > 1) the default process group is started with NCCL when each
 process has a GPU and gloo otherwise. Without it every helper degrades to the single-process case.
+A launcher's variables that no launcher set (a `RANK=1` left in a shell would make the process a
+silent non-main rank) or that are malformed are an error naming them, before anything runs.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from ..errors import InvalidValueError
 
 
 @dataclass(frozen=True)
@@ -47,11 +51,40 @@ class Context:
         return out
 
 
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+RENDEZVOUS_VARIABLES = ("MASTER_ADDR", "MASTER_PORT")  # what torchrun (any launcher) sets beside them
+
+
+def launch_environment() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as a launcher set them ((0, 1, 0) without one). Malformed
+    values, a rank outside the world, or several processes without a launcher's rendezvous
+    address are an `InvalidValueError` naming the variables."""
+    given = {name: os.environ[name] for name in LAUNCH_VARIABLES if name in os.environ}
+    values = {}
+    for name, default in zip(LAUNCH_VARIABLES, (0, 1, 0)):
+        text = given.get(name, str(default)).strip()
+        if not (text.isascii() and text.isdigit()):
+            raise InvalidValueError(f"the environment variable {name}={given[name]!r} is not a whole number "
+                                    f"0 or more; unset it, or start cvt with torchrun")
+        values[name] = int(text)
+    rank, world_size, local_rank = values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"]
+    shown = " ".join(f"{name}={value}" for name, value in given.items())
+    missing = [name for name in RENDEZVOUS_VARIABLES if not os.environ.get(name)]
+    if world_size < 1:
+        why = "a world of no processes"
+    elif rank >= world_size:
+        why = f"rank {rank} is outside a world of {world_size} process{'es' if world_size > 1 else ''}"
+    elif world_size > 1 and missing:
+        why = f"{' and '.join(missing)} not set: no launcher started this process"
+    else:
+        return rank, world_size, local_rank
+    raise InvalidValueError(f"the environment says {shown} ({why}); unset {' and '.join(given)} to run "
+                            f"one process, or start cvt with torchrun")
+
+
 def start() -> Context:
     """The process group if torchrun started us (idempotent), the device and rank."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world_size, local_rank = launch_environment()
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)

@@ -10,7 +10,23 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..errors import InvalidValueError
+from ..errors import InvalidValueError, Range
+
+
+WHOLE, COUNT = Range(True, 0), Range(True, 1)  # 0 or more; 1 or more
+PROBABILITY = Range(False, 0, 1)
+# every number a run takes, by its name (a Recipe field or a `cvt train` option), and what it
+# may be: checked when a Recipe is made and when `cvt train` parses its options, so that NaN, 0
+# or a probability of 7 is a one-line error before any work, never a traceback mid-run
+BOUNDS: dict[str, Range] = {
+    "epochs": COUNT, "batch_size": COUNT, "lr": Range(False, 0, low_open=True), "lr_batch": COUNT,
+    "weight_decay": Range(False, 0), "warmup_epochs": Range(False, 0), "warmup_lr": Range(False, 0),
+    "min_lr": Range(False, 0), "label_smoothing": Range(False, 0, 1, high_open=True),
+    "hflip": PROBABILITY, "random_erasing": PROBABILITY, "mixup": Range(False, 0), "cutmix": Range(False, 0),
+    "clip_grad": Range(False, 0, low_open=True), "ema_decay": Range(False, 0, 1, high_open=True),
+    "val_split": Range(False, 0, 1, high_open=True), "accum_steps": COUNT, "workers": WHOLE,
+    "save_every": COUNT, "stop_at_step": COUNT, "extend_epochs": COUNT,
+}
 
 
 @dataclass(frozen=True)
@@ -32,6 +48,15 @@ class Recipe:
     cutmix: float  # CutMix alpha (0: off); with both, each batch uses one of them
     clip_grad: float | None  # max gradient norm
     ema_decay: float | None  # exponential moving average of the weights, per optimiser step
+
+    def __post_init__(self) -> None:
+        for name, value in dataclasses.asdict(self).items():
+            if name in BOUNDS and value is not None:
+                BOUNDS[name].check(f"the recipe's {name}", value)
+        low, high = self.crop_scale
+        if not (low in PROBABILITY and high in PROBABILITY and 0 < low <= high):
+            raise InvalidValueError(f"the recipe's crop_scale must be two numbers 0 < low <= high <= 1; "
+                                    f"got {self.crop_scale!r}")
 
     def peak_lr(self, batch_size: int) -> float:
         return self.lr * batch_size / self.lr_batch

@@ -4,6 +4,7 @@ evaluation result with its table."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,10 @@ from typing import Any
 
 import torch
 
+from ..errors import InvalidValueError, short
 from ..files import write_atomic
+
+logger = logging.getLogger("cvt")
 
 METRICS_NAME = "metrics.jsonl"
 CURVES_NAME = "curves.png"
@@ -48,10 +52,24 @@ class MetricsLog:
         self.path = path
 
     def records(self) -> list[dict[str, Any]]:
+        """Every record; a last line that is not one (a write torn by a crash) is left out, with a
+        warning, and a bad line before it is an error naming it (the file is not a run's log)."""
         if not self.path.is_file():
             return []
-        with open(self.path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+        records = []
+        for number, line in lines:
+            record = _record(line)
+            if record is None and number == lines[-1][0]:
+                logger.warning("%s: its last line is not a whole record (a write cut short?); left out",
+                               short(self.path))
+            elif record is None:
+                raise InvalidValueError(f"{short(self.path)}: line {number} is not a JSON record of a "
+                                        f"training run; move the file away or restore it")
+            else:
+                records.append(record)
+        return records
 
     def append(self, record: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,6 +85,15 @@ class MetricsLog:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
 
         write_atomic(self.path, write)
+
+
+def _record(line: str) -> dict[str, Any] | None:
+    """One line of metrics.jsonl as its record, or None when it is not one."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _figure(*args, **kwargs):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..constants import DISTRIBUTION
-from ..errors import short
+from ..errors import CvtError, short
 from ..files import write_atomic
 from ..weights import CheckpointError
 
@@ -46,9 +46,26 @@ class ResumeError(CheckpointError):
     a command that differs from the saved run."""
 
 
+class StateWriteError(CvtError):
+    """The training state could not be written (a full disk); the previous one is left as it was."""
+
+
 def save_state(path: Path, state: dict[str, Any]) -> None:
+    """Write `state` atomically. A failed write (a full disk, a lost mount) is a `StateWriteError`
+    saying what is left: the previous state, intact, or none."""
     state = {**state, "format": STATE_FORMAT, "cvt_version": cvt_version()}
-    write_atomic(path, lambda tmp: torch.save(state, tmp))
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # through Python: a failed write is an OSError, not torch's RuntimeError
+            torch.save(state, f)
+
+    try:
+        write_atomic(path, write)
+    except OSError as err:
+        kept = (f"the previous state in {short(path)} is intact: free some space, then continue with --resume"
+                if path.is_file() else "no earlier state was saved there")
+        raise StateWriteError(f"could not save the training state at step {state.get('step', '?')} "
+                              f"({err.strerror or err}); {kept}") from err
 
 
 def load_state(path: Path) -> dict[str, Any]:
@@ -89,7 +106,10 @@ def written_by(state: dict[str, Any]) -> str:
 
 def _check_format(state: dict[str, Any], shown: str) -> None:
     version = state.get("format", 1)
-    if isinstance(version, bool) or not isinstance(version, int) or version > STATE_FORMAT:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ResumeError(f"cannot resume from {shown}: its state format {version!r} is not one any cvt "
+                          f"writes (formats are whole numbers from 1; this cvt reads 1 to {STATE_FORMAT})")
+    if version > STATE_FORMAT:
         raise ResumeError(f"cannot resume from {shown}: it was written by {written_by(state)}; this is "
                           f"cvt {cvt_version()}, which reads state formats up to {STATE_FORMAT}; "
                           f"resume with a newer cvt")

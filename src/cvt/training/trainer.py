@@ -38,7 +38,7 @@ from .augment import BatchMixer, soft_cross_entropy, train_transform
 from .data import (DataError, LabelledImages, ResumableSampler, ShardSampler, TransformedImages,
                    load_eval_source, load_source, make_loader)
 from .optim import WarmupCosine, WeightEMA, parameter_groups
-from .recipes import Recipe, get_recipe
+from .recipes import BOUNDS, Recipe, get_recipe
 from .report import CURVES_NAME, METRICS_NAME, EvalResult, MetricsLog, plot_curves
 from .folder import RunFolder, check_paths, lock_run_folder, remove_leftovers
 from .state import (STATE_NAME, ResumeError, cvt_version, load_state, rng_state, save_state, set_rng_state,
@@ -166,11 +166,11 @@ def _check_options(options: TrainOptions, device: torch.device) -> None:
         raise InvalidValueError("--precision fp16 needs a GPU (its grad scaler is CUDA-only); on CPU use bf16")
     if options.sync_bn and device.type != "cuda":
         raise InvalidValueError("--sync-bn needs GPUs (SyncBatchNorm runs on CUDA only)")
-    if options.accum_steps < 1:
-        raise InvalidValueError(f"--accum-steps must be 1 or more, got {options.accum_steps}")
-    if options.extend_epochs is not None and (not options.resume or options.extend_epochs < 1):
-        raise InvalidValueError(f"--extend-epochs needs --resume and a positive number of epochs, got "
-                         f"{options.extend_epochs}{'' if options.resume else ' without --resume'}")
+    for name, limits in BOUNDS.items():
+        if getattr(options, name, None) is not None:
+            limits.check(f"--{name.replace('_', '-')}", getattr(options, name))
+    if options.extend_epochs is not None and not options.resume:
+        raise InvalidValueError(f"--extend-epochs {options.extend_epochs} needs --resume")
 
 
 def train(options: TrainOptions) -> EvalResult | None:
@@ -180,7 +180,7 @@ def train(options: TrainOptions) -> EvalResult | None:
     folder = None
     try:
         run = _prepare(options, ctx)
-        folder = lock_run_folder(run.out) if ctx.is_main else None
+        folder = run.folder = lock_run_folder(run.out) if ctx.is_main else None
         _resume(run, folder) if options.resume else _start(run, folder)
         result = None
         while run.step < run.total_steps:
@@ -225,6 +225,7 @@ class _Run:
     identity: dict[str, Any]  # what a saved state must agree with to be resumed
     step: int = 0
     best_top1: float = -1.0
+    folder: RunFolder | None = None  # the locked --output-dir (rank 0)
 
     @property
     def total_steps(self) -> int:
@@ -363,7 +364,7 @@ def _start(run: _Run, folder: RunFolder | None) -> None:
         check_paths(folder, fresh=True)
         folder.claim()
         remove_leftovers(out)
-        if (out / METRICS_NAME).exists():
+        if (out / METRICS_NAME).exists():  # check_paths: of a cvt run started here that never saved
             logger.warning("%s holds the metrics of a run that never saved a state; starting it again",
                            out)
             (out / METRICS_NAME).unlink()
@@ -410,7 +411,7 @@ def _resume(run: _Run, folder: RunFolder | None) -> None:
     _restore(path, "rng", lambda: set_rng_state(state["rng"][run.ctx.rank % len(state["rng"])]))
     run.step, run.best_top1 = state["step"], float(state["best_top1"])
     if folder is not None:
-        folder.claim()
+        folder.claim(saved=True)
         remove_leftovers(run.out)
         run.log.rewind(run.step)
         logger.info("resuming %s at step %d of %d", run.out, run.step, run.total_steps)
@@ -443,6 +444,8 @@ def _save(run: _Run) -> None:
         "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict() if run.scaler is not None else None,
         "ema": run.ema.state_dict() if run.ema is not None else None})
+    if run.folder is not None:
+        run.folder.state_saved()
 
 
 def _train_epoch(run: _Run, epoch: int) -> list[float] | None:
