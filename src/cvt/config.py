@@ -41,6 +41,15 @@ _STAGE_INT_FIELDS = {
     "stride_q": 1,
 }
 _STAGE_RATE_FIELDS = ("attention_drop_rate", "drop_rate", "drop_path_rate")
+
+# What a config may declare. The published CvTs have 3 stages, 24 layers, 1,024 channels and
+# 1,000 classes; the bounds leave room for other designs while keeping what a hostile config.json
+# costs to check (or to build on the meta device, to compare with weights) under a second.
+MAX_STAGES = 16
+MAX_LAYERS = 128  # in all stages together
+MAX_SIZE = 16384  # channels, and any kernel, stride or padding
+MAX_MLP_RATIO = 64.0
+MAX_LABELS = 200_000  # ImageNet-22k has 21,841 classes
 _STAGE_BOOL_FIELDS = ("qkv_bias", "cls_token")
 
 
@@ -113,7 +122,7 @@ class CvtConfig(PreTrainedConfig):
             raise ConfigError(f"CvtConfig: num_labels={num_labels} disagrees with id2label, "
                               f"which has {len(self.id2label)} entries")
         if num_labels is not None:
-            self._check_int("num_labels", num_labels, minimum=0)
+            self._check_int("num_labels", num_labels, minimum=0, maximum=MAX_LABELS)
         self._check_id2label()
         super().__post_init__(**kwargs)
         self.check()
@@ -140,8 +149,19 @@ class CvtConfig(PreTrainedConfig):
         self._check_id2label()
         self.label2id = self._label2id_checked()
 
+    @property
+    def num_labels(self) -> int | None:
+        """The classes `id2label` names (transformers' property)."""
+        return len(self.id2label) if self.id2label is not None else None
+
+    @num_labels.setter
+    def num_labels(self, num_labels: int) -> None:
+        """A new head size relabels `id2label` (LABEL_0, ...), as in transformers; bounded first."""
+        self._check_int("num_labels", num_labels, minimum=0, maximum=MAX_LABELS)
+        PreTrainedConfig.num_labels.fset(self, num_labels)
+
     def _check_scalars(self) -> None:
-        self._check_int("num_channels", self.num_channels, minimum=1)
+        self._check_int("num_channels", self.num_channels, minimum=1, maximum=MAX_SIZE)
         for name in ("initializer_range", "layer_norm_eps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
@@ -154,8 +174,10 @@ class CvtConfig(PreTrainedConfig):
             value = getattr(self, name)
             if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
                 raise ConfigError(
-                    f"CvtConfig.{name} must be a list with one value per stage, got {value!r}"
+                    f"CvtConfig.{name} must be a list with one value per stage, got {short(repr(value))}"
                 )
+            if len(value) > MAX_STAGES:
+                raise ConfigError(f"CvtConfig.{name} has {len(value)} entries: at most {MAX_STAGES} stages")
             if num_stages is None:
                 num_stages = len(value)
             elif len(value) != num_stages:
@@ -170,15 +192,19 @@ class CvtConfig(PreTrainedConfig):
     def _check_stage_values(self) -> None:
         for name, minimum in _STAGE_INT_FIELDS.items():
             for v in getattr(self, name):
-                self._check_int(name, v, minimum)
+                self._check_int(name, v, minimum, maximum=MAX_SIZE)
+        if sum(self.depth) > MAX_LAYERS:
+            raise ConfigError(f"CvtConfig.depth {list(self.depth)} adds up to {sum(self.depth)} layers; "
+                              f"at most {MAX_LAYERS}")
         for name in _STAGE_RATE_FIELDS:
             for v in getattr(self, name):
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
                     raise ConfigError(f"CvtConfig.{name} values must be rates in [0, 1), got {v!r}")
             setattr(self, name, tuple(float(v) for v in getattr(self, name)))
         for v in self.mlp_ratio:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
-                raise ConfigError(f"CvtConfig.mlp_ratio values must be positive finite numbers, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= MAX_MLP_RATIO:
+                raise ConfigError(f"CvtConfig.mlp_ratio values must be positive numbers up to "
+                                  f"{MAX_MLP_RATIO:g}, got {v!r}")
         self.mlp_ratio = tuple(float(v) for v in self.mlp_ratio)
         for name in _STAGE_BOOL_FIELDS:
             for v in getattr(self, name):
@@ -214,12 +240,14 @@ class CvtConfig(PreTrainedConfig):
                 )
 
     @staticmethod
-    def _check_int(name: str, value: Any, minimum: int) -> None:
+    def _check_int(name: str, value: Any, minimum: int, maximum: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"CvtConfig.{name} values must be integers, got {value!r}")
+            raise ConfigError(f"CvtConfig.{name} values must be integers, got {short(repr(value))}")
         if value < minimum:
             kind = "positive" if minimum == 1 else "non-negative"
             raise ConfigError(f"CvtConfig.{name} values must be {kind}, got {value}")
+        if value > maximum:
+            raise ConfigError(f"CvtConfig.{name} values must be at most {maximum:,}, got {value:,}")
 
     def _check_id2label(self) -> None:
         """id2label, when given, names every class index 0..n-1 once (keys may be strings, as
@@ -227,7 +255,9 @@ class CvtConfig(PreTrainedConfig):
         if self.id2label is None:
             return
         if not isinstance(self.id2label, dict):
-            raise ConfigError(f"CvtConfig.id2label must be a mapping, got {self.id2label!r}")
+            raise ConfigError(f"CvtConfig.id2label must be a mapping, got {short(repr(self.id2label))}")
+        if len(self.id2label) > MAX_LABELS:
+            raise ConfigError(f"CvtConfig.id2label names {len(self.id2label):,} classes; at most {MAX_LABELS:,}")
         try:
             indices = {int(k): str(v) for k, v in self.id2label.items()}
         except (TypeError, ValueError):

@@ -63,12 +63,24 @@ M = TypeVar("M", bound=CvtCheckpointModel)
 
 
 # ---------------------------------------------------------------------------------------- reading
+# a checkpoint's JSON files (config, preprocessing, shard index): a 1000-class config is 50 kB
+MAX_JSON_BYTES = 16 * 2**20
+
+
 def read_json(path: str | os.PathLike) -> Any:
+    """A checkpoint's JSON file, refused when it is larger than MAX_JSON_BYTES or nested past
+    what Python's parser can follow, so a hostile file costs little to refuse."""
+    size = os.stat(path).st_size
+    if size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{short(path)} is {size:,} bytes; a checkpoint's JSON file holds at most "
+                              f"{MAX_JSON_BYTES:,}")
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{short(path)} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise CheckpointError(f"{short(path)} is nested too deeply to be a checkpoint's JSON file") from None
 
 
 def read_config(path: str | os.PathLike, **overrides: Any) -> CvtConfig:
@@ -391,8 +403,7 @@ def check_depth_and_width(config: CvtConfig, shapes: Mapping[str, tuple[int, ...
     """Refuse a config whose stage, layer or width counts are not the weights', read from their
     key names and shapes alone (a safetensors header is enough), before any module is built
     (even on the meta device, a config claiming thousands of layers takes minutes to build).
-    Weights of no stage at all are left to `check_keys`, which says they are not a CvT
-    checkpoint."""
+    Weights of no stage at all are no CvT checkpoint, whatever the config claims."""
     layers: dict[int, int] = {}
     widths: dict[int, int] = {}
     for key, shape in shapes.items():
@@ -405,7 +416,9 @@ def check_depth_and_width(config: CvtConfig, shapes: Mapping[str, tuple[int, ...
         elif len(shape) > 0:
             widths[stage] = int(shape[0])
     if not widths:
-        return
+        raise CheckpointError(f"{short(source)} does not look like a CvT checkpoint: none of its "
+                              f"{len(shapes)} weights belongs to a CvT stage (its keys start: "
+                              f"{', '.join(list(shapes)[:5])})")
     stages = max(widths) + 1
     problems = []
     if stages != config.num_stages:
