@@ -57,6 +57,7 @@ def test_config_keeps_extra_keywords_and_saves_like_transformers(tmp_path) -> No
 @pytest.mark.parametrize("dtype_argument", ["dtype", "torch_dtype"])
 def test_from_pretrained_takes_a_dtype(two_class_folder, x, dtype_argument) -> None:
     model, folder = two_class_folder
+    assert CvtForImageClassification.from_pretrained(folder, **{dtype_argument: torch.float16}).dtype == torch.float16
     half = CvtForImageClassification.from_pretrained(folder, **{dtype_argument: torch.bfloat16})
     assert half.dtype == torch.bfloat16 and next(half.parameters()).dtype == torch.bfloat16
     # bf16 keeps 8 bits of mantissa: the logits agree to about a percent of their scale
