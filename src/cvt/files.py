@@ -74,6 +74,26 @@ def kept_mode(path: str | os.PathLike, default: int) -> int:
     return status.st_mode & 0o777 if stat.S_ISREG(status.st_mode) else default
 
 
+def new_file_mode(folder: str | os.PathLike) -> int:
+    """The permission bits a new file gets in `folder` (0666 less the umask)."""
+    probe = Path(folder) / temporary_name("mode")
+    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        return stat.S_IMODE(os.stat(probe).st_mode)
+    finally:
+        probe.unlink()
+
+
+def put_in_place(written: str | os.PathLike, target: str | os.PathLike, new_mode: int) -> None:
+    """Rename a finished file over `target`, durably: with `target`'s permission bits (a 0600
+    file stays 0600; else `new_mode`, since some writers make owner-only files, as safetensors
+    does), fsynced first."""
+    os.chmod(written, kept_mode(target, new_mode))
+    with open(written, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(written, target)
+
+
 @contextlib.contextmanager
 def folders_made_for(path: str | os.PathLike) -> Iterator[None]:
     """Make `path`'s missing parent folders; if the body fails, remove the ones made here
@@ -106,12 +126,9 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         tmp = str(path.parent / temporary_name(path.name))
         os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
         try:
-            mode = kept_mode(path, stat.S_IMODE(os.stat(tmp).st_mode))  # else 0666 less the umask
+            mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0666 less the umask, as open() gives
             write(tmp)
-            os.chmod(tmp, mode)  # some writers replace the file with an owner-only one (safetensors does)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            put_in_place(tmp, path, mode)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

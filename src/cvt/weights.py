@@ -18,7 +18,6 @@ import logging
 import os
 import re
 import shutil
-import stat
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -30,7 +29,7 @@ from torch import Tensor
 from . import convert
 from .config import CvtConfig
 from .errors import CheckpointError, CheckpointMismatchError, short
-from .files import require_folder, write_json
+from .files import new_file_mode, put_in_place, require_folder, write_json
 from .hub import CONFIG_NAME, HUB_ARGUMENTS, Fetch, fetcher, locate
 
 logger = logging.getLogger("cvt")
@@ -573,26 +572,11 @@ def save_staged(folder: str | os.PathLike, save: Callable[[Path], None], config:
             raise CheckpointError(
                 f"{short(folder)} holds weights this save would leave beside the new ones ({', '.join(stale)}); "
                 f"remove them or save to another folder")
-        mode = _new_file_mode(staging)
+        mode = new_file_mode(staging)
         for name in written:
-            target = folder / name
-            os.chmod(staging / name, stat.S_IMODE(target.stat().st_mode) if target.is_file() else mode)
-            with open(staging / name, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(staging / name, target)
+            put_in_place(staging / name, folder / name, mode)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _new_file_mode(folder: Path) -> int:
-    """The permission bits a new file gets here (0666 less the umask): the safetensors writer
-    makes owner-only files, which a saved model should not be."""
-    probe = folder / ".mode"
-    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-    try:
-        return stat.S_IMODE(probe.stat().st_mode)
-    finally:
-        probe.unlink()
 
 
 def save_arrays_pretrained(folder: str | os.PathLike, arrays: Mapping[str, Any], config: CvtConfig,
