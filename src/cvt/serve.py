@@ -354,8 +354,9 @@ def check_options(settings: Settings, host: str, port: int, replicas: int) -> No
         raise InvalidValueError(f"--port must be at most 65535, got {port}")
     if settings.batch_wait_ms < 0:
         raise InvalidValueError(f"--batch-wait-ms must not be negative, got {settings.batch_wait_ms}")
-    for name, value in (("--header-timeout-s", settings.header_timeout_s), ("--body-timeout-s", settings.body_timeout_s),
-                        ("--keep-alive-s", settings.keep_alive_s), ("--max-client-requests", settings.max_client_requests)):
+    limits = {"--header-timeout-s": settings.header_timeout_s, "--body-timeout-s": settings.body_timeout_s,
+              "--keep-alive-s": settings.keep_alive_s, "--max-client-requests": settings.max_client_requests}
+    for name, value in limits.items():
         if not value > 0:
             raise InvalidValueError(f"{name} must be positive, got {value}")
     CvtImageProcessor.for_model(settings.model, settings.image_size)
