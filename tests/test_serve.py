@@ -648,6 +648,67 @@ def test_sigterm_stops_the_service_within_5_s_leaving_no_process(service):
     assert_stops_leaving_nothing(process, log, signal.SIGTERM, whole_group=False)
 
 
+# moments of start-up, by what the command has started by then: Ray's GCS (ray.init then goes on
+# starting the raylet and its agents), Serve's controller or proxy. A tenth of a second later, off
+# the fork that started it: CPython drops an exception raised by a signal handler while it runs
+# the fork's hooks (a window of microseconds a test sending its signal as it sees a new process
+# would hit every time).
+START_UP_MOMENTS = {
+    "starting Ray": lambda names: any("gcs_server" in name for name in names),
+    "starting Serve": lambda names: any("ServeController" in name or "ProxyActor" in name for name in names),
+}
+
+
+@pytest.mark.parametrize("moment", list(START_UP_MOMENTS))
+def test_sigterm_during_start_up_exits_0_within_5_s_leaving_no_process(model_dir, reference, tmp_path, moment):
+    """SIGTERM while Ray starts (whose own handler would exit with status 15, its processes left
+    running) or while Serve deploys: the normal end all the same."""
+    log = tmp_path / "stderr.txt"
+    with open(log, "wb") as err:
+        process = subprocess.Popen([sys.executable, "-m", "cvt", "serve", str(model_dir), "--port", str(free_port())],
+                                   stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    seen: dict[int, psutil.Process] = {}
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline and process.poll() is None:
+            seen.update(descendants(process))
+            if START_UP_MOMENTS[moment]([" ".join(cmdline(p)) for p in seen.values()]):
+                break
+            time.sleep(0.02)
+        time.sleep(0.1)
+        assert process.poll() is None, log.read_text()[-3000:]
+        began = time.monotonic()
+        os.kill(process.pid, signal.SIGTERM)
+        while process.poll() is None and time.monotonic() - began < STOP_TIMEOUT_S + 5:
+            seen.update(descendants(process))  # what it still starts meanwhile
+            time.sleep(0.02)
+        took = time.monotonic() - began
+        _, alive = psutil.wait_procs(list(seen.values()), timeout=max(0.1, STOP_TIMEOUT_S - took))
+        assert process.returncode == 0, (process.returncode, log.read_text()[-3000:])
+        assert took < STOP_TIMEOUT_S, f"stopped in {took:.1f} s"
+        assert not alive, f"still running: {[cmdline(p)[:2] for p in alive]}"
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        for left in seen.values():
+            with contextlib.suppress(psutil.Error):
+                left.kill()
+
+
+def descendants(process: subprocess.Popen) -> dict[int, psutil.Process]:
+    try:
+        return {p.pid: p for p in psutil.Process(process.pid).children(recursive=True)}
+    except psutil.Error:
+        return {}
+
+
+def cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
+
+
 @pytest.mark.slow
 def test_ctrl_c_to_the_process_group_stops_it_too(model_dir, reference, tmp_path):
     """Ray's own processes get the signal too (most of them share the group): the command must

@@ -382,11 +382,9 @@ def run(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, replic
     if address == "local":
         check_port_free(host, port)
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    started = False
+    started = not ray.is_initialized()  # then this call connects (and what it starts is its to stop)
     try:
-        with proxy_environment(settings) if address == "local" else contextlib.nullcontext():
-            started = connect(address)
-        signal.signal(signal.SIGTERM, _interrupt)  # ray.init installs its own
+        _connect(settings, address)
         cpus = int(ray.cluster_resources().get("CPU", 0))
         if address == "local" and replicas > cpus:  # Serve would wait for the CPUs for ever
             raise InvalidValueError(f"--replicas {replicas}: each replica takes a CPU, and this machine "
@@ -404,6 +402,20 @@ def run(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, replic
         _stop(started, private=address == "local")
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _connect(settings: Settings, address: str) -> None:
+    """`connect`, SIGTERM meaning "stop" throughout: `ray.init` installs a handler of its own that
+    exits with status 15 (then the caller's `_stop` ends what it had started)."""
+    try:
+        with proxy_environment(settings) if address == "local" else contextlib.nullcontext():
+            connect(address)
+    except SystemExit as exit_:
+        if exit_.code != signal.SIGTERM:
+            raise
+        raise KeyboardInterrupt(f"by {signal.SIGTERM.name}") from None
+    finally:
+        signal.signal(signal.SIGTERM, _interrupt)
 
 
 @contextlib.contextmanager
