@@ -43,7 +43,8 @@ START_TIMEOUT_S = 180
 STOP_TIMEOUT_S = 5
 # the service's time limits, low so that the tests see them act (the defaults are 10 s, 30 s, 75 s)
 HEADER_TIMEOUT_S, BODY_TIMEOUT_S, KEEP_ALIVE_S = 10, 10, 3
-MAX_CLIENT_REQUESTS = 32  # the default
+MAX_CLIENT_REQUESTS = 64  # over a replica's capacity, so that one address can fill it
+CAPACITY = 32  # the images a replica admits at once: 2 x --max-batch-size (8) + 4, at least 32
 ANSWER_TIMEOUT_S = 5  # a request's time to answer while clients hold connections (the house's floor)
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
@@ -89,7 +90,8 @@ def service(model_dir, reference, tmp_path_factory):
         process = subprocess.Popen([sys.executable, "-m", "cvt", "serve", str(model_dir), "--port", str(port),
                                     "--max-body-mb", str(MAX_BODY_MB), "--batch-wait-ms", "20",
                                     "--header-timeout-s", str(HEADER_TIMEOUT_S), "--body-timeout-s",
-                                    str(BODY_TIMEOUT_S), "--keep-alive-s", str(KEEP_ALIVE_S)],
+                                    str(BODY_TIMEOUT_S), "--keep-alive-s", str(KEEP_ALIVE_S),
+                                    "--max-client-requests", str(MAX_CLIENT_REQUESTS)],
                                    stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -414,11 +416,10 @@ def slow_png() -> bytes:
 
 
 def test_a_saturated_replica_answers_503_with_retry_after_and_health_still_answers(service):
-    """More images at once than a replica admits (2 x --max-batch-size + 4): the others get 503
-    with Retry-After at once, never silence; /health answers meanwhile."""
+    """More images at once than a replica admits: the others get 503 with Retry-After at once,
+    never silence; /health answers meanwhile."""
     url, content = service[0], slow_png()
-    capacity = 2 * 8 + 4
-    clients, answers = capacity + 8, []  # under the 32 requests one address may have in progress
+    clients, answers = CAPACITY + 8, []  # under the requests one address may have in progress
     start = threading.Barrier(clients + 1)
 
     def client() -> None:

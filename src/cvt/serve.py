@@ -64,6 +64,7 @@ APP_NAME = "cvt"
 SHUTDOWN_WAIT_S = 2.0  # how long ray.shutdown may take before what Ray started is killed
 DEFAULT_TOP_K = 5  # the Inference API's default
 OVERLAY_SIZE = 224  # the attention picture's side, unless the model's input is larger
+MIN_CAPACITY = 32  # images a replica admits at once, at least
 ROOM_FOR_QUICK_REQUESTS = 16  # /health, /info and the page, answered beside a replica's full load of images
 RETRY_AFTER_S = 1
 PROXY_CALLBACK = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "cvt.serve_http:install"}
@@ -105,8 +106,9 @@ class Settings:
 
     @property
     def capacity(self) -> int:
-        """The images a replica admits at once: enough to fill two batches."""
-        return 2 * self.max_batch_size + 4
+        """The images a replica admits at once: enough to fill two batches, and a waiting line
+        for a few dozen clients when batches are small."""
+        return max(2 * self.max_batch_size + 4, MIN_CAPACITY)
 
     def http_limits(self) -> HttpLimits:
         return HttpLimits(max_body_bytes=self.max_body_bytes, header_timeout_s=self.header_timeout_s,
