@@ -142,9 +142,11 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             self._head_timer = None
 
     def _head_too_slow(self) -> None:
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._start_head_timer()  # a pipelined head waits for the answer before it: wait on
+            return
         self._head_timer = None
-        if self.cycle is None or self.cycle.response_complete:  # no answer of ours under way
-            self._refuse(408, f"the request's headers took over {self.limits.header_timeout_s:g} s")
+        self._refuse(408, f"the request's headers took over {self.limits.header_timeout_s:g} s")
 
     def _refuse(self, status: int, message: str) -> None:
         """Answer and close, reading on for a while: closed with unread bytes, the connection
