@@ -1,7 +1,9 @@
 """`cvt serve`: one service (the real command, on a private Ray instance, a tiny model, one
-replica) answers as `cvt.pipeline` does, refuses hostile requests with their 4xx and goes on
-answering, draws the attention rollout, shows its page in a real browser (Debian's chromium),
-and stops on SIGTERM within 5 s leaving no process behind. Everything runs on 127.0.0.1."""
+replica) answers as `cvt.pipeline` does, in each of the Inference API's shapes and to
+huggingface_hub's `InferenceClient`, refuses hostile requests with their 4xx and goes on
+answering, bounds what idle, slow and greedy clients hold, says 503 when full, draws the
+attention rollout, shows its page in a real browser (Debian's chromium), and stops on SIGTERM
+within 5 s, start-up included, leaving no process behind. Everything runs on 127.0.0.1."""
 
 from __future__ import annotations
 
