@@ -22,7 +22,7 @@ LAYERS = [
     ["factory", "images", "processing", "onnx_graph", "modeling_tf", "attention"],
     ["engines", "export"],
     ["inference"],
-    ["predictions", "ray"],
+    ["predictions", "ray", "serve_http"],
     ["predict", "training", "keras_data", "serve"],
     ["benchmark"],
     ["cli", "__main__", "__init__"],

@@ -1,11 +1,15 @@
 """`cvt serve`: one service (the real command, on a private Ray instance, a tiny model, one
-replica) answers as `cvt.pipeline` does, refuses hostile requests with their 4xx and goes on
-answering, draws the attention rollout, shows its page in a real browser (Debian's chromium),
-and stops on SIGTERM within 5 s leaving no process behind. Everything runs on 127.0.0.1."""
+replica) answers as `cvt.pipeline` does, in each of the Inference API's shapes and to
+huggingface_hub's `InferenceClient`, refuses hostile requests with their 4xx and goes on
+answering, bounds what idle, slow and greedy clients hold, says 503 when full, draws the
+attention rollout, shows its page in a real browser (Debian's chromium), and stops on SIGTERM
+within 5 s, start-up included, leaving no process behind. Everything runs on 127.0.0.1."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import http.client
 import io
 import json
@@ -20,6 +24,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +43,11 @@ pytestmark = [pytest.mark.subprocess, pytest.mark.xdist_group("serve")]
 MAX_BODY_MB = 1  # a low limit, so that the oversized bodies below are quick to send
 START_TIMEOUT_S = 180
 STOP_TIMEOUT_S = 5
+# the service's time limits, low so that the tests see them act (the defaults are 10 s, 30 s, 75 s)
+HEADER_TIMEOUT_S, BODY_TIMEOUT_S, KEEP_ALIVE_S = 10, 10, 3
+MAX_CLIENT_REQUESTS = 64  # over a replica's capacity, so that one address can fill it
+CAPACITY = 32  # the images a replica admits at once: 2 x --max-batch-size (8) + 4, at least 32
+ANSWER_TIMEOUT_S = 5  # a request's time to answer while clients hold connections (the house's floor)
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 
@@ -80,7 +90,10 @@ def service(model_dir, reference, tmp_path_factory):
     port, log = free_port(), tmp_path_factory.mktemp("serve") / "stderr.txt"
     with open(log, "wb") as err:
         process = subprocess.Popen([sys.executable, "-m", "cvt", "serve", str(model_dir), "--port", str(port),
-                                    "--max-body-mb", str(MAX_BODY_MB), "--batch-wait-ms", "20"],
+                                    "--max-body-mb", str(MAX_BODY_MB), "--batch-wait-ms", "20",
+                                    "--header-timeout-s", str(HEADER_TIMEOUT_S), "--body-timeout-s",
+                                    str(BODY_TIMEOUT_S), "--keep-alive-s", str(KEEP_ALIVE_S),
+                                    "--max-client-requests", str(MAX_CLIENT_REQUESTS)],
                                    stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -108,15 +121,21 @@ def wait_until_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
     pytest.fail(f"cvt serve did not become healthy in {START_TIMEOUT_S} s: {log.read_text()[-3000:]}")
 
 
-def request(url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:
+def request(url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 60) -> tuple[int, bytes]:
     """(status, body) of one request; urllib's default Content-Type for a body is form-urlencoded."""
+    return request_with_headers(url, body, headers, timeout)[:2]
+
+
+def request_with_headers(url: str, body: bytes | None = None, headers: dict | None = None,
+                         timeout: float = 60) -> tuple[int, bytes, dict]:
+    """(status, body, the answer's headers, their names in lower case) of one request."""
     if body is not None and len(body) > MAX_BODY_MB * 1_000_000:
-        return request_expecting_100_continue(url, len(body))
+        return *request_expecting_100_continue(url, len(body)), {}
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, body, headers or {}), timeout=60) as answer:
-            return answer.status, answer.read()
+        with urllib.request.urlopen(urllib.request.Request(url, body, headers or {}), timeout=timeout) as answer:
+            return answer.status, answer.read(), {k.lower(): v for k, v in answer.headers.items()}
     except urllib.error.HTTPError as err:
-        return err.code, err.read()
+        return err.code, err.read(), {k.lower(): v for k, v in err.headers.items()}
 
 
 def request_expecting_100_continue(url: str, length: int) -> tuple[int, bytes]:
@@ -174,6 +193,7 @@ def truncated_jpeg() -> bytes:
     return whole[: len(whole) // 3]
 
 
+JSON = {"Content-Type": "application/json"}
 HOSTILE = {  # name: (path and query, body, headers, status, words of the message)
     "empty body": ("/predict", b"", {}, 400, "empty"),
     "text file": ("/predict", b"not an image, just text\n" * 10, {"Content-Type": "text/plain"}, 400,
@@ -186,6 +206,19 @@ HOSTILE = {  # name: (path and query, body, headers, status, words of the messag
     "form without a file": ("/predict", b"--b\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\n1\r\n--b--\r\n",
                             {"Content-Type": "multipart/form-data; boundary=b"}, 400, "no file"),
     "attention of a text file": ("/attention", b"hello", {}, 400, "not an image"),
+    "JSON inputs not base64": ("/predict", b'{"inputs": "not base64!"}', JSON, 400, "base64"),
+    "JSON inputs a URL": ("/predict", b'{"inputs": "http://127.0.0.1:1/cat.jpg"}', JSON, 400, "not fetched"),
+    "JSON of a text file": ("/predict", json.dumps({"inputs": base64.b64encode(b"hello").decode()}).encode(),
+                            JSON, 400, "not an image"),
+    "JSON unknown parameter": ("/predict", b'{"inputs": "aGVsbG8=", "parameters": {"top_p": 1}}', JSON, 400,
+                               "top_p"),
+    "JSON top_k=0": ("/predict", json.dumps({"inputs": base64.b64encode(jpeg(skimage_data.coffee())).decode(),
+                                             "parameters": {"top_k": 0}}).encode(), JSON, 400, "top_k"),
+    "JSON sigmoid": ("/predict", b'{"inputs": "aGVsbG8=", "parameters": {"function_to_apply": "sigmoid"}}', JSON,
+                     400, "softmax"),
+    "JSON not an object": ("/predict", b"[1, 2]", JSON, 400, "inputs"),
+    "JSON unreadable": ("/predict", b"\xff\xd8 a JPEG sent as JSON", JSON, 400, "JSON"),
+    "150 header lines": ("/health", None, {f"X-Filler-{i}": "1" for i in range(150)}, 431, "header lines"),
 }
 
 
@@ -236,6 +269,206 @@ def test_50_mb_of_zeros_sent_slowly_is_refused_early(service, reference, photos)
     assert_as_pipeline(answer, reference(str(photos["coffee"])))
 
 
+def test_the_inference_client_gets_what_the_pipeline_gives(service, reference, photos):
+    """huggingface_hub's client posts to the URL it is given: the raw bytes without parameters,
+    the JSON {"inputs": base64, "parameters": {"top_k": 3}} with them. Given the service's
+    address alone (as for an Inference Endpoint), it posts to "/"."""
+    from huggingface_hub import InferenceClient
+
+    url = service[0]
+    for client in (InferenceClient(model=f"{url}/predict"), InferenceClient(base_url=url)):
+        for name, path in photos.items():
+            expected = reference(str(path))
+            for top_k in (3, None):  # JSON, then the raw bytes
+                got = client.image_classification(path, top_k=top_k)
+                assert [p.label for p in got] == [p["label"] for p in expected[:top_k or 5]], name
+                assert np.allclose([p.score for p in got], [p["score"] for p in expected[:top_k or 5]],
+                                   rtol=1e-4, atol=0), name
+
+
+def open_connection(url: str, sent: bytes = b"") -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    connection = socket.create_connection((host, int(port)), timeout=30)
+    connection.sendall(sent)
+    return connection
+
+
+def read_until_closed(connection: socket.socket, time_limit_s: float) -> bytes:
+    """What the service sends on `connection` until it closes it (or the time limit)."""
+    received, deadline = b"", time.monotonic() + time_limit_s
+    try:
+        while time.monotonic() < deadline:
+            connection.settimeout(max(0.1, deadline - time.monotonic()))
+            piece = connection.recv(65536)
+            if not piece:
+                break
+            received += piece
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return received
+
+
+def timed_request(url: str, body: bytes | None = None) -> tuple[int, bytes, float]:
+    began = time.monotonic()
+    try:
+        status, answer = request(url, body, timeout=ANSWER_TIMEOUT_S)
+    except OSError as err:  # a timeout: the service did not answer
+        return 0, str(err).encode(), time.monotonic() - began
+    return status, answer, time.monotonic() - began
+
+
+def test_idle_and_slow_clients_leave_the_service_answering(service, reference, photos):
+    """50 connections that stop within their headers and 20 that send their body a byte at a
+    time hold nothing a request needs (they once held the replica's every slot); the service
+    then closes them, each with its 408."""
+    url = service[0]
+    content = photos["coffee"].read_bytes()
+    idle = [open_connection(url, b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Len") for _ in range(50)]
+    slow = [open_connection(url, b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000\r\n\r\n")
+            for _ in range(20)]
+    began, stop = time.monotonic(), threading.Event()
+
+    def trickle() -> None:
+        while not stop.wait(0.5):
+            for connection in slow:
+                with contextlib.suppress(OSError):
+                    connection.sendall(b"x")
+
+    trickler = threading.Thread(target=trickle)
+    trickler.start()
+    try:
+        time.sleep(1)
+        answers = {path: timed_request(url + path, body) for path, body in (("/health", None), ("/predict", content))}
+        assert [status for status, _, _ in answers.values()] == [200, 200], answers
+        assert max(took for _, _, took in answers.values()) < ANSWER_TIMEOUT_S, answers
+        assert_as_pipeline(answers["/predict"][1], reference(str(photos["coffee"])))
+        stop.set()
+        trickler.join()
+        deadline = began + max(HEADER_TIMEOUT_S, BODY_TIMEOUT_S) + 10
+        for connections, words in ((idle, b"headers"), (slow, b"body")):
+            for connection in connections:
+                answer = read_until_closed(connection, deadline - time.monotonic())
+                assert answer.startswith(b"HTTP/1.1 408 ") and words in answer, answer[:300]
+        assert time.monotonic() < deadline
+    finally:
+        stop.set()
+        trickler.join()
+        for connection in idle + slow:
+            connection.close()
+
+
+def test_an_idle_keep_alive_connection_is_closed(service):
+    host, port = service[0].removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        connection.request("GET", "/health")
+        answer = connection.getresponse()
+        assert answer.status == 200 and not answer.will_close
+        answer.read()
+        began = time.monotonic()
+        assert read_until_closed(connection.sock, KEEP_ALIVE_S + 10) == b""  # closed, not timed out:
+        assert time.monotonic() - began < KEEP_ALIVE_S + 10
+    finally:
+        connection.close()
+
+
+def proxy_process(service_process: subprocess.Popen) -> psutil.Process:
+    """Ray Serve's HTTP proxy, the process that reads what clients send."""
+    found = [p for p in psutil.Process(service_process.pid).children(recursive=True)
+             if "ProxyActor" in " ".join(p.cmdline())]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_64_mb_of_headers_get_431_and_the_proxy_memory_stays_bounded(service, reference, photos):
+    """Headers sent on and on are refused once over the limit: the proxy keeps no more of them
+    (it once answered 200, 200 MB larger)."""
+    url, process, _ = service
+    proxy = proxy_process(process)
+    before, line, sent = proxy.memory_info().rss, b"X-Filler: " + b"a" * 8_000 + b"\r\n", 0
+    with open_connection(url, b"GET /health HTTP/1.1\r\nHost: localhost\r\n") as connection:
+        try:
+            while sent < 64 * 2**20 and not select.select([connection], [], [], 0)[0]:
+                connection.sendall(line * 128)
+                sent += len(line) * 128
+            if sent >= 64 * 2**20:
+                connection.sendall(b"\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the service stopped reading after its answer
+        answer = http.client.HTTPResponse(connection)
+        answer.begin()
+        assert answer.status == 431
+        assert "headers" in json.loads(answer.read())["error"]
+    assert sent < 8 * 2**20  # refused while it was coming
+    assert proxy.memory_info().rss - before < 16 * 2**20
+    status, answer = request(f"{url}/predict", photos["chelsea"].read_bytes())
+    assert status == 200
+    assert_as_pipeline(answer, reference(str(photos["chelsea"])))
+
+
+def slow_png() -> bytes:
+    """16 Mpx that compress to some 60 KB: a replica's thread takes a good part of a second to
+    decode each."""
+    ramp = np.linspace(0, 255, 4000).astype(np.uint8)
+    pixels = np.stack([np.broadcast_to(ramp, (4000, 4000)), np.broadcast_to(ramp[:, None], (4000, 4000)),
+                       np.full((4000, 4000), 128, np.uint8)], axis=-1)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_saturated_replica_answers_503_with_retry_after_and_health_still_answers(service):
+    """More images at once than a replica admits: the others get 503 with Retry-After at once,
+    never silence; /health answers meanwhile."""
+    url, content = service[0], slow_png()
+    clients, answers = CAPACITY + 8, []  # under the requests one address may have in progress
+    start = threading.Barrier(clients + 1)
+
+    def client() -> None:
+        start.wait()
+        answers.append(request_with_headers(f"{url}/predict", content, timeout=120))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    time.sleep(0.5)
+    health, _, took = timed_request(f"{url}/health")
+    for thread in threads:
+        thread.join(180)
+    assert health == 200 and took < ANSWER_TIMEOUT_S, took
+    statuses = Counter(status for status, _, _ in answers)
+    assert len(answers) == clients and set(statuses) <= {200, 503} and statuses[503] >= 1, statuses
+    for status, answer, headers in answers:
+        if status == 503:
+            assert headers.get("retry-after") == "1" and "busy" in json.loads(answer)["error"]
+
+
+def test_one_address_has_at_most_its_limit_of_requests_in_progress(service, reference, photos):
+    """Over --max-client-requests requests in progress from one address, the next gets 429 with
+    Retry-After; the requests whose clients left mid-body free their places, uncounted."""
+    url = service[0]
+    responses_before = json.loads(request(f"{url}/info")[1])["responses"]
+    held = [open_connection(url, b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n")
+            for _ in range(MAX_CLIENT_REQUESTS)]
+    try:
+        deadline, status = time.monotonic() + 30, 0
+        while status != 429 and time.monotonic() < deadline:  # until the proxy has read every head
+            status, answer, headers = request_with_headers(f"{url}/health")
+        assert status == 429 and headers.get("retry-after") == "1", answer
+        assert "in progress" in json.loads(answer)["error"]
+    finally:
+        for connection in held:
+            connection.close()
+    deadline, status = time.monotonic() + 30, 0
+    while status != 200 and time.monotonic() < deadline:
+        status, answer = request(f"{url}/predict", photos["chelsea"].read_bytes())
+    assert status == 200
+    assert_as_pipeline(answer, reference(str(photos["chelsea"])))
+    responses = json.loads(request(f"{url}/info")[1])["responses"]
+    assert responses.get("500", 0) == responses_before.get("500", 0)
+
+
 def test_attention_is_the_rollout_png(service, model_dir, photos):
     from cvt.attention import attention_maps, draw
     from cvt.images import load_image_bytes
@@ -253,9 +486,10 @@ def test_attention_is_the_rollout_png(service, model_dir, photos):
     assert difference.max() <= 2  # float sums in another thread count may round a pixel differently
 
 
-def test_info_counts_the_requests_and_the_batches(service, reference, photos):
+def test_info_counts_the_requests_and_the_batches(service, reference, photos, model_dir):
     url = service[0]
     before = json.loads(request(f"{url}/info")[1])
+    assert before["model"] == model_dir.name  # the folder's name: the server's paths are not shown
     assert before["labels"] == reference.labels and before["input_size"] == 64
     assert (before["engine"], before["precision"]) == (reference.engine.name, "fp32")
     content, answers = photos["chelsea"].read_bytes(), []
@@ -311,14 +545,37 @@ def test_an_upload_decodes_as_its_file_does(photos, tmp_path):
 
 def test_bad_options_are_refused_before_ray_starts(model_dir, capsys):
     for option, value in (("--replicas", "0"), ("--max-batch-size", "0"), ("--port", "70000"),
-                          ("--batch-wait-ms", "-1"), ("--max-body-mb", "0")):
+                          ("--batch-wait-ms", "-1"), ("--max-body-mb", "0"), ("--header-timeout-s", "0"),
+                          ("--body-timeout-s", "-1"), ("--keep-alive-s", "0"), ("--max-client-requests", "0")):
         assert main(["serve", str(model_dir), option, value]) == 2
         assert option in capsys.readouterr().err
 
 
+BLOCK_RAY = """
+import importlib.abc, sys
+class NoRay(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "ray" or name.startswith("ray."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NoRay())
+from cvt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_without_ray_cvt_serve_names_the_extra_to_install(model_dir):
+    done = subprocess.run([sys.executable, "-c", BLOCK_RAY, "serve", str(model_dir)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == \
+        'cvt: error: cvt.serve needs Ray Serve: pip install "cvt-vision[serve]"'
+
+
 @pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
                     reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
-def test_the_page_shows_the_top_label_in_a_browser(service, reference, photos, tmp_path_factory):
+def test_the_page_shows_the_top_label_in_a_browser(service, reference, photos, model_dir, tmp_path_factory):
+    """Before an upload, no result (no broken pictures); after one, the top labels and the
+    rollout; after a bad file, its error alone. The header names the model, not its path."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -332,6 +589,11 @@ def test_the_page_shows_the_top_label_in_a_browser(service, reference, photos, t
     browser = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     try:
         browser.get(service[0] + "/")
+        header = browser.find_element(By.ID, "model")
+        WebDriverWait(browser, 30).until(lambda b: "labels" in header.text)
+        assert header.text.startswith(model_dir.name + " · ") and str(model_dir.parent) not in header.text
+        assert not browser.find_element(By.ID, "result").is_displayed()
+        assert not browser.find_element(By.ID, "photo").is_displayed()
         browser.find_element(By.ID, "file").send_keys(str(photos["chelsea"]))
         WebDriverWait(browser, 60).until(
             lambda b: b.execute_script("return document.body.classList.contains('done') && "
@@ -339,6 +601,7 @@ def test_the_page_shows_the_top_label_in_a_browser(service, reference, photos, t
             "error" in b.find_element(By.ID, "status").get_attribute("class"))
         assert "error" not in browser.find_element(By.ID, "status").get_attribute("class"), \
             browser.find_element(By.ID, "status").text
+        assert browser.find_element(By.ID, "result").is_displayed()
         labels = browser.find_elements(By.CSS_SELECTOR, "#labels .label")
         assert labels[0].text == reference(str(photos["chelsea"]))[0]["label"]
         assert len(labels) == 5
@@ -346,6 +609,13 @@ def test_the_page_shows_the_top_label_in_a_browser(service, reference, photos, t
         screenshot = tmp_path_factory.mktemp("browser") / "serve_page.png"
         assert browser.save_screenshot(str(screenshot))
         print(f"screenshot of the page: {screenshot}")
+        not_an_image = screenshot.parent / "notes.jpg"
+        not_an_image.write_text("not an image\n")
+        browser.find_element(By.ID, "file").send_keys(str(not_an_image))
+        WebDriverWait(browser, 60).until(lambda b: "error" in b.find_element(By.ID, "status").get_attribute("class"))
+        assert "not an image" in browser.find_element(By.ID, "status").text
+        assert not browser.find_element(By.ID, "result").is_displayed()
+        assert not browser.find_elements(By.CSS_SELECTOR, "#labels .label")
     finally:
         browser.quit()
 
@@ -379,6 +649,67 @@ def test_sigterm_stops_the_service_within_5_s_leaving_no_process(service):
     """Last of the tests on the shared service: it stops it."""
     _, process, log = service
     assert_stops_leaving_nothing(process, log, signal.SIGTERM, whole_group=False)
+
+
+# moments of start-up, by what the command has started by then: Ray's GCS (ray.init then goes on
+# starting the raylet and its agents), Serve's controller or proxy. A tenth of a second later, off
+# the fork that started it: CPython drops an exception raised by a signal handler while it runs
+# the fork's hooks (a window of microseconds a test sending its signal as it sees a new process
+# would hit every time).
+START_UP_MOMENTS = {
+    "starting Ray": lambda names: any("gcs_server" in name for name in names),
+    "starting Serve": lambda names: any("ServeController" in name or "ProxyActor" in name for name in names),
+}
+
+
+@pytest.mark.parametrize("moment", list(START_UP_MOMENTS))
+def test_sigterm_during_start_up_exits_0_within_5_s_leaving_no_process(model_dir, reference, tmp_path, moment):
+    """SIGTERM while Ray starts (whose own handler would exit with status 15, its processes left
+    running) or while Serve deploys: the normal end all the same."""
+    log = tmp_path / "stderr.txt"
+    with open(log, "wb") as err:
+        process = subprocess.Popen([sys.executable, "-m", "cvt", "serve", str(model_dir), "--port", str(free_port())],
+                                   stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    seen: dict[int, psutil.Process] = {}
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline and process.poll() is None:
+            seen.update(descendants(process))
+            if START_UP_MOMENTS[moment]([" ".join(cmdline(p)) for p in seen.values()]):
+                break
+            time.sleep(0.02)
+        time.sleep(0.1)
+        assert process.poll() is None, log.read_text()[-3000:]
+        began = time.monotonic()
+        os.kill(process.pid, signal.SIGTERM)
+        while process.poll() is None and time.monotonic() - began < STOP_TIMEOUT_S + 5:
+            seen.update(descendants(process))  # what it still starts meanwhile
+            time.sleep(0.02)
+        took = time.monotonic() - began
+        _, alive = psutil.wait_procs(list(seen.values()), timeout=max(0.1, STOP_TIMEOUT_S - took))
+        assert process.returncode == 0, (process.returncode, log.read_text()[-3000:])
+        assert took < STOP_TIMEOUT_S, f"stopped in {took:.1f} s"
+        assert not alive, f"still running: {[cmdline(p)[:2] for p in alive]}"
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        for left in seen.values():
+            with contextlib.suppress(psutil.Error):
+                left.kill()
+
+
+def descendants(process: subprocess.Popen) -> dict[int, psutil.Process]:
+    try:
+        return {p.pid: p for p in psutil.Process(process.pid).children(recursive=True)}
+    except psutil.Error:
+        return {}
+
+
+def cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
 
 
 @pytest.mark.slow

@@ -7,24 +7,33 @@ engine's batches. The API speaks Hugging Face's Inference API for image classifi
 bytes, get `[{"label", "score"}, ...]` best first) and serves a page to try the model in a
 browser. Bad input is a 4xx with cvt's message; anything unexpected is a 500 whose traceback goes
 to the replica's log, never to the client.
+
+What one client can hold is bounded in the HTTP proxy (`cvt.serve_http`); a replica admits a
+bounded number of images at once and answers the next one 503 with Retry-After, so that a
+saturated service says so at once, and `/health` and `/info` still answer.
 """
 
 # no `from __future__ import annotations`: FastAPI reads the endpoints' annotations (Request) as
 # objects, and Ray Serve's ingress rewraps the methods away from this module's names
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import dataclasses
 import functools
 import io
+import json
 import logging
+import os
 import signal
 import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,9 +43,8 @@ from .errors import InvalidValueError, install_hint, short
 from .images import ImageError, load_image_bytes
 from .inference import pipeline
 from .processing import CvtImageProcessor
-from .ray import connect
 
-try:
+try:  # Ray's packages, and cvt.ray (whose own message names the "ray" extra, which "serve" includes)
     import psutil
     import ray
     from fastapi import FastAPI
@@ -45,6 +53,9 @@ try:
     from starlette.exceptions import HTTPException
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
+
+    from .ray import connect
+    from .serve_http import HttpLimits
 except ImportError as err:  # absolute imports: Ray's package, never this module
     raise ImportError(f"cvt.serve needs Ray Serve: {install_hint('serve')}") from err
 
@@ -53,6 +64,11 @@ APP_NAME = "cvt"
 SHUTDOWN_WAIT_S = 2.0  # how long ray.shutdown may take before what Ray started is killed
 DEFAULT_TOP_K = 5  # the Inference API's default
 OVERLAY_SIZE = 224  # the attention picture's side, unless the model's input is larger
+MIN_CAPACITY = 32  # images a replica admits at once, at least
+ROOM_FOR_QUICK_REQUESTS = 16  # /health, /info and the page, answered beside a replica's full load of images
+RETRY_AFTER_S = 1
+PROXY_CALLBACK = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "cvt.serve_http:install"}
+PARAMETERS = {"top_k", "function_to_apply"}  # the Inference API's, for image classification
 PAGE_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
               "style.css": "text/css; charset=utf-8"}
 
@@ -65,9 +81,14 @@ class BodyTooLarge(InvalidValueError):
     """A request body over the service's limit (413)."""
 
 
+class ServiceBusy(Exception):
+    """A replica with all the images it admits in progress (503, with Retry-After)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """What every replica needs to build its engine and check its requests."""
+    """What the service needs: the replicas' model, engine and checks, and what one client may
+    hold of the HTTP proxies."""
 
     model: str
     engine: str = "auto"
@@ -78,18 +99,32 @@ class Settings:
     max_batch_size: int = 8
     batch_wait_ms: float = 10.0
     max_body_bytes: int = 32_000_000
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keep_alive_s: int = 75
+    max_client_requests: int = 32
+
+    @property
+    def capacity(self) -> int:
+        """The images a replica admits at once: enough to fill two batches, and a waiting line
+        for a few dozen clients when batches are small."""
+        return max(2 * self.max_batch_size + 4, MIN_CAPACITY)
+
+    def http_limits(self) -> HttpLimits:
+        return HttpLimits(max_body_bytes=self.max_body_bytes, header_timeout_s=self.header_timeout_s,
+                          body_timeout_s=self.body_timeout_s, max_client_requests=self.max_client_requests)
 
 
-def parse_top_k(text: str | None, labels: int) -> int:
-    """`?top_k=` as a count of labels: a positive integer, at most the model's labels."""
-    if text is None:
+def parse_top_k(given: object, labels: int) -> int:
+    """`?top_k=` (text) or the JSON parameter `top_k` as a count of labels: a positive integer,
+    at most the model's labels."""
+    if given is None:
         return min(DEFAULT_TOP_K, labels)
-    try:
-        value = int(text)
-    except ValueError:
-        raise BadRequest(f"top_k must be a positive integer, got {short(text)!r}") from None
-    if value < 1:
-        raise BadRequest(f"top_k must be a positive integer, got {value}")
+    value = given if isinstance(given, int) and not isinstance(given, bool) else None
+    if isinstance(given, str) and given.strip().lstrip("+-").isdigit():
+        value = int(given)
+    if value is None or value < 1:
+        raise BadRequest(f"top_k must be a positive integer, got {short(json.dumps(given))}")
     return min(value, labels)
 
 
@@ -107,13 +142,18 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-async def image_bytes(request: Request, limit: int) -> bytes:
-    """The uploaded image's bytes: the body itself, or the first file of a multipart form."""
+async def upload(request: Request, limit: int) -> tuple[bytes, dict[str, Any]]:
+    """The uploaded image's bytes and the request's parameters, in any of the Inference API's
+    shapes: the body itself, the first file of a multipart form, or the JSON
+    `{"inputs": <the image in base64>, "parameters": {...}}` (no parameters but the JSON's)."""
     body = await read_body(request, limit)
-    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+    content_type = request.headers.get("content-type", "").lower()
+    if content_type.startswith("application/json"):
+        return inference_json(body)
+    if not content_type.startswith("multipart/form-data"):
         if not body:
-            raise BadRequest("the body is empty: send the image's bytes, or a multipart upload")
-        return body
+            raise BadRequest("the body is empty: send the image's bytes, a multipart upload or JSON")
+        return body, {}
 
     async def replay() -> dict[str, Any]:
         return {"type": "http.request", "body": body, "more_body": False}
@@ -125,12 +165,48 @@ async def image_bytes(request: Request, limit: int) -> bytes:
     files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
     if not files:
         raise BadRequest("the multipart upload holds no file: send the image as a file field")
-    return await files[0].read()
+    return await files[0].read(), {}
+
+
+def inference_json(body: bytes) -> tuple[bytes, dict[str, Any]]:
+    """The image and parameters of the Inference API's JSON request (what huggingface_hub's
+    `InferenceClient` sends when given parameters). `inputs` must hold the image itself: the
+    service never fetches a URL."""
+    try:
+        request = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BadRequest(f"the JSON body could not be read: {err}") from None
+    if not isinstance(request, dict) or not isinstance(request.get("inputs"), str):
+        raise BadRequest('a JSON body must be {"inputs": <the image in base64>, "parameters": {...}}')
+    parameters = request.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise BadRequest("parameters must be a JSON object, such as {\"top_k\": 3}")
+    unknown = (set(request) - {"inputs", "parameters"}) | (set(parameters) - PARAMETERS)
+    if unknown:
+        raise BadRequest(f"unknown in the JSON body: {short(', '.join(sorted(map(str, unknown))))} "
+                         f"(parameters: {', '.join(sorted(PARAMETERS))})")
+    if parameters.get("function_to_apply", "softmax") != "softmax":
+        raise BadRequest("function_to_apply: this service's scores are the softmax's; leave it out or say softmax")
+    try:
+        image = base64.b64decode(request["inputs"], validate=True)
+    except binascii.Error:
+        raise BadRequest("inputs must be the image's bytes in base64 (a URL is not fetched)") from None
+    if not image:
+        raise BadRequest("inputs is empty: send the image's bytes in base64")
+    return image, parameters
+
+
+def model_name(model: str) -> str:
+    """The model as the service shows it: a hub id or variant as given, a folder or file by its
+    name only (the server's paths are nobody's business)."""
+    path = Path(model)
+    return path.resolve().name if path.exists() else model
 
 
 def answers(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
-    """An endpoint whose errors become answers: 400 or 413 with cvt's message, 500 for anything
-    unexpected (its traceback logged, never sent); every answer is counted by status."""
+    """An endpoint whose errors become answers: 400 or 413 with cvt's message, 503 when the
+    replica is full, 500 for anything unexpected (its traceback logged, never sent); every answer
+    is counted by status."""
 
     @functools.wraps(handler)
     async def endpoint(self: Any, request: Request) -> Response:
@@ -138,6 +214,9 @@ def answers(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaita
             response = await handler(self, request)
         except BodyTooLarge as err:
             response = JSONResponse({"error": str(err)}, status_code=413)
+        except ServiceBusy as err:
+            response = JSONResponse({"error": str(err)}, status_code=503,
+                                    headers={"Retry-After": str(RETRY_AFTER_S)})
         except (ImageError, BadRequest) as err:
             response = JSONResponse({"error": str(err)}, status_code=400)
         except Exception:
@@ -163,8 +242,8 @@ app = FastAPI(title="cvt", docs_url=None, redoc_url=None, openapi_url=None)
 @serve.deployment
 @serve.ingress(app)
 class CvtService:
-    """One replica: the model's pipeline (its engine built once) and the counters `/info` shows
-    (of this replica: with several replicas, each answers with its own)."""
+    """One replica: the model's pipeline (its engine built once), the images in progress, and
+    the counters `/info` shows (of this replica: with several replicas, each answers with its own)."""
 
     def __init__(self, settings: Settings) -> None:
         processor = CvtImageProcessor.for_model(settings.model, settings.image_size)
@@ -174,8 +253,21 @@ class CvtService:
         self.settings = settings
         self.responses: Counter[str] = Counter()
         self.batch_sizes: Counter[int] = Counter()
+        self.in_progress = 0
         self._classify.set_max_batch_size(settings.max_batch_size)
         self._classify.set_batch_wait_timeout_s(settings.batch_wait_ms / 1000)
+
+    @contextlib.contextmanager
+    def _admitted(self) -> Iterator[None]:
+        """One image in progress, or `ServiceBusy` when the replica has all it admits."""
+        if self.in_progress >= self.settings.capacity:
+            raise ServiceBusy(f"the service is busy ({self.in_progress} images in progress): retry in "
+                              f"{RETRY_AFTER_S} s")
+        self.in_progress += 1
+        try:
+            yield
+        finally:
+            self.in_progress -= 1
 
     def _prepare(self, data: bytes) -> torch.Tensor:
         return self.pipeline.image_processor(load_image_bytes(data))["pixel_values"]
@@ -188,19 +280,23 @@ class CvtService:
         return [result[:k] for result, (_, k) in zip(top, items)]
 
     @app.post("/predict")
+    @app.post("/")  # where the Inference API's clients post, given the service's address
     @answers
     async def predict(self, request: Request) -> Response:
-        top_k = parse_top_k(request.query_params.get("top_k"), len(self.pipeline.labels))
-        data = await image_bytes(request, self.settings.max_body_bytes)
-        pixel_values = await asyncio.to_thread(self._prepare, data)
-        return JSONResponse(await self._classify((pixel_values, top_k)))
+        with self._admitted():
+            data, parameters = await upload(request, self.settings.max_body_bytes)
+            top_k = parse_top_k(parameters.get("top_k", request.query_params.get("top_k")),
+                                len(self.pipeline.labels))
+            pixel_values = await asyncio.to_thread(self._prepare, data)
+            return JSONResponse(await self._classify((pixel_values, top_k)))
 
     @app.post("/attention")
     @answers
     async def attention(self, request: Request) -> Response:
-        data = await image_bytes(request, self.settings.max_body_bytes)
-        png = await asyncio.to_thread(self._overlay, data)
-        return Response(png, media_type="image/png")
+        with self._admitted():
+            data, _ = await upload(request, self.settings.max_body_bytes)
+            png = await asyncio.to_thread(self._overlay, data)
+            return Response(png, media_type="image/png")
 
     def _overlay(self, data: bytes) -> bytes:
         processor = self.pipeline.image_processor
@@ -219,7 +315,7 @@ class CvtService:
     async def info(self, request: Request) -> Response:
         engine = self.pipeline.engine
         return JSONResponse({
-            "model": self.settings.model, "labels": self.pipeline.labels,
+            "model": model_name(self.settings.model), "labels": self.pipeline.labels,
             "input_size": self.pipeline.image_processor.size, "engine": engine.name,
             "precision": engine.precision, "max_batch_size": self.settings.max_batch_size,
             "batch_wait_ms": self.settings.batch_wait_ms, "responses": dict(self.responses),
@@ -239,10 +335,11 @@ class CvtService:
 
 def application(settings: Settings, replicas: int = 1) -> serve.Application:
     """The service as a Ray Serve application: `replicas` replicas of one CPU (and one GPU with
-    a CUDA device) each, admitting enough requests at once to fill two batches."""
+    a CUDA device) each. Ray Serve sends a replica its images and room for quick requests
+    beside them: the replica, not Ray's queue, refuses images over its capacity."""
     gpu = str(settings.device or "").startswith("cuda")
     return CvtService.options(
-        num_replicas=replicas, max_ongoing_requests=2 * settings.max_batch_size + 4,
+        num_replicas=replicas, max_ongoing_requests=settings.capacity + ROOM_FOR_QUICK_REQUESTS,
         ray_actor_options={"num_cpus": 1, "num_gpus": 1 if gpu else 0},
         graceful_shutdown_timeout_s=2, graceful_shutdown_wait_loop_s=0.5, max_constructor_retry_count=1,
     ).bind(settings)
@@ -259,6 +356,11 @@ def check_options(settings: Settings, host: str, port: int, replicas: int) -> No
         raise InvalidValueError(f"--port must be at most 65535, got {port}")
     if settings.batch_wait_ms < 0:
         raise InvalidValueError(f"--batch-wait-ms must not be negative, got {settings.batch_wait_ms}")
+    limits = {"--header-timeout-s": settings.header_timeout_s, "--body-timeout-s": settings.body_timeout_s,
+              "--keep-alive-s": settings.keep_alive_s, "--max-client-requests": settings.max_client_requests}
+    for name, value in limits.items():
+        if not value > 0:
+            raise InvalidValueError(f"{name} must be positive, got {value}")
     CvtImageProcessor.for_model(settings.model, settings.image_size)
 
 
@@ -282,16 +384,15 @@ def run(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, replic
     if address == "local":
         check_port_free(host, port)
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    started = False
+    started = not ray.is_initialized()  # then this call connects (and what it starts is its to stop)
     try:
-        started = connect(address)
-        signal.signal(signal.SIGTERM, _interrupt)  # ray.init installs its own
+        _connect(settings, address)
         cpus = int(ray.cluster_resources().get("CPU", 0))
         if address == "local" and replicas > cpus:  # Serve would wait for the CPUs for ever
             raise InvalidValueError(f"--replicas {replicas}: each replica takes a CPU, and this machine "
                                     f"has {cpus} for Ray")
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
-        serve.start(http_options={"host": host, "port": port})
+        serve.start(http_options={"host": host, "port": port, "keep_alive_timeout_s": settings.keep_alive_s})
         serve.run(application(settings, replicas), name=APP_NAME, route_prefix="/")
         log.info("cvt: serving %s at http://%s:%d/ (%d replica%s); Ctrl-C stops it", settings.model,
                  f"[{host}]" if ":" in host else host, port, replicas, "" if replicas == 1 else "s")
@@ -303,6 +404,38 @@ def run(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, replic
         _stop(started, private=address == "local")
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _connect(settings: Settings, address: str) -> None:
+    """`connect`, SIGTERM meaning "stop" throughout: `ray.init` installs a handler of its own that
+    exits with status 15 (then the caller's `_stop` ends what it had started)."""
+    try:
+        with proxy_environment(settings) if address == "local" else contextlib.nullcontext():
+            connect(address)
+    except SystemExit as exit_:
+        if exit_.code != signal.SIGTERM:
+            raise
+        raise KeyboardInterrupt(f"by {signal.SIGTERM.name}") from None
+    finally:
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+@contextlib.contextmanager
+def proxy_environment(settings: Settings) -> Iterator[None]:
+    """The environment a private Ray instance starts with, so that its HTTP proxy bounds what
+    clients send (`cvt.serve_http.install`, with these settings' limits); this process's own
+    environment as it was afterwards."""
+    added = {**PROXY_CALLBACK, **settings.http_limits().to_env()}
+    before = {name: os.environ.get(name) for name in added}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from .common import add_engine_arguments, add_ray_arguments, messages_on_stderr
+from .common import UsageError, add_engine_arguments, add_ray_arguments, messages_on_stderr
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +27,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                      "others to fill a batch (default: 10)")
     srv.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body in "
                      "megabytes; larger ones get 413 (default: 32)")
+    srv.add_argument("--header-timeout-s", type=float, default=10.0, help="time a client has to send "
+                     "a request's headers; later, 408 and the connection closed (default: 10)")
+    srv.add_argument("--body-timeout-s", type=float, default=30.0, help="time a client has to send "
+                     "a request's body once its headers are in; later, 408 (default: 30)")
+    srv.add_argument("--keep-alive-s", type=int, default=75, help="how long an idle connection is "
+                     "kept open between requests (default: 75, longer than the 60 s after which common "
+                     "reverse proxies close theirs)")
+    srv.add_argument("--max-client-requests", type=int, default=32, help="requests one client address "
+                     "may have in progress; more get 429 (default: 32; a reverse proxy in front is one "
+                     "address)")
     srv.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda or mps if available)")
     srv.add_argument("--image-size", type=int, help="input size (default: the model's own "
                      "preprocessing; needed for a weights file, which carries none)")
@@ -37,12 +47,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve until SIGINT or SIGTERM, then end the process at once with status 0."""
-    from .. import serve
+    try:
+        from .. import serve
+    except ImportError as err:  # its message names the extra to install
+        raise UsageError(str(err)) from err
 
     settings = serve.Settings(model=args.model, engine=args.engine, precision=args.precision,
                               calibration=args.calibration, device=args.device, image_size=args.image_size,
                               max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-                              max_body_bytes=round(args.max_body_mb * 1e6))
+                              max_body_bytes=round(args.max_body_mb * 1e6), header_timeout_s=args.header_timeout_s,
+                              body_timeout_s=args.body_timeout_s, keep_alive_s=args.keep_alive_s,
+                              max_client_requests=args.max_client_requests)
     with messages_on_stderr():
         serve.run(settings, host=args.host, port=args.port, replicas=args.replicas, address=args.ray or "local")
     # The service is down and Ray shut down (or our application deleted). Finalizing Ray's,

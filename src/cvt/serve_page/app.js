@@ -45,13 +45,23 @@ function showLabels(predictions) {
   }
 }
 
+// Hide and empty the previous image's results, so that an error never shows under them.
+function clearResult() {
+  document.getElementById("result").hidden = true;
+  document.getElementById("labels").replaceChildren();
+  for (const id of ["photo", "overlay"]) {
+    const picture = document.getElementById(id);
+    if (picture.src) URL.revokeObjectURL(picture.src);
+    picture.removeAttribute("src");
+  }
+}
+
 async function classify(file) {
   document.body.classList.remove("done");
   say("classifying " + file.name + "…");
+  clearResult();
   const photo = document.getElementById("photo");
   const overlay = document.getElementById("overlay");
-  if (photo.src) URL.revokeObjectURL(photo.src);
-  if (overlay.src) URL.revokeObjectURL(overlay.src);
   try {
     const [predictions, picture] = await Promise.all([
       post("predict?top_k=5", file).then((r) => r.json()),
