@@ -313,3 +313,24 @@ def start_with_a_slow_file(tmp_path: Path, args: list[str]) -> tuple[subprocess.
         process.kill()
         pytest.fail(f"the slow file was never read: {process.communicate(timeout=10)[1]}")
     return process, marker
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    """Run `cvt argv`, which must fail as a user error (exit 2, no traceback); its last line."""
+    from cvt import cli
+
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+def tiny_training_args(tmp_path: Path, out: Path) -> list[str]:
+    """`cvt train`'s arguments for a tiny model, one epoch of 3 steps, into `out`."""
+    data = make_folder(tmp_path / "data", per_class=4)
+    if not (tmp_path / "start").exists():
+        make_model_folder(tmp_path / "start", tiny_config(num_labels=3))
+    return as_args(dict(model=tmp_path / "start", data=data, output_dir=out, epochs=1, batch_size=4,
+                        lr=1e-3, val_split=0, workers=0))
+

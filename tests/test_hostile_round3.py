@@ -31,21 +31,12 @@ from cvt.training.state import (STATE_FORMAT, STATE_NAME, ResumeError, cvt_versi
 from cvt import weights as cvt_weights
 from cvt.weights import CheckpointError
 
-from conftest import (as_args, make_folder, make_model_folder, randomise_, read_weights, save_tiny_classifier,
-                      start_with_a_slow_file, tiny_config, write_images)
+from conftest import (as_args, make_folder, make_model_folder, one_line_error, randomise_, read_weights,
+                      save_tiny_classifier, start_with_a_slow_file, tiny_config, tiny_training_args, write_images)
 
 
 def cvt_warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "cvt" and r.levelno == logging.WARNING]
-
-
-def one_line_error(capsys, argv: list[str]) -> str:
-    """Run `cvt argv`, which must fail as a user error (exit 2, no traceback); its last line."""
-    capsys.readouterr()
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err.strip().splitlines()[-1]
 
 
 # ------------------------------------------------------------------------------ the engine cache
@@ -155,14 +146,6 @@ def test_engines_bound_their_build_check_before_allocating() -> None:
 
 
 # ------------------------------------------------------------------------------ training folders
-def train_args(tmp_path: Path, out: Path) -> list[str]:
-    data = make_folder(tmp_path / "data", per_class=4)
-    if not (tmp_path / "start").exists():
-        make_model_folder(tmp_path / "start", tiny_config(num_labels=3))
-    return as_args(dict(model=tmp_path / "start", data=data, output_dir=out, epochs=1, batch_size=4,
-                        lr=1e-3, val_split=0, workers=0))
-
-
 def test_training_deletes_only_files_it_wrote_and_names_the_rest(tmp_path, capsys) -> None:
     out = tmp_path / "run"
     (out / "best").mkdir(parents=True)
@@ -170,7 +153,7 @@ def test_training_deletes_only_files_it_wrote_and_names_the_rest(tmp_path, capsy
     for path in theirs:
         path.write_text("the user's")
     (out / "metrics.jsonl").write_text('{"mine": 1}\n')
-    line = one_line_error(capsys, train_args(tmp_path, out))
+    line = one_line_error(capsys, tiny_training_args(tmp_path, out))
     assert "holds metrics.jsonl, best" in line and "no cvt run started there" in line
     assert (out / "metrics.jsonl").read_text() == '{"mine": 1}\n'
 
@@ -179,7 +162,7 @@ def test_training_deletes_only_files_it_wrote_and_names_the_rest(tmp_path, capsy
     theirs.remove(out / "best" / ".notes.tmp")
     ours = out / f".{STATE_NAME}.{'ab' * 16}.tmp"  # what write_atomic leaves when killed
     ours.write_bytes(b"half")
-    assert cli.main(train_args(tmp_path, out)) == 0
+    assert cli.main(tiny_training_args(tmp_path, out)) == 0
     err = capsys.readouterr().err
     assert not ours.exists() and all(p.read_text() == "the user's" for p in theirs)
     assert ".draft.tmp" in err and "not files cvt wrote" in err
@@ -189,12 +172,12 @@ def test_a_second_run_into_a_locked_folder_is_refused_naming_the_holder(tmp_path
     out = tmp_path / "run"
     holder = lock_run_folder(out)
     try:
-        line = one_line_error(capsys, train_args(tmp_path, out))
+        line = one_line_error(capsys, tiny_training_args(tmp_path, out))
     finally:
         holder.release()
     assert f"process {os.getpid()} on {socket.gethostname()}" in line and "in use" in line
     assert not (out / "metrics.jsonl").exists()
-    assert cli.main(train_args(tmp_path, out)) == 0  # released: the folder is free
+    assert cli.main(tiny_training_args(tmp_path, out)) == 0  # released: the folder is free
 
 
 @pytest.mark.parametrize("name", ["best", "last"])
@@ -203,7 +186,7 @@ def test_a_file_where_a_model_folder_goes_is_refused_before_the_first_step(tmp_p
     out.mkdir()
     (out / name).write_text("a file")
     monkeypatch.setattr("cvt.training.trainer._train_epoch", lambda *a: pytest.fail("trained"))
-    line = one_line_error(capsys, train_args(tmp_path, out))
+    line = one_line_error(capsys, tiny_training_args(tmp_path, out))
     assert f"{name} is a file, not a folder" in line
 
 
@@ -348,7 +331,7 @@ def test_a_deep_config_is_refused_from_the_safetensors_headers_before_the_weight
 # ------------------------------------------------------------------------------ what held, kept
 @pytest.mark.usefixtures("one_torch_thread")  # as the interrupted process (OMP_NUM_THREADS=1): one summation order
 def test_sigterm_mid_epoch_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch) -> None:
-    args = train_args(tmp_path, tmp_path / "run")
+    args = tiny_training_args(tmp_path, tmp_path / "run")
     (tmp_path / "data" / "cat" / "cat0.png").rename(tmp_path / "data" / "cat" / "slow.png")
     args = [*args, "--epochs", "2", "--save-every", "1"]
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

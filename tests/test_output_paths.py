@@ -10,15 +10,7 @@ import pytest
 
 from cvt import cli
 
-from conftest import save_tiny_classifier, write_images
-
-
-def one_line_error(capsys, argv: list[str]) -> str:
-    capsys.readouterr()
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    return err.strip().splitlines()[-1]
+from conftest import one_line_error, save_tiny_classifier, write_images
 
 
 def contents(folder: Path) -> dict[Path, bytes]:

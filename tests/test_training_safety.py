@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -24,27 +23,9 @@ from cvt.training.folder import LOCK_NAME, RECORD_NAME
 from cvt.training.state import (STATE_FORMAT, STATE_NAME, ResumeError, StateWriteError, load_state, rng_state,
                                save_state)
 
-from conftest import as_args, make_folder, make_model_folder, save_tiny_classifier, tiny_config, write_images
+from conftest import as_args, one_line_error, save_tiny_classifier, tiny_training_args, write_images
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def one_line_error(capsys, argv: list[str]) -> str:
-    """Run `cvt argv`, which must fail as a user error (exit 2, no traceback); its last line."""
-    capsys.readouterr()
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    return err.strip().splitlines()[-1]
-
-
-def small_run(tmp_path: Path, out: Path) -> list[str]:
-    """`cvt train` of a tiny model for one epoch of 3 steps, into `out`."""
-    data = make_folder(tmp_path / "data", per_class=4)
-    if not (tmp_path / "start").exists():
-        make_model_folder(tmp_path / "start", tiny_config(num_labels=3))
-    return as_args(dict(model=tmp_path / "start", data=data, output_dir=out, epochs=1, batch_size=4,
-                        lr=1e-3, val_split=0, workers=0))
 
 
 # ------------------------------------------------------------------------------ files cvt did not write
@@ -52,7 +33,7 @@ def test_a_finished_run_whose_state_is_gone_keeps_its_metrics_and_models(tmp_pat
     """A run that saved a state is not a killed run's leftovers: with its state file deleted, the
     same command is refused and its metrics and models are left exactly as they were."""
     out = tmp_path / "run"
-    args = small_run(tmp_path, out)
+    args = tiny_training_args(tmp_path, out)
     assert cli.main(args) == 0
     (out / STATE_NAME).unlink()  # to save space, or by mistake
     kept = {path: path.read_bytes() for path in [out / "metrics.jsonl", *(out / "last").iterdir()]}
@@ -70,13 +51,13 @@ def test_a_planted_link_as_the_lock_file_is_refused_and_nothing_outside_is_touch
     victim = tmp_path / "victim.txt"
     victim.write_text("the user's file")
     (out / LOCK_NAME).symlink_to(victim)
-    line = one_line_error(capsys, small_run(tmp_path, out))
+    line = one_line_error(capsys, tiny_training_args(tmp_path, out))
     assert f"{LOCK_NAME} is a symbolic link" in line and "does not follow it" in line
     assert victim.read_text() == "the user's file"
 
     (out / LOCK_NAME).unlink()
     (out / LOCK_NAME).symlink_to(tmp_path / "elsewhere.lock")  # a dangling link: nothing may be created
-    one_line_error(capsys, small_run(tmp_path, out))
+    one_line_error(capsys, tiny_training_args(tmp_path, out))
     assert not (tmp_path / "elsewhere.lock").exists()
     assert not (out / "metrics.jsonl").exists()
 
@@ -89,7 +70,7 @@ def test_a_planted_link_as_the_record_is_replaced_not_followed(tmp_path) -> None
     victim = tmp_path / "victim.txt"
     victim.write_text("the user's file")
     (out / RECORD_NAME).symlink_to(victim)
-    assert cli.main(small_run(tmp_path, out)) == 0
+    assert cli.main(tiny_training_args(tmp_path, out)) == 0
     assert victim.read_text() == "the user's file"
     record = out / RECORD_NAME
     assert not record.is_symlink() and json.loads(record.read_text())["started"] is True
@@ -97,7 +78,7 @@ def test_a_planted_link_as_the_record_is_replaced_not_followed(tmp_path) -> None
     other = tmp_path / "other"
     other.mkdir()
     (other / RECORD_NAME).symlink_to("/dev/zero")
-    assert cli.main(small_run(tmp_path, other)) == 0
+    assert cli.main(tiny_training_args(tmp_path, other)) == 0
 
 
 HOLDER = """
@@ -117,13 +98,13 @@ def test_a_run_locked_by_another_process_is_refused_at_once_naming_it(tmp_path, 
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        line = one_line_error(capsys, small_run(tmp_path, out))
+        line = one_line_error(capsys, tiny_training_args(tmp_path, out))
     finally:
         holder.kill()
         holder.wait()
     assert f"in use by another training run (process {holder.pid} on" in line
     assert not (out / "metrics.jsonl").exists()
-    assert cli.main(small_run(tmp_path, out)) == 0  # the holder is gone: its lock went with it
+    assert cli.main(tiny_training_args(tmp_path, out)) == 0  # the holder is gone: its lock went with it
 
 
 def test_the_folder_lock_needs_no_unix_only_module(tmp_path, monkeypatch) -> None:
