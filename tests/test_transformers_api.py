@@ -159,6 +159,17 @@ def test_transformers_pipeline_runs_a_cvt_model_like_cvt_pipeline(tmp_path, phot
             assert max(abs(a["score"] - b["score"]) for a, b in zip(mine, other)) < 1e-4
 
 
+def test_transformers_own_config_builds_and_loads_cvt_models(two_class_folder, x) -> None:
+    model, folder = two_class_folder
+    theirs = transformers.AutoConfig.from_pretrained(folder)
+    assert type(theirs) is transformers.CvtConfig
+    assert type(CvtForImageClassification(theirs).config) is CvtConfig
+    loaded = CvtForImageClassification.from_pretrained(folder, config=theirs)
+    assert_close_to_scale(logits(loaded, x), logits(model, x), rel=1e-6)
+    with pytest.raises(TypeError, match="CvtConfig"):
+        CvtModel(transformers.ViTConfig())
+
+
 def test_auto_classes_build_cvt_models_from_a_cvt_config() -> None:
     config = tiny_config()
     assert type(transformers.AutoModel.from_config(config)) is CvtModel

@@ -330,6 +330,16 @@ class CvtConfig(PreTrainedConfig):
         return config
 
     @classmethod
+    def of(cls, config: Any) -> CvtConfig:
+        """`config` as a cvt config: itself, or a copy of transformers' own `CvtConfig` (so code
+        that builds one with `AutoConfig` keeps working); anything else is a TypeError."""
+        if isinstance(config, CvtConfig):
+            return config
+        if isinstance(config, PreTrainedConfig) and getattr(config, "model_type", None) == "cvt":
+            return cls.from_dict(config.to_dict())
+        raise TypeError(f"expected a cvt.CvtConfig (or transformers' CvtConfig), got {type(config).__name__}")
+
+    @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> CvtConfig:
         """transformers' `from_dict`, refusing another model's config by name; keyword arguments
         override fields after loading (`num_labels=7` relabels the stored head)."""

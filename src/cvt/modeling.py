@@ -366,8 +366,7 @@ class CvtPreTrainedModel(PreTrainedModel):
     preprocessing: dict | None = None
 
     def __init__(self, config: CvtConfig) -> None:
-        if not isinstance(config, CvtConfig):
-            raise TypeError(f"expected a cvt.CvtConfig, got {type(config).__name__}")
+        config = CvtConfig.of(config)
         config.check()
         super().__init__(config)
 
@@ -523,6 +522,7 @@ class CvtModel(CvtPreTrainedModel):
 
     def __init__(self, config: CvtConfig) -> None:
         super().__init__(config)
+        config = self.config  # a cvt config, whichever CvT config was given
         self.encoder = CvtEncoder(config)
         self.post_init()
 
@@ -632,6 +632,7 @@ class CvtForImageClassification(CvtPreTrainedModel):
 
     def __init__(self, config: CvtConfig) -> None:
         super().__init__(config)
+        config = self.config  # a cvt config, whichever CvT config was given
         self.cvt = CvtModel(config)
         dim = config.embed_dim[-1]
         self.layernorm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)

@@ -283,6 +283,7 @@ def load_pretrained(cls: type[M], name_or_path: str | os.PathLike | None, *, con
         raise RuntimeError("You are using `from_pretrained` with a meta device context manager: weights "
                            "cannot be loaded there; load outside it (build a model without weights "
                            "on the meta device with the class itself)")
+    config = CvtConfig.of(config) if config is not None else None
     hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_ARGUMENTS}
     use_safetensors = kwargs.pop("use_safetensors", None)
     fields = {f.name for f in dataclasses.fields(CvtConfig)} | _CONFIG_PROPERTIES
