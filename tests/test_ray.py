@@ -241,7 +241,8 @@ def free_port() -> int:
 @contextmanager
 def ray_cluster(cpus_per_node: list[int], env: dict[str, str]) -> Iterator[str]:
     """A head and worker nodes on this machine, each `ray start --block` (so that ending that
-    process stops exactly this node), in a temporary folder of their own; yields HOST:PORT."""
+    process stops exactly this node), in a temporary folder of their own, which is also their
+    working directory; yields HOST:PORT."""
     port, temp = free_port(), tempfile.mkdtemp(prefix="cvt-ray-", dir="/tmp")
     address, nodes = f"127.0.0.1:{port}", []
     common = ["--block", "--node-ip-address", "127.0.0.1", "--disable-usage-stats",
@@ -252,7 +253,7 @@ def ray_cluster(cpus_per_node: list[int], env: dict[str, str]) -> Iterator[str]:
                       "--ray-client-server-port", str(free_port())] if i == 0 else ["--address", address])
             log = open(Path(temp) / f"start-{i}.log", "w+")
             nodes.append((subprocess.Popen(["ray", "start", *where, *common, "--num-cpus", str(cpus)],
-                                           stdout=log, stderr=subprocess.STDOUT, env=env), log))
+                                           stdout=log, stderr=subprocess.STDOUT, env=env, cwd=temp), log))
             _wait_for(log, nodes[-1][0])
         yield address
     finally:
@@ -400,3 +401,104 @@ def test_an_image_column_as_read_images_gives_it(model_dir) -> None:
     assert "2 or 3 dimensions" not in rows[3]["error"] and "C = 1, 3 or 4" in rows[3]["error"]
     assert "empty" in rows[4]["error"] and rows[3]["labels"] is None and rows[4]["scores"] is None
     assert len({row["node"] for row in rows}) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_relative_paths_and_names_that_are_not_utf8_on_a_cluster(model_dir, tmp_path) -> None:
+    """Run from a working directory the cluster's nodes do not share, with a relative model
+    folder and image folder: the rows equal a single process's, each path as given, a file
+    name with byte 0xE9 included (a good image and a broken one); --workers beyond the
+    cluster's CPUs logs the actors that run."""
+    photos = make_folder(tmp_path / "here" / "photos", 12)
+    named = os.fsdecode(b"caf\xe9")
+    (photos / f"{named}.jpg").write_bytes((photos / "chelsea.jpg").read_bytes())
+    (photos / f"{named}-text.jpg").write_text("not an image")
+    shutil.copytree(model_dir, tmp_path / "here" / "model")
+    args = ["predict", "model", "photos", "--format", "jsonl", "--engine", "onnxruntime", "--output"]
+    env = ray_env(secrets.token_hex(16))
+    plain = subprocess.run([sys.executable, "-m", "cvt", *args, "single.jsonl"], capture_output=True,
+                           cwd=tmp_path / "here", env=env, timeout=600)
+    assert plain.returncode == 1, plain.stderr
+    with ray_cluster([2], env) as address:
+        done = subprocess.run([sys.executable, "-m", "cvt", *args, "ray.jsonl", "--ray", address,
+                               "--workers", "64"], capture_output=True, cwd=tmp_path / "here", env=env,
+                              timeout=600)
+    stderr = done.stderr.decode(errors="replace")
+    assert done.returncode == 1, stderr
+    rows, want = read_jsonl(tmp_path / "here" / "ray.jsonl"), read_jsonl(tmp_path / "here" / "single.jsonl")
+    assert_same_rows(rows, want)
+    got = by_path(rows)
+    assert got[f"photos/{named}.jpg"]["error"] is None and got[f"photos/{named}-text.jpg"]["error"]
+    actors = int(re.search(r"cvt: ray: \d+ files on (\d+) actors", stderr)[1])
+    assert actors < 64 and f"--workers 64, but the cluster has {actors} CPUs" in stderr
+
+
+def interrupted_run(model_dir: Path, tmp_path: Path, sig: int, after_rows: int) -> tuple[subprocess.Popen, str]:
+    """A `--ray` jsonl run of 621 files sent `sig` once `after_rows` rows are in its temporary
+    file (0: once its actors are asked for, before any result); returns it ended, and its stderr."""
+    photos = make_folder(tmp_path / "many", 600)
+    child = cvt_command("predict", str(model_dir), str(photos), "--format", "jsonl", "--output",
+                        str(tmp_path / "out.jsonl"), "--engine", "onnxruntime", "--ray", "--workers", "2",
+                        "--batch-size", "2", env=ray_env(secrets.token_hex(16)))
+    marker = "cvt: writing to " if after_rows else "cvt: ray: "
+    seen = next((line for line in child.stderr if marker in line), "")
+    tmp = Path(re.search(r"cvt: writing to (\S+)", seen)[1]) if after_rows else tmp_path / "never"
+    while child.poll() is None and _count_lines(tmp) < after_rows:
+        time.sleep(0.05)
+    assert child.poll() is None and _count_lines(tmp) < 621, "the run ended before the signal"
+    processes = psutil.Process(child.pid).children(recursive=True)
+    child.send_signal(sig)
+    _, stderr = child.communicate(timeout=60)
+    gone, alive = psutil.wait_procs(processes, timeout=30)
+    assert alive == [], [(p.pid, p.cmdline()) for p in alive]
+    return child, seen + stderr
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_sigterm_once_rows_flow_keeps_a_valid_prefix(model_dir, tmp_path) -> None:
+    """SIGTERM under --ray ends the run as without Ray: exit status 130, the rows finished so
+    far written to --output as whole rows (Ray's own handler would exit 15 and lose them)."""
+    child, stderr = interrupted_run(model_dir, tmp_path, signal.SIGTERM, after_rows=20)
+    assert child.returncode == 130, stderr
+    rows = read_jsonl(tmp_path / "out.jsonl")
+    assert 20 <= len(rows) < 621 and all(list(row) == ROW_KEYS for row in rows)
+    assert f"cvt: interrupted after {len(rows)} of 621 files" in stderr  # make_folder adds 21
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_ctrl_c_before_the_first_results(model_dir, tmp_path) -> None:
+    """Ctrl-C while the actors start (no result yet) ends the run at once, exit status 130,
+    with Ray's processes."""
+    started = time.monotonic()
+    child, stderr = interrupted_run(model_dir, tmp_path, signal.SIGINT, after_rows=0)
+    assert child.returncode == 130, stderr
+    assert "first results" not in stderr and "cvt: interrupted" in stderr
+    assert time.monotonic() - started < 300
+
+
+@pytest.mark.subprocess
+def test_an_unreachable_address_is_an_error_at_once(model_dir, tmp_path) -> None:
+    """--ray HOST:PORT where nothing listens: one line naming the address, exit status 2, well
+    within 30 s (Ray itself would retry for minutes, deaf to Ctrl-C)."""
+    (tmp_path / "a.png").write_bytes(b"")
+    started = time.monotonic()
+    done = run_cvt("predict", str(model_dir), str(tmp_path / "a.png"), "--ray", f"127.0.0.1:{free_port()}",
+                   timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert time.monotonic() - started < 30
+    assert re.fullmatch(r"cvt: error: --ray 127\.0\.0\.1:\d+: no Ray cluster answers there .*",
+                        done.stderr.splitlines()[-1])
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_ray_starts(model_dir, folder, tmp_path,
+                                                                       capsys) -> None:
+    """A folder, or a path under a file, as --output: refused, naming --output, before any Ray
+    start-up (the address here reaches nothing, so reaching it would be another error)."""
+    (tmp_path / "file").write_text("")
+    for output in (tmp_path, tmp_path / "file" / "out.jsonl"):
+        assert main(["predict", str(model_dir), str(folder), "--format", "jsonl", "--output", str(output),
+                     "--ray", f"127.0.0.1:{free_port()}"]) == 2
+        assert f"--output {output} " in capsys.readouterr().err.splitlines()[-1]

@@ -19,6 +19,10 @@ class InvalidValueError(CvtError, ValueError):
     """An argument, setting or file content cvt cannot use (a ValueError, as Python code expects)."""
 
 
+class ClusterError(CvtError):
+    """A Ray cluster that cannot be reached."""
+
+
 class CheckpointError(InvalidValueError):
     """A checkpoint that cannot be used: unreadable, of another model, or not matching the config."""
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -65,7 +66,7 @@ def run(model: str, inputs: Sequence[str], *, top_k: int = 5, batch_size: int = 
     else:
         from . import ray as on_ray  # the "ray" extra
 
-        rows = on_ray.predict_rows([str(p) for p in paths], model, address=ray, workers=workers,
+        rows = on_ray.predict_rows(paths, model, address=ray, workers=workers,
                                    image_size=image_size, **settings)
     done, failures = _write(rows, paths, fmt, output)
     if output is not None:
@@ -79,8 +80,15 @@ def run(model: str, inputs: Sequence[str], *, top_k: int = 5, batch_size: int = 
 def check_output(output: Path, model: str, paths: list[Path]) -> None:
     """Before anything is read or written: the results never go over what the run reads, an
     input image, the model's weights file, or a file in its folder (a new file there could
-    change which weights the folder holds)."""
+    change which weights the folder holds); and it can be written (a folder, or a parent that is
+    a file or not writable, is refused here, before any Ray cluster starts)."""
     target = output.resolve()
+    if target.is_dir():
+        raise InvalidValueError(f"--output {short(output)} is a folder; give the name of the file to write")
+    parent = next(folder for folder in target.parents if folder.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        why = "is a file" if not parent.is_dir() else "is not writable"
+        raise InvalidValueError(f"--output {short(output)} cannot be written: {short(parent)} {why}")
     if target in {p.resolve() for p in paths}:
         raise InvalidValueError(f"--output {short(output)} is one of the input images and would be overwritten")
     source = Path(model).resolve() if model and Path(model).exists() else None

@@ -12,14 +12,20 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
+import signal
+import socket
 import sys
+import threading
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import InvalidValueError, install_hint
+from .errors import ClusterError, InvalidValueError, install_hint
+from .files import utf8_text
 from .images import ImageError
 from .inference import pipeline
 from .predictions import Row, arrow_schema, to_row
@@ -36,6 +42,7 @@ log = logging.getLogger(__name__)
 # "local" (a private instance), "auto", ray://HOST:PORT, or the HOST:PORT `ray start --head` prints
 ADDRESS = re.compile(r"^(local|auto|ray://\S+|[\w.-]+:\d+|\[[0-9A-Fa-f:]+\]:\d+)$")
 MAX_BLOCKS = 10_000  # the file list is cut into blocks of one batch, fewer for huge lists
+REACH_TIMEOUT_S = 10  # a cluster address that accepts no connection in this time is an error
 
 
 class CvtPredictor:
@@ -46,7 +53,8 @@ class CvtPredictor:
     bounded loader) or an `image` column (arrays, as `ray.data.read_images` yields; its `path`
     column, if any, is passed through). The result is an Arrow table with one row per input:
     `path`, `labels` and `scores` (the top-k, best first), `error` (None, or why that file
-    failed) and `node`, the id of the Ray node that classified it.
+    failed) and `node`, the id of the Ray node that classified it. Paths given as bytes (file
+    names that are not UTF-8, which Arrow strings cannot hold) come back as the same bytes.
     """
 
     def __init__(self, model: str, *, engine: str = "auto", precision: str = "fp32", top_k: int = 5,
@@ -63,11 +71,24 @@ class CvtPredictor:
             paths = batch["path"] if "path" in batch else [None] * len(batch["image"])
             rows = self._classify_images(list(batch["image"]), list(paths))
         elif "path" in batch:
-            rows = [to_row(path, result) for path, result in self.pipeline.classify_files(list(batch["path"]))]
+            return self._classify_files(list(batch["path"]))
         else:
             raise InvalidValueError(f"CvtPredictor needs a 'path' or an 'image' column; got {list(batch)}")
+        return self._table(rows)
+
+    def _table(self, rows: list[Row]) -> pa.Table:
         table = pa.Table.from_pylist(rows, schema=arrow_schema())
         return table.append_column("node", pa.array([self.node] * len(rows), pa.string()))
+
+    def _classify_files(self, paths: list[str | bytes]) -> pa.Table:
+        """Rows of files read by cvt's loader; names given as bytes are decoded as the operating
+        system does (`os.fsdecode`) and given back as bytes, an error message made valid UTF-8."""
+        files = [os.fsdecode(p) if isinstance(p, bytes) else p for p in paths]
+        rows = [to_row(path, result) for path, result in self.pipeline.classify_files(files)]
+        if not any(isinstance(p, bytes) for p in paths):
+            return self._table(rows)
+        rows = [{**row, "path": None, "error": row["error"] and utf8_text(row["error"])} for row in rows]
+        return self._table(rows).set_column(0, "path", pa.array([bytes(p) for p in paths], pa.binary()))
 
     def _classify_images(self, images: list[Any], paths: list[str | None]) -> list[Row]:
         prepared = [self._prepare(image) for image in images]
@@ -93,12 +114,38 @@ def connect(address: str = "local") -> bool:
     if not ADDRESS.match(address):
         raise InvalidValueError(f"--ray {address}: expected HOST:PORT (as `ray start --head` prints it), "
                                 f"ray://HOST:PORT or auto; write --ray after the inputs, or --ray=ADDRESS")
+    check_reachable(address)
     private = {"include_dashboard": False} if address == "local" else {}
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, **private)
+    main_thread = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main_thread else None
+    try:  # Ray's SIGTERM handler ends the process (sys.exit): the caller's keeps the results
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, **private)
+    except SystemExit as err:  # Ray's handler ran while Ray started: the caller's decides
+        if err.code != signal.SIGTERM or not callable(handler):
+            raise
+        ray.shutdown()
+        handler(signal.SIGTERM, None)
+        raise
+    finally:
+        if callable(handler):
+            signal.signal(signal.SIGTERM, handler)
     return True
 
 
-def classify_dataset(paths: Sequence[str], model: str, *, workers: int, batch_size: int = 8,
+def check_reachable(address: str) -> None:
+    """A HOST:PORT where nothing accepts a connection is an error at once: `ray.init` would wait
+    minutes for it, deaf to Ctrl-C."""
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not port.isdigit():
+        return  # local, auto
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_TIMEOUT_S).close()
+    except OSError as err:
+        raise ClusterError(f"--ray {address}: no Ray cluster answers there ({err.strerror or err}); "
+                           f"check the address `ray start --head` printed, and that the head node runs") from err
+
+
+def classify_dataset(paths: Sequence[str | bytes], model: str, *, workers: int, batch_size: int = 8,
                      **settings: Any) -> ray.data.Dataset:
     """The lazy dataset of `paths`' rows: the list cut into blocks, classified by a pool of
     `workers` `CvtPredictor` actors of one CPU (and one GPU with a CUDA device) each."""
@@ -112,33 +159,57 @@ def classify_dataset(paths: Sequence[str], model: str, *, workers: int, batch_si
                              num_cpus=1, num_gpus=1 if gpu else None)
 
 
-def predict_rows(paths: Sequence[str], model: str, *, address: str = "local", workers: int | None = None,
-                 **settings: Any) -> Iterator[Row]:
-    """Connect to Ray and classify `paths` there: each file's row, in the order they finish.
-    `settings` are `CvtPredictor`'s; `workers` defaults to one per CPU of the cluster."""
+def predict_rows(paths: Sequence[str | os.PathLike], model: str, *, address: str = "local",
+                 workers: int | None = None, **settings: Any) -> Iterator[Row]:
+    """Connect to Ray and classify `paths` there: each file's row (its path as given), in the
+    order they finish. `settings` are `CvtPredictor`'s; `workers` defaults to one per CPU of the
+    cluster. Local paths (files, model folder, calibration folder) go to the cluster absolute and
+    as bytes: each node resolves a relative one from its own working directory, and Arrow
+    strings cannot hold a file name that is not UTF-8."""
     if workers is not None and workers < 1:
         raise InvalidValueError(f"--workers must be a positive number of actors, got {workers}")
+    names = {os.fsencode(Path(p).absolute()): str(p) for p in paths}
+    model, settings["calibration"] = _absolute(model), _absolute(settings.get("calibration"))
     started = connect(address)
     try:
-        if workers is None:
-            workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        workers = _actors(workers, gpu=str(settings.get("device") or "").startswith("cuda"))
         ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
-        dataset = classify_dataset(paths, model, workers=workers, **settings)
+        dataset = classify_dataset(list(names), model, workers=workers, **settings)
     except BaseException:
         if started:
             ray.shutdown()
         raise
     log.info("cvt: ray: %d files on %d actors", len(paths), workers)
-    return _stream(dataset, started)
+    rows = _stream(dataset, names, started)
+    next(rows)  # into its `try`: closing it from now on shuts Ray down, even before the first row
+    return rows
 
 
-def _stream(dataset: ray.data.Dataset, started: bool) -> Iterator[Row]:
-    """The dataset's rows as they arrive, each node named when its first results come; closing
-    it (or Ctrl-C) stops the job, and a private instance is shut down."""
+def _absolute(name: str | None) -> str | None:
+    """`name` made absolute when it is a local file or folder (a hub id goes as it is)."""
+    return str(Path(name).absolute()) if name is not None and Path(name).exists() else name
+
+
+def _actors(asked: int | None, gpu: bool) -> int:
+    """How many actors run: `asked`, at most one per CPU (GPU) of the cluster, which has no room
+    for more; by default one per CPU."""
+    room = max(1, int(ray.cluster_resources().get("GPU" if gpu else "CPU", 1)))
+    if asked is not None and asked > room:
+        log.warning("cvt: ray: --workers %d, but the cluster has %d %ss: running %d actors", asked, room,
+                    "GPU" if gpu else "CPU", room)
+    return room if asked is None else min(asked, room)
+
+
+def _stream(dataset: ray.data.Dataset, names: dict[bytes, str], started: bool) -> Iterator[Row | None]:
+    """The dataset's rows as they arrive (each path as the caller gave it), each node named when
+    its first results come; closing it (or Ctrl-C) stops the job, and a private instance is shut
+    down. It first yields None, once, when it is ready (`predict_rows` takes that one)."""
     per_node: dict[str, int] = {}
     try:
+        yield None
         for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in table.to_pylist():
+                row["path"] = names[row["path"]]
                 node = row.pop("node")
                 if node not in per_node:
                     log.info("cvt: ray: node %s: first results", node)
@@ -148,3 +219,4 @@ def _stream(dataset: ray.data.Dataset, started: bool) -> Iterator[Row]:
     finally:
         if started:
             ray.shutdown()
+

@@ -156,4 +156,4 @@ def add_ray_arguments(parser: argparse.ArgumentParser, workers: bool = True) -> 
                         "HOST:PORT that `ray start --head` printed, that cluster (write it after the inputs)")
     if workers:
         parser.add_argument("--workers", type=int, metavar="N", help="with --ray: N actors, one model "
-                            "each, 1 CPU each (default: one per CPU of the cluster)")
+                            "each, 1 CPU each (default, and at most: one per CPU of the cluster)")
