@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -338,26 +339,37 @@ def hostile_folder(root: Path) -> tuple[list[str], dict[str, str]]:
 @pytest.mark.subprocess
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="FIFOs, /dev/zero and ru_maxrss in kB")
-def test_twenty_hostile_files_in_one_run_stay_under_1_gb_and_each_is_reported(tmp_path, model_dir) -> None:
+def test_twenty_hostile_files_in_one_run_stay_within_half_a_gb_and_each_is_reported(tmp_path, model_dir) -> None:
+    """The hostile files (a 108-megapixel JPEG, 16-bit 4000x4000, FIFOs, /dev/zero, ...) may
+    add at most 512 MB to the peak of the same command on one plain photo (which is mostly
+    torch's, transformers' and the engine's libraries)."""
     classified, refused = hostile_folder(tmp_path / "in")
     assert len(refused) + len(classified) - 2 == 20  # 20 hostile files and 2 plain photos
+    (tmp_path / "plain").mkdir()
+    shutil.copy(tmp_path / "in" / "photo.jpg", tmp_path / "plain" / "photo.jpg")
     output = tmp_path / "out.json"
-    command = [sys.executable, "-m", "cvt", "predict", str(model_dir), str(tmp_path / "in"), "--format", "json",
-               "--output", str(output), "--engine", "torch"]
-    runner = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:], capture_output=True, text=True);"
-              "print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
-              "print(done.stderr, file=sys.stderr)")
-    done = subprocess.run([sys.executable, "-c", runner, *command], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": SRC})
-    status, peak_kb = map(int, done.stdout.split())
-    assert status == 1 and "Traceback" not in done.stderr, done.stderr
-    assert peak_kb < 1024 * 1024, f"peak resident memory {peak_kb / 1024:.0f} MB"
-    print(f"peak resident memory of cvt predict: {peak_kb / 1024:.0f} MB")
+
+    def peak_of_predict(folder: Path, out: Path) -> tuple[int, int, str]:
+        command = [sys.executable, "-m", "cvt", "predict", str(model_dir), str(folder), "--format", "json",
+                   "--output", str(out), "--engine", "torch"]
+        runner = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:], capture_output=True, "
+                  "text=True); print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+                  "print(done.stderr, file=sys.stderr)")
+        done = subprocess.run([sys.executable, "-c", runner, *command], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "PYTHONPATH": SRC})
+        status, peak_kb = map(int, done.stdout.split())
+        return status, peak_kb, done.stderr
+
+    _, baseline_kb, _ = peak_of_predict(tmp_path / "plain", tmp_path / "plain.json")
+    status, peak_kb, stderr = peak_of_predict(tmp_path / "in", output)
+    assert status == 1 and "Traceback" not in stderr, stderr
+    print(f"peak resident memory of cvt predict: {peak_kb / 1024:.0f} MB, on one photo {baseline_kb / 1024:.0f} MB")
+    assert peak_kb - baseline_kb < 512 * 1024, f"{peak_kb / 1024:.0f} MB against {baseline_kb / 1024:.0f} MB"
     records = {Path(r["path"]).name: r for r in json.loads(output.read_text())}
     assert set(records) == set(classified) | set(refused)
     for name in classified:
         assert len(records[name].get("predictions", [])) == 5 and "error" not in records[name], records[name]
     for name, why in refused.items():
         assert why in records[name]["error"], (name, records[name])
-        assert f"{name}: " in done.stderr
-    assert f"{len(refused)} of {len(refused) + len(classified)} files could not be classified" in done.stderr
+        assert f"{name}: " in stderr
+    assert f"{len(refused)} of {len(refused) + len(classified)} files could not be classified" in stderr

@@ -194,7 +194,7 @@ def test_keras_file_and_saved_model_reload_in_a_fresh_interpreter(tmp_path) -> N
     assert report["shape"] == [None, 48, 48, 3] and report["dtype"] == "float32"
     assert report["outputs"] == ["logits"] and report["class"] == "TFCvtForImageClassification"
     assert report["data_format"] == "channels_last" and report["preprocessing"] == model.preprocessing
-    assert report["config"] == model.config.to_dict()
+    assert report["config"] == json.loads(json.dumps(model.config.to_dict()))  # as JSON: string keys
     np.testing.assert_array_equal(np.load(tmp_path / "loaded.npy"), model(x).logits.numpy())
     np.testing.assert_array_equal(np.load(tmp_path / "served.npy"),
                                   model.serving_function()(x)["logits"].numpy())

@@ -203,7 +203,7 @@ class CvtConfig(PreTrainedConfig):
             setattr(self, name, tuple(float(v) for v in getattr(self, name)))
         for v in self.mlp_ratio:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= MAX_MLP_RATIO:
-                raise ConfigError(f"CvtConfig.mlp_ratio values must be positive numbers up to "
+                raise ConfigError(f"CvtConfig.mlp_ratio values must be positive finite numbers up to "
                                   f"{MAX_MLP_RATIO:g}, got {v!r}")
         self.mlp_ratio = tuple(float(v) for v in self.mlp_ratio)
         for name in _STAGE_BOOL_FIELDS:

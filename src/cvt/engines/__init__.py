@@ -5,7 +5,7 @@
 when built: fp32 within 1e-4, else `EngineError` and nothing is cached; reduced precision (bf16,
 int8) reports what it costs (`engine.report`: logit error and top-1 agreement with fp32, and
 accuracy when the calibration folder is labelled), and one that differs from the plain model by
-more than a quarter of its outputs' scale is an `EngineError`. `model(x)` always runs the plain
+more than three quarters of its outputs' scale is an `EngineError`. `model(x)` always runs the plain
 model.
 
 | engine | what runs | precisions |

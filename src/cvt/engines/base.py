@@ -29,9 +29,10 @@ logger = logging.getLogger("cvt")
 
 CHECK_BATCH = 3  # images in the build check (not the 2 an exporter traces with)
 # the most a reduced-precision engine may differ from the plain model on the check batch, as a
-# fraction of the outputs' largest magnitude: int8 builds of the test models differ by 1-7 %, an
-# engine of another model with the same architecture by 100-200 %
-REDUCED_LIMIT = 0.25
+# fraction of the outputs' largest magnitude: int8 builds of the test models differ by 1-7 %, of
+# a CvT-13 with random weights (small, flat outputs) by about 40 %; an engine of another model
+# with the same architecture by 100-200 %
+REDUCED_LIMIT = 0.75
 
 Model = CvtModel | CvtForImageClassification
 
