@@ -60,17 +60,17 @@ print("PEAK_KB", next(line.split()[1] for line in open("/proc/self/status") if l
 
 @pytest.mark.subprocess
 def test_config_far_larger_than_its_weights_is_refused_before_allocating(folder) -> None:
-    """embed_dim 15998 beside a ~0.6 MB weights file describes a ~24 GB model (within the
+    """embed_dim 15999 beside a ~0.6 MB weights file describes a ~24 GB model (within the
     config's bounds): it is compared with the weights' shapes before anything is allocated, and
     the process never grows past a few hundred MB over its imports (measured as its peak
     resident memory in a fresh process)."""
-    edit_config(folder, embed_dim=[16, 32, 15998])
+    edit_config(folder, embed_dim=[16, 32, 15999])
     assert (folder / "model.safetensors").stat().st_size < 1_000_000
     run = subprocess.run([sys.executable, "-c", PEAK_RSS, str(folder)], capture_output=True, text=True,
                          timeout=300, env={"PYTHONPATH": str(Path(cvt.__file__).parents[1]), "OMP_NUM_THREADS": "1",
                                            "PATH": "/usr/bin:/bin"})
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "REFUSED" in run.stdout and "does not match" in run.stdout and "15998" in run.stdout
+    assert "REFUSED" in run.stdout and "does not match" in run.stdout and "15999" in run.stdout
     peak_mb = int(run.stdout.split("PEAK_KB")[1]) / 1024
     assert peak_mb < 1500, f"peak resident memory {peak_mb:.0f} MB"
 
