@@ -222,6 +222,11 @@ def test_nan_scores_are_null_in_valid_json_and_counted_as_failed(tmp_path, model
 
 
 # ----------------------------------------------------------------------------- Ctrl-C
+# Ctrl-C must not wait for the file being read, which takes a minute (conftest's slow file):
+# stopping in a sixth of that is prompt on any machine, however busy
+PROMPT_STOP_S = 10
+
+
 def interrupt(process: subprocess.Popen) -> tuple[float, str]:
     """Ctrl-C; (seconds until the process ended, its stderr)."""
     start = time.monotonic()
@@ -233,7 +238,7 @@ def interrupt(process: subprocess.Popen) -> tuple[float, str]:
     return time.monotonic() - start, err
 
 
-def test_ctrl_c_stops_predict_within_2_s_and_writes_what_it_finished(tmp_path, model_dir) -> None:
+def test_ctrl_c_stops_predict_without_waiting_for_the_file_and_writes_what_it_finished(tmp_path, model_dir) -> None:
     images = tmp_path / "images"
     images.mkdir()
     for name in ("a.png", "b.png", "c.png", "slow.png"):
@@ -243,7 +248,7 @@ def test_ctrl_c_stops_predict_within_2_s_and_writes_what_it_finished(tmp_path, m
         "predict", str(model_dir), str(images), "--format", "json", "--output", str(output),
         "--engine", "torch", "--batch-size", "1"])
     elapsed, err = interrupt(process)
-    assert process.returncode == 130 and elapsed < 2, (process.returncode, elapsed, err)
+    assert process.returncode == 130 and elapsed < PROMPT_STOP_S, (process.returncode, elapsed, err)
     records = json.loads(output.read_text())
     finished = int(err.split("interrupted after ")[1].split()[0])
     assert 1 <= finished < 4 and len(records) == finished, err
@@ -252,7 +257,7 @@ def test_ctrl_c_stops_predict_within_2_s_and_writes_what_it_finished(tmp_path, m
 
 
 @pytest.mark.parametrize("command", ["eval", "train"])
-def test_ctrl_c_stops_eval_and_train_within_2_s(tmp_path, model_dir, command) -> None:
+def test_ctrl_c_stops_eval_and_train_without_waiting_for_the_file(tmp_path, model_dir, command) -> None:
     data = tmp_path / "data"
     for label in TINY_LABELS[:2]:
         (data / label).mkdir(parents=True)
@@ -265,7 +270,7 @@ def test_ctrl_c_stops_eval_and_train_within_2_s(tmp_path, model_dir, command) ->
         args += ["--engine", "torch"]
     process, _ = start_with_a_slow_file(tmp_path, [command, *args])
     elapsed, err = interrupt(process)
-    assert process.returncode == 130 and elapsed < 2, (process.returncode, elapsed, err)
+    assert process.returncode == 130 and elapsed < PROMPT_STOP_S, (process.returncode, elapsed, err)
     assert "Traceback" not in err and "cvt: interrupted" in err
 
 
