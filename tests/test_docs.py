@@ -6,15 +6,18 @@ How a page runs (the documented fixture, `docs_world`):
   `a.jpg`, `b.jpg`, `images/` (photographs from scikit-image) and `photos/train/<class>/`,
   `photos/val/<class>/` (a small two-class set);
 - with hub ids answered from a local folder: every `microsoft/cvt-...` id a page names is
-  saved, with random weights of its architecture and preprocessing at 64 pixels (so that the
-  examples that train, export or calibrate take seconds), into a Hugging Face cache
+  saved, as a small stand-in with random weights (the variant's labels and three-stage shape,
+  preprocessing at 64 pixels, so that the examples that train, export or calibrate take
+  seconds), into a Hugging Face cache
   (`HF_HUB_CACHE`) and the hub is offline (`HF_HUB_OFFLINE=1`), so `from_pretrained`,
   `cvt predict microsoft/cvt-13` and friends go through the real hub code path;
 - python blocks share one namespace per page (later blocks use earlier names); bash blocks run
   in `bash -e -o pipefail` in the same directory, with this interpreter's `cvt` on the PATH.
 
 A block that cannot run offline carries, on the line before its fence,
-`<!-- docs-test: skip (why) -->`; a page whose blocks take long carries `<!-- docs-test: slow -->`.
+`<!-- docs-test: skip (why) -->`; a page whose blocks take long carries `<!-- docs-test: slow -->`;
+a page that needs the hub ids to hold the published architectures carries
+`<!-- docs-test: published architectures -->`.
 """
 
 from __future__ import annotations
@@ -143,22 +146,37 @@ def make_files(root: Path) -> None:
                 save_photo(view, root / "photos" / split / label / f"{label}{k}.jpg")
 
 
-# the hub checkpoints' input size: the examples train, export and calibrate in seconds, not minutes
+# the hub checkpoints' stand-ins: each variant's labels, preprocessing and three-stage shape (a
+# class token in the last stage), small and at a small input size, so that the examples that
+# train, export, quantise and measure engines take seconds, not minutes (every published
+# architecture goes through the same checks in test_models). A page that needs the published
+# architecture itself (`create_model(name, pretrained=True)` checks it) carries PUBLISHED_PAGE.
 HUB_IMAGE_SIZE = 64
+STAND_IN = {"depth": (1, 1, 2), "embed_dim": (16, 32, 64), "num_heads": (1, 2, 4)}
+PUBLISHED_PAGE = "<!-- docs-test: published architectures -->"
 
 
-def make_hub_cache(cache: Path, ids: set[str]) -> None:
+def make_hub_cache(cache: Path, ids: set[str], architecture: dict) -> Path:
     """Hugging Face's cache layout (refs/main -> snapshots/<revision>/files) for each hub id,
-    holding the variant's architecture with random weights, preprocessed at HUB_IMAGE_SIZE."""
+    holding the variant with `architecture` changed, random weights, preprocessed at HUB_IMAGE_SIZE."""
+    import torch
+
     import cvt
+    from cvt.variants import VARIANTS
 
     revision = "0" * 40
+    torch.manual_seed(0)  # the same checkpoints on every test worker
     for variant in sorted(ids):
         folder = cache / f"models--microsoft--{variant}" / "snapshots" / revision
-        cvt.create_model(variant).save_pretrained(folder)
+        cvt.CvtForImageClassification(VARIANTS[variant].config(**architecture)).save_pretrained(folder)
         cvt.CvtImageProcessor(size=HUB_IMAGE_SIZE).save_pretrained(folder)
         (folder.parents[1] / "refs").mkdir(exist_ok=True)
         (folder.parents[1] / "refs" / "main").write_text(revision)
+    return cache
+
+
+def named_hub_ids(pages: list[Path]) -> set[str]:
+    return {m for page in pages for m in HUB_ID.findall(page.read_text(encoding="utf-8"))}
 
 
 @pytest.fixture(scope="session")
@@ -168,14 +186,21 @@ def docs_world(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 
     root = tmp_path_factory.mktemp("docs-world")
     make_files(root / "files")
-    named = {m for page in doc_pages() for m in HUB_ID.findall(page.read_text(encoding="utf-8"))}
+    named = named_hub_ids(doc_pages())
     unknown = named - set(VARIANTS)
     assert not unknown, f"the docs name hub ids that are no published variant: {sorted(unknown)}"
-    make_hub_cache(root / "hub", named)
+    make_hub_cache(root / "hub", named, STAND_IN)
     env = {**os.environ, "HF_HUB_CACHE": str(root / "hub"), "HF_HUB_OFFLINE": "1",
            "CVT_CACHE_DIR": str(root / "engine-cache"), "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     return root / "files", env
+
+
+@pytest.fixture(scope="session")
+def published_hub(tmp_path_factory) -> Path:
+    """A hub cache of the published architectures, for the pages that carry PUBLISHED_PAGE."""
+    pages = [page for page in doc_pages() if PUBLISHED_PAGE in page.read_text(encoding="utf-8")]
+    return make_hub_cache(tmp_path_factory.mktemp("published-hub"), named_hub_ids(pages), {})
 
 
 def fresh_workdir(files: Path, tmp_path: Path) -> Path:
@@ -186,9 +211,12 @@ def fresh_workdir(files: Path, tmp_path: Path) -> Path:
 
 @pytest.mark.subprocess
 @pytest.mark.parametrize("page", page_params())
-def test_docs_page_runs(page, docs_world, tmp_path):
+def test_docs_page_runs(page, docs_world, tmp_path, request):
     files, env = docs_world
-    blocks = code_blocks(page.read_text(encoding="utf-8"))
+    text = page.read_text(encoding="utf-8")
+    if PUBLISHED_PAGE in text:
+        env = {**env, "HF_HUB_CACHE": str(request.getfixturevalue("published_hub"))}
+    blocks = code_blocks(text)
     done = run_page(page_id(page), blocks, fresh_workdir(files, tmp_path), env)
     print(done.stdout[-3000:])  # when each block started: shown with -s, or -rP
     assert done.returncode == 0, f"{done.stdout[-6000:]}\n{done.stderr[-6000:]}"
