@@ -78,6 +78,8 @@ def _lookup(document: dict, keys: list[str], what: str) -> object:
         if len(with_field) == 1:  # a field only one of the rows picked so far has
             current = with_field[0][key]
             continue
+        if with_field:
+            raise PluginError(f"{what}: names {len(with_field)} values, not one: add a key before {key!r}")
         rows = [row for row in rows if key in row.values()]
         if not rows:
             raise PluginError(f"{what}: no results row has {key!r}; is the number in a results file?")
