@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,7 +139,7 @@ def test_the_json_names_the_cpu_date_and_commit_the_docs_quote(monkeypatch, tmp_
     assert benchmark.run_command(args) == 0
     written = json.loads((tmp_path / "run.json").read_text())
     assert written["results"] == rows
-    cpuinfo = open("/proc/cpuinfo").read()
+    cpuinfo = Path("/proc/cpuinfo").read_text()
     assert f"model name\t: {written['cpu']}\n" in cpuinfo
     assert written["date"] == time.strftime("%Y-%m-%d", time.gmtime())
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=benchmark.__file__.rsplit("/", 1)[0],
