@@ -29,14 +29,9 @@ import numpy as np
 import psutil
 from PIL import Image
 
+from cvt.benchmark import run_record
+
 CONFIGS = {"alone": [], "ray, 1 worker": ["--ray", "--workers", "1"], "ray, 2 workers": ["--ray", "--workers", "2"]}
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def make_photos(folder: Path, count: int) -> None:
@@ -132,7 +127,7 @@ def main() -> int:
         load_before = os.getloadavg()
         results = {name: measure(model, work / "photos", extra, work / "out", args.files)
                    for name, extra in CONFIGS.items()}
-    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "load_before": load_before,
+    machine = {**run_record(), "cores": os.cpu_count(), "load_before": load_before,
                "load_after": os.getloadavg(), "files": args.files}
     print(f"{machine['cpu']}, {machine['cores']} cores; load average before "
           f"{load_before[0]:.2f}, after {machine['load_after'][0]:.2f}; {args.files} files")

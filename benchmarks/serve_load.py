@@ -34,16 +34,11 @@ import numpy as np
 from PIL import Image
 from skimage import data as skimage_data
 
+from cvt.benchmark import cpu_name, run_record
+
 PHOTOS = ("astronaut", "chelsea", "coffee", "camera", "rocket", "coins", "hubble_deep_field",
           "immunohistochemistry", "page", "moon", "retina", "grass", "brick", "cat")
 SCORE_TOLERANCE = 1e-5
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def write_photos(folder: Path) -> list[Path]:
@@ -213,7 +208,7 @@ def main() -> int:
         for problem in r["problems"]:
             print(f"  {problem}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu_name(), "cores": os.cpu_count(), **results}, indent=2))
+        Path(args.json).write_text(json.dumps({**run_record(), "cores": os.cpu_count(), **results}, indent=2) + "\n")
     return 0 if all(r["equal_to_pipeline"] for r in results.values()) else 1
 
 

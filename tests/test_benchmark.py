@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,3 +122,26 @@ def test_bf16_training_case_runs_both_sides_under_autocast(monkeypatch) -> None:
     assert (row["side"], row["precision"]) == ("cvt", "bf16")
     assert seen and all(seen)
     assert row["max_abs_diff"] < 0.05 * math.log(1000)  # both losses start near ln(1000)
+
+
+def test_the_json_names_the_cpu_date_and_commit_the_docs_quote(monkeypatch, tmp_path) -> None:
+    """`cvt bench --json` writes what a results file needs to be quoted: lscpu's model name, the
+    UTC date and the commit of the code measured, beside the rows."""
+    import argparse
+    import json
+    import subprocess
+    import time
+
+    rows = [{"case": "tiny", "side": "cvt model(x)", "speedup": 1.5}]
+    monkeypatch.setattr(benchmark, "run", lambda *args, **kwargs: rows)
+    args = argparse.Namespace(case=None, memory=None, no_memory=True, rounds=1, no_engines=True,
+                              json=str(tmp_path / "run.json"))
+    assert benchmark.run_command(args) == 0
+    written = json.loads((tmp_path / "run.json").read_text())
+    assert written["results"] == rows
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    assert f"model name\t: {written['cpu']}\n" in cpuinfo
+    assert written["date"] == time.strftime("%Y-%m-%d", time.gmtime())
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=benchmark.__file__.rsplit("/", 1)[0],
+                          capture_output=True, text=True).stdout.strip()
+    assert written["commit"] in (head, f"{head}-dirty")

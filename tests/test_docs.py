@@ -285,3 +285,142 @@ def test_the_cli_reference_lists_every_option_of_every_command():
             for name in action.option_strings or [action.metavar or action.dest]:
                 if name not in ("-h", "--help"):
                     assert re.search(rf"^\| `(.*, )?{re.escape(name)}[ `,]", rows, re.M), (title, name)
+
+
+# --- numbers, words and navigation: what a reader meets before running anything ---
+
+# the pages that quote measured numbers, and which must take them from benchmarks/results
+QUOTING_PAGES = ["README.md", "docs/index.md", "docs/guides/engines-and-export.md"]
+# a measured ratio (3.85×, not 224×224) or a change in points of top-1 (−0.12 points)
+MEASURED = re.compile(r"(?<![\w.])[−-]?\d+(?:\.\d+)?\s*×(?!\s*\d)|[−-]\d+(?:\.\d+)? points?\b")
+
+
+def quoted_outside_results(text: str, hook) -> list[str]:
+    """Measured numbers written into `text` by hand: outside its placeholders and outside the
+    README's generated block."""
+    if hook.README_BEGIN in text:
+        text = text.replace(hook.readme_current(text), "")
+    return MEASURED.findall(hook.PLACEHOLDER.sub("", text))
+
+
+def test_quoted_numbers_come_from_the_results_files():
+    """The README, Home and the engines page quote benchmarks/results/*.json through the hook
+    (the README through its generated block), name the machine and date of every file they
+    quote, and write no measured number by hand."""
+    hook = load_hook("bench_numbers")
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    current, wanted = hook.readme_current(readme), hook.readme_block()
+    stale = sorted(set(MEASURED.findall(current)) - set(MEASURED.findall(wanted)))
+    assert current == wanted, (f"README.md quotes {stale or 'text'} that benchmarks/results does not hold "
+                               "there: run `python docs/hooks/bench_numbers.py`")
+    sources = {name: (REPO_ROOT / name).read_text(encoding="utf-8") for name in QUOTING_PAGES}
+    sources["README.md"] = hook.README_TEMPLATE.read_text(encoding="utf-8")  # what its block says
+    for name, text in sources.items():
+        by_hand = quoted_outside_results((REPO_ROOT / name).read_text(encoding="utf-8"), hook)
+        assert not by_hand, f"{name} quotes {by_hand} by hand: quote benchmarks/results through {{{{ bench:... }}}}"
+        hook.render(text, where=name)  # every placeholder names one value of a results file
+        files = {m["body"].split("|")[0].strip() for m in hook.PLACEHOLDER.finditer(text)}
+        assert files, f"{name} quotes no results file"
+        for file in files:
+            for field in ("machine", "date"):
+                assert re.search(rf"\{{\{{\s*bench:\s*{re.escape(file)}\s*\|\s*{field}\s*\}}\}}", text), (
+                    f"{name} quotes {file} without naming its {field}")
+
+
+def test_a_placeholder_names_a_value_of_a_results_file_or_stops_the_build():
+    from mkdocs.exceptions import PluginError
+
+    hook = load_hook("bench_numbers")
+    text = "{{ bench:zen5-inference | CvT-13 224 b32 | engine openvino | speedup }}× on a {{ bench:zen5-inference | cpu }}"
+    assert hook.render(text) == "3.66× on a AMD EPYC"
+    assert hook.quote("zen5-fashion-mnist | engine openvino int8 | against_fp32_points") == "\u22120.12"
+    assert hook.quote("zen3-round-one | CvT-13 224 train b16 ckpt | ratio:.2f") == "0.60"
+    for body, error in (("zen5-inference | CvT-13 224 b1 | engine tensorrt | speedup", "no results row has 'engine tensorrt'"),
+                        ("zen9-inference | date", "no results file benchmarks/results/zen9-inference.json"),
+                        ("zen5-inference | CvT-13 224 b1 | speedup", "names 10 values, not one")):
+        with pytest.raises(PluginError, match=re.escape(error)):
+            hook.quote(body)
+
+
+def test_results_files_name_their_cpu_date_and_commit_and_match_the_benchmarks_page():
+    """Each results file names the CPU, the date and a commit of this repository; those
+    transcribed from the benchmarks page's tables hold the page's numbers."""
+    page = (REPO_ROOT / "benchmarks" / "README.md").read_text(encoding="utf-8").replace("**", "")
+    files = sorted((REPO_ROOT / "benchmarks" / "results").glob("*.json"))
+    assert files
+    for path in files:
+        result = json.loads(path.read_text(encoding="utf-8"))
+        assert result["cpu"] and re.fullmatch(r"\d{4}-\d{2}-\d{2}", result["date"]), path.name
+        known = subprocess.run(["git", "cat-file", "-e", f"{result['commit'].removesuffix('-dirty')}^{{commit}}"],
+                               cwd=REPO_ROOT, capture_output=True)
+        assert known.returncode == 0, f"{path.name}: commit {result['commit']} is not in this repository"
+        if "transcribed" not in result.get("source", ""):
+            continue
+        for row in result["results"]:
+            if "speedup" in row:
+                shown = f"{row['speedup']:.2f}× [{row['speedup_min']:.2f}–{row['speedup_max']:.2f}]"
+            elif "ratio" in row:
+                shown = f"| {row['transformers_mb']} MB | {row['cvt_mb']} MB | {row['ratio']:.2f}×"
+            else:
+                shown = f"{row['top1']:.2f} %" if "top1" in row else f"{row['max_abs_logit_error']:.1e}".replace("e-0", "e-")
+            assert shown in page, f"{path.name}: {row} is not on the benchmarks page ({shown!r})"
+
+
+# words that mean something only to the people who wrote the page
+AUTHORS_WORDS = re.compile("|".join([
+    r"\bissues? #?\d+", r"(?<![&\w])#\d+\b", r"\bthe (?:\w+ )?issue(?:'s)?\b",  # the tracker's numbers and threads
+    r"\bsessions?\b",  # the writer's working session ("the previous session")
+    r"/tmp\b",  # a path on the writer's machine
+    r"\b(?:tested|measured|timed|looked into|checked) here\b",  # "here": on the writer's machine
+    r"(?<![\d.,])\d[\d.,]*\s*(?:ms|s|seconds?|minutes?|hours?)\s+here\b", r"\bno GPU here\b",
+]), re.IGNORECASE)
+
+
+def authors_words(text: str) -> list[str]:
+    return [f"{n}: {m.group(0)!r}" for n, line in enumerate(text.splitlines(), 1) for m in AUTHORS_WORDS.finditer(line)]
+
+
+def test_no_page_speaks_in_its_authors_words():
+    """The README, CONTRIBUTING, the benchmarks page and the site say nothing only their authors
+    understand: issue numbers, "session", /tmp paths, "35 s here", "not tested here"."""
+    found = {page_id(p): authors_words(p.read_text(encoding="utf-8")) for p in doc_pages()}
+    found = {page: hits for page, hits in found.items() if hits}
+    assert not found, f"authors' words (say what a reader can check instead): {found}"
+    assert authors_words("as issue 12 says\nsee #12, measured in the previous session\nin /tmp/x, 35 s here") == [
+        "1: 'issue 12'", "2: '#12'", "2: 'session'", "3: '/tmp'", "3: '35 s here'"]
+    assert not authors_words("onnxruntime's InferenceSession, `session_latest`, 224×224, [a](#x), here is how")
+
+
+def test_the_install_table_lists_every_extra():
+    import tomllib
+
+    extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    page = (REPO_ROOT / "docs" / "getting-started" / "install.md").read_text(encoding="utf-8")
+    rows = set(re.findall(r"^\| `([\w-]+)` \|", page, re.M))
+    assert set(extras) - rows == set(), f"the Install page's extras table lacks {sorted(set(extras) - rows)}"
+    assert rows - set(extras) == set(), f"the Install page lists extras pyproject.toml lacks: {sorted(rows - set(extras))}"
+
+
+def test_the_cli_page_table_names_every_command():
+    import argparse
+
+    from cvt.cli import build_parser
+
+    hook = load_hook("cli_reference")
+    page = (REPO_ROOT / "docs" / hook.PAGE).read_text(encoding="utf-8").split(hook.PLACEHOLDER)[0]
+    table = "\n".join(line for line in page.splitlines() if line.startswith("| `cvt "))
+    commands = {name for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction)
+                for name in action.choices}
+    missing = sorted(name for name in commands if not re.search(rf"`cvt {name}[ `]", table))
+    assert commands and not missing, f"the CLI page's command table lacks {missing}"
+
+
+def test_home_where_to_start_links_every_guide():
+    import yaml
+
+    nav = yaml.safe_load((REPO_ROOT / "mkdocs.yml").read_text(encoding="utf-8"))["nav"]
+    guides = next(entry["Guides"] for entry in nav if "Guides" in entry)
+    home = (REPO_ROOT / "docs" / "index.md").read_text(encoding="utf-8")
+    where = home.split("## Where to start", 1)[1]
+    missing = [page for entry in guides for page in entry.values() if f"]({page})" not in where]
+    assert not missing, f"Home's 'Where to start' does not link {missing}"

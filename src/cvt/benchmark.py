@@ -370,13 +370,33 @@ def _memory_in_subprocess(case: Case, side: str) -> float:
     return float(result.stdout.strip().splitlines()[-1])
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name, as `lscpu` gives it (Linux's /proc/cpuinfo), else what Python knows."""
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
+        return platform.processor() or platform.machine()
+
+
+def run_record() -> dict[str, str | None]:
+    """What a results file names so its numbers can be quoted: the CPU, the date (UTC) and the
+    commit of the code measured (`-dirty` with uncommitted changes; None outside a git checkout)."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True)
+        except OSError:
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "-dirty"
+    return {"cpu": cpu_name(), "date": time.strftime("%Y-%m-%d", time.gmtime()), "commit": commit}
+
+
+def _machine() -> str:
+    cpu = cpu_name()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores"
     return (f"{cpu}, {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
             f"python {platform.python_version()}")
@@ -402,7 +422,7 @@ def run(cases: list[Case], memory: bool, rounds: int | None, engines: bool = Tru
         print(f"\n{'peak memory (MB)':<28}{'transformers':>13}{'cvt':>9}{'ratio':>10}", file=out)
         for case in (c for c in MEMORY_CASES if _runs_here(c, device)):
             a, b = _memory_in_subprocess(case, "transformers"), _memory_in_subprocess(case, "cvt")
-            results.append({"memory_case": case.name, "transformers_mb": a, "cvt_mb": b})
+            results.append({"memory_case": case.name, "transformers_mb": a, "cvt_mb": b, "ratio": b / a})
             print(f"{case.name:<28}{a:>13.0f}{b:>9.0f}{b / a:>9.2f}x", file=out, flush=True)
     return results
 
@@ -466,5 +486,5 @@ def run_command(args: argparse.Namespace) -> int:
     cases = [by_name[n] for n in args.case] if args.case else CASES
     results = run(cases, memory=not args.no_memory, rounds=args.rounds, engines=not args.no_engines)
     if args.json:
-        write_json(args.json, {"machine": _machine(), "results": results})
+        write_json(args.json, {**run_record(), "machine": _machine(), "results": results})
     return 0

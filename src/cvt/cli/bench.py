@@ -18,7 +18,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     bench.add_argument("--no-engines", action="store_true",
                        help="time only transformers and the plain model (no engine builds)")
-    bench.add_argument("--json", help="also write the results to this JSON file")
+    bench.add_argument("--json", help="also write the results, with the CPU, date and commit, to this JSON file "
+                       "(benchmarks/results/NAME.json is what the docs quote)")
     bench.add_argument("--memory", help=argparse.SUPPRESS)  # internal: one memory measurement
     bench.add_argument("--side", help=argparse.SUPPRESS)
     bench.set_defaults(run=cmd_bench)
