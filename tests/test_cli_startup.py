@@ -68,7 +68,7 @@ print("CvtModel" in dir(cvt), "load" in dir(cvt))
 from cvt import CvtModel, load
 print(CvtModel.__module__, load.__module__, "torch" in sys.modules)
 """
-    assert run_fresh(code) == ["", "True True", "cvt.modeling cvt.factory True"]
+    assert run_fresh(code) == ["", "True True", "cvt.modeling cvt.modeling.factory True"]
 
 
 def test_the_package_docstring_names_every_command():

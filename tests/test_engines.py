@@ -18,7 +18,7 @@ from cvt import engines
 from cvt.cli import main
 from cvt.engines import EngineError, auto, build_engine, exported, fused, onnxruntime_engine
 from cvt.engines.base import cpu_has_bf16
-from cvt.native import signal_stack
+from cvt.engines.openvino_signals import signal_stack
 
 from conftest import (TINY_ARCHITECTURES, assert_close_to_scale, randomise_, save_tiny_classifier, tiny_config,
                       write_images)

@@ -28,8 +28,8 @@ from cvt.errors import InvalidValueError
 from cvt.training.folder import lock_run_folder
 from cvt.training.state import (STATE_FORMAT, STATE_NAME, ResumeError, cvt_version, load_state, rng_state,
                                save_state)
-from cvt import weights as cvt_weights
-from cvt.weights import CheckpointError
+from cvt.checkpoints import weights as cvt_weights
+from cvt.checkpoints.weights import CheckpointError
 
 from conftest import (as_args, make_folder, make_model_folder, one_line_error, randomise_, read_weights,
                       save_tiny_classifier, start_with_a_slow_file, tiny_config, tiny_training_args, write_images)
@@ -266,7 +266,7 @@ def test_a_contradicting_label2id_is_rebuilt_from_id2label_with_a_warning(caplog
 PEAK = """
 import sys, time
 from cvt import CvtForImageClassification  # imports torch: not the call's time or memory
-from cvt.weights import CheckpointError
+from cvt.checkpoints.weights import CheckpointError
 
 def peak_kb():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])

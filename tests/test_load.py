@@ -8,7 +8,8 @@ import torch
 import transformers
 
 import cvt
-from cvt import CvtForImageClassification, CvtModel, weights
+from cvt import CvtForImageClassification, CvtModel
+from cvt.checkpoints import weights
 from conftest import randomise_, tiny_config
 
 HF_FIELDS = dict(embed_dim=[16, 32, 48], num_heads=[1, 2, 3], depth=[1, 2, 3], num_labels=4)

@@ -1,4 +1,4 @@
-"""What a model name means, read one way (`cvt.hub.locate`) by every command and by Python:
+"""What a model name means, read one way (`cvt.checkpoints.hub.locate`) by every command and by Python:
 a folder or file first, then a variant name (its published weights, like the hub id
 microsoft/cvt-13), then a hub id. Random weights are asked for (`--from-scratch`). A hub that
 cannot be reached (HF_HUB_OFFLINE, or an endpoint that never answers) is reported quickly and
@@ -14,7 +14,7 @@ import torch
 from huggingface_hub import constants
 
 import cvt
-from cvt import hub as names, weights
+from cvt.checkpoints import hub as names, weights
 from cvt.cli import main
 from cvt.training import load_model
 

@@ -12,7 +12,7 @@ import torch
 
 import cvt
 from conftest import assert_close_to_scale, assert_gradients_close, randomise_, tiny_config
-from cvt.factory import CvtFeatures
+from cvt.modeling.factory import CvtFeatures
 
 TINY = {f: getattr(tiny_config(), f) for f in ("embed_dim", "num_heads", "depth")}  # on CvT-13's other fields
 

@@ -14,21 +14,21 @@ from .constants import DISTRIBUTION
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "AttentionMaps": "attention", "attention_maps": "attention",
+    "AttentionMaps": "modeling.attention_maps", "attention_maps": "modeling.attention_maps",
     "CvtConfig": "config",
     "CheckpointError": "errors", "CvtError": "errors", "InvalidValueError": "errors",
-    "CvtFeatures": "factory", "create_model": "factory", "load": "factory",
+    "CvtFeatures": "modeling.factory", "create_model": "modeling.factory", "load": "modeling.factory",
     "ImageError": "images", "load_image": "images",
     "ImageClassificationPipeline": "inference", "pipeline": "inference",
     "BaseModelOutputWithCLSToken": "modeling", "CvtForImageClassification": "modeling",
     "CvtModel": "modeling", "CvtPreTrainedModel": "modeling", "ImageClassifierOutput": "modeling",
     "ImageClassifierOutputWithNoAttention": "modeling",
-    "CvtImageProcessor": "processing",
+    "CvtImageProcessor": "images.processing",
     "get_variant": "variants", "imagenet_1k_labels": "variants", "list_models": "variants",
     # TensorFlow is an optional extra: without it, an ImportError saying pip install "cvt-vision[tf]"
-    "TFBaseModelOutputWithCLSToken": "modeling_tf", "TFCvtForImageClassification": "modeling_tf",
-    "TFCvtModel": "modeling_tf", "TFCvtPreTrainedModel": "modeling_tf",
-    "TFImageClassifierOutputWithNoAttention": "modeling_tf",
+    "TFBaseModelOutputWithCLSToken": "tf", "TFCvtForImageClassification": "tf",
+    "TFCvtModel": "tf", "TFCvtPreTrainedModel": "tf",
+    "TFImageClassifierOutputWithNoAttention": "tf",
 }
 
 
@@ -47,4 +47,4 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS) | {"__version__"})
 
 
-__all__ = sorted(name for name, module in _EXPORTS.items() if module != "modeling_tf")
+__all__ = sorted(name for name, module in _EXPORTS.items() if module != "tf")

@@ -12,7 +12,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                            "transformers' on the same weights (see cvt.benchmark for the method). "
                            'Needs pip install "cvt-vision[bench]".')
     bench.add_argument("--case", action="append", metavar="NAME",
-                       help="run only this case of cvt.benchmark.CASES, e.g. 'CvT-13 224 b1' "
+                       help="run only this case of cvt.bench.CASES, e.g. 'CvT-13 224 b1' "
                             "(repeatable; default: all)")
     bench.add_argument("--rounds", type=int, help="timed rounds per case (default: per case)")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
@@ -25,6 +25,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .. import benchmark
+    from .. import bench
 
-    return benchmark.run_command(args)
+    return bench.run_command(args)

@@ -34,8 +34,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .. import export
-    from ..factory import load
+    from ..engines import export
+    from ..modeling.factory import load
 
     model = load(args.model)  # a classifier exports its logits; a backbone its features
     image_size = args.image_size or processor_image_size(args.model)  # a variant name: offline

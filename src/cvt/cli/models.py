@@ -28,7 +28,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .. import hub, weights
+    from ..checkpoints import hub, weights
 
     location = hub.locate(args.model)
     if location.variant is not None:
@@ -75,9 +75,9 @@ def _describe(config, image_size: int) -> str:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .. import convert, weights
+    from ..checkpoints import convert, weights
     from ..modeling import CvtForImageClassification
-    from ..processing import CvtImageProcessor
+    from ..images.processing import CvtImageProcessor
     from ..variants import get_variant
 
     if args.model and args.config:

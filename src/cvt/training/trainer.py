@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 from ..config import CvtConfig
 from ..constants import TRAINING_PRECISIONS
 from ..engines import build_engine
-from ..factory import load
+from ..modeling.factory import load
 from ..modeling import CvtForImageClassification
-from ..processing import CvtImageProcessor
-from ..weights import read_architecture
+from ..images.processing import CvtImageProcessor
+from ..checkpoints.weights import read_architecture
 from . import distributed
 from .augment import BatchMixer, soft_cross_entropy, train_transform
 from .data import (DataError, LabelledImages, ResumableSampler, ShardSampler, TransformedImages,

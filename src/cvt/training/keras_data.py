@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from .modeling_tf import tf
-from .processing import CvtImageProcessor
-from .training.data import DataError, read_folder
+from ..tf import tf
+from ..images.processing import CvtImageProcessor
+from .data import DataError, read_folder
 
 
 def image_dataset(folder: str | os.PathLike, processor: CvtImageProcessor, *, batch_size: int = 32,

@@ -3,7 +3,7 @@
 Ray Serve's proxy is uvicorn, started by Ray with its HTTP options: they bound idle keep-alive
 time (`keep_alive_timeout_s`, which `cvt.serve` sets) and nothing else a client sends. The rest is
 here, installed in each proxy as it starts through Ray Serve's proxy callback
-(`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=cvt.serve_http:install`, with the limits in
+(`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=cvt.serve.http_limits:install`, with the limits in
 `CVT_SERVE_HTTP_LIMITS`; `cvt serve` sets both for its private Ray instance):
 
 - `BoundedHttpProtocol`, uvicorn's httptools protocol with the request's head bounded: 431 as
@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .errors import install_hint
+from ..errors import install_hint
 
 try:
     import uvicorn.config

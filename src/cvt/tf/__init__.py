@@ -59,7 +59,7 @@ if "tensorflow" not in sys.modules and importlib.util.find_spec("triton") is not
     except Exception:  # a broken triton only matters to torch.compile, not here
         pass
 
-from .errors import install_hint  # noqa: E402 (needed by the message below)
+from ..errors import install_hint  # noqa: E402 (needed by the message below)
 
 try:
     import tensorflow as tf
@@ -74,13 +74,13 @@ if keras.backend.backend() != "tensorflow":
         f"{keras.backend.backend()!r} (KERAS_BACKEND={os.environ.get('KERAS_BACKEND')!r}); "
         f"set KERAS_BACKEND=tensorflow before importing keras")
 
-from . import convert, weights
-from .config import CvtConfig, conv_output_size, pixel_values_problem
-from .constants import LAYER_NORM_EPS
-from .outputs import ModelOutput
-from .processing import CvtImageProcessor
-from .weights import CheckpointError
-from .errors import InvalidValueError
+from ..checkpoints import convert, weights
+from ..config import CvtConfig, conv_output_size, pixel_values_problem
+from ..constants import LAYER_NORM_EPS
+from ..outputs import ModelOutput
+from ..images.processing import CvtImageProcessor
+from ..checkpoints.weights import CheckpointError
+from ..errors import InvalidValueError
 
 DATA_FORMATS = ("channels_first", "channels_last")
 BATCH_NORM_EPS = 1e-5

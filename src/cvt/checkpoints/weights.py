@@ -27,9 +27,9 @@ import torch
 from torch import Tensor
 
 from . import convert
-from .config import CvtConfig
-from .errors import CheckpointError, CheckpointMismatchError, short
-from .files import new_file_mode, put_in_place, require_folder, write_json
+from ..config import CvtConfig
+from ..errors import CheckpointError, CheckpointMismatchError, short
+from ..files import new_file_mode, put_in_place, require_folder, write_json
 from .hub import CONFIG_NAME, HUB_ARGUMENTS, Fetch, fetcher, locate
 
 logger = logging.getLogger("cvt")

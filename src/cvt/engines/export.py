@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import pixel_values_problem
-from .constants import EXPORT_BATCH_RANGE, TOLERANCE
-from .errors import CvtError, InvalidValueError, Range, install_hint
-from .files import folders_made_for, kept_mode, write_bytes
-from .modeling import CvtForImageClassification, CvtModel
+from ..config import pixel_values_problem
+from ..constants import EXPORT_BATCH_RANGE, TOLERANCE
+from ..errors import CvtError, InvalidValueError, Range, install_hint
+from ..files import folders_made_for, kept_mode, write_bytes
+from ..modeling import CvtForImageClassification, CvtModel
 from .onnx_graph import (INPUT_NAME, TensorOutputs, compile_openvino, eval_mode, min_dynamic_size,
                          onnx_bytes, output_names, quiet)
 
@@ -228,7 +228,7 @@ def export_tflite(model, path: str | os.PathLike, *, image_size: int | tuple[int
     interpreter), the LiteRT interpreter runs the file on a random batch of 3 and its outputs
     must equal the TF model's within 1e-4 (NaN fails) before anything is written
     (`ExportCheckError` otherwise). Needs the `tf` extra."""
-    from . import modeling_tf  # TensorFlow is an optional extra
+    from .. import tf as modeling_tf  # TensorFlow is an optional extra
 
     tf_model = model
     if isinstance(model, (CvtModel, CvtForImageClassification)):

@@ -10,11 +10,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from . import weights
-from .config import CvtConfig
-from .errors import CheckpointError
-from .modeling import CvtForImageClassification, CvtModel, build_with_transformers, select_stages
-from .variants import get_variant
+from ..checkpoints import weights
+from ..config import CvtConfig
+from ..errors import CheckpointError
+from . import CvtForImageClassification, CvtModel, build_with_transformers, select_stages
+from ..variants import get_variant
 
 
 def load(source: str | os.PathLike, *, config: CvtConfig | None = None, check_weights: bool = True,

@@ -20,9 +20,9 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from .config import CvtConfig, kv_grid, stage_grids
-from .modeling import CvtForImageClassification, CvtModel
-from .native import signal_stack_kept
+from ..config import CvtConfig, kv_grid, stage_grids
+from ..modeling import CvtForImageClassification, CvtModel
+from .openvino_signals import signal_stack_kept
 
 # OpenVINO's CPU plugin defaults to bf16 (where the CPU has it) and on-the-fly int8 for
 # fully-connected layers: exact fp32 has to be asked for

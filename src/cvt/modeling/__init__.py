@@ -41,10 +41,11 @@ from transformers import AutoModel, AutoModelForImageClassification, PreTrainedM
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from . import torch_registry, weights
-from .config import CvtConfig, pixel_values_problem
-from .constants import LAYER_NORM_EPS
-from .errors import InvalidValueError
+from . import torch_registry
+from ..checkpoints import weights
+from ..config import CvtConfig, pixel_values_problem
+from ..constants import LAYER_NORM_EPS
+from ..errors import InvalidValueError
 
 # ---------------------------------------------------------------------------------------- outputs
 # transformers' `ModelOutput`: readable by attribute, key or position (None fields skipped), and

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, short
-from .variants import VARIANTS, Variant, get_variant
+from ..errors import CheckpointError, short
+from ..variants import VARIANTS, Variant, get_variant
 
 CONFIG_NAME = "config.json"
 HUB_ARGUMENTS = {"revision", "cache_dir", "token", "local_files_only", "force_download", "subfolder"}

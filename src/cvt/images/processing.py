@@ -22,12 +22,12 @@ import torch
 from PIL import Image
 from transformers import BatchFeature
 
-from . import hub, weights
-from .files import write_json
-from .images import ImageInput, as_rgb_image, check_budget, split_batch
-from .variants import IMAGENET_MEAN, IMAGENET_STD
-from .constants import IMAGE_SIZE_RANGE
-from .errors import CheckpointError, InvalidValueError, check_size
+from ..checkpoints import hub, weights
+from ..files import write_json
+from . import ImageInput, as_rgb_image, check_budget, split_batch
+from ..variants import IMAGENET_MEAN, IMAGENET_STD
+from ..constants import IMAGE_SIZE_RANGE
+from ..errors import CheckpointError, InvalidValueError, check_size
 
 PROCESSOR_CONFIG_NAME = weights.PROCESSOR_CONFIG_NAME
 WARP_FROM = 384  # from this size up the checkpoints were evaluated on the whole image, warped
