@@ -42,7 +42,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from . import torch_registry
-from ..checkpoints import weights
+from ..checkpoints.load import load_pretrained
+from ..checkpoints.write import save_staged
 from ..config import CvtConfig, pixel_values_problem
 from ..constants import LAYER_NORM_EPS
 from ..errors import InvalidValueError
@@ -499,7 +500,7 @@ class CvtPreTrainedModel(PreTrainedModel):
         """
         if model_args:
             raise TypeError(f"{cls.__name__} takes no positional model arguments, got {len(model_args)}")
-        return weights.load_pretrained(cls, pretrained_model_name_or_path, config=config,
+        return load_pretrained(cls, pretrained_model_name_or_path, config=config,
                                        check_weights=check_weights, build=build_with_transformers, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
@@ -507,7 +508,7 @@ class CvtPreTrainedModel(PreTrainedModel):
         loadable here and by transformers, plus the model's preprocessor_config.json when it
         knows its preprocessing. Files are staged beside the folder and each moved in whole; a
         folder holding other weights (which the new ones would leave stale) is refused first."""
-        weights.save_staged(save_directory, lambda staging: super(CvtPreTrainedModel, self).save_pretrained(
+        save_staged(save_directory, lambda staging: super(CvtPreTrainedModel, self).save_pretrained(
             staging, **kwargs), self.config, self.preprocessing)
 
 

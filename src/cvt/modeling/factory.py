@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..checkpoints import weights
+from ..checkpoints.load import load_pretrained
 from ..config import CvtConfig
 from ..errors import CheckpointError
 from . import CvtForImageClassification, CvtModel, build_with_transformers, select_stages
@@ -29,7 +29,7 @@ def load(source: str | os.PathLike, *, config: CvtConfig | None = None, check_we
     config fields override the stored config, hub arguments (`revision`, `cache_dir`, `token`,
     `local_files_only`) go to the hub, and `check_weights=False` loads weights no trained model
     has. The model keeps its checkpoint's preprocessing (`model.preprocessing`)."""
-    return weights.load_pretrained(CvtForImageClassification, source, config=config,
+    return load_pretrained(CvtForImageClassification, source, config=config,
                                    check_weights=check_weights, backbone=CvtModel,
                                    build=build_with_transformers, **kwargs)
 

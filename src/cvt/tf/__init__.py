@@ -74,13 +74,15 @@ if keras.backend.backend() != "tensorflow":
         f"{keras.backend.backend()!r} (KERAS_BACKEND={os.environ.get('KERAS_BACKEND')!r}); "
         f"set KERAS_BACKEND=tensorflow before importing keras")
 
-from ..checkpoints import convert, weights
+from ..checkpoints import convert
+from ..checkpoints.check import load_state_dict_checked, match_prefix
+from ..checkpoints.load import load_pretrained
+from ..checkpoints.write import save_arrays_pretrained
 from ..config import CvtConfig, conv_output_size, pixel_values_problem
 from ..constants import LAYER_NORM_EPS
 from ..outputs import ModelOutput
 from ..images.processing import CvtImageProcessor
-from ..checkpoints.weights import CheckpointError
-from ..errors import InvalidValueError
+from ..errors import CheckpointError, InvalidValueError
 
 DATA_FORMATS = ("channels_first", "channels_last")
 BATCH_NORM_EPS = 1e-5
@@ -631,8 +633,8 @@ class TFCvtPreTrainedModel(keras.Model):
         if convert.is_original_checkpoint(state_dict):
             state_dict = convert.original_to_transformers(state_dict)
         shapes = self.pytorch_shapes()
-        state_dict = weights.match_prefix(dict(state_dict), shapes, source)
-        weights.load_state_dict_checked(self, state_dict, source, shapes=shapes)
+        state_dict = match_prefix(dict(state_dict), shapes, source)
+        load_state_dict_checked(self, state_dict, source, shapes=shapes)
 
     # PyTorch-named aliases used by cvt.weights
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -676,7 +678,7 @@ class TFCvtPreTrainedModel(keras.Model):
         data_format = kwargs.pop("data_format", "channels_first")
         if data_format not in DATA_FORMATS:
             raise InvalidValueError(f"data_format must be one of {DATA_FORMATS}, got {data_format!r}")
-        model = weights.load_pretrained(cls, name_or_path, config=config,
+        model = load_pretrained(cls, name_or_path, config=config,
                                         ignore_mismatched_sizes=ignore_mismatched_sizes, **kwargs)
         model.data_format = data_format
         return model
@@ -684,7 +686,7 @@ class TFCvtPreTrainedModel(keras.Model):
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write config.json + model.safetensors in the PyTorch layout: loadable by this class,
         cvt's PyTorch models and transformers."""
-        weights.save_arrays_pretrained(folder, self.pytorch_state_dict(), self.config,
+        save_arrays_pretrained(folder, self.pytorch_state_dict(), self.config,
                                        architecture=type(self).__name__.removeprefix("TF"),
                                        preprocessing=getattr(self, "preprocessing", None))
 

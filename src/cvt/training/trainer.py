@@ -32,7 +32,7 @@ from ..engines import build_engine
 from ..modeling.factory import load
 from ..modeling import CvtForImageClassification
 from ..images.processing import CvtImageProcessor
-from ..checkpoints.weights import read_architecture
+from ..checkpoints.read import read_architecture
 from . import distributed
 from .augment import BatchMixer, soft_cross_entropy, train_transform
 from .data import (DataError, LabelledImages, ResumableSampler, ShardSampler, TransformedImages,
