@@ -29,7 +29,7 @@ import tensorflow as tf  # noqa: E402
 
 # three of conftest's tiny architectures: every projection method, the cls token in the first, middle
 # or last stage, exact and quick GELU, no q/k/v bias, fractional MLP ratio, dropout, odd and
-# non-square inputs. (Every architecture's outputs against PyTorch: test_models.py.)
+# non-square inputs. (Every architecture's outputs against PyTorch: test_every_architecture.py.)
 CONFIGS = {name: (TINY_ARCHITECTURES[name].config(), TINY_ARCHITECTURES[name].size) for name in (
     "dw_bn-cls_last", "avg_linear_dw_bn-cls_first-quick_gelu", "linear_dw_bn_avg-cls_middle-dropout")}
 

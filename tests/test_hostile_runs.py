@@ -1,7 +1,8 @@
-"""Hostile input, round three: the engine cache (foreign, linked, unwritable entries), engine
+"""Hostile conditions around a run: the engine cache (foreign, linked, unwritable entries), engine
 inputs, training folders (locks, files cvt did not write, paths checked before the first step),
 sizes bounded before memory is spent, training states that are not ours or out of range, empty
-and long names, label maps, and configs far deeper than their weights."""
+and long names, label maps, configs far deeper than their weights, and what holds under signals,
+threads, symlink loops and odd file names."""
 
 from __future__ import annotations
 
