@@ -23,7 +23,7 @@ HEAD_PREFIXES = ("layernorm.", "classifier.")
 
 class CvtCheckpointModel(Protocol):
     """What loading and saving need of a model: the PyTorch models (`torch.nn.Module`) and the
-    TensorFlow ones (`cvt.modeling_tf`, whose `state_dict` / `load_state_dict` speak PyTorch's
+    TensorFlow ones (`cvt.tf`, whose `state_dict` / `load_state_dict` speak PyTorch's
     keys and layouts) alike. A model may also offer `pytorch_shapes()` (key -> shape) so that
     checking a checkpoint needs no copy of its weights."""
 

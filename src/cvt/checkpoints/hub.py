@@ -2,7 +2,7 @@
 command and for Python (an existing folder or file, a variant name, a hub id), and `fetcher`
 finds a checkpoint's files by name in a local folder or a hub repo (through huggingface_hub's
 cache, which honours HF_HUB_OFFLINE; an unreachable hub is probed once, not retried).
-Reading what the files hold is `cvt.weights`' job.
+Reading what the files hold is `cvt.checkpoints`' job.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ def convert_original(checkpoint: str | os.PathLike, output_dir: str | os.PathLik
     (`CvtForImageClassification`).
 
     The architecture comes from `config`, else from the tensor shapes plus `fields`
-    (e.g. those of an original yaml spec, `cvt.convert.spec_fields`)."""
+    (e.g. those of an original yaml spec, `cvt.checkpoints.convert.spec_fields`)."""
     state_dict = read_state_dict(checkpoint)
     if not convert.is_original_checkpoint(state_dict):
         raise CheckpointError(

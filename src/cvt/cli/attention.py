@@ -1,5 +1,5 @@
 """`cvt attention`: draws what a model's last stage attends to over an image (the work is
-`cvt.attention`'s)."""
+`cvt.modeling.attention_maps`'s)."""
 
 from __future__ import annotations
 

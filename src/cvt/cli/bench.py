@@ -1,5 +1,5 @@
 """`cvt bench`: speed and memory of this library's CvT against transformers' on the same weights
-(the harness, `cvt.benchmark`, and transformers load only when it runs)."""
+(the harness, `cvt.bench`, and transformers load only when it runs)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import argparse
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="speed and memory of every engine against transformers' CvT",
                            description="Side-by-side benchmark of this library's CvT against "
-                           "transformers' on the same weights (see cvt.benchmark for the method). "
+                           "transformers' on the same weights (see cvt.bench for the method). "
                            'Needs pip install "cvt-vision[bench]".')
     bench.add_argument("--case", action="append", metavar="NAME",
                        help="run only this case of cvt.bench.CASES, e.g. 'CvT-13 224 b1' "

@@ -1,5 +1,5 @@
 """`cvt export`: a classifier or backbone written as ONNX, OpenVINO IR or TFLite, checked by its
-runtime before it is written (the work is `cvt.export`'s)."""
+runtime before it is written (the work is `cvt.engines.export`'s)."""
 
 from __future__ import annotations
 

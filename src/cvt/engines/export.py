@@ -2,7 +2,7 @@
 (`export_tflite`), each checked before it is written: the file is run by its runtime
 (onnxruntime, OpenVINO, LiteRT) on a random batch and must equal the model within
 `cvt.constants.TOLERANCE`. Then it is written atomically, so a failed export leaves no file (and
-an older file at the same path intact). The ONNX graph itself comes from `cvt.onnx_graph`; an
+an older file at the same path intact). The ONNX graph itself comes from `cvt.engines.onnx_graph`; an
 ONNX file with `dynamic_size` serves any input from `min_dynamic_size(config)` pixels a side up.
 
 Needs the `export` extra: `pip install "cvt-vision[export]"` (onnx, onnxscript, onnxruntime).

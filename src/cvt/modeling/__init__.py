@@ -17,9 +17,9 @@ Where transformers' port is wrong, this follows the original microsoft/CvT code:
 without a cls token classifies from mean-pooled normalised tokens, and stochastic depth ramps
 linearly over each stage's layers and drops only the residual branch.
 
-Model code never reads files: `from_pretrained` / `save_pretrained` delegate to `cvt.weights`.
+Model code never reads files: `from_pretrained` / `save_pretrained` delegate to `cvt.checkpoints`.
 Making models by name (`cvt.load`, `create_model`) and the feature backbone live in
-`cvt.factory`.
+`cvt.modeling.factory`.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ bytes, get `[{"label", "score"}, ...]` best first) and serves a page to try the 
 browser. Bad input is a 4xx with cvt's message; anything unexpected is a 500 whose traceback goes
 to the replica's log, never to the client.
 
-What one client can hold is bounded in the HTTP proxy (`cvt.serve_http`); a replica admits a
+What one client can hold is bounded in the HTTP proxy (`cvt.serve.http_limits`); a replica admits a
 bounded number of images at once and answers the next one 503 with Retry-After, so that a
 saturated service says so at once, and `/health` and `/info` still answer.
 """
@@ -423,7 +423,7 @@ def _connect(settings: Settings, address: str) -> None:
 @contextlib.contextmanager
 def proxy_environment(settings: Settings) -> Iterator[None]:
     """The environment a private Ray instance starts with, so that its HTTP proxy bounds what
-    clients send (`cvt.serve_http.install`, with these settings' limits); this process's own
+    clients send (`cvt.serve.http_limits.install`, with these settings' limits); this process's own
     environment as it was afterwards."""
     added = {**PROXY_CALLBACK, **settings.http_limits().to_env()}
     before = {name: os.environ.get(name) for name in added}

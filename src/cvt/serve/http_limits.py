@@ -36,7 +36,7 @@ try:
     from starlette.middleware import Middleware
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 except ImportError as err:  # absolute imports: the packages, never this module
-    raise ImportError(f"cvt.serve_http needs Ray Serve's HTTP stack: {install_hint('serve')}") from err
+    raise ImportError(f"cvt.serve.http_limits needs Ray Serve's HTTP stack: {install_hint('serve')}") from err
 
 ENV = "CVT_SERVE_HTTP_LIMITS"  # the limits, as JSON, for the proxies
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers; uvicorn's h11 parser allows 16 KiB, nginx 32 KiB

@@ -25,7 +25,7 @@ PyTorch state-dict key is its path below the model, `/` read as `.`, with the va
 name changed by one rule per kind of variable (`RULES`: a Dense or Conv2D kernel is `weight`,
 stored transposed as `LAYOUTS` says). `pytorch_state_dict()` / `load_pytorch_state_dict()`
 convert in memory through numpy; `from_pretrained` and `save_pretrained` go through
-`cvt.weights`, so the TensorFlow models read and write exactly the files the PyTorch models do
+`cvt.checkpoints`, so the TensorFlow models read and write exactly the files the PyTorch models do
 (config.json + model.safetensors in transformers' layout, hub ids, original microsoft/CvT .pth
 files).
 
@@ -508,7 +508,7 @@ class TFCvtPreTrainedModel(keras.Model):
     """Shared by both models: configuration, input checks, and weights in PyTorch's layout.
 
     `state_dict()` / `load_state_dict()` / `eval()` mirror the PyTorch names so that
-    `cvt.weights` (which builds, checks and saves models by those names) serves both frameworks.
+    `cvt.checkpoints` (which builds, checks and saves models by those names) serves both frameworks.
     """
 
     base_model_prefix = "cvt"
@@ -593,10 +593,10 @@ class TFCvtPreTrainedModel(keras.Model):
                image_size: int | tuple[int, int] | None = None) -> None:
         """A SavedModel whose `serve` signature maps `pixel_values` (dynamic batch, `image_size`,
         float32) to the outputs (`logits`); `tf.saved_model.load(filepath).serve(x)` runs it.
-        For ONNX and TFLite see `cvt export` (`cvt.export`)."""
+        For ONNX and TFLite see `cvt export` (`cvt.engines.export`)."""
         if format != "tf_saved_model":
             raise InvalidValueError(f"{type(self).__name__}.export writes format='tf_saved_model' only, got "
-                             f"{format!r}; for ONNX and TFLite use cvt.export (cvt export --format)")
+                             f"{format!r}; for ONNX and TFLite use cvt.engines.export (cvt export --format)")
         archive = keras.export.ExportArchive()
         archive.track(self)
         archive.add_endpoint("serve", self.serving_function(image_size))
@@ -636,7 +636,7 @@ class TFCvtPreTrainedModel(keras.Model):
         state_dict = match_prefix(dict(state_dict), shapes, source)
         load_state_dict_checked(self, state_dict, source, shapes=shapes)
 
-    # PyTorch-named aliases used by cvt.weights
+    # PyTorch-named aliases used by cvt.checkpoints
     def state_dict(self) -> dict[str, np.ndarray]:
         """`pytorch_state_dict()` under PyTorch's name: numpy arrays under PyTorch keys and shapes."""
         return self.pytorch_state_dict()

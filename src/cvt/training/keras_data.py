@@ -4,7 +4,7 @@
     train, classes = image_dataset("photos/train", processor, batch_size=32, shuffle=True)
     model.fit(train, validation_data=image_dataset("photos/val", processor, classes=classes)[0])
 
-Needs the `tf` extra. TensorFlow comes through `cvt.modeling_tf`, the one place cvt loads it
+Needs the `tf` extra. TensorFlow comes through `cvt.tf`, the one place cvt loads it
 (and its side effects, documented there).
 """
 
