@@ -1,7 +1,8 @@
 """The house rules a reader relies on, read from the source with `ast`: modules import only downward,
 through the layers the directories make (CONTRIBUTING.md, "Layers and layout"), without cycles; an
-import inside a function is only ever for an optional dependency, or in the command line, which loads what a command runs only
-when it runs; every function fits in a reader's head (under 80 lines)."""
+import inside a function is only ever for an optional dependency, or in the command line, which
+loads what a command runs only when it runs; every function fits in a reader's head (under 80
+lines)."""
 
 from __future__ import annotations
 
