@@ -1,6 +1,6 @@
 """Ours vs transformers' CvT, side by side in one process: `python benchmarks/bench.py [--case ...]`.
 
-The same as `cvt bench`; see `cvt.benchmark` for the method and benchmarks/README.md for results.
+The same as `cvt bench`; see `cvt.bench` for the method and benchmarks/README.md for results.
 """
 
 import sys

@@ -29,7 +29,7 @@ from onnxruntime import quantization as q
 
 import cvt
 from cvt.engines.calibration import load_calibration
-from cvt.onnx_graph import onnx_bytes
+from cvt.engines.onnx_graph import onnx_bytes
 
 MM = ["MatMul", "Gemm"]
 MMC = ["MatMul", "Gemm", "Conv"]

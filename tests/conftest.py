@@ -228,8 +228,8 @@ def read_metrics(out: Path) -> list[dict]:
 
 
 def original_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Invert cvt.convert's renaming table: a transformers-layout state dict in original key names."""
-    from cvt import convert
+    """Invert cvt.checkpoints.convert's renaming table: a transformers-layout state dict in original key names."""
+    from cvt.checkpoints import convert
 
     inverse = []
     for pattern, replacement in convert._RENAME_TABLE:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import cvt
-from cvt.attention import attention_maps, draw, keys_on_token_grid, rollout
+from cvt.modeling.attention_maps import attention_maps, draw, keys_on_token_grid, rollout
 from cvt.cli import main
 from cvt.config import kv_grid, stage_grids
 from cvt.modeling import SelfAttention
@@ -87,7 +87,7 @@ def test_gradient_checkpointing_keeps_the_attentions() -> None:
 
 
 def test_tensorflow_attentions_match_pytorch() -> None:
-    from cvt.modeling_tf import TFCvtForImageClassification  # the tf extra, which dev includes
+    from cvt.tf import TFCvtForImageClassification  # the tf extra, which dev includes
 
     model = randomise_(cvt.CvtForImageClassification(tiny_config(qkv_projection_method=(
         "avg", "linear", "dw_bn"), cls_token=(True, False, True))), seed=3).eval()

@@ -123,7 +123,7 @@ def test_no_module_of_cvt_imports_fcntl() -> None:
 @pytest.mark.subprocess
 def test_the_pipeline_and_the_commands_import_without_fcntl() -> None:
     code = ("import sys; sys.modules['fcntl'] = None\n"
-            "import cvt.inference, cvt.predict, cvt.export, cvt.engines.auto, cvt.cli\n"
+            "import cvt.inference, cvt.predict, cvt.engines.export, cvt.engines.auto, cvt.cli\n"
             "print(cvt.pipeline)")
     env = {**os.environ, "PYTHONPATH": str(Path(cvt.__file__).resolve().parents[1])}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

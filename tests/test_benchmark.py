@@ -11,18 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from cvt import benchmark
+from cvt import bench
 
 
 def test_harness_runs_both_sides_on_identical_weights() -> None:
-    case = benchmark.Case("tiny", (1, 2, 3), 64, 2, rounds=1)
-    theirs, ours = benchmark.build_pair(case, torch.device("cpu"))
+    case = bench.Case("tiny", (1, 2, 3), 64, 2, rounds=1)
+    theirs, ours = bench.build_pair(case, torch.device("cpu"))
     assert theirs.state_dict().keys() == ours.state_dict().keys()
     for key, tensor in theirs.state_dict().items():
         assert torch.equal(tensor, ours.state_dict()[key]), key
-    (result,) = benchmark.run_case(case, torch.device("cpu"), rounds=1, engines=False)
+    (result,) = bench.run_case(case, torch.device("cpu"), rounds=1, engines=False)
     assert result["side"] == "cvt model(x)" and result["precision"] == "fp32"
-    assert result["max_abs_diff"] <= benchmark.TOLERANCE
+    assert result["max_abs_diff"] <= bench.TOLERANCE
     # one round: the speed-up is the quotient of the two measured times, and the rates follow
     assert result["transformers_s"] > 0 and result["seconds"] > 0
     assert result["speedup"] == result["speedup_min"] == result["speedup_max"]
@@ -34,11 +34,11 @@ def test_printed_table_gives_median_times_and_per_round_ratios(monkeypatch) -> N
     """Each round's ratio is transformers' time over ours in that round; the table prints the
     medians of the times and of the ratios, with the smallest and largest ratio."""
     times = {"transformers": [0.30, 0.20, 0.40], "cvt model(x)": [0.10, 0.10, 0.20]}  # ratios 3, 2, 2
-    monkeypatch.setattr(benchmark, "_alternate", lambda *args: times)
-    monkeypatch.setattr(benchmark, "gemm_peak", lambda device: 100.0)  # GFLOP/s
-    case = benchmark.Case("tiny", (1, 2, 3), 64, 2, rounds=3)
+    monkeypatch.setattr(bench, "_alternate", lambda *args: times)
+    monkeypatch.setattr(bench, "gemm_peak", lambda device: 100.0)  # GFLOP/s
+    case = bench.Case("tiny", (1, 2, 3), 64, 2, rounds=3)
     out = io.StringIO()
-    (row,) = benchmark.run([case], memory=False, rounds=3, engines=False, out=out)
+    (row,) = bench.run([case], memory=False, rounds=3, engines=False, out=out)
     assert (row["transformers_s"], row["seconds"]) == (0.30, 0.10)
     assert (row["speedup"], row["speedup_min"], row["speedup_max"]) == pytest.approx((2.0, 2.0, 3.0))
     lines = out.getvalue().splitlines()
@@ -53,8 +53,8 @@ def test_printed_table_gives_median_times_and_per_round_ratios(monkeypatch) -> N
 
 @pytest.mark.parametrize("training", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_disagreement_stops_the_benchmark(training, monkeypatch) -> None:
-    case = benchmark.Case("tiny", (1, 2, 3), 64, 2, training=training)
-    original = benchmark.build_pair
+    case = bench.Case("tiny", (1, 2, 3), 64, 2, training=training)
+    original = bench.build_pair
 
     def broken_pair(case, device, seed=0):
         theirs, ours = original(case, device, seed)
@@ -62,9 +62,9 @@ def test_disagreement_stops_the_benchmark(training, monkeypatch) -> None:
             ours.classifier.weight[0].add_(0.5)  # (a shift of all logits would not change the loss)
         return theirs, ours
 
-    monkeypatch.setattr(benchmark, "build_pair", broken_pair)
+    monkeypatch.setattr(bench, "build_pair", broken_pair)
     with pytest.raises(SystemExit, match="outputs differ"):
-        benchmark.run_case(case, torch.device("cpu"), rounds=1, engines=False)
+        bench.run_case(case, torch.device("cpu"), rounds=1, engines=False)
 
 
 def test_auto_verdict_names_the_choice_against_the_fastest_engine(monkeypatch) -> None:
@@ -73,12 +73,12 @@ def test_auto_verdict_names_the_choice_against_the_fastest_engine(monkeypatch) -
             {"side": "engine torch", "precision": "fp32", "seconds": 0.40, "auto_choice": False},
             {"side": "engine onnxruntime", "precision": "fp32", "seconds": 0.42, "auto_choice": True},
             {"side": "engine openvino int8", "precision": "int8", "seconds": 0.2, "auto_choice": False}]
-    assert benchmark._auto_verdict(rows) == ("auto chose engine onnxruntime (measured): 5.0 % slower "
+    assert bench._auto_verdict(rows) == ("auto chose engine onnxruntime (measured): 5.0 % slower "
                                             "than engine torch in these rounds")
     rows[2]["seconds"] = 0.39
-    assert benchmark._auto_verdict(rows) == ("auto chose engine onnxruntime (measured): the fastest fp32 "
+    assert bench._auto_verdict(rows) == ("auto chose engine onnxruntime (measured): the fastest fp32 "
                                             "engine in these rounds")
-    assert benchmark._auto_verdict([{**r, "auto_choice": False} for r in rows]) is None
+    assert bench._auto_verdict([{**r, "auto_choice": False} for r in rows]) is None
 
 
 @pytest.mark.slow
@@ -91,10 +91,10 @@ def test_reduced_precision_is_judged_on_the_trained_model(monkeypatch, tmp_path)
     save_tiny_classifier(folder / "best", image_size=32)
     write_images(folder / "data" / "train", count=10)
     write_images(folder / "data" / "val", count=15)
-    monkeypatch.setattr(benchmark, "digits_run", lambda root=None: folder)
-    monkeypatch.setattr(benchmark, "reduced_engines", lambda device: [("onnxruntime", "int8")])
+    monkeypatch.setattr(bench, "digits_run", lambda root=None: folder)
+    monkeypatch.setattr(bench, "reduced_engines", lambda device: [("onnxruntime", "int8")])
     out = io.StringIO()
-    (row,) = benchmark.trained_quality(torch.device("cpu"), out)
+    (row,) = bench.trained_quality(torch.device("cpu"), out)
     assert row["trained_side"] == "engine onnxruntime int8" and row["images"] == 15
     assert 0 < row["max_abs_logit_error"] < 1 and 0 <= row["top1_agreement"] <= 1
     assert row["fp32_accuracy"] is not None
@@ -108,7 +108,7 @@ def test_bf16_training_case_runs_both_sides_under_autocast(monkeypatch) -> None:
     """The bf16 training row times transformers' and our training steps under bf16 autocast and
     shows how far the losses are apart, without the fp32 bar."""
     seen = []
-    original = benchmark.build_pair
+    original = bench.build_pair
 
     def watched_pair(case, device, seed=0):
         pair = original(case, device, seed)
@@ -116,9 +116,9 @@ def test_bf16_training_case_runs_both_sides_under_autocast(monkeypatch) -> None:
             model.classifier.register_forward_hook(lambda *args: seen.append(torch.is_autocast_enabled("cpu")))
         return pair
 
-    monkeypatch.setattr(benchmark, "build_pair", watched_pair)
-    case = benchmark.Case("tiny", (1, 2, 3), 64, 2, training=True, precision="bf16")
-    (row,) = benchmark.run_case(case, torch.device("cpu"), rounds=1, engines=False)
+    monkeypatch.setattr(bench, "build_pair", watched_pair)
+    case = bench.Case("tiny", (1, 2, 3), 64, 2, training=True, precision="bf16")
+    (row,) = bench.run_case(case, torch.device("cpu"), rounds=1, engines=False)
     assert (row["side"], row["precision"]) == ("cvt", "bf16")
     assert seen and all(seen)
     assert row["max_abs_diff"] < 0.05 * math.log(1000)  # both losses start near ln(1000)

@@ -68,10 +68,53 @@ print("CvtModel" in dir(cvt), "load" in dir(cvt))
 from cvt import CvtModel, load
 print(CvtModel.__module__, load.__module__, "torch" in sys.modules)
 """
-    assert run_fresh(code) == ["", "True True", "cvt.modeling cvt.factory True"]
+    assert run_fresh(code) == ["", "True True", "cvt.modeling cvt.modeling.factory True"]
 
 
 def test_the_package_docstring_names_every_command():
     import cvt.cli
 
     assert [c for c in commands() if f"`cvt {c}`" not in cvt.cli.__doc__] == []
+
+
+def test_moved_modules_keep_their_old_paths_for_one_release_with_a_warning():
+    code = """
+import warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import cvt.weights
+    from cvt.weights import load_pretrained, read_config
+    import cvt.weights
+from cvt.checkpoints import load, read
+print(*[f"{w.category.__name__}: {w.message}" for w in caught], sep="\\n")
+print(load_pretrained is load.load_pretrained, read_config is read.read_config)
+"""
+    assert run_fresh(code) == [
+        "DeprecationWarning: cvt.weights moved to cvt.checkpoints.read, cvt.checkpoints.check, "
+        "cvt.checkpoints.load, cvt.checkpoints.write; the old path goes in the next release",
+        "True True"]
+
+
+def test_every_moved_module_names_homes_that_exist():
+    import importlib.util
+
+    missing = [(old, home) for old, homes in cvt._MOVED.items() for home in homes
+               if importlib.util.find_spec(f"cvt.{home}") is None]
+    assert missing == [] and not [old for old in cvt._MOVED if importlib.util.find_spec(f"cvt.{old}").origin]
+
+
+def test_the_public_module_paths_import_without_a_deprecation():
+    """`cvt.modeling` (transformers-style), `from cvt.ray import CvtPredictor` and Ray Serve's
+    `cvt.serve:NAME` are the packages themselves, not old paths."""
+    code = """
+import warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    from cvt.modeling import CvtLayer, CvtModel
+    from cvt.ray import CvtPredictor
+    import cvt.serve
+    cvt.serve.OVERLAY_SIZE
+print(*[w.message for w in caught if str(w.message).startswith("cvt.")], sep="\\n")
+print(CvtPredictor.__module__, cvt.serve.Settings.__module__)
+"""
+    assert run_fresh(code) == ["", "cvt.ray cvt.serve.deployment"]

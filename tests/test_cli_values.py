@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 import cvt
-from cvt import cli, export
+from cvt import cli
+from cvt.engines import export
 from cvt.constants import EXPORT_BATCH_RANGE, PICTURE_SIZE_RANGE
 from cvt.errors import InvalidValueError
 from cvt.training import TrainOptions, train
@@ -120,7 +121,7 @@ DRAW_WITHIN_A_GIGABYTE = """
 import resource
 import numpy as np
 from PIL import Image
-from cvt.attention import AttentionMaps, draw
+from cvt.modeling.attention_maps import AttentionMaps, draw
 from cvt.constants import PICTURE_SIZE_RANGE
 
 rng = np.random.default_rng(0)

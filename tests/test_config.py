@@ -9,7 +9,7 @@ import transformers
 
 import cvt
 from cvt import CvtConfig
-from cvt.weights import read_config
+from cvt.checkpoints.read import read_config
 
 
 def test_defaults_equal_transformers() -> None:

@@ -1,7 +1,7 @@
 """Inference engines: reduced precision reports its cost, built engines are reused from the cache
 and a damaged cache entry is rebuilt, never trusted, worker threads and signal stacks are left as
 they were, and auto picks the fastest installed engine. (Each fp32 engine against the plain model
-on every architecture: test_models.py.)"""
+on every architecture: test_every_architecture.py.)"""
 
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ from cvt import engines
 from cvt.cli import main
 from cvt.engines import EngineError, auto, build_engine, exported, fused, onnxruntime_engine
 from cvt.engines.base import cpu_has_bf16
-from cvt.native import signal_stack
+from cvt.engines.openvino_signals import signal_stack
 
 from conftest import (TINY_ARCHITECTURES, assert_close_to_scale, randomise_, save_tiny_classifier, tiny_config,
                       write_images)
 
-SIZE = (61, 77)  # odd token maps (the engines on every architecture: test_models.py)
+SIZE = (61, 77)  # odd token maps (the engines on every architecture: test_every_architecture.py)
 
 
 def make(seed: int = 0) -> cvt.CvtForImageClassification:

@@ -1,4 +1,4 @@
-"""ONNX export (`cvt.export`, `cvt export`): onnxruntime's outputs equal PyTorch's, with a
+"""ONNX export (`cvt.engines.export`, `cvt export`): onnxruntime's outputs equal PyTorch's, with a
 dynamic batch axis; clear errors; nothing written when an export fails."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import cvt
-from cvt import export
+from cvt.engines import export
 from cvt.cli import main
 from cvt.config import min_input_size
 from conftest import assert_close_to_scale, randomise_, tiny_config
@@ -220,7 +220,7 @@ def test_dynamic_size_refusals(tmp_path, capsys) -> None:
 def test_tflite_cli_export_runs_in_litert_as_tf_and_pytorch(tmp_path, capsys) -> None:
     """`cvt export --format tflite`: weights frozen into the file, a dynamic batch, logits equal
     to the TensorFlow twin's and PyTorch's to 1e-4 in LiteRT's interpreter."""
-    from cvt.modeling_tf import TFCvtForImageClassification
+    from cvt.tf import TFCvtForImageClassification
 
     folder = save_classifier(tmp_path / "model", image_size=32)
     out = tmp_path / "tiny.tflite"
@@ -240,7 +240,7 @@ def test_tflite_cli_export_runs_in_litert_as_tf_and_pytorch(tmp_path, capsys) ->
 
 @pytest.mark.slow
 def test_tflite_check_refuses_nan_and_writes_nothing(tmp_path) -> None:
-    from cvt.modeling_tf import TFCvtModel
+    from cvt.tf import TFCvtModel
 
     model = TFCvtModel(shallow_config(), data_format="channels_last")
     kernel = model.encoder.stages[0].projection.kernel

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 import cvt
 from cvt import cli
 from cvt.config import ConfigError
-from cvt.weights import CheckpointError
+from cvt.errors import CheckpointError
 
 from conftest import randomise_, tiny_config
 
@@ -51,7 +51,7 @@ import cvt
 try:
     cvt.CvtForImageClassification.from_pretrained(sys.argv[1])
     print("LOADED")
-except cvt.weights.CheckpointError as err:
+except cvt.CheckpointError as err:
     print("REFUSED", err)
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent (pytest, often GBs)
 print("PEAK_KB", next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")))

@@ -21,8 +21,8 @@ from cvt import CvtImageProcessor
 from conftest import assert_close_to_scale, randomise_, tiny_config
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's import: no C++ info logs
-from cvt.keras_data import image_dataset  # noqa: E402
-from cvt.modeling_tf import TFCvtForImageClassification, TFCvtModel  # noqa: E402
+from cvt.training.keras_data import image_dataset  # noqa: E402
+from cvt.tf import TFCvtForImageClassification, TFCvtModel  # noqa: E402
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -178,7 +178,7 @@ def test_keras_file_and_saved_model_reload_in_a_fresh_interpreter(tmp_path) -> N
     np.save(tmp_path / "x.npy", x)
     report = run_python(
         "import json, numpy as np\n"
-        "import cvt.modeling_tf\n"  # registers cvt>TFCvtForImageClassification, as the README says
+        "import cvt.tf\n"  # registers cvt>TFCvtForImageClassification, as the README says
         "import keras, tensorflow as tf\n"
         f"folder = {str(tmp_path)!r}\n"
         "x = np.load(folder + '/x.npy')\n"
@@ -235,7 +235,7 @@ def test_image_dataset_gives_the_processors_pixels(tmp_path) -> None:
 MIRRORED = """
 import json, numpy as np
 from cvt import CvtConfig
-from cvt.modeling_tf import TFCvtForImageClassification  # first: see cvt.modeling_tf on triton
+from cvt.tf import TFCvtForImageClassification  # first: see cvt.tf on triton
 import keras, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)

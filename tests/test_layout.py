@@ -1,7 +1,8 @@
 """The house rules a reader relies on, read from the source with `ast`: modules import only downward,
-in the layer order the README's "Layout" documents, without cycles; an import inside a function is
-only ever for an optional dependency, or in the command line, which loads what a command runs only
-when it runs; every function fits in a reader's head (under 80 lines)."""
+through the layers the directories make (CONTRIBUTING.md, "Layers and layout"), without cycles; an
+import inside a function is only ever for an optional dependency, or in the command line, which
+loads what a command runs only when it runs; every function fits in a reader's head (under 80
+lines)."""
 
 from __future__ import annotations
 
@@ -12,28 +13,23 @@ from conftest import REPO_ROOT
 
 PACKAGE = REPO_ROOT / "src" / "cvt"
 
-# lowest first; a module may import from its own layer or any layer below it
-LAYERS = [
-    ["errors", "constants", "config", "files", "native", "outputs", "torch_registry"],
-    ["variants", "convert"],
-    ["hub"],
-    ["weights"],
-    ["modeling"],
-    ["factory", "images", "processing", "onnx_graph", "modeling_tf", "attention"],
-    ["engines", "export"],
-    ["inference"],
-    ["predictions", "ray", "serve_http"],
-    ["predict", "training", "keras_data", "serve"],
-    ["benchmark"],
-    ["cli", "__main__", "__init__"],
-]
+# The layers are the directories: the modules at the top of src/cvt are the base every layer shares
+# (errors, constants, files, the config, the variants, the output container); each package above
+# it is one layer, in this order, lowest first; `__init__` and `__main__` share the top one with
+# `cli`. A module imports from its own package, the base, or a package before its own.
+LAYERS = ["checkpoints", "images", "modeling", "tf", "engines", "inference", "ray", "predict", "serve",
+          "training", "bench", "cli"]
+ENTRY = {"__init__", "__main__"}
 # the package-internal imports allowed inside a function: TensorFlow and Ray are optional extras;
 # and the command line imports what a command runs only when it runs (`cvt --help` loads no torch)
 # (and a variant's config: transformers, which CvtConfig builds on, imports torch, and the
 # variants' names are read by `cvt --help`)
-LAZY_OPTIONAL = {("__init__", "modeling_tf"), ("export", "modeling_tf"), ("predict", "ray"),
-                 ("variants", "config")}
+LAZY_OPTIONAL = {("engines.export", "tf"), ("predict", "ray"), ("variants", "config")}
 LAZY_PACKAGES = {"cli"}
+
+
+def packages() -> set[str]:
+    return {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
 
 
 def module_name(path: Path) -> str:
@@ -44,8 +40,12 @@ def module_name(path: Path) -> str:
 
 
 def layer(module: str) -> int:
-    top = module.split(".")[0]
-    return next(i for i, names in enumerate(LAYERS) if top in names)
+    """0 for the base; 1 + its package's place in LAYERS for the rest."""
+    top = "cli" if module in ENTRY else module.split(".")[0]
+    if top in LAYERS:
+        return LAYERS.index(top) + 1
+    assert top not in packages(), f"the package cvt.{top} has no place in LAYERS"
+    return 0
 
 
 def resolve(module: str, is_package: bool, node: ast.ImportFrom) -> list[str]:
@@ -87,9 +87,8 @@ def edges() -> list[tuple[str, str, bool]]:
     return found
 
 
-def test_every_module_has_a_layer():
-    for path in PACKAGE.rglob("*.py"):
-        layer(module_name(path) if module_name(path) else "__init__")
+def test_every_package_is_a_layer():
+    assert sorted(LAYERS) == sorted(packages()), "LAYERS lists each package of src/cvt once"
 
 
 def test_imports_only_go_downward():

@@ -8,7 +8,8 @@ import torch
 import transformers
 
 import cvt
-from cvt import CvtForImageClassification, CvtModel, weights
+from cvt import CvtForImageClassification, CvtModel
+from cvt.checkpoints import read
 from conftest import randomise_, tiny_config
 
 HF_FIELDS = dict(embed_dim=[16, 32, 48], num_heads=[1, 2, 3], depth=[1, 2, 3], num_labels=4)
@@ -31,8 +32,8 @@ def reads(monkeypatch):
             return function(path, *args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(weights, "read_state_dict", counted(weights.read_state_dict))
-    monkeypatch.setattr(weights, "read_config", counted(weights.read_config))
+    monkeypatch.setattr(read, "read_state_dict", counted(read.read_state_dict))
+    monkeypatch.setattr(read, "read_config", counted(read.read_config))
     return counts
 
 

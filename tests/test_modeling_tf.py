@@ -15,12 +15,13 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import cvt
-from cvt import CheckpointError, convert
+from cvt import CheckpointError
+from cvt.checkpoints import convert
 from conftest import TINY_ARCHITECTURES, assert_close_to_scale, assert_gradients_close, randomise_, tiny_config
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's import: no C++ info logs
 # first: it loads triton before TensorFlow, which later torch.compile tests need (see the module)
-from cvt.modeling_tf import LAYOUTS, RULES, TFCvtForImageClassification, TFCvtModel  # noqa: E402
+from cvt.tf import LAYOUTS, RULES, TFCvtForImageClassification, TFCvtModel  # noqa: E402
 
 import keras  # noqa: E402  (the tf extra, which the dev extra includes)
 import tensorflow as tf  # noqa: E402
@@ -28,7 +29,7 @@ import tensorflow as tf  # noqa: E402
 
 # three of conftest's tiny architectures: every projection method, the cls token in the first, middle
 # or last stage, exact and quick GELU, no q/k/v bias, fractional MLP ratio, dropout, odd and
-# non-square inputs. (Every architecture's outputs against PyTorch: test_models.py.)
+# non-square inputs. (Every architecture's outputs against PyTorch: test_every_architecture.py.)
 CONFIGS = {name: (TINY_ARCHITECTURES[name].config(), TINY_ARCHITECTURES[name].size) for name in (
     "dw_bn-cls_last", "avg_linear_dw_bn-cls_first-quick_gelu", "linear_dw_bn_avg-cls_middle-dropout")}
 
@@ -122,7 +123,7 @@ def test_variable_paths_are_the_pytorch_keys(name, tf_class, torch_class) -> Non
 @pytest.mark.parametrize("channels, kernel", [(16, 3), (64, 3), (32, 5)])
 def test_depthwise_kernels_initialise_as_pytorch(channels, kernel) -> None:
     """PyTorch's depthwise Conv2d default is U(-1/k, 1/k) (fan_in = k*k), whatever the channels."""
-    from cvt.modeling_tf import DepthwiseConvBatchNorm
+    from cvt.tf import DepthwiseConvBatchNorm
 
     keras.utils.set_random_seed(0)
     layer = DepthwiseConvBatchNorm(channels, kernel, 1, kernel // 2)
@@ -379,4 +380,4 @@ def test_both_frameworks_read_shared_facts_from_the_config(fact, monkeypatch):
     torch_model(torch.randn(2, 3, 64, 64), labels=torch.from_numpy(labels))
     tf_model = TFCvtForImageClassification(config)
     tf_model(np.random.randn(2, 3, 64, 64).astype("float32"), labels=labels)
-    assert {"cvt.modeling", "cvt.modeling_tf"} <= callers
+    assert {"cvt.modeling", "cvt.tf"} <= callers

@@ -1,4 +1,4 @@
-"""What a model name means, read one way (`cvt.hub.locate`) by every command and by Python:
+"""What a model name means, read one way (`cvt.checkpoints.hub.locate`) by every command and by Python:
 a folder or file first, then a variant name (its published weights, like the hub id
 microsoft/cvt-13), then a hub id. Random weights are asked for (`--from-scratch`). A hub that
 cannot be reached (HF_HUB_OFFLINE, or an endpoint that never answers) is reported quickly and
@@ -14,7 +14,7 @@ import torch
 from huggingface_hub import constants
 
 import cvt
-from cvt import hub as names, weights
+from cvt.checkpoints import hub as names
 from cvt.cli import main
 from cvt.training import load_model
 
@@ -66,7 +66,7 @@ def test_an_unreachable_hub_is_reported_quickly_by_every_command(hub, name, imag
         assert "hub cannot be reached" in err and hub in err and name.split("/")[-1] in err, (command, err)
         assert "Traceback" not in err and elapsed < 10, (command, elapsed)
     start = time.perf_counter()
-    with pytest.raises(weights.CheckpointError, match="hub cannot be reached"):
+    with pytest.raises(cvt.CheckpointError, match="hub cannot be reached"):
         cvt.pipeline("image-classification", name)
     assert time.perf_counter() - start < 10
     assert not (tmp_path / "run" / "best").exists() and not (tmp_path / "model.onnx").exists()

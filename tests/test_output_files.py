@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 import cvt
-from cvt import cli, export, files
+from cvt import cli, files
+from cvt.engines import export
 from cvt.predict import FORMULA_START
 
 from conftest import randomise_, save_tiny_classifier, start_with_a_slow_file, tiny_config, write_images

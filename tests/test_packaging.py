@@ -130,7 +130,7 @@ def test_built_wheel_works_in_a_fresh_venv(tmp_path):
     assert sdist.stat().st_size > 0
     names = zipfile.ZipFile(wheel).namelist()
     assert "cvt/imagenet_1k_labels.txt" in names
-    assert {f"cvt/serve_page/{name}" for name in ("index.html", "app.js", "style.css")} <= set(names)  # cvt serve's page
+    assert {f"cvt/serve/page/{name}" for name in ("index.html", "app.js", "style.css")} <= set(names)  # cvt serve's page
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)

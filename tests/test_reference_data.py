@@ -11,7 +11,7 @@ import torch
 import transformers
 
 import cvt
-from cvt import convert
+from cvt.checkpoints import convert
 from cvt.cli import main as cli_main
 from conftest import assert_close_to_scale
 

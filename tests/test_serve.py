@@ -470,7 +470,7 @@ def test_one_address_has_at_most_its_limit_of_requests_in_progress(service, refe
 
 
 def test_attention_is_the_rollout_png(service, model_dir, photos):
-    from cvt.attention import attention_maps, draw
+    from cvt.modeling.attention_maps import attention_maps, draw
     from cvt.images import load_image_bytes
     from cvt.serve import OVERLAY_SIZE
 

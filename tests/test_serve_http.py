@@ -1,4 +1,4 @@
-"""`cvt serve`'s HTTP proxy middleware (`cvt.serve_http.BoundedRequests`), driven as ASGI without
+"""`cvt serve`'s HTTP proxy middleware (`cvt.serve.http_limits.BoundedRequests`), driven as ASGI without
 a server or Ray: a request goes on with its whole body, or is answered by the proxy (413, 408,
 429, 431) without reaching the service; a client gone mid-body gets nothing. tests/test_serve.py
 checks the same through the real service, with the protocol's bounds on the head."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from cvt.serve_http import MAX_HEADERS, BoundedRequests, HttpLimits
+from cvt.serve.http_limits import MAX_HEADERS, BoundedRequests, HttpLimits
 
 
 def scope(headers: list[tuple[bytes, bytes]] | None = None, client: str = "127.0.0.1") -> dict:

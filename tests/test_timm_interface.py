@@ -1,7 +1,7 @@
 """timm's model interface, which detectors, segmentation heads and feature extractors call:
 forward_features / forward_head / reset_classifier / forward_intermediates, create_model's
 num_classes / in_chans / features_only; then torch.export and torch.compile against eager. (The
-checks timm runs on every model it ships run on every architecture in test_models.py.)"""
+checks timm runs on every model it ships run on every architecture in test_every_architecture.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 import cvt
 from conftest import assert_close_to_scale, assert_gradients_close, randomise_, tiny_config
-from cvt.factory import CvtFeatures
+from cvt.modeling.factory import CvtFeatures
 
 TINY = {f: getattr(tiny_config(), f) for f in ("embed_dim", "num_heads", "depth")}  # on CvT-13's other fields
 

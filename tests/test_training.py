@@ -18,7 +18,7 @@ from PIL import Image
 
 import cvt
 from cvt import cli
-from cvt.processing import CvtImageProcessor
+from cvt.images.processing import CvtImageProcessor
 from cvt.training import DataError, TrainOptions, load_model, load_source, train
 from cvt.training.data import split
 from cvt.training.demo import write_digits

@@ -3,33 +3,80 @@
 `import cvt` is light: it loads neither torch nor TensorFlow. Each name below (and each
 submodule, `cvt.engines`, ...) is imported on first use (PEP 562), so `from cvt import CvtModel`
 loads the PyTorch models, and `cvt --help` starts at once.
+
+The modules that moved into packages keep their old paths for one release (`_MOVED`): importing
+`cvt.weights` gives the names of `cvt.checkpoints`' modules and a DeprecationWarning, once.
 """
 
 import importlib
+import importlib.abc
 import importlib.metadata
+import importlib.util
+import sys
+import warnings
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from .constants import DISTRIBUTION
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "AttentionMaps": "attention", "attention_maps": "attention",
+    "AttentionMaps": "modeling.attention_maps", "attention_maps": "modeling.attention_maps",
     "CvtConfig": "config",
     "CheckpointError": "errors", "CvtError": "errors", "InvalidValueError": "errors",
-    "CvtFeatures": "factory", "create_model": "factory", "load": "factory",
+    "CvtFeatures": "modeling.factory", "create_model": "modeling.factory", "load": "modeling.factory",
     "ImageError": "images", "load_image": "images",
     "ImageClassificationPipeline": "inference", "pipeline": "inference",
     "BaseModelOutputWithCLSToken": "modeling", "CvtForImageClassification": "modeling",
     "CvtModel": "modeling", "CvtPreTrainedModel": "modeling", "ImageClassifierOutput": "modeling",
     "ImageClassifierOutputWithNoAttention": "modeling",
-    "CvtImageProcessor": "processing",
+    "CvtImageProcessor": "images.processing",
     "get_variant": "variants", "imagenet_1k_labels": "variants", "list_models": "variants",
     # TensorFlow is an optional extra: without it, an ImportError saying pip install "cvt-vision[tf]"
-    "TFBaseModelOutputWithCLSToken": "modeling_tf", "TFCvtForImageClassification": "modeling_tf",
-    "TFCvtModel": "modeling_tf", "TFCvtPreTrainedModel": "modeling_tf",
-    "TFImageClassifierOutputWithNoAttention": "modeling_tf",
+    "TFBaseModelOutputWithCLSToken": "tf", "TFCvtForImageClassification": "tf",
+    "TFCvtModel": "tf", "TFCvtPreTrainedModel": "tf",
+    "TFImageClassifierOutputWithNoAttention": "tf",
 }
+
+# old module path -> the modules that hold its names now (the old path goes in the next release)
+_MOVED = {
+    "weights": ("checkpoints.read", "checkpoints.check", "checkpoints.load", "checkpoints.write"),
+    "hub": ("checkpoints.hub",), "convert": ("checkpoints.convert",),
+    "processing": ("images.processing",),
+    "factory": ("modeling.factory",), "attention": ("modeling.attention_maps",),
+    "torch_registry": ("modeling.torch_registry",),
+    "modeling_tf": ("tf",), "keras_data": ("training.keras_data",),
+    "export": ("engines.export",), "onnx_graph": ("engines.onnx_graph",),
+    "native": ("engines.openvino_signals",),
+    "predictions": ("inference.predictions",), "serve_http": ("serve.http_limits",),
+    "benchmark": ("bench",),
+}
+
+
+class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports an old module path as a module holding its new homes' public names (the same
+    objects), with a DeprecationWarning that names where they are now."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        package, _, old = fullname.rpartition(".")
+        if package != __name__ or old not in _MOVED:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec: Any) -> None:
+        return None  # an ordinary module
+
+    def exec_module(self, module: ModuleType) -> None:
+        homes = [f"{__name__}.{home}" for home in _MOVED[module.__name__.rpartition(".")[2]]]
+        warnings.warn(f"{module.__name__} moved to {', '.join(homes)}; the old path goes in the next release",
+                      DeprecationWarning, stacklevel=2)
+        for home in homes:
+            names = vars(importlib.import_module(home))
+            module.__dict__.update({k: v for k, v in names.items() if not k.startswith("_")})
+
+
+sys.meta_path.append(_MovedModules())
 
 
 def __getattr__(name: str) -> Any:
@@ -38,7 +85,7 @@ def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     here = Path(__file__).parent  # a submodule (never __main__, which runs the command line)
-    if not name.startswith("_") and ((here / f"{name}.py").is_file() or (here / name).is_dir()):
+    if not name.startswith("_") and ((here / f"{name}.py").is_file() or (here / name).is_dir() or name in _MOVED):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'cvt' has no attribute {name!r}")
 
@@ -47,4 +94,4 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS) | {"__version__"})
 
 
-__all__ = sorted(name for name, module in _EXPORTS.items() if module != "modeling_tf")
+__all__ = sorted(name for name, module in _EXPORTS.items() if module != "tf")

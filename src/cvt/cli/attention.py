@@ -1,5 +1,5 @@
 """`cvt attention`: draws what a model's last stage attends to over an image (the work is
-`cvt.attention`'s)."""
+`cvt.modeling.attention_maps`'s)."""
 
 from __future__ import annotations
 
@@ -29,11 +29,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_attention(args: argparse.Namespace) -> int:
-    from .. import attention
-    from ..factory import load
+    from ..modeling import attention_maps
+    from ..modeling.factory import load
     from ..files import write_atomic
     from ..predict import check_output
-    from ..processing import CvtImageProcessor
+    from ..images.processing import CvtImageProcessor
 
     if args.head is not None and args.rollout:
         raise UsageError("give --head or --rollout, not both")
@@ -41,11 +41,11 @@ def cmd_attention(args: argparse.Namespace) -> int:
         raise UsageError(f"--output must be a .png file, got {args.output}")
     check_output(Path(args.output), args.model, [Path(args.image)])
     model = load(args.model)
-    maps = attention.attention_maps(model, args.image, CvtImageProcessor.for_model(args.model, args.image_size))
+    maps = attention_maps.attention_maps(model, args.image, CvtImageProcessor.for_model(args.model, args.image_size))
     which = "rollout" if args.rollout else ("mean" if args.head is None else args.head)
     if isinstance(which, int) and not 0 <= which < len(maps.heads):
         raise UsageError(f"--head {which}: the last stage has heads 0-{len(maps.heads) - 1}")
-    picture = attention.draw(maps, which, size=args.size)
+    picture = attention_maps.draw(maps, which, size=args.size)
     write_atomic(args.output, lambda tmp: picture.save(tmp, format="PNG"))
     source = "from the cls token" if maps.cls_token else "received by each position"
     shown = {"rollout": "attention rollout", "mean": "mean over heads"}.get(which, f"head {which}")

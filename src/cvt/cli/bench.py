@@ -1,5 +1,5 @@
 """`cvt bench`: speed and memory of this library's CvT against transformers' on the same weights
-(the harness, `cvt.benchmark`, and transformers load only when it runs)."""
+(the harness, `cvt.bench`, and transformers load only when it runs)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import argparse
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="speed and memory of every engine against transformers' CvT",
                            description="Side-by-side benchmark of this library's CvT against "
-                           "transformers' on the same weights (see cvt.benchmark for the method). "
+                           "transformers' on the same weights (see cvt.bench for the method). "
                            'Needs pip install "cvt-vision[bench]".')
     bench.add_argument("--case", action="append", metavar="NAME",
-                       help="run only this case of cvt.benchmark.CASES, e.g. 'CvT-13 224 b1' "
+                       help="run only this case of cvt.bench.CASES, e.g. 'CvT-13 224 b1' "
                             "(repeatable; default: all)")
     bench.add_argument("--rounds", type=int, help="timed rounds per case (default: per case)")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
@@ -26,6 +26,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .. import benchmark
+    from .. import bench
 
-    return benchmark.run_command(args)
+    return bench.run_command(args)

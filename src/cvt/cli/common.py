@@ -140,7 +140,7 @@ def terminate_as_interrupt() -> Iterator[None]:
 def processor_image_size(source: str) -> int:
     """The input size a checkpoint's image processor gives (224 when it has none)."""
     from ..errors import CheckpointError
-    from ..processing import CvtImageProcessor
+    from ..images.processing import CvtImageProcessor
 
     try:
         return CvtImageProcessor.from_pretrained(source).size

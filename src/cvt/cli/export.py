@@ -1,5 +1,5 @@
 """`cvt export`: a classifier or backbone written as ONNX, OpenVINO IR or TFLite, checked by its
-runtime before it is written (the work is `cvt.export`'s)."""
+runtime before it is written (the work is `cvt.engines.export`'s)."""
 
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .. import export
-    from ..factory import load
+    from ..engines import export
+    from ..modeling.factory import load
 
     model = load(args.model)  # a classifier exports its logits; a backbone its features
     image_size = args.image_size or processor_image_size(args.model)  # a variant name: offline

@@ -28,7 +28,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .. import hub, weights
+    from ..checkpoints import hub, read
 
     location = hub.locate(args.model)
     if location.variant is not None:
@@ -39,10 +39,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         if Path(location.where).suffix != ".json":
             raise UsageError(f"{args.model} is a weights file; cvt info reads a config.json, a "
                              f"checkpoint folder, a variant or a hub id")
-        config, title = weights.read_config(location.where), args.model
+        config, title = read.read_config(location.where), args.model
         image_size = args.image_size or processor_image_size(str(Path(location.where).parent))
     else:
-        config, title = weights.read_architecture(args.model), args.model
+        config, title = read.read_architecture(args.model), args.model
         image_size = args.image_size or processor_image_size(args.model)
     print(title)
     print(_describe(config, image_size))
@@ -75,9 +75,9 @@ def _describe(config, image_size: int) -> str:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .. import convert, weights
+    from ..checkpoints import convert, read, write
     from ..modeling import CvtForImageClassification
-    from ..processing import CvtImageProcessor
+    from ..images.processing import CvtImageProcessor
     from ..variants import get_variant
 
     if args.model and args.config:
@@ -86,12 +86,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.model:
         config = get_variant(args.model).config(hidden_act="quick_gelu")
     elif args.config:
-        data = weights.read_json(args.config)
+        data = read.read_json(args.config)
         if isinstance(data, dict) and convert.is_original_spec(data):
             fields = convert.spec_fields(data)  # the label count comes from the checkpoint
         else:
-            config = weights.read_config(args.config)
-    config = weights.convert_original(args.checkpoint, args.output_dir, CvtForImageClassification,
+            config = read.read_config(args.config)
+    config = write.convert_original(args.checkpoint, args.output_dir, CvtForImageClassification,
                                       config=config, **fields)
     # the preprocessing the folder will be run with travels with its weights: the variant's, or
     # CvT's standard one at --image-size; without either, predict asks for --image-size

@@ -137,7 +137,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..training.report import format_table
-    from ..training.trainer import evaluate_model
+    from ..training.scoring import evaluate_model
 
     with messages_on_stderr():
         result = evaluate_model(args.model, args.data, batch_size=args.batch_size,

@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from ..processing import CvtImageProcessor
+from ..images.processing import CvtImageProcessor
 from . import auto, fused, onnxruntime_engine, openvino_engine
 from ..constants import ENGINE_PRECISIONS, ENGINES, IMAGE_SIZE_RANGE
 from .base import Engine, EngineError, Model, PrecisionReport, verify

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..images import ImageError, find_images
-from ..processing import CvtImageProcessor
+from ..images.processing import CvtImageProcessor
 from .base import EngineError
 
 logger = logging.getLogger("cvt")

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..onnx_graph import onnx_bytes
+from .onnx_graph import onnx_bytes
 from .base import Engine, EngineError, Model
 from .cache import EngineCache, build_cached
 from .calibration import CalibrationSet

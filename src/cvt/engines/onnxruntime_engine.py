@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..onnx_graph import INPUT_NAME, output_names
+from .onnx_graph import INPUT_NAME, output_names
 from .base import Engine, EngineError, Model, import_runtime
 from .cache import EngineCache
 from .calibration import CalibrationSet

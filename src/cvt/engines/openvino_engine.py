@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..native import signal_stack_kept
-from ..onnx_graph import OPENVINO_FP32, compile_openvino
+from .openvino_signals import signal_stack_kept
+from .onnx_graph import OPENVINO_FP32, compile_openvino
 from .base import Engine, EngineError, Model, cpu_has_bf16, import_runtime
 from .cache import EngineCache
 from .calibration import CalibrationSet

@@ -12,7 +12,7 @@ from typing import Any
 _EXPORTS = {
     "DataError": "data", "LabelledImages": "data", "load_source": "data",
     "RECIPES": "recipes", "Recipe": "recipes", "get_recipe": "recipes",
-    "EvalResult": "trainer", "TrainOptions": "trainer", "evaluate_model": "trainer",
+    "EvalResult": "trainer", "TrainOptions": "trainer", "evaluate_model": "scoring",
     "load_model": "trainer", "train": "trainer",
 }
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from ..processing import CvtImageProcessor
+from ..images.processing import CvtImageProcessor
 from .recipes import Recipe
 
 

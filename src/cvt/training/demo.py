@@ -24,7 +24,8 @@ from ..files import require_folder
 from .folder import MODEL_FOLDERS, RECORD_NAME, RUN_FILES
 from .recipes import Recipe
 from .report import format_table, plot_confusion
-from .trainer import TrainOptions, evaluate_model, train
+from .scoring import evaluate_model
+from .trainer import TrainOptions, train
 
 logger = logging.getLogger("cvt")
 

@@ -26,8 +26,8 @@ import filelock
 
 from ..errors import InvalidValueError, short
 from ..files import require_folder, temporary_of, write_json
-from ..hub import CONFIG_NAME
-from ..weights import PROCESSOR_CONFIG_NAME, SAFE_WEIGHTS_NAME
+from ..checkpoints.hub import CONFIG_NAME
+from ..checkpoints.read import PROCESSOR_CONFIG_NAME, SAFE_WEIGHTS_NAME
 from .report import CURVES_NAME, METRICS_NAME
 from .state import STATE_NAME, ResumeError
 

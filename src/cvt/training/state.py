@@ -25,7 +25,7 @@ import torch
 from ..constants import DISTRIBUTION
 from ..errors import CvtError, short
 from ..files import write_atomic
-from ..weights import CheckpointError
+from ..errors import CheckpointError
 
 STATE_NAME = "training_state.pt"
 # the parts of a saved state, and what each must be (scaler and ema: None when the run has none)

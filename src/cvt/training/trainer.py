@@ -1,4 +1,4 @@
-"""The training loop behind `cvt train` and the scoring behind `cvt eval`.
+"""The training loop behind `cvt train` (the scoring, its validation and `cvt eval`, is `scoring`).
 
 One code path for one process and for many (torchrun): every rank builds the same model and
 data, a `ResumableSampler` gives each rank its share of one global shuffled order, and
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import os
 import sys
@@ -28,17 +27,15 @@ from tqdm.auto import tqdm
 
 from ..config import CvtConfig
 from ..constants import TRAINING_PRECISIONS
-from ..engines import build_engine
-from ..factory import load
 from ..modeling import CvtForImageClassification
-from ..processing import CvtImageProcessor
-from ..weights import read_architecture
+from ..images.processing import CvtImageProcessor
+from ..checkpoints.read import read_architecture
 from . import distributed
 from .augment import BatchMixer, soft_cross_entropy, train_transform
-from .data import (DataError, LabelledImages, ResumableSampler, ShardSampler, TransformedImages,
-                   load_eval_source, load_source, make_loader)
+from .data import DataError, LabelledImages, ResumableSampler, TransformedImages, load_source, make_loader
 from .optim import WarmupCosine, WeightEMA, parameter_groups
 from .recipes import BOUNDS, Recipe, get_recipe
+from .scoring import score
 from .report import CURVES_NAME, METRICS_NAME, EvalResult, MetricsLog, plot_curves
 from .folder import RunFolder, check_paths, lock_run_folder, remove_leftovers
 from .state import (STATE_NAME, ResumeError, cvt_version, load_state, rng_state, save_state, set_rng_state,
@@ -131,15 +128,6 @@ def _processor(options: TrainOptions) -> CvtImageProcessor:
     if options.image_size is None:
         raise InvalidValueError("a model given as a CvtConfig carries no preprocessing; pass image_size")
     return CvtImageProcessor(size=options.image_size)
-
-
-def eval_transform(processor: CvtImageProcessor) -> Callable[[Any], torch.Tensor]:
-    """One image -> (3, H, W) pixel values, exactly as `cvt predict` prepares it."""
-    return functools.partial(_single_pixel_values, processor)
-
-
-def _single_pixel_values(processor: CvtImageProcessor, image: Any) -> torch.Tensor:
-    return processor(image, return_tensors="pt")["pixel_values"][0]
 
 
 def _unwrap(model: nn.Module) -> CvtForImageClassification:
@@ -563,7 +551,7 @@ def _micro_step_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
 
 
-# ---------------------------------------------------------------------------------------- scoring
+# ---------------------------------------------------------------------------------------- validation
 def evaluate(model: nn.Module, images: LabelledImages, processor: CvtImageProcessor, batch_size: int,
              workers: int, precision: str, ctx: distributed.Context) -> EvalResult:
     """`score` of the plain model in eval mode (under autocast at bf16/fp16), as validation
@@ -580,65 +568,3 @@ def evaluate(model: nn.Module, images: LabelledImages, processor: CvtImageProces
         return score(logits_of, images, processor, batch_size, workers, ctx)
     finally:
         model.train(was_training)
-
-
-@torch.no_grad()
-def score(logits_of: Callable[[torch.Tensor], torch.Tensor], images: LabelledImages,
-          processor: CvtImageProcessor, batch_size: int, workers: int, ctx: distributed.Context
-          ) -> EvalResult:
-    """Top-1, top-5, mean cross-entropy and the confusion matrix of `logits_of(pixel_values)`
-    over `images`; each rank scores its own shard and the counts are summed, so every image
-    counts exactly once."""
-    dataset = TransformedImages(images, eval_transform(processor))
-    loader = make_loader(dataset, batch_size, ShardSampler(len(dataset), ctx.world_size, ctx.rank),
-                         workers, drop_last=False)
-    k = len(images.classes)
-    confusion = torch.zeros(k, k, dtype=torch.float64, device=ctx.device)
-    totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # top-5 hits, loss sum, count
-    show = ctx.is_main and sys.stderr.isatty()
-    for batch, labels in tqdm(loader, desc="evaluating", unit="batch", disable=not show, leave=False):
-        if len(labels) == 0:
-            continue
-        batch, labels = batch.to(ctx.device), labels.to(ctx.device)
-        logits = logits_of(batch).float().to(ctx.device)
-        top = logits.topk(min(5, k), dim=-1).indices
-        totals[0] += (top == labels[:, None]).any(dim=-1).sum()
-        totals[1] += F.cross_entropy(logits, labels, reduction="sum")
-        totals[2] += len(labels)
-        confusion.index_put_((labels, top[:, 0]), torch.ones_like(labels, dtype=torch.float64),
-                             accumulate=True)
-    ctx.sum(confusion)
-    ctx.sum(totals)
-    count = int(totals[2].item())
-    if count == 0:
-        raise DataError("no readable images to evaluate")
-    confusion = confusion.round().long().cpu()
-    return EvalResult(top1=confusion.diag().sum().item() / count, top5=totals[0].item() / count,
-                      loss=totals[1].item() / count, count=count, classes=list(images.classes),
-                      confusion=confusion)
-
-
-def evaluate_model(model_source: str, data: Any, batch_size: int = 64, workers: int | None = None,
-                   engine: str = "auto", precision: str = "fp32", calibration: str | None = None,
-                   image_size: int | None = None) -> EvalResult:
-    """`cvt eval`: score a saved model on a labelled dataset with an inference engine
-    (distributed under torchrun)."""
-    ctx = distributed.start()
-    try:
-        model = load(model_source)
-        if not isinstance(model, CvtForImageClassification):
-            raise InvalidValueError(f"{model_source} holds a backbone without a classification head: "
-                                    f"nothing to evaluate")
-        model = model.to(ctx.device)
-        classes = [model.config.id2label[i] for i in range(model.config.num_labels)]
-        images = load_eval_source(data).relabel(classes, f"{data}")
-        processor = CvtImageProcessor.for_model(model_source, image_size)
-        runner = build_engine(model, engine, device=ctx.device, precision=precision,
-                              image_size=processor.size, calibration=calibration, processor=processor,
-                              batch_size=batch_size)
-        if runner.report is not None:
-            logger.info("cvt: %s at %s: %s", runner.name, precision, runner.report)
-        return score(runner, images, processor, batch_size,
-                     min(4, os.cpu_count() or 1) if workers is None else workers, ctx)
-    finally:
-        distributed.stop(ctx)

@@ -1,7 +1,8 @@
-"""Hostile input, round three: the engine cache (foreign, linked, unwritable entries), engine
+"""Hostile conditions around a run: the engine cache (foreign, linked, unwritable entries), engine
 inputs, training folders (locks, files cvt did not write, paths checked before the first step),
 sizes bounded before memory is spent, training states that are not ours or out of range, empty
-and long names, label maps, and configs far deeper than their weights."""
+and long names, label maps, configs far deeper than their weights, and what holds under signals,
+threads, symlink loops and odd file names."""
 
 from __future__ import annotations
 
@@ -24,12 +25,11 @@ import torch
 import cvt
 from cvt import CvtConfig, cli
 from cvt.engines import build_engine, cache
-from cvt.errors import InvalidValueError
+from cvt.errors import CheckpointError, InvalidValueError
 from cvt.training.folder import lock_run_folder
 from cvt.training.state import (STATE_FORMAT, STATE_NAME, ResumeError, cvt_version, load_state, rng_state,
                                save_state)
-from cvt import weights as cvt_weights
-from cvt.weights import CheckpointError
+from cvt.checkpoints import read
 
 from conftest import (as_args, make_folder, make_model_folder, one_line_error, randomise_, read_weights,
                       save_tiny_classifier, start_with_a_slow_file, tiny_config, tiny_training_args, write_images)
@@ -266,7 +266,7 @@ def test_a_contradicting_label2id_is_rebuilt_from_id2label_with_a_warning(caplog
 PEAK = """
 import sys, time
 from cvt import CvtForImageClassification  # imports torch: not the call's time or memory
-from cvt.weights import CheckpointError
+from cvt.errors import CheckpointError
 
 def peak_kb():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
@@ -333,7 +333,7 @@ def test_a_deep_config_is_refused_from_the_safetensors_headers_before_the_weight
     def never(path):
         raise AssertionError(f"weights read: {path}")
 
-    monkeypatch.setattr(cvt_weights, "read_state_dict", never)
+    monkeypatch.setattr(read, "read_state_dict", never)
     with pytest.raises(CheckpointError, match="stage 2 has depth 120 in the config, 1 in the weights"):
         cvt.CvtForImageClassification.from_pretrained(folder)
 

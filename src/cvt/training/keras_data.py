@@ -4,7 +4,7 @@
     train, classes = image_dataset("photos/train", processor, batch_size=32, shuffle=True)
     model.fit(train, validation_data=image_dataset("photos/val", processor, classes=classes)[0])
 
-Needs the `tf` extra. TensorFlow comes through `cvt.modeling_tf`, the one place cvt loads it
+Needs the `tf` extra. TensorFlow comes through `cvt.tf`, the one place cvt loads it
 (and its side effects, documented there).
 """
 
@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from .modeling_tf import tf
-from .processing import CvtImageProcessor
-from .training.data import DataError, read_folder
+from ..tf import tf
+from ..images.processing import CvtImageProcessor
+from .data import DataError, read_folder
 
 
 def image_dataset(folder: str | os.PathLike, processor: CvtImageProcessor, *, batch_size: int = 32,

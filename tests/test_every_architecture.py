@@ -207,7 +207,7 @@ def test_tensorflow_twin_computes_what_pytorch_computes(name) -> None:
     """TFCvtForImageClassification and TFCvtModel given the PyTorch weights: the same logits,
     hidden states, last hidden state and cls token (TFCvtModel takes the classifier's keys, 'cvt.*',
     and the backbone's, 'encoder.*')."""
-    from cvt.modeling_tf import TFCvtForImageClassification, TFCvtModel  # the tf extra, part of dev
+    from cvt.tf import TFCvtForImageClassification, TFCvtModel  # the tf extra, part of dev
 
     model, size = build(name, seed=2)
     model.eval()

@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .engines import build_engine
-from .factory import load
-from .images import ImageError, ImageInput, split_batch
-from .modeling import CvtForImageClassification
-from .processing import CvtImageProcessor
-from .errors import InvalidValueError
+from ..engines import build_engine
+from ..modeling.factory import load
+from ..images import ImageError, ImageInput, split_batch
+from ..modeling import CvtForImageClassification
+from ..images.processing import CvtImageProcessor
+from ..errors import InvalidValueError
 
 TASKS = ("image-classification",)
 Prediction = dict[str, Any]  # {"label": str, "score": float}

@@ -2,7 +2,7 @@
 command and for Python (an existing folder or file, a variant name, a hub id), and `fetcher`
 finds a checkpoint's files by name in a local folder or a hub repo (through huggingface_hub's
 cache, which honours HF_HUB_OFFLINE; an unreachable hub is probed once, not retried).
-Reading what the files hold is `cvt.weights`' job.
+Reading what the files hold is `cvt.checkpoints`' job.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, short
-from .variants import VARIANTS, Variant, get_variant
+from ..errors import CheckpointError, short
+from ..variants import VARIANTS, Variant, get_variant
 
 CONFIG_NAME = "config.json"
 HUB_ARGUMENTS = {"revision", "cache_dir", "token", "local_files_only", "force_download", "subfolder"}

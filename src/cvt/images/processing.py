@@ -22,14 +22,14 @@ import torch
 from PIL import Image
 from transformers import BatchFeature
 
-from . import hub, weights
-from .files import write_json
-from .images import ImageInput, as_rgb_image, check_budget, split_batch
-from .variants import IMAGENET_MEAN, IMAGENET_STD
-from .constants import IMAGE_SIZE_RANGE
-from .errors import CheckpointError, InvalidValueError, check_size
+from ..checkpoints import hub
+from ..checkpoints.read import PROCESSOR_CONFIG_NAME, stored_preprocessing
+from ..files import write_json
+from . import ImageInput, as_rgb_image, check_budget, split_batch
+from ..variants import IMAGENET_MEAN, IMAGENET_STD
+from ..constants import IMAGE_SIZE_RANGE
+from ..errors import CheckpointError, InvalidValueError, check_size
 
-PROCESSOR_CONFIG_NAME = weights.PROCESSOR_CONFIG_NAME
 WARP_FROM = 384  # from this size up the checkpoints were evaluated on the whole image, warped
 RETURN_TENSORS = ("pt", "np")
 _RESAMPLE_CODES = {int(r) for r in Image.Resampling}
@@ -170,7 +170,7 @@ class CvtImageProcessor:
         unknown = set(hub_kwargs) - hub.HUB_ARGUMENTS
         if unknown:
             raise TypeError(f"from_pretrained got unexpected arguments: {', '.join(sorted(unknown))}")
-        data = weights.stored_preprocessing(name_or_path, hub_kwargs)
+        data = stored_preprocessing(name_or_path, hub_kwargs)
         if data is None and hub.locate(name_or_path).kind == "file":
             raise CheckpointError(
                 f"{name_or_path} is a single weights file, which carries no preprocessing; use a "

@@ -25,7 +25,7 @@ PyTorch state-dict key is its path below the model, `/` read as `.`, with the va
 name changed by one rule per kind of variable (`RULES`: a Dense or Conv2D kernel is `weight`,
 stored transposed as `LAYOUTS` says). `pytorch_state_dict()` / `load_pytorch_state_dict()`
 convert in memory through numpy; `from_pretrained` and `save_pretrained` go through
-`cvt.weights`, so the TensorFlow models read and write exactly the files the PyTorch models do
+`cvt.checkpoints`, so the TensorFlow models read and write exactly the files the PyTorch models do
 (config.json + model.safetensors in transformers' layout, hub ids, original microsoft/CvT .pth
 files).
 
@@ -59,7 +59,7 @@ if "tensorflow" not in sys.modules and importlib.util.find_spec("triton") is not
     except Exception:  # a broken triton only matters to torch.compile, not here
         pass
 
-from .errors import install_hint  # noqa: E402 (needed by the message below)
+from ..errors import install_hint  # noqa: E402 (needed by the message below)
 
 try:
     import tensorflow as tf
@@ -74,13 +74,15 @@ if keras.backend.backend() != "tensorflow":
         f"{keras.backend.backend()!r} (KERAS_BACKEND={os.environ.get('KERAS_BACKEND')!r}); "
         f"set KERAS_BACKEND=tensorflow before importing keras")
 
-from . import convert, weights
-from .config import CvtConfig, conv_output_size, pixel_values_problem
-from .constants import LAYER_NORM_EPS
-from .outputs import ModelOutput
-from .processing import CvtImageProcessor
-from .weights import CheckpointError
-from .errors import InvalidValueError
+from ..checkpoints import convert
+from ..checkpoints.check import load_state_dict_checked, match_prefix
+from ..checkpoints.load import load_pretrained
+from ..checkpoints.write import save_arrays_pretrained
+from ..config import CvtConfig, conv_output_size, pixel_values_problem
+from ..constants import LAYER_NORM_EPS
+from ..outputs import ModelOutput
+from ..images.processing import CvtImageProcessor
+from ..errors import CheckpointError, InvalidValueError
 
 DATA_FORMATS = ("channels_first", "channels_last")
 BATCH_NORM_EPS = 1e-5
@@ -506,7 +508,7 @@ class TFCvtPreTrainedModel(keras.Model):
     """Shared by both models: configuration, input checks, and weights in PyTorch's layout.
 
     `state_dict()` / `load_state_dict()` / `eval()` mirror the PyTorch names so that
-    `cvt.weights` (which builds, checks and saves models by those names) serves both frameworks.
+    `cvt.checkpoints` (which builds, checks and saves models by those names) serves both frameworks.
     """
 
     base_model_prefix = "cvt"
@@ -591,10 +593,10 @@ class TFCvtPreTrainedModel(keras.Model):
                image_size: int | tuple[int, int] | None = None) -> None:
         """A SavedModel whose `serve` signature maps `pixel_values` (dynamic batch, `image_size`,
         float32) to the outputs (`logits`); `tf.saved_model.load(filepath).serve(x)` runs it.
-        For ONNX and TFLite see `cvt export` (`cvt.export`)."""
+        For ONNX and TFLite see `cvt export` (`cvt.engines.export`)."""
         if format != "tf_saved_model":
             raise InvalidValueError(f"{type(self).__name__}.export writes format='tf_saved_model' only, got "
-                             f"{format!r}; for ONNX and TFLite use cvt.export (cvt export --format)")
+                             f"{format!r}; for ONNX and TFLite use cvt.engines.export (cvt export --format)")
         archive = keras.export.ExportArchive()
         archive.track(self)
         archive.add_endpoint("serve", self.serving_function(image_size))
@@ -631,10 +633,10 @@ class TFCvtPreTrainedModel(keras.Model):
         if convert.is_original_checkpoint(state_dict):
             state_dict = convert.original_to_transformers(state_dict)
         shapes = self.pytorch_shapes()
-        state_dict = weights.match_prefix(dict(state_dict), shapes, source)
-        weights.load_state_dict_checked(self, state_dict, source, shapes=shapes)
+        state_dict = match_prefix(dict(state_dict), shapes, source)
+        load_state_dict_checked(self, state_dict, source, shapes=shapes)
 
-    # PyTorch-named aliases used by cvt.weights
+    # PyTorch-named aliases used by cvt.checkpoints
     def state_dict(self) -> dict[str, np.ndarray]:
         """`pytorch_state_dict()` under PyTorch's name: numpy arrays under PyTorch keys and shapes."""
         return self.pytorch_state_dict()
@@ -676,7 +678,7 @@ class TFCvtPreTrainedModel(keras.Model):
         data_format = kwargs.pop("data_format", "channels_first")
         if data_format not in DATA_FORMATS:
             raise InvalidValueError(f"data_format must be one of {DATA_FORMATS}, got {data_format!r}")
-        model = weights.load_pretrained(cls, name_or_path, config=config,
+        model = load_pretrained(cls, name_or_path, config=config,
                                         ignore_mismatched_sizes=ignore_mismatched_sizes, **kwargs)
         model.data_format = data_format
         return model
@@ -684,7 +686,7 @@ class TFCvtPreTrainedModel(keras.Model):
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write config.json + model.safetensors in the PyTorch layout: loadable by this class,
         cvt's PyTorch models and transformers."""
-        weights.save_arrays_pretrained(folder, self.pytorch_state_dict(), self.config,
+        save_arrays_pretrained(folder, self.pytorch_state_dict(), self.config,
                                        architecture=type(self).__name__.removeprefix("TF"),
                                        preprocessing=getattr(self, "preprocessing", None))
 

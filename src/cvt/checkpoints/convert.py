@@ -13,9 +13,9 @@ from typing import Any
 
 from torch import Tensor
 
-from .config import ConfigError, CvtConfig
-from .variants import imagenet_1k_labels
-from .errors import InvalidValueError
+from ..config import ConfigError, CvtConfig
+from ..variants import imagenet_1k_labels
+from ..errors import InvalidValueError
 
 # (original pattern, transformers-layout replacement), tried in order on each key.
 _STAGE, _LAYER = r"cvt.encoder.stages.\1", r"cvt.encoder.stages.\1.layers.\2"

@@ -10,11 +10,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from . import weights
-from .config import CvtConfig
-from .errors import CheckpointError
-from .modeling import CvtForImageClassification, CvtModel, build_with_transformers, select_stages
-from .variants import get_variant
+from ..checkpoints.load import load_pretrained
+from ..config import CvtConfig
+from ..errors import CheckpointError
+from . import CvtForImageClassification, CvtModel, build_with_transformers, select_stages
+from ..variants import get_variant
 
 
 def load(source: str | os.PathLike, *, config: CvtConfig | None = None, check_weights: bool = True,
@@ -29,7 +29,7 @@ def load(source: str | os.PathLike, *, config: CvtConfig | None = None, check_we
     config fields override the stored config, hub arguments (`revision`, `cache_dir`, `token`,
     `local_files_only`) go to the hub, and `check_weights=False` loads weights no trained model
     has. The model keeps its checkpoint's preprocessing (`model.preprocessing`)."""
-    return weights.load_pretrained(CvtForImageClassification, source, config=config,
+    return load_pretrained(CvtForImageClassification, source, config=config,
                                    check_weights=check_weights, backbone=CvtModel,
                                    build=build_with_transformers, **kwargs)
 

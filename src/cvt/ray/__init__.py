@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 
-from .errors import ClusterError, InvalidValueError, install_hint
-from .files import utf8_text
-from .images import ImageError
-from .inference import pipeline
-from .predictions import Row, arrow_schema, to_row
-from .processing import CvtImageProcessor
+from ..errors import ClusterError, InvalidValueError, install_hint
+from ..files import utf8_text
+from ..images import ImageError
+from ..inference import pipeline
+from ..inference.predictions import Row, arrow_schema, to_row
+from ..images.processing import CvtImageProcessor
 
 try:
     import pyarrow as pa

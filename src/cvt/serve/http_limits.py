@@ -3,7 +3,7 @@
 Ray Serve's proxy is uvicorn, started by Ray with its HTTP options: they bound idle keep-alive
 time (`keep_alive_timeout_s`, which `cvt.serve` sets) and nothing else a client sends. The rest is
 here, installed in each proxy as it starts through Ray Serve's proxy callback
-(`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=cvt.serve_http:install`, with the limits in
+(`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=cvt.serve.http_limits:install`, with the limits in
 `CVT_SERVE_HTTP_LIMITS`; `cvt serve` sets both for its private Ray instance):
 
 - `BoundedHttpProtocol`, uvicorn's httptools protocol with the request's head bounded: 431 as
@@ -29,14 +29,14 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .errors import install_hint
+from ..errors import install_hint
 
 try:
     import uvicorn.config
     from starlette.middleware import Middleware
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 except ImportError as err:  # absolute imports: the packages, never this module
-    raise ImportError(f"cvt.serve_http needs Ray Serve's HTTP stack: {install_hint('serve')}") from err
+    raise ImportError(f"cvt.serve.http_limits needs Ray Serve's HTTP stack: {install_hint('serve')}") from err
 
 ENV = "CVT_SERVE_HTTP_LIMITS"  # the limits, as JSON, for the proxies
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers; uvicorn's h11 parser allows 16 KiB, nginx 32 KiB

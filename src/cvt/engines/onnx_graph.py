@@ -5,7 +5,7 @@ a clean graph (LayerNormalization, Gelu and Conv nodes, weights as initializers)
 batch axis, and with `dynamic_size` symbolic height and width too: every token-grid size in the
 graph is then computed from the input's shape, so one graph serves any input from
 `min_dynamic_size(config)` pixels a side up. `compile_openvino` compiles such a graph (or IR)
-for OpenVINO's CPU plugin at exact fp32. Writing and checking files is `cvt.export`'s job.
+for OpenVINO's CPU plugin at exact fp32. Writing and checking files is `cvt.engines.export`'s job.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from .config import CvtConfig, kv_grid, stage_grids
-from .modeling import CvtForImageClassification, CvtModel
-from .native import signal_stack_kept
+from ..config import CvtConfig, kv_grid, stage_grids
+from ..modeling import CvtForImageClassification, CvtModel
+from .openvino_signals import signal_stack_kept
 
 # OpenVINO's CPU plugin defaults to bf16 (where the CPU has it) and on-the-fly int8 for
 # fully-connected layers: exact fp32 has to be asked for
@@ -111,7 +111,7 @@ def quiet() -> Iterator[None]:
 
 def compile_openvino(source: str | os.PathLike, properties: dict[str, str] = OPENVINO_FP32):
     """OpenVINO's CPU plugin compiling `source` (.onnx or .xml), fp32 unless `properties` say
-    otherwise, with the signal-stack swap of its plugin undone (see `cvt.native`)."""
+    otherwise, with the signal-stack swap of its plugin undone (see `cvt.engines.openvino_signals`)."""
     import openvino as ov
 
     with signal_stack_kept():

@@ -1,6 +1,6 @@
 """Model behaviour: the named variants, the places where transformers' port is wrong done right,
 outputs, losses and input errors (every architecture's forward, backward and save/load run in
-test_models.py)."""
+test_every_architecture.py)."""
 
 from __future__ import annotations
 

@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from .config import kv_grid, stage_grids
-from .images import ImageInput
-from .modeling import CvtForImageClassification, CvtModel
-from .processing import CvtImageProcessor
-from .constants import PICTURE_SIZE_RANGE
-from .errors import InvalidValueError, check_size
+from ..config import kv_grid, stage_grids
+from ..images import ImageInput
+from . import CvtForImageClassification, CvtModel
+from ..images.processing import CvtImageProcessor
+from ..constants import PICTURE_SIZE_RANGE
+from ..errors import InvalidValueError, check_size
 
 # viridis at five points: a perceptually even ramp that needs no plotting library
 _COLORS = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)], float)

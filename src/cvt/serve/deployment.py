@@ -8,7 +8,7 @@ bytes, get `[{"label", "score"}, ...]` best first) and serves a page to try the 
 browser. Bad input is a 4xx with cvt's message; anything unexpected is a 500 whose traceback goes
 to the replica's log, never to the client.
 
-What one client can hold is bounded in the HTTP proxy (`cvt.serve_http`); a replica admits a
+What one client can hold is bounded in the HTTP proxy (`cvt.serve.http_limits`); a replica admits a
 bounded number of images at once and answers the next one 503 with Retry-After, so that a
 saturated service says so at once, and `/health` and `/info` still answer.
 """
@@ -38,11 +38,11 @@ from typing import Any
 
 import torch
 
-from .attention import attention_maps, draw
-from .errors import InvalidValueError, install_hint, short
-from .images import ImageError, load_image_bytes
-from .inference import pipeline
-from .processing import CvtImageProcessor
+from ..modeling.attention_maps import attention_maps, draw
+from ..errors import InvalidValueError, install_hint, short
+from ..images import ImageError, load_image_bytes
+from ..inference import pipeline
+from ..images.processing import CvtImageProcessor
 
 try:  # Ray's packages, and cvt.ray (whose own message names the "ray" extra, which "serve" includes)
     import psutil
@@ -54,8 +54,8 @@ try:  # Ray's packages, and cvt.ray (whose own message names the "ray" extra, wh
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
 
-    from .ray import connect
-    from .serve_http import HttpLimits
+    from ..ray import connect
+    from .http_limits import HttpLimits
 except ImportError as err:  # absolute imports: Ray's package, never this module
     raise ImportError(f"cvt.serve needs Ray Serve: {install_hint('serve')}") from err
 
@@ -67,7 +67,7 @@ OVERLAY_SIZE = 224  # the attention picture's side, unless the model's input is 
 MIN_CAPACITY = 32  # images a replica admits at once, at least
 ROOM_FOR_QUICK_REQUESTS = 16  # /health, /info and the page, answered beside a replica's full load of images
 RETRY_AFTER_S = 1
-PROXY_CALLBACK = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "cvt.serve_http:install"}
+PROXY_CALLBACK = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "cvt.serve.http_limits:install"}
 PARAMETERS = {"top_k", "function_to_apply"}  # the Inference API's, for image classification
 PAGE_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
               "style.css": "text/css; charset=utf-8"}
@@ -231,7 +231,7 @@ def answers(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaita
 
 def page_file(name: str) -> Response:
     """One of the page's files, shipped inside the package (the page works offline)."""
-    content = resources.files("cvt").joinpath("serve_page", name).read_bytes()
+    content = resources.files("cvt.serve").joinpath("page", name).read_bytes()
     return Response(content, media_type=PAGE_FILES[name])
 
 
@@ -423,7 +423,7 @@ def _connect(settings: Settings, address: str) -> None:
 @contextlib.contextmanager
 def proxy_environment(settings: Settings) -> Iterator[None]:
     """The environment a private Ray instance starts with, so that its HTTP proxy bounds what
-    clients send (`cvt.serve_http.install`, with these settings' limits); this process's own
+    clients send (`cvt.serve.http_limits.install`, with these settings' limits); this process's own
     environment as it was afterwards."""
     added = {**PROXY_CALLBACK, **settings.http_limits().to_env()}
     before = {name: os.environ.get(name) for name in added}

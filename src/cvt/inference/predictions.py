@@ -13,10 +13,10 @@ import math
 import os
 from typing import Any, TypedDict
 
-from .errors import InvalidValueError, install_hint
-from .files import utf8_text
-from .images import ImageError
-from .inference import Prediction
+from ..errors import InvalidValueError, install_hint
+from ..files import utf8_text
+from ..images import ImageError
+from . import Prediction
 
 COLUMNS = ("path", "labels", "scores", "error")
 ROW_GROUP = 1024  # rows per parquet row group: bounded memory, and groups large enough to read well

@@ -2,7 +2,7 @@
 (`export_tflite`), each checked before it is written: the file is run by its runtime
 (onnxruntime, OpenVINO, LiteRT) on a random batch and must equal the model within
 `cvt.constants.TOLERANCE`. Then it is written atomically, so a failed export leaves no file (and
-an older file at the same path intact). The ONNX graph itself comes from `cvt.onnx_graph`; an
+an older file at the same path intact). The ONNX graph itself comes from `cvt.engines.onnx_graph`; an
 ONNX file with `dynamic_size` serves any input from `min_dynamic_size(config)` pixels a side up.
 
 Needs the `export` extra: `pip install "cvt-vision[export]"` (onnx, onnxscript, onnxruntime).
@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import pixel_values_problem
-from .constants import EXPORT_BATCH_RANGE, TOLERANCE
-from .errors import CvtError, InvalidValueError, Range, install_hint
-from .files import folders_made_for, kept_mode, write_bytes
-from .modeling import CvtForImageClassification, CvtModel
+from ..config import pixel_values_problem
+from ..constants import EXPORT_BATCH_RANGE, TOLERANCE
+from ..errors import CvtError, InvalidValueError, Range, install_hint
+from ..files import folders_made_for, kept_mode, write_bytes
+from ..modeling import CvtForImageClassification, CvtModel
 from .onnx_graph import (INPUT_NAME, TensorOutputs, compile_openvino, eval_mode, min_dynamic_size,
                          onnx_bytes, output_names, quiet)
 
@@ -228,7 +228,7 @@ def export_tflite(model, path: str | os.PathLike, *, image_size: int | tuple[int
     interpreter), the LiteRT interpreter runs the file on a random batch of 3 and its outputs
     must equal the TF model's within 1e-4 (NaN fails) before anything is written
     (`ExportCheckError` otherwise). Needs the `tf` extra."""
-    from . import modeling_tf  # TensorFlow is an optional extra
+    from .. import tf as modeling_tf  # TensorFlow is an optional extra
 
     tf_model = model
     if isinstance(model, (CvtModel, CvtForImageClassification)):

@@ -39,18 +39,18 @@ from typing import Any, Callable
 
 import torch
 
-from .config import CvtConfig
-from .constants import TOLERANCE
-from .engines import auto, build_engine
-from .engines.base import cpu_has_bf16, measure_precision
-from .engines.cache import cache_root
-from .engines.calibration import CalibrationSet, load_calibration
-from .onnx_graph import compile_openvino, onnx_bytes
-from .files import write_json
-from .modeling import CvtForImageClassification
-from .processing import CvtImageProcessor
-from .training.demo import DEMO_CONFIG, DEMO_RECIPE, IMAGE_SIZE, write_digits
-from .training.trainer import TrainOptions, train
+from ..config import CvtConfig
+from ..constants import TOLERANCE
+from ..engines import auto, build_engine
+from ..engines.base import cpu_has_bf16, measure_precision
+from ..engines.cache import cache_root
+from ..engines.calibration import CalibrationSet, load_calibration
+from ..engines.onnx_graph import compile_openvino, onnx_bytes
+from ..files import write_json
+from ..modeling import CvtForImageClassification
+from ..images.processing import CvtImageProcessor
+from ..training.demo import DEMO_CONFIG, DEMO_RECIPE, IMAGE_SIZE, write_digits
+from ..training.trainer import TrainOptions, train
 
 
 

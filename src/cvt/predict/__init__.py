@@ -28,13 +28,13 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-from .constants import PREDICT_FORMATS
-from .images import find_images
-from .files import TEXT_ERRORS, write_atomic
-from .inference import pipeline
-from .predictions import ParquetRows, Row, jsonl_line, to_row
-from .processing import CvtImageProcessor
-from .errors import InvalidValueError, short
+from ..constants import PREDICT_FORMATS
+from ..images import find_images
+from ..files import TEXT_ERRORS, write_atomic
+from ..inference import pipeline
+from ..inference.predictions import ParquetRows, Row, jsonl_line, to_row
+from ..images.processing import CvtImageProcessor
+from ..errors import InvalidValueError, short
 
 STREAMING = ("jsonl", "csv", "parquet")  # rows written as they arrive, to a temporary file named at the start
 MAX_PATH_COLUMN = 60  # the table's path column grows to the longest path, up to this
@@ -64,7 +64,7 @@ def run(model: str, inputs: Sequence[str], *, top_k: int = 5, batch_size: int = 
         classifier = pipeline("image-classification", model, image_processor=processor, **settings)
         rows: Iterable[Row] = (to_row(path, result) for path, result in classifier.classify_files(paths))
     else:
-        from . import ray as on_ray  # the "ray" extra
+        from .. import ray as on_ray  # the "ray" extra
 
         rows = on_ray.predict_rows(paths, model, address=ray, workers=workers,
                                    image_size=image_size, **settings)

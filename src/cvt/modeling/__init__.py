@@ -17,9 +17,9 @@ Where transformers' port is wrong, this follows the original microsoft/CvT code:
 without a cls token classifies from mean-pooled normalised tokens, and stochastic depth ramps
 linearly over each stage's layers and drops only the residual branch.
 
-Model code never reads files: `from_pretrained` / `save_pretrained` delegate to `cvt.weights`.
+Model code never reads files: `from_pretrained` / `save_pretrained` delegate to `cvt.checkpoints`.
 Making models by name (`cvt.load`, `create_model`) and the feature backbone live in
-`cvt.factory`.
+`cvt.modeling.factory`.
 """
 
 from __future__ import annotations
@@ -41,10 +41,12 @@ from transformers import AutoModel, AutoModelForImageClassification, PreTrainedM
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from . import torch_registry, weights
-from .config import CvtConfig, pixel_values_problem
-from .constants import LAYER_NORM_EPS
-from .errors import InvalidValueError
+from . import torch_registry
+from ..checkpoints.load import load_pretrained
+from ..checkpoints.write import save_staged
+from ..config import CvtConfig, pixel_values_problem
+from ..constants import LAYER_NORM_EPS
+from ..errors import InvalidValueError
 
 # ---------------------------------------------------------------------------------------- outputs
 # transformers' `ModelOutput`: readable by attribute, key or position (None fields skipped), and
@@ -498,7 +500,7 @@ class CvtPreTrainedModel(PreTrainedModel):
         """
         if model_args:
             raise TypeError(f"{cls.__name__} takes no positional model arguments, got {len(model_args)}")
-        return weights.load_pretrained(cls, pretrained_model_name_or_path, config=config,
+        return load_pretrained(cls, pretrained_model_name_or_path, config=config,
                                        check_weights=check_weights, build=build_with_transformers, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
@@ -506,7 +508,7 @@ class CvtPreTrainedModel(PreTrainedModel):
         loadable here and by transformers, plus the model's preprocessor_config.json when it
         knows its preprocessing. Files are staged beside the folder and each moved in whole; a
         folder holding other weights (which the new ones would leave stale) is refused first."""
-        weights.save_staged(save_directory, lambda staging: super(CvtPreTrainedModel, self).save_pretrained(
+        save_staged(save_directory, lambda staging: super(CvtPreTrainedModel, self).save_pretrained(
             staging, **kwargs), self.config, self.preprocessing)
 
 
