@@ -29,7 +29,7 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from cvt.benchmark import run_record
+from cvt.bench import run_record
 
 CONFIGS = {"alone": [], "ray, 1 worker": ["--ray", "--workers", "1"], "ray, 2 workers": ["--ray", "--workers", "2"]}
 

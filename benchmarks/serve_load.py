@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 from skimage import data as skimage_data
 
-from cvt.benchmark import cpu_name, run_record
+from cvt.bench import cpu_name, run_record
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "camera", "rocket", "coins", "hubble_deep_field",
           "immunohistochemistry", "page", "moon", "retina", "grass", "brick", "cat")
