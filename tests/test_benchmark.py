@@ -136,12 +136,12 @@ def test_the_json_names_the_cpu_date_and_commit_the_docs_quote(monkeypatch, tmp_
     monkeypatch.setattr(benchmark, "run", lambda *args, **kwargs: rows)
     args = argparse.Namespace(case=None, memory=None, no_memory=True, rounds=1, no_engines=True,
                               json=str(tmp_path / "run.json"))
-    assert benchmark.run_command(args) == 0
+    assert bench.run_command(args) == 0
     written = json.loads((tmp_path / "run.json").read_text())
     assert written["results"] == rows
     cpuinfo = Path("/proc/cpuinfo").read_text()
     assert f"model name\t: {written['cpu']}\n" in cpuinfo
     assert written["date"] == time.strftime("%Y-%m-%d", time.gmtime())
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=benchmark.__file__.rsplit("/", 1)[0],
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=bench.__file__.rsplit("/", 1)[0],
                           capture_output=True, text=True).stdout.strip()
     assert written["commit"] in (head, f"{head}-dirty")
