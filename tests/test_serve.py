@@ -831,7 +831,7 @@ def serve_cli(*arguments: str, env: dict[str, str]) -> subprocess.CompletedProce
     """Ray Serve's `serve` command, as a client of a token cluster runs it (Ray's documented
     RAY_AUTH_MODE=token beside the token)."""
     done = subprocess.run(["serve", *arguments], capture_output=True, text=True, timeout=START_TIMEOUT_S,
-                          env={**env, "RAY_AUTH_MODE": "token"})
+                          env={**env, "RAY_AUTH_MODE": "token"}, check=False)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     return done
 
@@ -839,10 +839,9 @@ def serve_cli(*arguments: str, env: dict[str, str]) -> subprocess.CompletedProce
 def wait_for_url(url: str, timeout: float = START_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as answer:
-                if answer.status == 200:
-                    return
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=5) as answer:
+            if answer.status == 200:
+                return
         time.sleep(0.5)
     pytest.fail(f"{url} did not become healthy in {timeout} s")
 
@@ -904,12 +903,12 @@ def test_two_services_share_a_cluster_and_stopping_one_leaves_the_other(cluster,
         wait_for_url(base)
         elsewhere = subprocess.run([sys.executable, "-m", "cvt", "serve", str(other_dir), "--ray", address,
                                     "--port", str(free_port())], capture_output=True, text=True, timeout=START_TIMEOUT_S,
-                                   env=env)
+                                   env=env, check=False)
         assert elsewhere.returncode == 2, elsewhere.stderr[-3000:]
         assert f"listens on 127.0.0.1:{port}" in elsewhere.stderr and "--route-prefix" in elsewhere.stderr
         same_prefix = subprocess.run([sys.executable, "-m", "cvt", "serve", str(other_dir), "--ray", address,
                                       "--port", str(port), "--name", "another"], capture_output=True, text=True,
-                                     timeout=START_TIMEOUT_S, env=env)
+                                     timeout=START_TIMEOUT_S, env=env, check=False)
         assert same_prefix.returncode == 2 and "--route-prefix / is taken" in same_prefix.stderr, \
             same_prefix.stderr[-3000:]
         second = start_cvt_serve(str(other_dir), "--ray", address, "--port", str(port), "--route-prefix", "/other",

@@ -35,8 +35,9 @@ try:
     import pyarrow as pa
     import ray
     import ray.data
-    # Ray's own rule for using a token at hand (what `ray start` applies), not re-implemented
-    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available,  # Ray's own rule for a token at hand, as `ray start` applies it
+    )
 except ImportError as err:  # absolute imports: Ray's package, never this module
     raise ImportError(f"cvt.ray needs Ray Data: {install_hint('ray')}") from err
 
