@@ -914,6 +914,9 @@ def test_two_services_share_a_cluster_and_stopping_one_leaves_the_other(cluster,
         second = start_cvt_serve(str(other_dir), "--ray", address, "--port", str(port), "--route-prefix", "/other",
                                  env=env, log=tmp_path / "second.txt")
         wait_for_url(f"{base}/other")
+        with urllib.request.urlopen(f"{base}/other", timeout=30) as page:  # the page's links are relative:
+            assert page.url == f"{base}/other/" and b"static/app.js" in page.read()  # it needs the slash
+        assert request(f"{base}/other/static/app.js")[0] == 200
         for url, pipe in ((base, reference), (f"{base}/other", other)):
             status, answer = request(f"{url}/predict", photos["coffee"].read_bytes())
             assert status == 200, answer
