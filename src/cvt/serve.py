@@ -34,7 +34,6 @@ import os
 import re
 import signal
 import socket
-import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -52,7 +51,6 @@ from .inference import pipeline
 from .processing import CvtImageProcessor
 
 try:  # Ray's packages, and cvt.ray (whose own message names the "ray" extra, which "serve" includes)
-    import psutil
     import ray
     from fastapi import FastAPI
     from pydantic import BaseModel, ConfigDict
@@ -70,7 +68,6 @@ except ImportError as err:  # absolute imports: Ray's package, never this module
 
 log = logging.getLogger(__name__)
 APP_NAME = "cvt"  # the application's name, for the route prefix "/" (others add theirs)
-SHUTDOWN_WAIT_S = 2.0  # how long ray.shutdown may take before what Ray started is killed
 DEFAULT_TOP_K = 5  # the Inference API's default
 OVERLAY_SIZE = 224  # the attention picture's side, unless the model's input is larger
 MIN_CAPACITY = 32  # images a replica admits at once, at least
@@ -525,26 +522,7 @@ def _stop(started: bool, private: bool, name: str | None) -> None:
     applications outlive their driver)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if started and private:
-        _shutdown_private()
-        return
-    if ray.is_initialized() and name is not None:
+    if ray.is_initialized() and name is not None and not (started and private):
         serve.delete(name)
     if started:
-        ray.shutdown()
-
-
-def _shutdown_private() -> None:
-    """`ray.shutdown()` of the private instance, bounded in time: when Ray's own processes died
-    first (the signal went to the whole process group), its driver waits many seconds for them;
-    then what is left of the processes Ray started, all descendants of this one, is killed."""
-    started = psutil.Process().children(recursive=True)
-    shutdown = threading.Thread(target=ray.shutdown, daemon=True)
-    shutdown.start()
-    shutdown.join(SHUTDOWN_WAIT_S)
-    if shutdown.is_alive():
-        log.info("cvt: Ray did not shut down in %g s: killing its processes", SHUTDOWN_WAIT_S)
-        for process in started:
-            with contextlib.suppress(psutil.Error):
-                process.kill()
-        psutil.wait_procs(started, timeout=1)
+        ray.shutdown()  # a private instance's processes with it, Serve's included
