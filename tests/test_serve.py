@@ -774,23 +774,33 @@ def test_ctrl_c_to_the_process_group_stops_it_too(model_dir, reference, tmp_path
 # one by default when a token is at hand: with token authentication, and no RAY_AUTH_MODE set.
 
 
-def ray_start_head(temp: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str, str]:
-    """A head node on 127.0.0.1 with its dashboard (where `serve deploy` sends a config file):
-    (its process, its address, the dashboard's URL)."""
-    port, dashboard = free_port(), free_port()
+@contextlib.contextmanager
+def ray_head(env: dict[str, str], dashboard: bool = True):
+    """A head node on 127.0.0.1 in a folder of its own, with its dashboard (where `serve deploy`
+    sends a config file) unless told: yields (its address, the dashboard's URL)."""
+    port, dashboard_port = free_port(), free_port()
+    temp = Path(tempfile.mkdtemp(prefix="cvt-serve-", dir="/tmp"))  # short: Ray's socket paths
     log = temp / "start.log"
     with open(log, "wb") as out:
         node = subprocess.Popen(["ray", "start", "--head", "--block", "--port", str(port), "--node-ip-address",
                                  "127.0.0.1", "--num-cpus", "6", "--temp-dir", str(temp), "--disable-usage-stats",
-                                 "--include-dashboard=true", "--dashboard-host", "127.0.0.1", "--dashboard-port",
-                                 str(dashboard), "--dashboard-agent-listen-port", "0",
+                                 f"--include-dashboard={str(dashboard).lower()}", "--dashboard-host", "127.0.0.1",
+                                 "--dashboard-port", str(dashboard_port), "--dashboard-agent-listen-port", "0",
                                  "--ray-client-server-port", str(free_port())],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=temp)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while "Ray runtime started" not in log.read_text(errors="replace"):
-        assert node.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
-        time.sleep(0.5)
-    return node, f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while "Ray runtime started" not in log.read_text(errors="replace"):
+            assert node.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}"
+    finally:
+        node.terminate()
+        try:
+            node.wait(60)
+        except subprocess.TimeoutExpired:
+            node.kill()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -799,17 +809,8 @@ def cluster():
     environment its clients run in: the cluster's token at hand, RAY_AUTH_MODE unset)."""
     env = {name: value for name, value in os.environ.items() if name != "RAY_AUTH_MODE"}
     env.update(RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0")
-    temp = Path(tempfile.mkdtemp(prefix="cvt-serve-", dir="/tmp"))  # short: Ray's socket paths
-    node, address, dashboard = ray_start_head(temp, env)
-    try:
+    with ray_head(env) as (address, dashboard):
         yield address, dashboard, free_port(), env
-    finally:
-        node.terminate()
-        try:
-            node.wait(60)
-        except subprocess.TimeoutExpired:
-            node.kill()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def start_cvt_serve(*arguments: str, env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -844,6 +845,20 @@ def wait_for_url(url: str, timeout: float = START_TIMEOUT_S) -> None:
                 return
         time.sleep(0.5)
     pytest.fail(f"{url} did not become healthy in {timeout} s")
+
+
+@pytest.mark.slow
+def test_a_token_at_hand_still_connects_to_a_cluster_without_authentication():
+    """`--ray` uses a token at hand when RAY_AUTH_MODE is unset (above); a cluster started with
+    authentication disabled accepts such a client all the same."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    client = {name: value for name, value in env.items() if name != "RAY_AUTH_MODE"}
+    client["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
+    with ray_head(env, dashboard=False) as (address, _):
+        code = f"import ray; from cvt.ray import connect; connect({address!r}); print(ray.cluster_resources()['CPU'])"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=START_TIMEOUT_S, env=client, check=False)
+    assert done.returncode == 0 and done.stdout.split()[-1] == "6.0", done.stderr[-3000:]
 
 
 @pytest.mark.slow
