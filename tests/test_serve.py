@@ -14,11 +14,14 @@ import http.client
 import io
 import json
 import os
+import secrets
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -48,6 +51,7 @@ HEADER_TIMEOUT_S, BODY_TIMEOUT_S, KEEP_ALIVE_S = 10, 10, 3
 MAX_CLIENT_REQUESTS = 64  # over a replica's capacity, so that one address can fill it
 CAPACITY = 32  # the images a replica admits at once: 2 x --max-batch-size (8) + 4, at least 32
 ANSWER_TIMEOUT_S = 5  # a request's time to answer while clients hold connections (the house's floor)
+CPUS_PER_REPLICA = 2  # the machines the suite runs on have two CPUs at least
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 
@@ -93,7 +97,8 @@ def service(model_dir, reference, tmp_path_factory):
                                     "--max-body-mb", str(MAX_BODY_MB), "--batch-wait-ms", "20",
                                     "--header-timeout-s", str(HEADER_TIMEOUT_S), "--body-timeout-s",
                                     str(BODY_TIMEOUT_S), "--keep-alive-s", str(KEEP_ALIVE_S),
-                                    "--max-client-requests", str(MAX_CLIENT_REQUESTS)],
+                                    "--max-client-requests", str(MAX_CLIENT_REQUESTS), "--cpus-per-replica",
+                                    str(CPUS_PER_REPLICA)],
                                    stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -509,6 +514,40 @@ def test_info_counts_the_requests_and_the_batches(service, reference, photos, mo
     assert after["responses"]["200"] - before["responses"].get("200", 0) == 6 + 1  # and the first /info
 
 
+def test_a_replica_runs_as_many_threads_as_its_cpus_and_batches_form_under_load(service, photos):
+    """--cpus-per-replica 2: the engine runs two threads, and 16 clients at once share forward
+    passes (a replica of one engine thread decoding on the same pool once formed batches of one)."""
+    url = service[0]
+    before = json.loads(request(f"{url}/info")[1])
+    assert before["threads"] == CPUS_PER_REPLICA
+    content, answers = photos["astronaut"].read_bytes(), []
+
+    def client() -> None:
+        for _ in range(4):
+            answers.append(request(f"{url}/predict", content)[0])
+
+    clients = [threading.Thread(target=client) for _ in range(16)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join(120)
+    assert answers == [200] * 64
+    after = json.loads(request(f"{url}/info")[1])
+    sizes = Counter({int(size): count for size, count in after["batch_sizes"].items()})
+    sizes.subtract({int(size): count for size, count in before["batch_sizes"].items()})
+    images, batches = sum(size * count for size, count in sizes.items()), sum(sizes.values())
+    assert images == 64
+    assert images / batches > 1, sizes
+
+
+def test_the_private_ray_instance_asks_for_a_token(service):
+    """Ray's processes listen on every interface (Ray has no setting for it): the instance
+    `cvt serve` starts runs with Ray's token authentication, so they answer no one without it."""
+    _, process, _ = service
+    gcs = [p for p in psutil.Process(process.pid).children(recursive=True) if "gcs_server" in " ".join(cmdline(p))]
+    assert len(gcs) == 1 and gcs[0].environ().get("RAY_AUTH_MODE") == "token"
+
+
 def test_an_unexpected_error_is_a_500_without_its_traceback(caplog):
     from starlette.requests import Request
 
@@ -546,9 +585,11 @@ def test_an_upload_decodes_as_its_file_does(photos, tmp_path):
 def test_bad_options_are_refused_before_ray_starts(model_dir, capsys):
     for option, value in (("--replicas", "0"), ("--max-batch-size", "0"), ("--port", "70000"),
                           ("--batch-wait-ms", "-1"), ("--max-body-mb", "0"), ("--header-timeout-s", "0"),
-                          ("--body-timeout-s", "-1"), ("--keep-alive-s", "0"), ("--max-client-requests", "0")):
+                          ("--body-timeout-s", "-1"), ("--keep-alive-s", "0"), ("--max-client-requests", "0"),
+                          ("--cpus-per-replica", "0"), ("--route-prefix", "cats"), ("--route-prefix", "/cats/"),
+                          ("--name", "two words")):
         assert main(["serve", str(model_dir), option, value]) == 2
-        assert option in capsys.readouterr().err
+        assert f"{option} must" in capsys.readouterr().err  # cvt's message, not argparse's
 
 
 BLOCK_RAY = """
@@ -726,3 +767,188 @@ def test_ctrl_c_to_the_process_group_stops_it_too(model_dir, reference, tmp_path
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+
+
+# Ray Serve's own tools and several services on one cluster: a cluster of this module's own
+# (`ray start --head --block`: ending that process stops exactly this node), started as Ray starts
+# one by default when a token is at hand: with token authentication, and no RAY_AUTH_MODE set.
+
+
+@contextlib.contextmanager
+def ray_head(env: dict[str, str], dashboard: bool = True):
+    """A head node on 127.0.0.1 in a folder of its own, with its dashboard (where `serve deploy`
+    sends a config file) unless told: yields (its address, the dashboard's URL)."""
+    port, dashboard_port = free_port(), free_port()
+    temp = Path(tempfile.mkdtemp(prefix="cvt-serve-", dir="/tmp"))  # short: Ray's socket paths
+    log = temp / "start.log"
+    with open(log, "wb") as out:
+        node = subprocess.Popen(["ray", "start", "--head", "--block", "--port", str(port), "--node-ip-address",
+                                 "127.0.0.1", "--num-cpus", "6", "--temp-dir", str(temp), "--disable-usage-stats",
+                                 f"--include-dashboard={str(dashboard).lower()}", "--dashboard-host", "127.0.0.1",
+                                 "--dashboard-port", str(dashboard_port), "--dashboard-agent-listen-port", "0",
+                                 "--ray-client-server-port", str(free_port())],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=temp)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while "Ray runtime started" not in log.read_text(errors="replace"):
+            assert node.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}"
+    finally:
+        node.terminate()
+        try:
+            node.wait(60)
+        except subprocess.TimeoutExpired:
+            node.kill()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """(the cluster's address, its dashboard's URL, the Serve HTTP port its services share, the
+    environment its clients run in: the cluster's token at hand, RAY_AUTH_MODE unset)."""
+    env = {name: value for name, value in os.environ.items() if name != "RAY_AUTH_MODE"}
+    env.update(RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0")
+    with ray_head(env) as (address, dashboard):
+        yield address, dashboard, free_port(), env
+
+
+def start_cvt_serve(*arguments: str, env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "wb") as err:
+        return subprocess.Popen([sys.executable, "-m", "cvt", "serve", *arguments], stdout=subprocess.DEVNULL,
+                                stderr=err, start_new_session=True, env=env)
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def serve_cli(*arguments: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Ray Serve's `serve` command, as a client of a token cluster runs it (Ray's documented
+    RAY_AUTH_MODE=token beside the token)."""
+    done = subprocess.run(["serve", *arguments], capture_output=True, text=True, timeout=START_TIMEOUT_S,
+                          env={**env, "RAY_AUTH_MODE": "token"}, check=False)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return done
+
+
+def wait_for_url(url: str, timeout: float = START_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=5) as answer:
+            if answer.status == 200:
+                return
+        time.sleep(0.5)
+    pytest.fail(f"{url} did not become healthy in {timeout} s")
+
+
+@pytest.mark.slow
+def test_a_token_at_hand_still_connects_to_a_cluster_without_authentication():
+    """`--ray` uses a token at hand when RAY_AUTH_MODE is unset (above); a cluster started with
+    authentication disabled accepts such a client all the same."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    client = {name: value for name, value in env.items() if name != "RAY_AUTH_MODE"}
+    client["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
+    with ray_head(env, dashboard=False) as (address, _):
+        code = f"import ray; from cvt.ray import connect; connect({address!r}); print(ray.cluster_resources()['CPU'])"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=START_TIMEOUT_S, env=client, check=False)
+    assert done.returncode == 0 and done.stdout.split()[-1] == "6.0", done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_serve_run_and_serve_deploy_serve_the_model(cluster, model_dir, reference, photos, tmp_path):
+    """`serve run cvt.serve:app model=FOLDER ...` (typed arguments, given as text) and a
+    `serve deploy` config file with `num_replicas: auto` each serve the model on the cluster."""
+    address, dashboard, port, env = cluster
+    serve_cli("start", "--address", address, "--http-host", "127.0.0.1", "--http-port", str(port), env=env)
+    serve_cli("run", "--address", address, "--non-blocking", "--name", "by-serve-run", "--route-prefix", "/run",
+              "cvt.serve:app", f"model={model_dir}", "engine=torch", "max_batch_size=4", env=env)
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"""
+http_options:
+  host: 127.0.0.1
+  port: {port}
+applications:
+  - name: by-serve-deploy
+    route_prefix: /deployed
+    import_path: cvt.serve:app
+    args:
+      model: {model_dir}
+      max_batch_size: 4
+    deployments:
+      - name: CvtService
+        num_replicas: auto
+        autoscaling_config:
+          min_replicas: 1
+          max_replicas: 2
+""")
+    serve_cli("deploy", str(config), "--address", dashboard, env=env)
+    try:
+        for prefix in ("/run", "/deployed"):
+            url = f"http://127.0.0.1:{port}{prefix}"
+            wait_for_url(url)
+            for path in photos.values():
+                status, answer = request(f"{url}/predict", path.read_bytes())
+                assert status == 200, answer
+                assert_as_pipeline(answer, reference(str(path)))
+    finally:  # Serve leaves the cluster with its applications: the next test starts it afresh
+        serve_cli("shutdown", "--address", dashboard, "--yes", env=env)
+
+
+@pytest.mark.slow
+def test_two_services_share_a_cluster_and_stopping_one_leaves_the_other(cluster, model_dir, reference, photos,
+                                                                        tmp_path):
+    """Two `cvt serve --ray` on one cluster (connecting with the token at hand, as `ray start`
+    does) serve two models under two route prefixes of the cluster's one HTTP port; one asking
+    for another port is refused, naming the cluster's; SIGTERM to one deletes its application
+    only, and the other goes on answering."""
+    address, _, port, env = cluster
+    other_dir = save_tiny_classifier(tmp_path / "other", seed=2)
+    other = cvt.pipeline("image-classification", str(other_dir))
+    first = start_cvt_serve(str(model_dir), "--ray", address, "--port", str(port), env=env, log=tmp_path / "first.txt")
+    second = None
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for_url(base)
+        elsewhere = subprocess.run([sys.executable, "-m", "cvt", "serve", str(other_dir), "--ray", address,
+                                    "--port", str(free_port())], capture_output=True, text=True, timeout=START_TIMEOUT_S,
+                                   env=env, check=False)
+        assert elsewhere.returncode == 2, elsewhere.stderr[-3000:]
+        assert f"listens on 127.0.0.1:{port}" in elsewhere.stderr and "--route-prefix" in elsewhere.stderr
+        same_prefix = subprocess.run([sys.executable, "-m", "cvt", "serve", str(other_dir), "--ray", address,
+                                      "--port", str(port), "--name", "another"], capture_output=True, text=True,
+                                     timeout=START_TIMEOUT_S, env=env, check=False)
+        assert same_prefix.returncode == 2 and "--route-prefix / is taken" in same_prefix.stderr, \
+            same_prefix.stderr[-3000:]
+        second = start_cvt_serve(str(other_dir), "--ray", address, "--port", str(port), "--route-prefix", "/other",
+                                 env=env, log=tmp_path / "second.txt")
+        wait_for_url(f"{base}/other")
+        with urllib.request.urlopen(f"{base}/other", timeout=30) as page:  # the page's links are relative:
+            assert page.url == f"{base}/other/" and b"static/app.js" in page.read()  # it needs the slash
+        assert request(f"{base}/other/static/app.js")[0] == 200
+        for url, pipe in ((base, reference), (f"{base}/other", other)):
+            status, answer = request(f"{url}/predict", photos["coffee"].read_bytes())
+            assert status == 200, answer
+            assert_as_pipeline(answer, pipe(str(photos["coffee"])))
+        began = time.monotonic()
+        os.kill(first.pid, signal.SIGTERM)
+        assert first.wait(STOP_TIMEOUT_S + 5) == 0, (tmp_path / "first.txt").read_text()[-3000:]
+        assert time.monotonic() - began < STOP_TIMEOUT_S
+        status, answer = request(f"{base}/other/predict", photos["chelsea"].read_bytes())
+        assert status == 200, answer
+        assert_as_pipeline(answer, other(str(photos["chelsea"])))
+        deadline, status = time.monotonic() + 30, 200
+        while status != 404 and time.monotonic() < deadline:  # the first one's application is gone
+            status, _ = request(f"{base}/predict", photos["chelsea"].read_bytes())
+            time.sleep(0.5)
+        assert status == 404
+    finally:
+        stop(first)
+        if second is not None:
+            stop(second)

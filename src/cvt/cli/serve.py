@@ -19,8 +19,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, "
                      "this machine only; 0.0.0.0 is every interface)")
     srv.add_argument("--port", type=int, default=8000, help="default: 8000")
-    srv.add_argument("--replicas", type=int, default=1, help="copies of the model, one CPU (or GPU) "
-                     "each (default: 1)")
+    srv.add_argument("--route-prefix", default="/", help="the path the service answers under, such as "
+                     "/cats (default: /); services sharing a cluster's HTTP port each need their own")
+    srv.add_argument("--name", help="the Ray Serve application's name (default: from the route prefix: "
+                     "cvt for /, cvt-cats for /cats)")
+    srv.add_argument("--replicas", type=int, default=1, help="copies of the model, --cpus-per-replica "
+                     "CPUs (or one GPU) each (default: 1)")
+    srv.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs each replica holds; its "
+                     "engine and its image decoding run that many threads (default: 1)")
     srv.add_argument("--max-batch-size", type=int, default=8, help="most requests per forward pass "
                      "(default: 8; 1 turns batching off)")
     srv.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a request waits for "
@@ -57,9 +63,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
                               max_body_bytes=round(args.max_body_mb * 1e6), header_timeout_s=args.header_timeout_s,
                               body_timeout_s=args.body_timeout_s, keep_alive_s=args.keep_alive_s,
-                              max_client_requests=args.max_client_requests)
+                              max_client_requests=args.max_client_requests, replicas=args.replicas,
+                              cpus_per_replica=args.cpus_per_replica)
     with messages_on_stderr():
-        serve.run(settings, host=args.host, port=args.port, replicas=args.replicas, address=args.ray or "local")
+        serve.run(settings, host=args.host, port=args.port, address=args.ray or "local",
+                  route_prefix=args.route_prefix, name=args.name)
     # The service is down and Ray shut down (or our application deleted). Finalizing Ray's,
     # torch's and the runtimes' modules would take seconds more, and a stopped service must be
     # gone within 5 s of SIGTERM: end now, the output flushed.

@@ -35,6 +35,9 @@ try:
     import pyarrow as pa
     import ray
     import ray.data
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available,  # Ray's own rule for a token at hand, as `ray start` applies it
+    )
 except ImportError as err:  # absolute imports: Ray's package, never this module
     raise ImportError(f"cvt.ray needs Ray Data: {install_hint('ray')}") from err
 
@@ -115,6 +118,8 @@ def connect(address: str = "local") -> bool:
         raise InvalidValueError(f"--ray {address}: expected HOST:PORT (as `ray start --head` prints it), "
                                 f"ray://HOST:PORT or auto; write --ray after the inputs, or --ray=ADDRESS")
     check_reachable(address)
+    if address != "local":
+        use_token_as_ray_start_does()
     private = {"include_dashboard": False} if address == "local" else {}
     main_thread = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGTERM) if main_thread else None
@@ -130,6 +135,14 @@ def connect(address: str = "local") -> bool:
         if callable(handler):
             signal.signal(signal.SIGTERM, handler)
     return True
+
+
+def use_token_as_ray_start_does() -> None:
+    """Ray's token authentication, on when `RAY_AUTH_MODE` is unset and a token is at hand
+    (`RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH` or `~/.ray/auth_token`): the rule `ray start` follows
+    for a cluster, which then asks every client for the token, while `ray.init` of an address does
+    not apply it (it retried, refused, for minutes). `RAY_AUTH_MODE` set, either way, is obeyed."""
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def check_reachable(address: str) -> None:

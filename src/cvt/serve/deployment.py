@@ -11,6 +11,11 @@ to the replica's log, never to the client.
 What one client can hold is bounded in the HTTP proxy (`cvt.serve.http_limits`); a replica admits a
 bounded number of images at once and answers the next one 503 with Retry-After, so that a
 saturated service says so at once, and `/health` and `/info` still answer.
+
+`app` is the application builder Ray Serve's own tools call (`serve run cvt.serve:app
+model=FOLDER`, or `import_path: cvt.serve:app` in a `serve deploy` config file); `cvt serve`
+builds its application with it too, and runs it under a name and route prefix of its own, so
+that services on one cluster never replace each other.
 """
 
 # no `from __future__ import annotations`: FastAPI reads the endpoints' annotations (Request) as
@@ -20,18 +25,19 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import dataclasses
 import functools
 import io
 import json
 import logging
+import math
 import os
+import re
 import signal
 import socket
-import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -45,10 +51,11 @@ from ..inference import pipeline
 from ..images.processing import CvtImageProcessor
 
 try:  # Ray's packages, and cvt.ray (whose own message names the "ray" extra, which "serve" includes)
-    import psutil
     import ray
     from fastapi import FastAPI
+    from pydantic import BaseModel, ConfigDict
     from ray import serve
+    from ray.serve.exceptions import RayServeException
     from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException
     from starlette.requests import Request
@@ -60,8 +67,7 @@ except ImportError as err:  # absolute imports: Ray's package, never this module
     raise ImportError(f"cvt.serve needs Ray Serve: {install_hint('serve')}") from err
 
 log = logging.getLogger(__name__)
-APP_NAME = "cvt"
-SHUTDOWN_WAIT_S = 2.0  # how long ray.shutdown may take before what Ray started is killed
+APP_NAME = "cvt"  # the application's name, for the route prefix "/" (others add theirs)
 DEFAULT_TOP_K = 5  # the Inference API's default
 OVERLAY_SIZE = 224  # the attention picture's side, unless the model's input is larger
 MIN_CAPACITY = 32  # images a replica admits at once, at least
@@ -69,6 +75,8 @@ ROOM_FOR_QUICK_REQUESTS = 16  # /health, /info and the page, answered beside a r
 RETRY_AFTER_S = 1
 PROXY_CALLBACK = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "cvt.serve.http_limits:install"}
 PARAMETERS = {"top_k", "function_to_apply"}  # the Inference API's, for image classification
+ROUTE_PREFIX = re.compile(r"/|(/[A-Za-z0-9._~-]+)+")  # Ray Serve's rule: "/" or no trailing "/"
+APPLICATION_NAME = re.compile(r"[A-Za-z0-9._-]+")
 PAGE_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
               "style.css": "text/css; charset=utf-8"}
 
@@ -85,10 +93,12 @@ class ServiceBusy(Exception):
     """A replica with all the images it admits in progress (503, with Retry-After)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """What the service needs: the replicas' model, engine and checks, and what one client may
-    hold of the HTTP proxies."""
+class Settings(BaseModel):
+    """What the application needs: the replicas' model, engine, checks and resources, and what
+    one client may hold of the HTTP proxies. These are the builder's typed arguments: Ray Serve
+    validates `serve run cvt.serve:app key=value` and a config file's `args` against them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str
     engine: str = "auto"
@@ -103,6 +113,13 @@ class Settings:
     body_timeout_s: float = 30.0
     keep_alive_s: int = 75
     max_client_requests: int = 32
+    replicas: int = 1
+    cpus_per_replica: float = 1.0
+
+    @property
+    def threads(self) -> int:
+        """The engine's threads, and the decoding pool's: one per CPU the replica holds."""
+        return max(1, math.floor(self.cpus_per_replica))
 
     @property
     def capacity(self) -> int:
@@ -236,16 +253,17 @@ def page_file(name: str) -> Response:
 
 
 # Ray Serve serializes the class when it is decorated: what its methods use is defined above it
-app = FastAPI(title="cvt", docs_url=None, redoc_url=None, openapi_url=None)
+api = FastAPI(title="cvt", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @serve.deployment
-@serve.ingress(app)
+@serve.ingress(api)
 class CvtService:
     """One replica: the model's pipeline (its engine built once), the images in progress, and
     the counters `/info` shows (of this replica: with several replicas, each answers with its own)."""
 
     def __init__(self, settings: Settings) -> None:
+        torch.set_num_threads(settings.threads)  # before the engine is built: the runtimes read it
         processor = CvtImageProcessor.for_model(settings.model, settings.image_size)
         self.pipeline = pipeline("image-classification", settings.model, image_processor=processor,
                                  device=settings.device, engine=settings.engine, precision=settings.precision,
@@ -254,6 +272,10 @@ class CvtService:
         self.responses: Counter[str] = Counter()
         self.batch_sizes: Counter[int] = Counter()
         self.in_progress = 0
+        # uploads decode beside the engine, which runs alone on its own thread: while it works
+        # on one batch, the next one's images get ready
+        self.decoders = ThreadPoolExecutor(settings.threads, thread_name_prefix="cvt-decode")
+        self.engine_thread = ThreadPoolExecutor(1, thread_name_prefix="cvt-engine")
         self._classify.set_max_batch_size(settings.max_batch_size)
         self._classify.set_batch_wait_timeout_s(settings.batch_wait_ms / 1000)
 
@@ -276,26 +298,27 @@ class CvtService:
     async def _classify(self, items: list[tuple[torch.Tensor, int]]) -> list[list[dict[str, Any]]]:
         self.batch_sizes[len(items)] += 1
         pixel_values = torch.cat([values for values, _ in items])
-        top = await asyncio.to_thread(self.pipeline.classify, pixel_values, max(k for _, k in items))
+        top = await asyncio.get_running_loop().run_in_executor(
+            self.engine_thread, self.pipeline.classify, pixel_values, max(k for _, k in items))
         return [result[:k] for result, (_, k) in zip(top, items)]
 
-    @app.post("/predict")
-    @app.post("/")  # where the Inference API's clients post, given the service's address
+    @api.post("/predict")
+    @api.post("/")  # where the Inference API's clients post, given the service's address
     @answers
     async def predict(self, request: Request) -> Response:
         with self._admitted():
             data, parameters = await upload(request, self.settings.max_body_bytes)
             top_k = parse_top_k(parameters.get("top_k", request.query_params.get("top_k")),
                                 len(self.pipeline.labels))
-            pixel_values = await asyncio.to_thread(self._prepare, data)
+            pixel_values = await asyncio.get_running_loop().run_in_executor(self.decoders, self._prepare, data)
             return JSONResponse(await self._classify((pixel_values, top_k)))
 
-    @app.post("/attention")
+    @api.post("/attention")
     @answers
     async def attention(self, request: Request) -> Response:
         with self._admitted():
             data, _ = await upload(request, self.settings.max_body_bytes)
-            png = await asyncio.to_thread(self._overlay, data)
+            png = await asyncio.get_running_loop().run_in_executor(self.engine_thread, self._overlay, data)
             return Response(png, media_type="image/png")
 
     def _overlay(self, data: bytes) -> bytes:
@@ -305,12 +328,12 @@ class CvtService:
         draw(maps, "rollout", size=max(OVERLAY_SIZE, processor.size)).save(buffer, format="PNG")
         return buffer.getvalue()
 
-    @app.get("/health")
+    @api.get("/health")
     @answers
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    @app.get("/info")
+    @api.get("/info")
     @answers
     async def info(self, request: Request) -> Response:
         engine = self.pipeline.engine
@@ -318,50 +341,68 @@ class CvtService:
             "model": model_name(self.settings.model), "labels": self.pipeline.labels,
             "input_size": self.pipeline.image_processor.size, "engine": engine.name,
             "precision": engine.precision, "max_batch_size": self.settings.max_batch_size,
-            "batch_wait_ms": self.settings.batch_wait_ms, "responses": dict(self.responses),
+            "batch_wait_ms": self.settings.batch_wait_ms, "threads": torch.get_num_threads(), "responses": dict(self.responses),
             "batch_sizes": {str(size): count for size, count in sorted(self.batch_sizes.items())}})
 
-    @app.get("/")
+    @api.get("/")
     @answers
     async def page(self, request: Request) -> Response:
         return page_file("index.html")
 
-    @app.get("/static/{name}")
+    @api.get("/static/{name}")
     async def static(self, name: str) -> Response:
         if name not in PAGE_FILES or name == "index.html":
             return JSONResponse({"error": f"no such file: {short(name)}"}, status_code=404)
         return page_file(name)
 
 
-def application(settings: Settings, replicas: int = 1) -> serve.Application:
-    """The service as a Ray Serve application: `replicas` replicas of one CPU (and one GPU with
-    a CUDA device) each. Ray Serve sends a replica its images and room for quick requests
-    beside them: the replica, not Ray's queue, refuses images over its capacity."""
+def app(args: Settings) -> serve.Application:
+    """The application builder: `serve run cvt.serve:app model=FOLDER engine=onnxruntime`, a
+    config file's `import_path: cvt.serve:app` with its `args`, and `cvt serve` all build the
+    service here. `replicas` replicas of `cpus_per_replica` CPUs (and one GPU with a CUDA
+    device) each. Ray Serve sends a replica its images and room for quick requests beside them:
+    the replica, not Ray's queue, refuses images over its capacity. A config file's deployment
+    options (`num_replicas`, `autoscaling_config`, ...) override these."""
+    settings = Settings.model_validate(args)
+    check_settings(settings)
     gpu = str(settings.device or "").startswith("cuda")
     return CvtService.options(
-        num_replicas=replicas, max_ongoing_requests=settings.capacity + ROOM_FOR_QUICK_REQUESTS,
-        ray_actor_options={"num_cpus": 1, "num_gpus": 1 if gpu else 0},
+        num_replicas=settings.replicas, max_ongoing_requests=settings.capacity + ROOM_FOR_QUICK_REQUESTS,
+        ray_actor_options={"num_cpus": settings.cpus_per_replica, "num_gpus": 1 if gpu else 0},
         graceful_shutdown_timeout_s=2, graceful_shutdown_wait_loop_s=0.5, max_constructor_retry_count=1,
     ).bind(settings)
 
 
-def check_options(settings: Settings, host: str, port: int, replicas: int) -> None:
-    """The options, checked before Ray starts: numbers in range, the model's preprocessing found."""
-    for name, value in (("--replicas", replicas), ("--max-batch-size", settings.max_batch_size), ("--port", port)):
+def check_settings(settings: Settings) -> None:
+    """The settings, checked before Ray starts: numbers in range, the model's preprocessing found."""
+    for name, value in (("--replicas", settings.replicas), ("--max-batch-size", settings.max_batch_size)):
         if value < 1:
             raise InvalidValueError(f"{name} must be at least 1, got {value}")
     if settings.max_body_bytes < 1:
         raise InvalidValueError(f"--max-body-mb must be positive, got {settings.max_body_bytes / 1e6:g}")
-    if port > 65535:
-        raise InvalidValueError(f"--port must be at most 65535, got {port}")
     if settings.batch_wait_ms < 0:
         raise InvalidValueError(f"--batch-wait-ms must not be negative, got {settings.batch_wait_ms}")
     limits = {"--header-timeout-s": settings.header_timeout_s, "--body-timeout-s": settings.body_timeout_s,
-              "--keep-alive-s": settings.keep_alive_s, "--max-client-requests": settings.max_client_requests}
+              "--keep-alive-s": settings.keep_alive_s, "--max-client-requests": settings.max_client_requests,
+              "--cpus-per-replica": settings.cpus_per_replica}
     for name, value in limits.items():
         if not value > 0:
             raise InvalidValueError(f"{name} must be positive, got {value}")
     CvtImageProcessor.for_model(settings.model, settings.image_size)
+
+
+def check_service(port: int, route_prefix: str, name: str | None) -> str:
+    """The service's port, route prefix and name, checked before Ray starts; the application's
+    name: `name`, or one made from the route prefix ("cvt" for "/", "cvt-cats" for "/cats")."""
+    if not 1 <= port <= 65535:
+        raise InvalidValueError(f"--port must be from 1 to 65535, got {port}")
+    if not ROUTE_PREFIX.fullmatch(route_prefix):
+        raise InvalidValueError(f"--route-prefix must be / or /WORD[/WORD...] (letters, digits, . _ ~ -), "
+                                f"got {short(route_prefix)}")
+    name = name if name is not None else "-".join([APP_NAME, *route_prefix.split("/")[1:]]).rstrip("-")
+    if not APPLICATION_NAME.fullmatch(name):
+        raise InvalidValueError(f"--name must be letters, digits, . _ -, got {short(name)}")
+    return name
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -375,35 +416,68 @@ def check_port_free(host: str, port: int) -> None:
             raise InvalidValueError(f"cannot serve on {host}:{port}: {err.strerror}") from None
 
 
-def run(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
-        address: str = "local") -> None:
+def run(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, address: str = "local",
+        route_prefix: str = "/", name: str | None = None) -> None:
     """Serve until SIGINT or SIGTERM, then return. With "local", on a private Ray instance, shut
-    down with every Ray process on the way out; on a cluster, the application is deleted and the
-    cluster left running."""
-    check_options(settings, host, port, replicas)
+    down with every Ray process on the way out; on a cluster, this service's application (and
+    no other) is deleted and the cluster left running."""
+    application = app(settings)
+    name = check_service(port, route_prefix, name)
     if address == "local":
         check_port_free(host, port)
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     started = not ray.is_initialized()  # then this call connects (and what it starts is its to stop)
+    deployed = False
     try:
         _connect(settings, address)
-        cpus = int(ray.cluster_resources().get("CPU", 0))
-        if address == "local" and replicas > cpus:  # Serve would wait for the CPUs for ever
-            raise InvalidValueError(f"--replicas {replicas}: each replica takes a CPU, and this machine "
-                                    f"has {cpus} for Ray")
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if address == "local" and settings.replicas * settings.cpus_per_replica > cpus:  # Serve would wait for ever
+            raise InvalidValueError(f"--replicas {settings.replicas} of --cpus-per-replica "
+                                    f"{settings.cpus_per_replica:g}: this machine has {cpus:g} CPUs for Ray")
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         serve.start(http_options={"host": host, "port": port, "keep_alive_timeout_s": settings.keep_alive_s})
-        serve.run(application(settings, replicas), name=APP_NAME, route_prefix="/")
-        log.info("cvt: serving %s at http://%s:%d/ (%d replica%s); Ctrl-C stops it", settings.model,
-                 f"[{host}]" if ":" in host else host, port, replicas, "" if replicas == 1 else "s")
+        check_cluster_http(host, port, name)
+        deployed = True
+        _deploy(application, name, route_prefix)
+        log.info("cvt: serving %s at http://%s:%d%s (%d replica%s); Ctrl-C stops it", settings.model,
+                 f"[{host}]" if ":" in host else host, port, route_prefix if route_prefix == "/" else route_prefix + "/",
+                 settings.replicas, "" if settings.replicas == 1 else "s")
         while True:
             time.sleep(3600)
     except KeyboardInterrupt as stop:  # the normal end of a service (exit status 0), even while it starts
         log.info("cvt: stopping (%s)", stop)
     finally:
-        _stop(started, private=address == "local")
+        _stop(started, private=address == "local", name=name if deployed else None)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def check_cluster_http(host: str, port: int, name: str) -> None:
+    """A cluster's Ray Serve has one HTTP host and port, set by whoever started it first: a
+    service asked to listen elsewhere is refused (never a port printed that nothing listens on),
+    and so is a name another service already runs under (Ray would replace that application)."""
+    # Ray shows its running HTTP options only through the controller's client (or the dashboard)
+    http = serve.context._get_global_client().http_config
+    if (http.host, http.port) != (host, port):
+        raise InvalidValueError(
+            f"Ray Serve on this cluster listens on {http.host}:{http.port} (a cluster has one HTTP port, "
+            f"for all its applications): serve this model there with --host {http.host} --port {http.port} "
+            f"and a --route-prefix of its own, such as --route-prefix /{name}")
+    if name in serve.status().applications:
+        raise InvalidValueError(f"an application named {name!r} already runs on this cluster: give this "
+                                f"service a --route-prefix of its own (or --name)")
+
+
+def _deploy(application: serve.Application, name: str, route_prefix: str) -> None:
+    """`serve.run`, with Ray's refusal of a route prefix another application holds in cvt's words."""
+    try:
+        serve.run(application, name=name, route_prefix=route_prefix)
+    except RayServeException as err:
+        taken = re.search(r"Prefix (\S+) is being used by application \"([^\"]+)\"", str(err))
+        if not taken:
+            raise
+        raise InvalidValueError(f"--route-prefix {taken[1]} is taken on this cluster by the application "
+                                f"{taken[2]!r}: give this service a --route-prefix of its own") from None
 
 
 def _connect(settings: Settings, address: str) -> None:
@@ -442,31 +516,13 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"by {signal.Signals(signum).name}")
 
 
-def _stop(started: bool, private: bool) -> None:
+def _stop(started: bool, private: bool, name: str | None) -> None:
     """A private instance this call started is shut down, Ray Serve's processes with it;
-    otherwise only this application is deleted (Serve's applications outlive their driver)."""
+    otherwise only this service's application, `name` (None: not deployed), is deleted (Serve's
+    applications outlive their driver)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if started and private:
-        _shutdown_private()
-        return
-    if ray.is_initialized():
-        serve.delete(APP_NAME)
+    if ray.is_initialized() and name is not None and not (started and private):
+        serve.delete(name)
     if started:
-        ray.shutdown()
-
-
-def _shutdown_private() -> None:
-    """`ray.shutdown()` of the private instance, bounded in time: when Ray's own processes died
-    first (the signal went to the whole process group), its driver waits many seconds for them;
-    then what is left of the processes Ray started, all descendants of this one, is killed."""
-    started = psutil.Process().children(recursive=True)
-    shutdown = threading.Thread(target=ray.shutdown, daemon=True)
-    shutdown.start()
-    shutdown.join(SHUTDOWN_WAIT_S)
-    if shutdown.is_alive():
-        log.info("cvt: Ray did not shut down in %g s: killing its processes", SHUTDOWN_WAIT_S)
-        for process in started:
-            with contextlib.suppress(psutil.Error):
-                process.kill()
-        psutil.wait_procs(started, timeout=1)
+        ray.shutdown()  # a private instance's processes with it, Serve's included
