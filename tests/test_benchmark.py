@@ -133,7 +133,7 @@ def test_the_json_names_the_cpu_date_and_commit_the_docs_quote(monkeypatch, tmp_
     import time
 
     rows = [{"case": "tiny", "side": "cvt model(x)", "speedup": 1.5}]
-    monkeypatch.setattr(benchmark, "run", lambda *args, **kwargs: rows)
+    monkeypatch.setattr(bench, "run", lambda *args, **kwargs: rows)
     args = argparse.Namespace(case=None, memory=None, no_memory=True, rounds=1, no_engines=True,
                               json=str(tmp_path / "run.json"))
     assert bench.run_command(args) == 0
