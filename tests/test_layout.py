@@ -14,7 +14,7 @@ PACKAGE = REPO_ROOT / "src" / "cvt"
 
 # lowest first; a module may import from its own layer or any layer below it
 LAYERS = [
-    ["errors", "constants", "config", "files", "native", "outputs", "torch_registry"],
+    ["errors", "constants", "config", "files", "storage", "native", "outputs", "torch_registry"],
     ["variants", "convert"],
     ["hub"],
     ["weights"],

@@ -21,7 +21,9 @@ import csv
 import io
 import json
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TextIO
@@ -29,7 +31,8 @@ from typing import TextIO
 from tqdm import tqdm
 
 from .constants import PREDICT_FORMATS
-from .images import find_images
+from . import storage
+from .images import IMAGE_EXTENSIONS, find_images
 from .files import TEXT_ERRORS, write_atomic
 from .inference import pipeline
 from .predictions import ParquetRows, Row, jsonl_line, to_row
@@ -54,9 +57,9 @@ def run(model: str, inputs: Sequence[str], *, top_k: int = 5, batch_size: int = 
         raise InvalidValueError("--format parquet writes a file: give --output FILE.parquet")
     if workers is not None and ray is None:
         raise InvalidValueError("--workers is the number of Ray actors: give --ray as well")
-    paths = find_images(inputs)
+    paths = find_inputs(inputs, ray is not None)
     if output is not None:
-        check_output(Path(output), model, paths)
+        check_output(output, model, paths)
     processor = CvtImageProcessor.for_model(model, image_size)  # checked here, before any work starts
     settings = dict(top_k=top_k, batch_size=batch_size, device=device, engine=engine,
                     precision=precision, calibration=calibration)
@@ -77,19 +80,42 @@ def run(model: str, inputs: Sequence[str], *, top_k: int = 5, batch_size: int = 
     return 1 if failures else 0
 
 
-def check_output(output: Path, model: str, paths: list[Path]) -> None:
+def find_inputs(inputs: Sequence[str], on_ray: bool) -> list[Path | str]:
+    """The image files under `inputs`: local ones as `find_images` finds them, then the objects
+    under each storage URI (s3://bucket/prefix), which Ray's actors read where they are."""
+    remote = [item for item in inputs if storage.is_uri(item)]
+    if remote and not on_ray:
+        raise InvalidValueError(f"{remote[0]}: images in object storage are read by Ray actors: add --ray "
+                                f"(alone, it starts a private Ray instance on this machine)")
+    local = [item for item in inputs if not storage.is_uri(item)]
+    found: list[Path | str] = list(find_images(local)) if local else []
+    for uri in remote:
+        objects = storage.list_files(uri, IMAGE_EXTENSIONS)
+        if not objects:
+            raise InvalidValueError(f"no image files under {uri} (looked for {' '.join(sorted(IMAGE_EXTENSIONS))})")
+        found += objects
+    return list(dict.fromkeys(found))
+
+
+def check_output(output: str, model: str, paths: list[Path | str]) -> None:
     """Before anything is read or written: the results never go over what the run reads, an
     input image, the model's weights file, or a file in its folder (a new file there could
     change which weights the folder holds); and it can be written (a folder, or a parent that is
-    a file or not writable, is refused here, before any Ray cluster starts)."""
-    target = output.resolve()
+    a file or not writable, is refused here, before any Ray cluster starts; in object storage,
+    a bucket that does not exist)."""
+    if storage.is_uri(output):
+        if output in paths:
+            raise InvalidValueError(f"--output {short(output)} is one of the input images and would be overwritten")
+        storage.check_writable(output)
+        return
+    target = Path(output).resolve()
     if target.is_dir():
         raise InvalidValueError(f"--output {short(output)} is a folder; give the name of the file to write")
     parent = next(folder for folder in target.parents if folder.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         why = "is a file" if not parent.is_dir() else "is not writable"
         raise InvalidValueError(f"--output {short(output)} cannot be written: {short(parent)} {why}")
-    if target in {p.resolve() for p in paths}:
+    if target in {p.resolve() for p in paths if isinstance(p, Path)}:
         raise InvalidValueError(f"--output {short(output)} is one of the input images and would be overwritten")
     source = Path(model).resolve() if model and Path(model).exists() else None
     if source is not None and (target == source or (source.is_dir() and target.is_relative_to(source))):
@@ -98,10 +124,18 @@ def check_output(output: Path, model: str, paths: list[Path]) -> None:
                                 f"results elsewhere")
 
 
-def _write(rows: Iterable[Row], paths: list[Path], fmt: str, output: str | None) -> tuple[int, int]:
-    """Report `rows` on stdout, or into a temporary file renamed over `output` once complete."""
+def _write(rows: Iterable[Row], paths: list[Path | str], fmt: str, output: str | None) -> tuple[int, int]:
+    """Report `rows` on stdout, or into a temporary file renamed over `output` once complete (for
+    object storage: a local file, uploaded once complete)."""
     if output is None:
         return report(rows, paths, fmt, sys.stdout)
+    if storage.is_uri(output):
+        staging = Path(tempfile.mkdtemp(prefix="cvt-predict-"))
+        local = staging / (output.partition("?")[0].rstrip("/").rpartition("/")[2] or "results")
+        counts = _write(rows, paths, fmt, str(local))
+        storage.upload(str(local), output)  # a failed upload keeps the file, and names it
+        shutil.rmtree(staging)
+        return counts
     counts = (0, 0)
 
     def write(tmp: str) -> None:
@@ -120,7 +154,7 @@ def _write(rows: Iterable[Row], paths: list[Path], fmt: str, output: str | None)
     return counts
 
 
-def report(rows: Iterable[Row], paths: list[Path], fmt: str, out: TextIO | ParquetRows) -> tuple[int, int]:
+def report(rows: Iterable[Row], paths: list[Path | str], fmt: str, out: TextIO | ParquetRows) -> tuple[int, int]:
     """Write each file's row to `out` as it arrives, with errors on stderr. Ctrl-C stops it
     early, with the output still complete. Returns (files done, how many of them failed)."""
     width = min(max(len(str(p)) for p in paths), MAX_PATH_COLUMN)

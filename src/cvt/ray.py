@@ -19,6 +19,7 @@ import socket
 import sys
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,11 @@ import torch
 
 from .errors import ClusterError, InvalidValueError, install_hint
 from .files import utf8_text
-from .images import ImageError
+from .images import ImageError, load_image, load_image_bytes
 from .inference import pipeline
 from .predictions import Row, arrow_schema, to_row
 from .processing import CvtImageProcessor
+from .storage import StorageError, is_uri, read_object
 
 try:
     import pyarrow as pa
@@ -41,6 +43,7 @@ except ImportError as err:  # absolute imports: Ray's package, never this module
 log = logging.getLogger(__name__)
 # "local" (a private instance), "auto", ray://HOST:PORT, or the HOST:PORT `ray start --head` prints
 ADDRESS = re.compile(r"^(local|auto|ray://\S+|[\w.-]+:\d+|\[[0-9A-Fa-f:]+\]:\d+)$")
+READERS = 8  # objects in storage read at once by one actor: their latency overlaps
 MAX_BLOCKS = 10_000  # the file list is cut into blocks of one batch, fewer for huge lists
 REACH_TIMEOUT_S = 10  # a cluster address that accepts no connection in this time is an error
 
@@ -50,7 +53,8 @@ class CvtPredictor:
 
     Ray builds one per actor, so the model is loaded and its engine built once per actor, in
     `__init__` (arguments as `cvt.pipeline`'s). A batch has a `path` column (files read by cvt's
-    bounded loader) or an `image` column (arrays, as `ray.data.read_images` yields; its `path`
+    bounded loader; URIs such as s3://bucket/key are read from object storage through pyarrow)
+    or an `image` column (arrays, as `ray.data.read_images` yields; its `path`
     column, if any, is passed through). The result is an Arrow table with one row per input:
     `path`, `labels` and `scores` (the top-k, best first), `error` (None, or why that file
     failed) and `node`, the id of the Ray node that classified it. Paths given as bytes (file
@@ -65,6 +69,7 @@ class CvtPredictor:
                                  top_k=top_k, batch_size=batch_size, engine=engine, precision=precision,
                                  calibration=calibration)
         self.node = ray.get_runtime_context().get_node_id()
+        self.readers = ThreadPoolExecutor(max_workers=READERS)
 
     def __call__(self, batch: Any) -> pa.Table:
         if "image" in batch:
@@ -84,7 +89,10 @@ class CvtPredictor:
         """Rows of files read by cvt's loader; names given as bytes are decoded as the operating
         system does (`os.fsdecode`) and given back as bytes, an error message made valid UTF-8."""
         files = [os.fsdecode(p) if isinstance(p, bytes) else p for p in paths]
-        rows = [to_row(path, result) for path, result in self.pipeline.classify_files(files)]
+        if any(is_uri(f) for f in files):
+            rows = self._classify_images(list(self.readers.map(_read, files)), files)
+        else:
+            rows = [to_row(path, result) for path, result in self.pipeline.classify_files(files)]
         if not any(isinstance(p, bytes) for p in paths):
             return self._table(rows)
         rows = [{**row, "path": None, "error": row["error"] and utf8_text(row["error"])} for row in rows]
@@ -98,10 +106,22 @@ class CvtPredictor:
                 for path, p in zip(paths, prepared)]
 
     def _prepare(self, image: Any) -> torch.Tensor | ImageError:
+        if isinstance(image, ImageError):  # a file that could not be read
+            return image
         try:
             return self.pipeline.image_processor(image)["pixel_values"]
         except (ImageError, TypeError) as err:
             return ImageError(str(err))
+
+
+def _read(name: str) -> Any:
+    """The decoded image at `name` (a URI in object storage, or a local file), or why not."""
+    try:
+        return load_image_bytes(read_object(name), name) if is_uri(name) else load_image(name)
+    except StorageError as err:
+        return ImageError(f"{name}: {err}")
+    except ImageError as err:
+        return err
 
 
 def connect(address: str = "local") -> bool:
@@ -168,7 +188,7 @@ def predict_rows(paths: Sequence[str | os.PathLike], model: str, *, address: str
     strings cannot hold a file name that is not UTF-8."""
     if workers is not None and workers < 1:
         raise InvalidValueError(f"--workers must be a positive number of actors, got {workers}")
-    names = {os.fsencode(Path(p).absolute()): str(p) for p in paths}
+    names = {os.fsencode(p if is_uri(p) else Path(p).absolute()): str(p) for p in paths}
     model, settings["calibration"] = _absolute(model), _absolute(settings.get("calibration"))
     started = connect(address)
     try:
