@@ -121,3 +121,29 @@ def test_bf16_training_case_runs_both_sides_under_autocast(monkeypatch) -> None:
     assert (row["side"], row["precision"]) == ("cvt", "bf16")
     assert seen and all(seen)
     assert row["max_abs_diff"] < 0.05 * math.log(1000)  # both losses start near ln(1000)
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.xdist_group("ray")
+def test_the_ray_scaling_script_runs_at_a_tiny_size(tmp_path) -> None:
+    """benchmarks/ray_scaling.py on 8 files and a tiny model: its four runs finish (each checks
+    that every file is in its output) and its JSON names the CPU, date, commit and both ratios
+    (whose values, at this size, say nothing)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT, save_tiny_classifier
+
+    model = save_tiny_classifier(tmp_path / "model")
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "ray_scaling.py"), "--files", "8",
+                           "--model", str(model), "--json", str(tmp_path / "out.json")], capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert set(result["results"]) == {"alone", "ray, one machine", "one thread (taskset)", "ray, two 1-CPU nodes"}
+    assert result["machine"]["cpu"] and result["date"] and result["commit"] and result["engine"] == "torch"
+    assert set(result["ratios"]) == {"ray on one machine / cvt predict", "two 1-CPU nodes / one thread"}
+    assert "images/s" in done.stdout

@@ -37,26 +37,30 @@ from .files import TEXT_ERRORS, write_atomic
 from .inference import pipeline
 from .predictions import ParquetRows, Row, jsonl_line, to_row
 from .processing import CvtImageProcessor
-from .errors import InvalidValueError, short
+from .errors import ClusterLostError, InvalidValueError, short
 
 STREAMING = ("jsonl", "csv", "parquet")  # rows written as they arrive, to a temporary file named at the start
 MAX_PATH_COLUMN = 60  # the table's path column grows to the longest path, up to this
 # what makes a spreadsheet read a CSV cell as a formula (OWASP's list: = + - @, tab, carriage return)
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+Outcome = tuple[int, int, BaseException | None]  # files done, how many failed, what stopped the run early
 
 
 def run(model: str, inputs: Sequence[str], *, top_k: int = 5, batch_size: int = 8,
         device: str | None = None, fmt: str = "table", output: str | None = None,
         engine: str = "auto", precision: str = "fp32", calibration: str | None = None,
-        image_size: int | None = None, ray: str | None = None, workers: int | None = None) -> int:
+        image_size: int | None = None, ray: str | None = None, workers: int | None = None,
+        cpus_per_worker: int | None = None) -> int:
     """Classify every image under `inputs`; with `ray` (an address, or "local" for a private
-    instance) on `workers` Ray actors. Returns 0 if all were classified, 1 if some could not be."""
+    instance) on Ray actors (`workers` of `cpus_per_worker` CPUs; by default one per node, with
+    its CPUs). Returns 0 if all were classified, 1 if some could not be."""
     if fmt not in PREDICT_FORMATS:
         raise InvalidValueError(f"unknown format {fmt!r}; choose one of {', '.join(PREDICT_FORMATS)}")
     if fmt == "parquet" and output is None:
         raise InvalidValueError("--format parquet writes a file: give --output FILE.parquet")
-    if workers is not None and ray is None:
-        raise InvalidValueError("--workers is the number of Ray actors: give --ray as well")
+    if (workers is not None or cpus_per_worker is not None) and ray is None:
+        option = "--workers" if workers is not None else "--cpus-per-worker"
+        raise InvalidValueError(f"{option} shapes the Ray actors: give --ray as well")
     paths = find_inputs(inputs, ray is not None)
     if output is not None:
         check_output(output, model, paths)
@@ -69,12 +73,15 @@ def run(model: str, inputs: Sequence[str], *, top_k: int = 5, batch_size: int = 
     else:
         from . import ray as on_ray  # the "ray" extra
 
-        rows = on_ray.predict_rows(paths, model, address=ray, workers=workers,
+        rows = on_ray.predict_rows(paths, model, address=ray, workers=workers, cpus_per_worker=cpus_per_worker,
                                    image_size=image_size, **settings)
-    done, failures = _write(rows, paths, fmt, output)
+    done, failures, stopped = _write(rows, paths, fmt, output)
     if output is not None:
         print(f"wrote {fmt} results for {done - failures} of {len(paths)} files to {output}"
               + (f" ({failures} could not be classified)" if failures else ""))
+    if isinstance(stopped, ClusterLostError):
+        raise ClusterLostError(f"the Ray cluster was lost after {done} of {len(paths)} files ({stopped}); "
+                               f"the rows finished before are written" + (f" to {output}" if output else ""))
     if done < len(paths):
         raise KeyboardInterrupt(f"after {done} of {len(paths)} files")
     return 1 if failures else 0
@@ -124,7 +131,7 @@ def check_output(output: str, model: str, paths: list[Path | str]) -> None:
                                 f"results elsewhere")
 
 
-def _write(rows: Iterable[Row], paths: list[Path | str], fmt: str, output: str | None) -> tuple[int, int]:
+def _write(rows: Iterable[Row], paths: list[Path | str], fmt: str, output: str | None) -> Outcome:
     """Report `rows` on stdout, or into a temporary file renamed over `output` once complete (for
     object storage: a local file, uploaded once complete)."""
     if output is None:
@@ -136,7 +143,7 @@ def _write(rows: Iterable[Row], paths: list[Path | str], fmt: str, output: str |
         storage.upload(str(local), output)  # a failed upload keeps the file, and names it
         shutil.rmtree(staging)
         return counts
-    counts = (0, 0)
+    counts: Outcome = (0, 0, None)
 
     def write(tmp: str) -> None:
         nonlocal counts
@@ -154,9 +161,10 @@ def _write(rows: Iterable[Row], paths: list[Path | str], fmt: str, output: str |
     return counts
 
 
-def report(rows: Iterable[Row], paths: list[Path | str], fmt: str, out: TextIO | ParquetRows) -> tuple[int, int]:
-    """Write each file's row to `out` as it arrives, with errors on stderr. Ctrl-C stops it
-    early, with the output still complete. Returns (files done, how many of them failed)."""
+def report(rows: Iterable[Row], paths: list[Path | str], fmt: str, out: TextIO | ParquetRows) -> Outcome:
+    """Write each file's row to `out` as it arrives, with errors on stderr. Ctrl-C (or a lost
+    Ray cluster) stops it early, with the output still complete. Returns (files done, how many
+    of them failed, what stopped it early or None)."""
     width = min(max(len(str(p)) for p in paths), MAX_PATH_COLUMN)
     streaming = fmt in STREAMING
 
@@ -175,6 +183,7 @@ def report(rows: Iterable[Row], paths: list[Path | str], fmt: str, out: TextIO |
     elif fmt == "json":
         emit("[")
     done = failures = 0
+    stopped = None
     with tqdm(total=len(paths), unit="image", desc="classifying", file=sys.stderr, delay=1.0, leave=False,
               disable=not sys.stderr.isatty()) as bar:
         try:
@@ -189,8 +198,8 @@ def report(rows: Iterable[Row], paths: list[Path | str], fmt: str, out: TextIO |
                         emit(line)
                 done += 1
                 bar.update()
-        except KeyboardInterrupt:  # keep what is finished: the caller writes it and re-raises
-            pass
+        except (KeyboardInterrupt, ClusterLostError) as err:  # keep what is finished: the caller raises
+            stopped = err
         finally:
             _close(rows)
     if fmt == "json":
@@ -199,7 +208,7 @@ def report(rows: Iterable[Row], paths: list[Path | str], fmt: str, out: TextIO |
         out.close()
     if failures:
         tqdm.write(f"cvt: {failures} of {done} files could not be classified", file=sys.stderr)
-    return done, failures
+    return done, failures, stopped
 
 
 def _close(rows: Iterable[Row]) -> None:
