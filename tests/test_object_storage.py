@@ -8,8 +8,10 @@ import io
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -150,3 +152,39 @@ def test_ray_reads_a_bucket_and_writes_to_a_bucket(model_dir, bucket, local_rows
     assert_same(by_name(rows, f"s3://{BUCKET}/photos/"), local_rows)
     assert "text.jpg" in done.stderr
     assert re.search(r"ray: 6 files on 1 actors of \d+ CPUs \(and engine threads\) each", done.stderr)
+
+
+def test_credentials_the_store_refuses_are_one_line(model_dir, monkeypatch, capsys) -> None:
+    """A store that checks credentials (moto's server with its access control on, in a process
+    of its own) and keys it does not know: one line naming the refusal and the credentials,
+    exit status 2, before Ray starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    try:
+        deadline = time.monotonic() + 60
+        while not _accepts(port):
+            assert server.poll() is None and time.monotonic() < deadline, "moto's server did not start"
+            time.sleep(0.2)
+        for name, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "unknown",
+                            "AWS_SECRET_ACCESS_KEY": "unknown", "AWS_DEFAULT_REGION": "us-east-1",
+                            "AWS_EC2_METADATA_DISABLED": "true"}.items():
+            monkeypatch.setenv(name, value)
+        assert main(["predict", str(model_dir), "s3://a-bucket/photos", "--ray=127.0.0.1:1"]) == 2
+    finally:
+        server.kill()
+        server.wait()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cvt: error: s3://a-bucket/photos: cannot reach it: "), err
+    assert "ACCESS_DENIED" in err[0] and "credentials" in err[0]
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
