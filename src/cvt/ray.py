@@ -268,15 +268,16 @@ def predict_rows(paths: Sequence[str | os.PathLike], model: str, *, address: str
         raise
     log.info("cvt: ray: %d files on %d actors of %d CPUs (and engine threads) each%s", len(paths),
              layout.actors, layout.cpus, " and 1 GPU" if layout.gpu else "")
-    rows = _stream(dataset, names, started)
+    rows = _stream(dataset, names, started, watch=not address.startswith("ray://"))
     next(rows)  # into its `try`: closing it from now on shuts Ray down, even before the first row
     return rows
 
 
-def _batches(dataset: ray.data.Dataset) -> Iterator[pa.Table]:
+def _batches(dataset: ray.data.Dataset, watch: bool) -> Iterator[pa.Table]:
     """The dataset's result batches, read on a thread of their own so that, while none comes,
     this one watches the cluster: a GCS that accepts no connection for `LOST_AFTER_S` seconds
-    is a `ClusterLostError` here, where Ray would wait, then end the process (status 1)."""
+    is a `ClusterLostError` here, where Ray would wait, then end the process (status 1). Not
+    with `watch` False: a Ray Client driver (ray://) need not reach the GCS itself."""
     results: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
 
@@ -288,7 +289,7 @@ def _batches(dataset: ray.data.Dataset) -> Iterator[pa.Table]:
         except BaseException as err:  # given to the consumer, which raises it
             _put(results, err, stop)
 
-    host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
+    gcs = ray.get_runtime_context().gcs_address if watch else None
     threading.Thread(target=read, name="cvt-ray-results", daemon=True).start()
     silent_since: float | None = None
     try:
@@ -296,14 +297,14 @@ def _batches(dataset: ray.data.Dataset) -> Iterator[pa.Table]:
             try:
                 item = results.get(timeout=1.0)
             except queue.Empty:
-                silent_since = None if _answers(host, int(port)) else silent_since or time.monotonic()
+                silent_since = None if _answers(gcs) else silent_since or time.monotonic()
                 if silent_since is not None and time.monotonic() - silent_since > LOST_AFTER_S:
-                    raise ClusterLostError(f"its GCS at {host}:{port} has not answered for {LOST_AFTER_S} s")
+                    raise ClusterLostError(f"its GCS at {gcs} has not answered for {LOST_AFTER_S} s")
                 continue
             if item is None:
                 return
-            if isinstance(item, Exception) and not _answers(host, int(port)):
-                raise ClusterLostError(f"its GCS at {host}:{port} does not answer ({type(item).__name__})") from item
+            if isinstance(item, Exception) and not _answers(gcs):
+                raise ClusterLostError(f"its GCS at {gcs} does not answer ({type(item).__name__})") from item
             if isinstance(item, BaseException):
                 raise item
             yield item
@@ -321,9 +322,13 @@ def _put(results: queue.Queue, item: Any, stop: threading.Event) -> None:
             continue
 
 
-def _answers(host: str, port: int) -> bool:
+def _answers(gcs: str | None) -> bool:
+    """Whether the GCS at HOST:PORT accepts a connection (True when not watched: None)."""
+    if gcs is None:
+        return True
+    host, _, port = gcs.rpartition(":")
     try:
-        socket.create_connection((host, port), timeout=2).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
         return True
     except OSError:
         return False
@@ -334,14 +339,15 @@ def _absolute(name: str | None) -> str | None:
     return str(Path(name).absolute()) if name is not None and Path(name).exists() else name
 
 
-def _stream(dataset: ray.data.Dataset, names: dict[bytes, str], started: bool) -> Iterator[Row | None]:
+def _stream(dataset: ray.data.Dataset, names: dict[bytes, str], started: bool,
+            watch: bool) -> Iterator[Row | None]:
     """The dataset's rows as they arrive (each path as the caller gave it), each node named when
     its first results come; closing it (or Ctrl-C) stops the job, and a private instance is shut
     down. It first yields None, once, when it is ready (`predict_rows` takes that one)."""
     per_node: dict[str, int] = {}
     try:
         yield None
-        for table in _batches(dataset):
+        for table in _batches(dataset, watch):
             for row in table.to_pylist():
                 row["path"] = names[row["path"]]
                 node = row.pop("node")
