@@ -234,15 +234,14 @@ def cluster_layout(workers: int | None, cpus_per_worker: int | None, gpu: bool) 
 def classify_dataset(paths: Sequence[str | bytes], model: str, *, layout: Layout, batch_size: int = 8,
                      **settings: Any) -> ray.data.Dataset:
     """The lazy dataset of `paths`' rows: the list cut into blocks, classified by a pool of
-    `CvtPredictor` actors as `layout` says, spread across the nodes."""
+    `CvtPredictor` actors as `layout` says (each node holds those its CPUs fit)."""
     per_block = max(batch_size, math.ceil(len(paths) / MAX_BLOCKS))
     items = ray.data.from_items([{"path": path} for path in paths],
                                 override_num_blocks=math.ceil(len(paths) / per_block))
     return items.map_batches(CvtPredictor, fn_constructor_args=(model,),
                              fn_constructor_kwargs=dict(batch_size=batch_size, threads=layout.cpus, **settings),
                              batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=layout.actors),
-                             num_cpus=layout.cpus, num_gpus=1 if layout.gpu else None,
-                             scheduling_strategy="SPREAD")
+                             num_cpus=layout.cpus, num_gpus=1 if layout.gpu else None)
 
 
 def predict_rows(paths: Sequence[str | os.PathLike], model: str, *, address: str = "local",
