@@ -18,6 +18,7 @@ import argparse
 import datetime
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -114,9 +115,10 @@ def run_all(model: str, photos: Path, out: Path, files: int, engine: str) -> dic
     results = {"alone": measure(model, photos, base, out, files),
                "ray, one machine": measure(model, photos, [*base, "--ray"], out, files),
                "one thread (taskset)": measure(model, photos, base, out, files, prefix=taskset, env=ONE_THREAD)}
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    with two_one_cpu_nodes(env) as address:
-        results["ray, two 1-CPU nodes"] = measure(model, photos, [*base, "--ray", address], out, files)
+    # the cluster's own token (Ray's token authentication), given to its nodes and its driver
+    token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
+    with two_one_cpu_nodes({**os.environ, **token}) as address:
+        results["ray, two 1-CPU nodes"] = measure(model, photos, [*base, "--ray", address], out, files, env=token)
     return results
 
 
