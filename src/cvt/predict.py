@@ -13,6 +13,9 @@ still written (a complete file, parquet's footer included) before `KeyboardInter
 up. A process killed outright leaves in the temporary file whole lines of jsonl or csv, a valid
 prefix; a parquet file is readable only once its footer is written, so that one is not.
 CSV cells a spreadsheet would run as a formula get a leading single quote (`_csv_cell`).
+Under Ray, inputs may be object-storage prefixes (s3://bucket/prefix, `cvt.storage`); --output
+may be an object, uploaded once the local file is complete. A Ray cluster lost mid-run also
+keeps the rows finished, then raises `ClusterLostError`.
 """
 
 from __future__ import annotations
