@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -70,15 +71,17 @@ def tree_rss(process: psutil.Process) -> tuple[int, int]:
     return own, total
 
 
-def measure(model: str, photos: Path, extra: list[str], workdir: Path, count: int) -> dict:
-    """Run one configuration; its wall time, steady rate and peak memory."""
+def measure(model: str, photos: Path, extra: list[str], workdir: Path, count: int,
+            prefix: Sequence[str] = (), env: dict[str, str] | None = None) -> dict:
+    """Run one configuration (after `prefix`, such as taskset, with `env` added to the
+    environment); its wall time, steady rate and peak memory."""
     output = workdir / f"out-{len(list(workdir.iterdir()))}.jsonl"
-    command = [sys.executable, "-m", "cvt", "predict", model, str(photos), "--format", "jsonl",
+    command = [*prefix, sys.executable, "-m", "cvt", "predict", model, str(photos), "--format", "jsonl",
                "--output", str(output), *extra]
     log = output.with_suffix(".log")
     start = time.monotonic()
     with open(log, "w") as err:
-        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, **(env or {})})
         watched, arrivals, peak_own, peak_total = None, [], 0, 0
         while child.poll() is None:
             if watched is None:

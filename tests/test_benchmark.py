@@ -145,3 +145,29 @@ def test_the_json_names_the_cpu_date_and_commit_the_docs_quote(monkeypatch, tmp_
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=bench.__file__.rsplit("/", 1)[0],
                           capture_output=True, text=True).stdout.strip()
     assert written["commit"] in (head, f"{head}-dirty")
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.xdist_group("ray")
+def test_the_ray_scaling_script_runs_at_a_tiny_size(tmp_path) -> None:
+    """benchmarks/ray_scaling.py on 8 files and a tiny model: its four runs finish (each checks
+    that every file is in its output) and its JSON names the CPU, date, commit and both ratios
+    (whose values, at this size, say nothing)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT, save_tiny_classifier
+
+    model = save_tiny_classifier(tmp_path / "model")
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "ray_scaling.py"), "--files", "8",
+                           "--model", str(model), "--json", str(tmp_path / "out.json")], capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert set(result["results"]) == {"alone", "ray, one machine", "one thread (taskset)", "ray, two 1-CPU nodes"}
+    assert result["machine"]["cpu"] and result["date"] and result["commit"] and result["engine"] == "torch"
+    assert set(result["ratios"]) == {"ray on one machine / cvt predict", "two 1-CPU nodes / one thread"}
+    assert "images/s" in done.stdout

@@ -331,14 +331,19 @@ def test_an_actor_killed_mid_run_loses_and_repeats_no_file(model_dir, tmp_path) 
 
 def _an_actor_of(cluster: str) -> psutil.Process:
     """A process of this test's cluster that runs a CvtPredictor actor."""
+    return _a_process_of(cluster, "CvtPredictor")
+
+
+def _a_process_of(cluster: str, name: str) -> psutil.Process:
+    """A process of this test's cluster with `name` in its command line."""
     for process in psutil.process_iter(["cmdline"]):
         try:
-            if ("CvtPredictor" in " ".join(process.info["cmdline"] or [])
+            if (name in " ".join(process.info["cmdline"] or [])
                     and process.environ().get("CVT_TEST_CLUSTER") == cluster):
                 return process
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    raise AssertionError("no CvtPredictor actor process found")
+    raise AssertionError(f"no {name} process found")
 
 
 @pytest.mark.slow
@@ -502,3 +507,74 @@ def test_an_output_that_cannot_be_written_is_refused_before_ray_starts(model_dir
         assert main(["predict", str(model_dir), str(folder), "--format", "jsonl", "--output", str(output),
                      "--ray", f"127.0.0.1:{free_port()}"]) == 2
         assert f"--output {output} " in capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_a_cluster_that_dies_mid_run_has_its_own_exit_status(model_dir, tmp_path) -> None:
+    """The GCS of the cluster killed (SIGKILL) while rows stream in: the run ends within a
+    minute (before Ray's own exit after a minute, with status 1, as if files had failed) with
+    exit status 4 and one line saying the cluster was lost, and the rows finished before are in
+    --output as whole rows."""
+    photos = make_folder(tmp_path / "many", 1500)
+    env = {**ray_env(secrets.token_hex(16)), "CVT_TEST_CLUSTER": secrets.token_hex(8)}
+    out = tmp_path / "out.jsonl"
+    with ray_cluster([2], env) as address:
+        child = cvt_command("predict", str(model_dir), str(photos), "--format", "jsonl", "--output", str(out),
+                            "--engine", "onnxruntime", "--ray", address, "--workers", "2", "--batch-size", "2",
+                            env=env)
+        tmp = tmp_path / "never"
+        while child.poll() is None and _count_lines(tmp) < 20:
+            tmp = next(tmp_path.glob(".out.jsonl.*.tmp"), tmp)
+            time.sleep(0.05)
+        _a_process_of(env["CVT_TEST_CLUSTER"], "gcs_server").kill()
+        killed = time.monotonic()
+        assert child.poll() is None, "the run ended before the kill"
+        _, stderr = child.communicate(timeout=300)
+    assert child.returncode == 4, stderr
+    assert time.monotonic() - killed < 50, "Ray's own exit came first"
+    assert re.search(r"cvt: error: the Ray cluster was lost after \d+ of 1521 files", stderr), stderr
+    rows = read_jsonl(out)
+    assert 20 <= len(rows) < 1521 and all(list(row) == ROW_KEYS for row in rows)
+    assert list(tmp_path.glob(".out.jsonl.*.tmp")) == []
+
+
+def test_actors_get_the_cores_of_their_nodes(caplog) -> None:
+    """The layout of a run's actors, from its nodes' CPUs: by default one per node with all its
+    CPUs (two on a node twice the smallest); --workers N alone, N actors as large as still fit;
+    --cpus-per-worker C alone, as many of C as fit; more than fit, a warning and what fits."""
+    from cvt.ray import Layout, plan_layout
+
+    assert plan_layout([2]) == Layout(actors=1, cpus=2)
+    assert plan_layout([1, 1]) == Layout(actors=2, cpus=1)
+    assert plan_layout([8, 8, 8]) == Layout(actors=3, cpus=8)
+    assert plan_layout([4, 8]) == Layout(actors=3, cpus=4)
+    assert plan_layout([0, 4, 4]) == Layout(actors=2, cpus=4)  # a head node kept free of work
+    assert plan_layout([8, 8], workers=2) == Layout(actors=2, cpus=8)
+    assert plan_layout([8, 8], workers=3) == Layout(actors=3, cpus=4)
+    assert plan_layout([2], workers=2) == Layout(actors=2, cpus=1)
+    assert plan_layout([8, 8], cpus_per_worker=3) == Layout(actors=4, cpus=3)
+    assert plan_layout([8, 8], workers=2, cpus_per_worker=2) == Layout(actors=2, cpus=2)
+    assert plan_layout([8, 8], gpus=2) == Layout(actors=2, cpus=1, gpu=True)
+    assert not caplog.records
+    assert plan_layout([2], workers=3) == Layout(actors=2, cpus=1)
+    assert "--workers 3, but the cluster has 2 CPUs: running 2 actors" in caplog.text
+    assert plan_layout([4, 2], workers=5, cpus_per_worker=2) == Layout(actors=3, cpus=2)
+    assert "--workers 5, but the cluster has room for 3 actors of 2 CPUs: running 3 actors" in caplog.text
+
+
+def test_impossible_layouts_are_one_line(model_dir, tmp_path, capsys) -> None:
+    """Actors larger than every node, or no node with a CPU: clear errors, not a run that waits
+    forever for room; --cpus-per-worker without --ray, or below 1, refused before any work."""
+    from cvt.errors import ClusterError, InvalidValueError
+    from cvt.ray import plan_layout
+
+    with pytest.raises(InvalidValueError, match="--cpus-per-worker 16: no node of the cluster has 16 CPUs"):
+        plan_layout([8, 4], cpus_per_worker=16)
+    with pytest.raises(ClusterError, match="no node with a CPU"):
+        plan_layout([0])
+    (tmp_path / "a.png").write_bytes(b"")
+    for args, message in [(["--cpus-per-worker", "2"], "give --ray"),
+                          (["--ray", "--cpus-per-worker", "0"], "--cpus-per-worker must be a positive")]:
+        assert main(["predict", str(model_dir), str(tmp_path / "a.png"), *args]) == 2
+        assert message in capsys.readouterr().err.splitlines()[-1]

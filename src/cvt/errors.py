@@ -23,6 +23,11 @@ class ClusterError(CvtError):
     """A Ray cluster that cannot be reached."""
 
 
+class ClusterLostError(ClusterError):
+    """A Ray cluster that stopped answering mid-run (its head node died): the work finished
+    before it is kept, and the `cvt` command ends with its own exit status (4)."""
+
+
 class CheckpointError(InvalidValueError):
     """A checkpoint that cannot be used: unreadable, of another model, or not matching the config."""
 

@@ -16,8 +16,8 @@ once. Each command is a small function from parsed arguments to an exit status. 
 policy: an expected error (one of cvt's error classes, all derived from `cvt.errors.CvtError`, a
 file-system error, or a missing optional package, named with the extra that installs it) is one
 line (`cvt: error: ...`), exit status 2; exit status 1 means some inputs failed (the others
-were done); anything else is a bug: its traceback, exit status 3.
-Ctrl-C is exit status 130. `cvt --debug ...` shows the traceback of every error.
+were done); anything else is a bug: its traceback, exit status 3. A Ray cluster lost mid-run
+(`cvt predict --ray`) is exit status 4, the rows finished before it kept. Ctrl-C is exit status 130. `cvt --debug ...` shows the traceback of every error.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import traceback
 from collections.abc import Sequence
 
 from .. import __version__
-from ..errors import CvtError, missing_extra, short
+from ..errors import ClusterLostError, CvtError, missing_extra, short
 from . import attention, bench, export, models, predict, serve, training
 from .common import UsageError, check_sizes, progress_bars_on_a_terminal_only, stdout_writes_any_text
 
@@ -37,7 +37,7 @@ __all__ = ["EXPECTED_ERRORS", "UsageError", "build_parser", "entry", "main"]
 
 # errors that say what the user (or their files, disk or network) must fix: one line, exit 2
 EXPECTED_ERRORS = (CvtError, OSError)
-EXIT_INPUTS_FAILED, EXIT_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 1, 2, 3, 130
+EXIT_INPUTS_FAILED, EXIT_ERROR, EXIT_BUG, EXIT_CLUSTER_LOST, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as err:
         print(f"cvt: interrupted{f' {err}' if str(err) else ''}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except ClusterLostError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"cvt: error: {err}", file=sys.stderr)
+        return EXIT_CLUSTER_LOST
     except Exception as err:
         if isinstance(err, ImportError):
             err = missing_extra(err) or err
@@ -90,9 +95,10 @@ def _message(err: Exception) -> str:
 
 def entry() -> None:
     """The `cvt` command (and `python -m cvt`): `main`'s status as the process's. On Ctrl-C the
-    process ends at once, not waiting for a thread blocked reading a slow file."""
+    process ends at once, not waiting for a thread blocked reading a slow file (nor, when a Ray
+    cluster was lost, for Ray's shutdown, which would wait for it)."""
     status = main()
-    if status == EXIT_INTERRUPTED:
+    if status in (EXIT_INTERRUPTED, EXIT_CLUSTER_LOST):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)

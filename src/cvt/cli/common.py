@@ -156,4 +156,7 @@ def add_ray_arguments(parser: argparse.ArgumentParser, workers: bool = True) -> 
                         "HOST:PORT that `ray start --head` printed, that cluster (write it after the inputs)")
     if workers:
         parser.add_argument("--workers", type=int, metavar="N", help="with --ray: N actors, one model "
-                            "each, 1 CPU each (default, and at most: one per CPU of the cluster)")
+                            "each (default: one per node, with that node's CPUs)")
+        parser.add_argument("--cpus-per-worker", type=int, metavar="C", help="with --ray: C CPUs, and as "
+                            "many engine threads, per actor (default: a node's; with --workers alone, "
+                            "as many as lets N actors fit)")

@@ -11,7 +11,8 @@ from .common import add_engine_arguments, add_ray_arguments, messages_on_stderr,
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     pred = sub.add_parser("predict", help="classify images: top-k labels per file",
                           description="Classify image files, and the images found (recursively) in "
-                          "folders. Exit status 1: some files could not be classified.")
+                          "folders. Exit status 1: some files could not be classified; 4: the Ray cluster "
+                          "was lost mid-run (the rows finished before are written).")
     pred.add_argument("model", help="variant name (cvt-13: its published weights), hub id, "
                       "checkpoint folder or weights file (.pth, .safetensors)")
     pred.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
@@ -36,4 +37,4 @@ def cmd_predict(args: argparse.Namespace) -> int:
                            device=args.device, fmt=args.format, output=args.output,
                            engine=args.engine, precision=args.precision,
                            calibration=args.calibration, image_size=args.image_size,
-                           ray=args.ray, workers=args.workers)
+                           ray=args.ray, workers=args.workers, cpus_per_worker=args.cpus_per_worker)

@@ -13,6 +13,9 @@ still written (a complete file, parquet's footer included) before `KeyboardInter
 up. A process killed outright leaves in the temporary file whole lines of jsonl or csv, a valid
 prefix; a parquet file is readable only once its footer is written, so that one is not.
 CSV cells a spreadsheet would run as a formula get a leading single quote (`_csv_cell`).
+Under Ray, inputs may be object-storage prefixes (s3://bucket/prefix, `cvt.storage`); --output
+may be an object, uploaded once the local file is complete. A Ray cluster lost mid-run also
+keeps the rows finished, then raises `ClusterLostError`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import csv
 import io
 import json
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TextIO
@@ -29,34 +34,39 @@ from typing import TextIO
 from tqdm import tqdm
 
 from ..constants import PREDICT_FORMATS
-from ..images import find_images
+from .. import storage
+from ..images import IMAGE_EXTENSIONS, find_images
 from ..files import TEXT_ERRORS, write_atomic
 from ..inference import pipeline
 from ..inference.predictions import ParquetRows, Row, jsonl_line, to_row
 from ..images.processing import CvtImageProcessor
-from ..errors import InvalidValueError, short
+from ..errors import ClusterLostError, InvalidValueError, short
 
 STREAMING = ("jsonl", "csv", "parquet")  # rows written as they arrive, to a temporary file named at the start
 MAX_PATH_COLUMN = 60  # the table's path column grows to the longest path, up to this
 # what makes a spreadsheet read a CSV cell as a formula (OWASP's list: = + - @, tab, carriage return)
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+Outcome = tuple[int, int, BaseException | None]  # files done, how many failed, what stopped the run early
 
 
 def run(model: str, inputs: Sequence[str], *, top_k: int = 5, batch_size: int = 8,
         device: str | None = None, fmt: str = "table", output: str | None = None,
         engine: str = "auto", precision: str = "fp32", calibration: str | None = None,
-        image_size: int | None = None, ray: str | None = None, workers: int | None = None) -> int:
+        image_size: int | None = None, ray: str | None = None, workers: int | None = None,
+        cpus_per_worker: int | None = None) -> int:
     """Classify every image under `inputs`; with `ray` (an address, or "local" for a private
-    instance) on `workers` Ray actors. Returns 0 if all were classified, 1 if some could not be."""
+    instance) on Ray actors (`workers` of `cpus_per_worker` CPUs; by default one per node, with
+    its CPUs). Returns 0 if all were classified, 1 if some could not be."""
     if fmt not in PREDICT_FORMATS:
         raise InvalidValueError(f"unknown format {fmt!r}; choose one of {', '.join(PREDICT_FORMATS)}")
     if fmt == "parquet" and output is None:
         raise InvalidValueError("--format parquet writes a file: give --output FILE.parquet")
-    if workers is not None and ray is None:
-        raise InvalidValueError("--workers is the number of Ray actors: give --ray as well")
-    paths = find_images(inputs)
+    if (workers is not None or cpus_per_worker is not None) and ray is None:
+        option = "--workers" if workers is not None else "--cpus-per-worker"
+        raise InvalidValueError(f"{option} shapes the Ray actors: give --ray as well")
+    paths = find_inputs(inputs, ray is not None)
     if output is not None:
-        check_output(Path(output), model, paths)
+        check_output(output, model, paths)
     processor = CvtImageProcessor.for_model(model, image_size)  # checked here, before any work starts
     settings = dict(top_k=top_k, batch_size=batch_size, device=device, engine=engine,
                     precision=precision, calibration=calibration)
@@ -66,30 +76,56 @@ def run(model: str, inputs: Sequence[str], *, top_k: int = 5, batch_size: int = 
     else:
         from .. import ray as on_ray  # the "ray" extra
 
-        rows = on_ray.predict_rows(paths, model, address=ray, workers=workers,
+        rows = on_ray.predict_rows(paths, model, address=ray, workers=workers, cpus_per_worker=cpus_per_worker,
                                    image_size=image_size, **settings)
-    done, failures = _write(rows, paths, fmt, output)
+    done, failures, stopped = _write(rows, paths, fmt, output)
     if output is not None:
         print(f"wrote {fmt} results for {done - failures} of {len(paths)} files to {output}"
               + (f" ({failures} could not be classified)" if failures else ""))
+    if isinstance(stopped, ClusterLostError):
+        raise ClusterLostError(f"the Ray cluster was lost after {done} of {len(paths)} files ({stopped}); "
+                               f"the rows finished before are written" + (f" to {output}" if output else ""))
     if done < len(paths):
         raise KeyboardInterrupt(f"after {done} of {len(paths)} files")
     return 1 if failures else 0
 
 
-def check_output(output: Path, model: str, paths: list[Path]) -> None:
+def find_inputs(inputs: Sequence[str], on_ray: bool) -> list[Path | str]:
+    """The image files under `inputs`: local ones as `find_images` finds them, then the objects
+    under each storage URI (s3://bucket/prefix), which Ray's actors read where they are."""
+    remote = [item for item in inputs if storage.is_uri(item)]
+    if remote and not on_ray:
+        raise InvalidValueError(f"{remote[0]}: images in object storage are read by Ray actors: add --ray "
+                                f"(alone, it starts a private Ray instance on this machine)")
+    local = [item for item in inputs if not storage.is_uri(item)]
+    found: list[Path | str] = list(find_images(local)) if local else []
+    for uri in remote:
+        objects = storage.list_files(uri, IMAGE_EXTENSIONS)
+        if not objects:
+            raise InvalidValueError(f"no image files under {uri} (looked for {' '.join(sorted(IMAGE_EXTENSIONS))})")
+        found += objects
+    return list(dict.fromkeys(found))
+
+
+def check_output(output: str, model: str, paths: list[Path | str]) -> None:
     """Before anything is read or written: the results never go over what the run reads, an
     input image, the model's weights file, or a file in its folder (a new file there could
     change which weights the folder holds); and it can be written (a folder, or a parent that is
-    a file or not writable, is refused here, before any Ray cluster starts)."""
-    target = output.resolve()
+    a file or not writable, is refused here, before any Ray cluster starts; in object storage,
+    a bucket that does not exist)."""
+    if storage.is_uri(output):
+        if output in paths:
+            raise InvalidValueError(f"--output {short(output)} is one of the input images and would be overwritten")
+        storage.check_writable(output)
+        return
+    target = Path(output).resolve()
     if target.is_dir():
         raise InvalidValueError(f"--output {short(output)} is a folder; give the name of the file to write")
     parent = next(folder for folder in target.parents if folder.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         why = "is a file" if not parent.is_dir() else "is not writable"
         raise InvalidValueError(f"--output {short(output)} cannot be written: {short(parent)} {why}")
-    if target in {p.resolve() for p in paths}:
+    if target in {p.resolve() for p in paths if isinstance(p, Path)}:
         raise InvalidValueError(f"--output {short(output)} is one of the input images and would be overwritten")
     source = Path(model).resolve() if model and Path(model).exists() else None
     if source is not None and (target == source or (source.is_dir() and target.is_relative_to(source))):
@@ -98,11 +134,19 @@ def check_output(output: Path, model: str, paths: list[Path]) -> None:
                                 f"results elsewhere")
 
 
-def _write(rows: Iterable[Row], paths: list[Path], fmt: str, output: str | None) -> tuple[int, int]:
-    """Report `rows` on stdout, or into a temporary file renamed over `output` once complete."""
+def _write(rows: Iterable[Row], paths: list[Path | str], fmt: str, output: str | None) -> Outcome:
+    """Report `rows` on stdout, or into a temporary file renamed over `output` once complete (for
+    object storage: a local file, uploaded once complete)."""
     if output is None:
         return report(rows, paths, fmt, sys.stdout)
-    counts = (0, 0)
+    if storage.is_uri(output):
+        staging = Path(tempfile.mkdtemp(prefix="cvt-predict-"))
+        local = staging / (output.partition("?")[0].rstrip("/").rpartition("/")[2] or "results")
+        counts = _write(rows, paths, fmt, str(local))
+        storage.upload(str(local), output)  # a failed upload keeps the file, and names it
+        shutil.rmtree(staging)
+        return counts
+    counts: Outcome = (0, 0, None)
 
     def write(tmp: str) -> None:
         nonlocal counts
@@ -120,9 +164,10 @@ def _write(rows: Iterable[Row], paths: list[Path], fmt: str, output: str | None)
     return counts
 
 
-def report(rows: Iterable[Row], paths: list[Path], fmt: str, out: TextIO | ParquetRows) -> tuple[int, int]:
-    """Write each file's row to `out` as it arrives, with errors on stderr. Ctrl-C stops it
-    early, with the output still complete. Returns (files done, how many of them failed)."""
+def report(rows: Iterable[Row], paths: list[Path | str], fmt: str, out: TextIO | ParquetRows) -> Outcome:
+    """Write each file's row to `out` as it arrives, with errors on stderr. Ctrl-C (or a lost
+    Ray cluster) stops it early, with the output still complete. Returns (files done, how many
+    of them failed, what stopped it early or None)."""
     width = min(max(len(str(p)) for p in paths), MAX_PATH_COLUMN)
     streaming = fmt in STREAMING
 
@@ -141,6 +186,7 @@ def report(rows: Iterable[Row], paths: list[Path], fmt: str, out: TextIO | Parqu
     elif fmt == "json":
         emit("[")
     done = failures = 0
+    stopped = None
     with tqdm(total=len(paths), unit="image", desc="classifying", file=sys.stderr, delay=1.0, leave=False,
               disable=not sys.stderr.isatty()) as bar:
         try:
@@ -155,8 +201,8 @@ def report(rows: Iterable[Row], paths: list[Path], fmt: str, out: TextIO | Parqu
                         emit(line)
                 done += 1
                 bar.update()
-        except KeyboardInterrupt:  # keep what is finished: the caller writes it and re-raises
-            pass
+        except (KeyboardInterrupt, ClusterLostError) as err:  # keep what is finished: the caller raises
+            stopped = err
         finally:
             _close(rows)
     if fmt == "json":
@@ -165,7 +211,7 @@ def report(rows: Iterable[Row], paths: list[Path], fmt: str, out: TextIO | Parqu
         out.close()
     if failures:
         tqdm.write(f"cvt: {failures} of {done} files could not be classified", file=sys.stderr)
-    return done, failures
+    return done, failures, stopped
 
 
 def _close(rows: Iterable[Row]) -> None:

@@ -13,23 +13,28 @@ from __future__ import annotations
 import logging
 import math
 import os
+import queue
 import re
 import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import ClusterError, InvalidValueError, install_hint
+from ..errors import ClusterError, ClusterLostError, InvalidValueError, install_hint
 from ..files import utf8_text
-from ..images import ImageError
+from ..images import ImageError, load_image, load_image_bytes
 from ..inference import pipeline
 from ..inference.predictions import Row, arrow_schema, to_row
 from ..images.processing import CvtImageProcessor
+from ..storage import StorageError, is_uri, read_object
 
 try:
     import pyarrow as pa
@@ -44,30 +49,39 @@ except ImportError as err:  # absolute imports: Ray's package, never this module
 log = logging.getLogger(__name__)
 # "local" (a private instance), "auto", ray://HOST:PORT, or the HOST:PORT `ray start --head` prints
 ADDRESS = re.compile(r"^(local|auto|ray://\S+|[\w.-]+:\d+|\[[0-9A-Fa-f:]+\]:\d+)$")
+READERS = 8  # objects in storage read at once by one actor: their latency overlaps
 MAX_BLOCKS = 10_000  # the file list is cut into blocks of one batch, fewer for huge lists
 REACH_TIMEOUT_S = 10  # a cluster address that accepts no connection in this time is an error
+# a cluster whose GCS accepts no connection for this long is lost: well before Ray's own driver
+# gives up on it (60 s, gcs_rpc_server_reconnect_timeout_s) and ends the process with status 1
+LOST_AFTER_S = 15
 
 
 class CvtPredictor:
     """Top-k labels for a batch of images, as a callable class for `Dataset.map_batches`.
 
     Ray builds one per actor, so the model is loaded and its engine built once per actor, in
-    `__init__` (arguments as `cvt.pipeline`'s). A batch has a `path` column (files read by cvt's
-    bounded loader) or an `image` column (arrays, as `ray.data.read_images` yields; its `path`
-    column, if any, is passed through). The result is an Arrow table with one row per input:
-    `path`, `labels` and `scores` (the top-k, best first), `error` (None, or why that file
-    failed) and `node`, the id of the Ray node that classified it. Paths given as bytes (file
+    `__init__` (arguments as `cvt.pipeline`'s; `threads`, the engine's threads, is best set to the
+    actor's `num_cpus`). A batch has a `path` column (files read by cvt's bounded loader; URIs
+    such as s3://bucket/key are read from object storage through pyarrow) or an `image` column
+    (arrays, as `ray.data.read_images` yields; its `path` column, if any, is passed through).
+    The result is an Arrow table with one row per input: `path`, `labels` and `scores` (the
+    top-k, best first), `error` (None, or why that file failed) and `node`, the id of the Ray
+    node that classified it. Paths given as bytes (file
     names that are not UTF-8, which Arrow strings cannot hold) come back as the same bytes.
     """
 
     def __init__(self, model: str, *, engine: str = "auto", precision: str = "fp32", top_k: int = 5,
                  device: str | None = None, batch_size: int = 8, image_size: int | None = None,
-                 calibration: str | None = None) -> None:
+                 calibration: str | None = None, threads: int | None = None) -> None:
+        if threads is not None:  # before the engine is built: every engine runs on torch's thread count
+            torch.set_num_threads(threads)
         processor = CvtImageProcessor.for_model(model, image_size)
         self.pipeline = pipeline("image-classification", model, image_processor=processor, device=device,
                                  top_k=top_k, batch_size=batch_size, engine=engine, precision=precision,
                                  calibration=calibration)
         self.node = ray.get_runtime_context().get_node_id()
+        self.readers = ThreadPoolExecutor(max_workers=READERS)
 
     def __call__(self, batch: Any) -> pa.Table:
         if "image" in batch:
@@ -87,7 +101,10 @@ class CvtPredictor:
         """Rows of files read by cvt's loader; names given as bytes are decoded as the operating
         system does (`os.fsdecode`) and given back as bytes, an error message made valid UTF-8."""
         files = [os.fsdecode(p) if isinstance(p, bytes) else p for p in paths]
-        rows = [to_row(path, result) for path, result in self.pipeline.classify_files(files)]
+        if any(is_uri(f) for f in files):
+            rows = self._classify_images(list(self.readers.map(_read, files)), files)
+        else:
+            rows = [to_row(path, result) for path, result in self.pipeline.classify_files(files)]
         if not any(isinstance(p, bytes) for p in paths):
             return self._table(rows)
         rows = [{**row, "path": None, "error": row["error"] and utf8_text(row["error"])} for row in rows]
@@ -101,10 +118,22 @@ class CvtPredictor:
                 for path, p in zip(paths, prepared)]
 
     def _prepare(self, image: Any) -> torch.Tensor | ImageError:
+        if isinstance(image, ImageError):  # a file that could not be read
+            return image
         try:
             return self.pipeline.image_processor(image)["pixel_values"]
         except (ImageError, TypeError) as err:
             return ImageError(str(err))
+
+
+def _read(name: str) -> Any:
+    """The decoded image at `name` (a URI in object storage, or a local file), or why not."""
+    try:
+        return load_image_bytes(read_object(name), name) if is_uri(name) else load_image(name)
+    except StorageError as err:
+        return ImageError(f"{name}: {err}")
+    except ImageError as err:
+        return err
 
 
 def connect(address: str = "local") -> bool:
@@ -158,44 +187,163 @@ def check_reachable(address: str) -> None:
                            f"check the address `ray start --head` printed, and that the head node runs") from err
 
 
-def classify_dataset(paths: Sequence[str | bytes], model: str, *, workers: int, batch_size: int = 8,
+@dataclass(frozen=True)
+class Layout:
+    """How a run's actors sit on the cluster: `actors` of `cpus` CPUs each (and as many engine
+    threads), with one GPU each when `gpu`."""
+    actors: int
+    cpus: int
+    gpu: bool = False
+
+
+def plan_layout(node_cpus: Sequence[float], gpus: float = 0, workers: int | None = None,
+                cpus_per_worker: int | None = None) -> Layout:
+    """The actors for nodes of `node_cpus` CPUs (and `gpus` GPUs in all, when the run asks for a
+    CUDA device). By default one actor per node with the CPUs of the smallest node, so a node
+    twice as large runs two; `workers` alone: that many actors, each with as many CPUs as still
+    lets them all fit; `cpus_per_worker` alone: as many actors of that many CPUs as fit; both:
+    that many of that size. More actors than fit cannot start: a warning says so, and what fits
+    runs. With GPUs: one actor per GPU, one CPU each unless `cpus_per_worker` says more."""
+    check_counts(workers, cpus_per_worker)
+    sizes = [int(n) for n in node_cpus if n >= 1]
+    if not sizes:
+        raise ClusterError("the Ray cluster has no node with a CPU for an actor")
+
+    def fit(cpus: int) -> int:
+        return sum(n // cpus for n in sizes)
+
+    if gpus >= 1:
+        cpus, room, has = cpus_per_worker or 1, int(gpus), f"{int(gpus)} GPUs"
+    elif cpus_per_worker is not None:
+        cpus, room = cpus_per_worker, fit(cpus_per_worker)
+        has = f"room for {room} actors of {cpus} CPUs"
+    elif workers is not None:
+        room, has = fit(1), f"{fit(1)} CPUs"
+        cpus = max(c for c in range(1, max(sizes) + 1) if fit(c) >= min(workers, room))
+    else:
+        cpus = min(sizes)
+        room = has = fit(cpus)
+    if room < 1:
+        raise InvalidValueError(f"--cpus-per-worker {cpus}: no node of the cluster has {cpus} CPUs "
+                                f"(the largest has {max(sizes)})")
+    if workers is not None and workers > room:
+        log.warning("cvt: ray: --workers %d, but the cluster has %s: running %d actors", workers, has, room)
+    return Layout(actors=room if workers is None else min(workers, room), cpus=cpus, gpu=gpus >= 1)
+
+
+def check_counts(workers: int | None, cpus_per_worker: int | None) -> None:
+    """--workers and --cpus-per-worker, when given, are positive (checked before Ray starts)."""
+    for option, value in (("--workers", workers), ("--cpus-per-worker", cpus_per_worker)):
+        if value is not None and value < 1:
+            raise InvalidValueError(f"{option} must be a positive number, got {value}")
+
+
+def cluster_layout(workers: int | None, cpus_per_worker: int | None, gpu: bool) -> Layout:
+    """`plan_layout` for the connected cluster's alive nodes."""
+    nodes = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")]
+    return plan_layout(nodes, ray.cluster_resources().get("GPU", 0) if gpu else 0, workers, cpus_per_worker)
+
+
+def classify_dataset(paths: Sequence[str | bytes], model: str, *, layout: Layout, batch_size: int = 8,
                      **settings: Any) -> ray.data.Dataset:
     """The lazy dataset of `paths`' rows: the list cut into blocks, classified by a pool of
-    `workers` `CvtPredictor` actors of one CPU (and one GPU with a CUDA device) each."""
+    `CvtPredictor` actors as `layout` says (each node holds those its CPUs fit)."""
     per_block = max(batch_size, math.ceil(len(paths) / MAX_BLOCKS))
     items = ray.data.from_items([{"path": path} for path in paths],
                                 override_num_blocks=math.ceil(len(paths) / per_block))
-    gpu = str(settings.get("device") or "").startswith("cuda")
     return items.map_batches(CvtPredictor, fn_constructor_args=(model,),
-                             fn_constructor_kwargs=dict(batch_size=batch_size, **settings),
-                             batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers),
-                             num_cpus=1, num_gpus=1 if gpu else None)
+                             fn_constructor_kwargs=dict(batch_size=batch_size, threads=layout.cpus, **settings),
+                             batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=layout.actors),
+                             num_cpus=layout.cpus, num_gpus=1 if layout.gpu else None)
 
 
 def predict_rows(paths: Sequence[str | os.PathLike], model: str, *, address: str = "local",
-                 workers: int | None = None, **settings: Any) -> Iterator[Row]:
+                 workers: int | None = None, cpus_per_worker: int | None = None,
+                 **settings: Any) -> Iterator[Row]:
     """Connect to Ray and classify `paths` there: each file's row (its path as given), in the
-    order they finish. `settings` are `CvtPredictor`'s; `workers` defaults to one per CPU of the
-    cluster. Local paths (files, model folder, calibration folder) go to the cluster absolute and
-    as bytes: each node resolves a relative one from its own working directory, and Arrow
-    strings cannot hold a file name that is not UTF-8."""
-    if workers is not None and workers < 1:
-        raise InvalidValueError(f"--workers must be a positive number of actors, got {workers}")
-    names = {os.fsencode(Path(p).absolute()): str(p) for p in paths}
+    order they finish. `settings` are `CvtPredictor`'s; `workers` and `cpus_per_worker` shape
+    the actors (`plan_layout`; by default one per node, with its CPUs). Local paths (files,
+    model folder, calibration folder) go to the cluster absolute and as bytes: each node
+    resolves a relative one from its own working directory, and Arrow strings cannot hold a file
+    name that is not UTF-8; storage URIs go as they are."""
+    check_counts(workers, cpus_per_worker)
+    names = {os.fsencode(p if is_uri(p) else Path(p).absolute()): str(p) for p in paths}
     model, settings["calibration"] = _absolute(model), _absolute(settings.get("calibration"))
     started = connect(address)
     try:
-        workers = _actors(workers, gpu=str(settings.get("device") or "").startswith("cuda"))
+        layout = cluster_layout(workers, cpus_per_worker, gpu=str(settings.get("device") or "").startswith("cuda"))
         ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
-        dataset = classify_dataset(list(names), model, workers=workers, **settings)
+        dataset = classify_dataset(list(names), model, layout=layout, **settings)
     except BaseException:
         if started:
             ray.shutdown()
         raise
-    log.info("cvt: ray: %d files on %d actors", len(paths), workers)
-    rows = _stream(dataset, names, started)
+    log.info("cvt: ray: %d files on %d actors of %d CPUs (and engine threads) each%s", len(paths),
+             layout.actors, layout.cpus, " and 1 GPU" if layout.gpu else "")
+    rows = _stream(dataset, names, started, watch=not address.startswith("ray://"))
     next(rows)  # into its `try`: closing it from now on shuts Ray down, even before the first row
     return rows
+
+
+def _batches(dataset: ray.data.Dataset, watch: bool) -> Iterator[pa.Table]:
+    """The dataset's result batches, read on a thread of their own so that, while none comes,
+    this one watches the cluster: a GCS that accepts no connection for `LOST_AFTER_S` seconds
+    is a `ClusterLostError` here, where Ray would wait, then end the process (status 1). Not
+    with `watch` False: a Ray Client driver (ray://) need not reach the GCS itself."""
+    results: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                _put(results, table, stop)
+            _put(results, None, stop)
+        except BaseException as err:  # given to the consumer, which raises it
+            _put(results, err, stop)
+
+    gcs = ray.get_runtime_context().gcs_address if watch else None
+    threading.Thread(target=read, name="cvt-ray-results", daemon=True).start()
+    silent_since: float | None = None
+    try:
+        while True:
+            try:
+                item = results.get(timeout=1.0)
+            except queue.Empty:
+                silent_since = None if _answers(gcs) else silent_since or time.monotonic()
+                if silent_since is not None and time.monotonic() - silent_since > LOST_AFTER_S:
+                    raise ClusterLostError(f"its GCS at {gcs} has not answered for {LOST_AFTER_S} s")
+                continue
+            if item is None:
+                return
+            if isinstance(item, Exception) and not _answers(gcs):
+                raise ClusterLostError(f"its GCS at {gcs} does not answer ({type(item).__name__})") from item
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def _put(results: queue.Queue, item: Any, stop: threading.Event) -> None:
+    """`item` into `results`, waiting for room until the consumer stops."""
+    while not stop.is_set():
+        try:
+            results.put(item, timeout=0.5)
+            return
+        except queue.Full:
+            continue
+
+
+def _answers(gcs: str | None) -> bool:
+    """Whether the GCS at HOST:PORT accepts a connection (True when not watched: None)."""
+    if gcs is None:
+        return True
+    host, _, port = gcs.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+        return True
+    except OSError:
+        return False
 
 
 def _absolute(name: str | None) -> str | None:
@@ -203,24 +351,15 @@ def _absolute(name: str | None) -> str | None:
     return str(Path(name).absolute()) if name is not None and Path(name).exists() else name
 
 
-def _actors(asked: int | None, gpu: bool) -> int:
-    """How many actors run: `asked`, at most one per CPU (GPU) of the cluster, which has no room
-    for more; by default one per CPU."""
-    room = max(1, int(ray.cluster_resources().get("GPU" if gpu else "CPU", 1)))
-    if asked is not None and asked > room:
-        log.warning("cvt: ray: --workers %d, but the cluster has %d %ss: running %d actors", asked, room,
-                    "GPU" if gpu else "CPU", room)
-    return room if asked is None else min(asked, room)
-
-
-def _stream(dataset: ray.data.Dataset, names: dict[bytes, str], started: bool) -> Iterator[Row | None]:
+def _stream(dataset: ray.data.Dataset, names: dict[bytes, str], started: bool,
+            watch: bool) -> Iterator[Row | None]:
     """The dataset's rows as they arrive (each path as the caller gave it), each node named when
     its first results come; closing it (or Ctrl-C) stops the job, and a private instance is shut
     down. It first yields None, once, when it is ready (`predict_rows` takes that one)."""
     per_node: dict[str, int] = {}
     try:
         yield None
-        for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for table in _batches(dataset, watch):
             for row in table.to_pylist():
                 row["path"] = names[row["path"]]
                 node = row.pop("node")
