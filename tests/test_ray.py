@@ -313,13 +313,7 @@ def test_an_actor_killed_mid_run_loses_and_repeats_no_file(model_dir, tmp_path) 
     env = {**ray_env(secrets.token_hex(16)), "CVT_TEST_CLUSTER": secrets.token_hex(8)}
     out = tmp_path / "out.jsonl"
     with ray_cluster([2], env) as address:
-        child = cvt_command("predict", str(model_dir), str(photos), "--format", "jsonl", "--output", str(out),
-                            "--engine", "onnxruntime", "--ray", address, "--workers", "2", "--batch-size", "2",
-                            env=env)
-        tmp = tmp_path / "never"
-        while child.poll() is None and _count_lines(tmp) < 50:
-            tmp = next(tmp_path.glob(".out.jsonl.*.tmp"), tmp)
-            time.sleep(0.05)
+        child, tmp = predict_until_rows_flow(model_dir, photos, out, address, env, rows=50)
         victim = _an_actor_of(env["CVT_TEST_CLUSTER"])
         victim.kill()
         assert child.poll() is None and _count_lines(tmp) < 800, "the run ended before the kill"
@@ -327,6 +321,19 @@ def test_an_actor_killed_mid_run_loses_and_repeats_no_file(model_dir, tmp_path) 
     assert child.returncode == 1, stderr
     rows = by_path(read_jsonl(out))
     assert sorted(rows) == sorted(str(p) for p in photos.rglob("*") if not p.is_dir())
+
+
+def predict_until_rows_flow(model_dir: Path, photos: Path, out: Path, address: str, env: dict[str, str],
+                            rows: int) -> tuple[subprocess.Popen, Path]:
+    """`cvt predict --ray` on two actors, once `rows` rows are in its temporary output file
+    (or it ended); (the process, that file)."""
+    child = cvt_command("predict", str(model_dir), str(photos), "--format", "jsonl", "--output", str(out),
+                        "--engine", "onnxruntime", "--ray", address, "--workers", "2", "--batch-size", "2", env=env)
+    tmp = out.parent / "never"
+    while child.poll() is None and _count_lines(tmp) < rows:
+        tmp = next(out.parent.glob(f".{out.name}.*.tmp"), tmp)
+        time.sleep(0.05)
+    return child, tmp
 
 
 def _an_actor_of(cluster: str) -> psutil.Process:
@@ -520,13 +527,7 @@ def test_a_cluster_that_dies_mid_run_has_its_own_exit_status(model_dir, tmp_path
     env = {**ray_env(secrets.token_hex(16)), "CVT_TEST_CLUSTER": secrets.token_hex(8)}
     out = tmp_path / "out.jsonl"
     with ray_cluster([2], env) as address:
-        child = cvt_command("predict", str(model_dir), str(photos), "--format", "jsonl", "--output", str(out),
-                            "--engine", "onnxruntime", "--ray", address, "--workers", "2", "--batch-size", "2",
-                            env=env)
-        tmp = tmp_path / "never"
-        while child.poll() is None and _count_lines(tmp) < 20:
-            tmp = next(tmp_path.glob(".out.jsonl.*.tmp"), tmp)
-            time.sleep(0.05)
+        child, _ = predict_until_rows_flow(model_dir, photos, out, address, env, rows=20)
         _a_process_of(env["CVT_TEST_CLUSTER"], "gcs_server").kill()
         killed = time.monotonic()
         assert child.poll() is None, "the run ended before the kill"

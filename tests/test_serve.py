@@ -105,12 +105,7 @@ def service(model_dir, reference, tmp_path_factory):
         wait_until_healthy(url, process, log)
         yield url, process, log
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        stop(process)
 
 
 def wait_until_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
@@ -820,6 +815,7 @@ def start_cvt_serve(*arguments: str, env: dict[str, str], log: Path) -> subproce
 
 
 def stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the service's process group, SIGKILL if it is still there after 30 s."""
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
         try:
