@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 
 import cvt
@@ -100,7 +102,11 @@ def test_every_moved_module_names_homes_that_exist():
 
     missing = [(old, home) for old, homes in cvt._MOVED.items() for home in homes
                if importlib.util.find_spec(f"cvt.{home}") is None]
-    assert missing == [] and not [old for old in cvt._MOVED if importlib.util.find_spec(f"cvt.{old}").origin]
+    assert missing == []
+    # each old path is one file of _moved/, and every file there is an old path
+    moved = Path(cvt.__file__).with_name("_moved")
+    assert {p.stem for p in moved.glob("*.py")} == set(cvt._MOVED)
+    assert all(Path(importlib.util.find_spec(f"cvt.{old}").origin).parent == moved for old in cvt._MOVED)
 
 
 def test_the_public_module_paths_import_without_a_deprecation():

@@ -4,18 +4,16 @@
 submodule, `cvt.engines`, ...) is imported on first use (PEP 562), so `from cvt import CvtModel`
 loads the PyTorch models, and `cvt --help` starts at once.
 
-The modules that moved into packages keep their old paths for one release (`_MOVED`): importing
-`cvt.weights` gives the names of `cvt.checkpoints`' modules and a DeprecationWarning, once.
+The modules that moved into packages keep their old paths for one release (`_MOVED`, files in
+`_moved/`): importing `cvt.weights` gives the names of `cvt.checkpoints`' modules and a
+DeprecationWarning, once.
 """
 
 import importlib
-import importlib.abc
 import importlib.metadata
-import importlib.util
 import sys
 import warnings
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from .constants import DISTRIBUTION
@@ -54,29 +52,21 @@ _MOVED = {
 }
 
 
-class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Imports an old module path as a module holding its new homes' public names (the same
-    objects), with a DeprecationWarning that names where they are now."""
-
-    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
-        package, _, old = fullname.rpartition(".")
-        if package != __name__ or old not in _MOVED:
-            return None
-        return importlib.util.spec_from_loader(fullname, self)
-
-    def create_module(self, spec: Any) -> None:
-        return None  # an ordinary module
-
-    def exec_module(self, module: ModuleType) -> None:
-        homes = [f"{__name__}.{home}" for home in _MOVED[module.__name__.rpartition(".")[2]]]
-        warnings.warn(f"{module.__name__} moved to {', '.join(homes)}; the old path goes in the next release",
-                      DeprecationWarning, stacklevel=2)
-        for home in homes:
-            names = vars(importlib.import_module(home))
-            module.__dict__.update({k: v for k, v in names.items() if not k.startswith("_")})
+def _reexport_moved(module_name: str) -> None:
+    """Fill the module of an old path (a file in `_moved/`) with its new homes' public names
+    (the same objects), with a DeprecationWarning that names where they are now."""
+    module = sys.modules[module_name]
+    homes = [f"{__name__}.{home}" for home in _MOVED[module_name.rpartition(".")[2]]]
+    warnings.warn(f"{module_name} moved to {', '.join(homes)}; the old path goes in the next release",
+                  DeprecationWarning, stacklevel=3)
+    for home in homes:
+        names = vars(importlib.import_module(home))
+        module.__dict__.update({k: v for k, v in names.items() if not k.startswith("_")})
 
 
-sys.meta_path.append(_MovedModules())
+# the old paths' files live in _moved/, a folder on this package's own path (not a package, and
+# no change to Python's import system): `import cvt.weights` finds _moved/weights.py
+__path__.append(str(Path(__file__).with_name("_moved")))
 
 
 def __getattr__(name: str) -> Any:
