@@ -171,8 +171,9 @@ def pipeline(task: str, model: str | os.PathLike | CvtForImageClassification, *,
     How it runs is `settings` (a `cvt.RunSettings`), changed by the options that name one of its
     settings (`device`, `top_k`, `batch_size`, `engine`, `precision`, `calibration`, `image_size`,
     `engine_cache_dir`): `cvt.pipeline("image-classification", "cvt-13", top_k=3)`. The
-    checkpoint's own preprocessor_config.json gives the preprocessing (at `image_size` if given)
-    unless `image_processor` is given (it must be given with a loaded model). The other options,
+    checkpoint's own preprocessor_config.json gives the preprocessing (at `image_size` if given;
+    a single weights file, which carries none, needs `image_size`) unless `image_processor` is
+    given (it must be given with a loaded model). The other options,
     `revision`, `cache_dir`, `token` and `local_files_only`, are passed to the hub.
     """
     settings, hub_kwargs = RunSettings.split(settings, options)
