@@ -249,7 +249,7 @@ def classify_dataset(paths: Sequence[str | bytes], model: str, settings: RunSett
     items = ray.data.from_items([{"path": path} for path in paths],
                                 override_num_blocks=math.ceil(len(paths) / per_block))
     return items.map_batches(CvtPredictor, fn_constructor_args=(model,),
-                             fn_constructor_kwargs=dict(settings=settings, threads=layout.cpus),
+                             fn_constructor_kwargs={"settings": settings, "threads": layout.cpus},
                              batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=layout.actors),
                              num_cpus=layout.cpus, num_gpus=1 if layout.gpu else None)
 
