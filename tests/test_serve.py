@@ -587,6 +587,20 @@ def test_bad_options_are_refused_before_ray_starts(model_dir, capsys):
         assert f"{option} must" in capsys.readouterr().err  # cvt's message, not argparse's
 
 
+def test_the_service_runs_the_model_as_its_run_settings_say(model_dir):
+    """The service's settings hold a `cvt.RunSettings` (its defaults, its checks): a bad engine
+    setting given to `serve run` is refused before Ray starts, naming it."""
+    from cvt.serve import Settings, check_settings
+
+    assert Settings(model="m").run == cvt.RunSettings()
+    run = cvt.RunSettings(engine="torch", precision="bf16", device="cpu", image_size=48, batch_size=3)
+    assert Settings.from_run("m", run, replicas=2).run == run
+    with pytest.raises(cvt.InvalidValueError, match="unknown precision 'int4'"):
+        check_settings(Settings(model=str(model_dir), precision="int4"))
+    with pytest.raises(cvt.InvalidValueError, match="image_size must be"):
+        check_settings(Settings(model=str(model_dir), image_size=0))
+
+
 BLOCK_RAY = """
 import importlib.abc, sys
 class NoRay(importlib.abc.MetaPathFinder):

@@ -25,7 +25,7 @@ _EXPORTS = {
     "CheckpointError": "errors", "CvtError": "errors", "InvalidValueError": "errors",
     "CvtFeatures": "modeling.factory", "create_model": "modeling.factory", "load": "modeling.factory",
     "ImageError": "images", "load_image": "images",
-    "ImageClassificationPipeline": "inference", "pipeline": "inference",
+    "ImageClassificationPipeline": "inference", "pipeline": "inference", "RunSettings": "run_settings",
     "BaseModelOutputWithCLSToken": "modeling", "CvtForImageClassification": "modeling",
     "CvtModel": "modeling", "CvtPreTrainedModel": "modeling", "ImageClassifierOutput": "modeling",
     "ImageClassifierOutputWithNoAttention": "modeling",

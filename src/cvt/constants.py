@@ -18,6 +18,10 @@ LAYER_NORM_EPS = 1e-5
 ENGINES = ("auto", "torch", "onnxruntime", "openvino")
 ENGINE_PRECISIONS = ("fp32", "bf16", "fp16", "int8")  # fp16: CUDA only; int8: calibrated
 
+# images per forward pass when `cvt eval` scores a labelled set (a pipeline's default is smaller:
+# `cvt.RunSettings.batch_size`)
+EVAL_BATCH_SIZE = 64
+
 # the precisions training runs at (`cvt train --precision`): autocast, no int8
 TRAINING_PRECISIONS = ("fp32", "bf16", "fp16")
 

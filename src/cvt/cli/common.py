@@ -1,4 +1,5 @@
-"""What several commands share: the usage error, the --engine/--precision/--calibration options,
+"""What several commands share: the usage error, the --engine/--precision/--calibration options
+and the `RunSettings` built from a command's options,
 numbers parsed within their range, the pixel sizes (--image-size, --size) bounded before a
 command runs, the library's messages on stderr while a command runs, stdout that writes any
 text, SIGTERM as an interrupt, and the input size a checkpoint's preprocessing gives."""
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
@@ -16,6 +18,7 @@ from collections.abc import Callable, Iterator
 from ..constants import ENGINE_PRECISIONS, ENGINES, IMAGE_SIZE_RANGE, PICTURE_SIZE_RANGE
 from ..errors import CvtError, Range, check_size
 from ..files import TEXT_ERRORS
+from ..run_settings import RunSettings
 
 
 class UsageError(CvtError):
@@ -51,15 +54,24 @@ def bounded(limits: Range) -> Callable[[str], int | float]:
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """--engine, --precision and --calibration, shared by `cvt predict` and `cvt eval`."""
-    parser.add_argument("--engine", choices=ENGINES, default="auto",
+    parser.add_argument("--engine", choices=ENGINES, default=RunSettings.engine,
                         help="how to run the model (default auto: the fastest installed fp32 engine "
                              "for the device)")
-    parser.add_argument("--precision", choices=ENGINE_PRECISIONS, default="fp32",
+    parser.add_argument("--precision", choices=ENGINE_PRECISIONS, default=RunSettings.precision,
                         help="fp32 (exact), bf16 (CPUs with bf16 units, GPUs), int8 (needs "
                              "--calibration), fp16 (CUDA); reduced precision reports its cost")
     parser.add_argument("--calibration", metavar="DIR",
                         help="folder of your images for int8 calibration (class subfolders named "
                              "after the labels also report accuracy)")
+
+
+def run_settings(args: argparse.Namespace, **named_otherwise: object) -> RunSettings:
+    """The one `RunSettings` a command runs its model with, built from its parsed options: each
+    setting the command has an option of that name for, and `named_otherwise` (serve's
+    --max-batch-size is its batch_size). A bad value is a one-line error naming the setting."""
+    given = {field.name: getattr(args, field.name) for field in dataclasses.fields(RunSettings)
+             if hasattr(args, field.name)}
+    return RunSettings(**{**given, **named_otherwise})
 
 
 @contextlib.contextmanager

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 
 from ..constants import PREDICT_FORMATS
-from .common import add_engine_arguments, add_ray_arguments, messages_on_stderr, terminate_as_interrupt
+from ..run_settings import RunSettings
+from .common import (add_engine_arguments, add_ray_arguments, messages_on_stderr, run_settings,
+                     terminate_as_interrupt)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -17,8 +19,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                       "checkpoint folder or weights file (.pth, .safetensors)")
     pred.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
                       help="image files, and folders searched recursively for images")
-    pred.add_argument("--top-k", type=int, default=5, help="labels per image (default: 5)")
-    pred.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    pred.add_argument("--top-k", type=int, default=RunSettings.top_k,
+                      help=f"labels per image (default: {RunSettings.top_k})")
+    pred.add_argument("--batch-size", type=int, default=RunSettings.batch_size,
+                      help=f"images per forward pass (default: {RunSettings.batch_size})")
     pred.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda or mps if available)")
     pred.add_argument("--format", choices=PREDICT_FORMATS, default="table", help="default: table")
     pred.add_argument("--output", help="write the results to this file instead of stdout")
@@ -33,8 +37,5 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .. import predict
 
     with messages_on_stderr(), terminate_as_interrupt():
-        return predict.run(args.model, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
-                           device=args.device, fmt=args.format, output=args.output,
-                           engine=args.engine, precision=args.precision,
-                           calibration=args.calibration, image_size=args.image_size,
+        return predict.run(args.model, args.inputs, run_settings(args), fmt=args.format, output=args.output,
                            ray=args.ray, workers=args.workers, cpus_per_worker=args.cpus_per_worker)

@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 
-from .common import UsageError, add_engine_arguments, add_ray_arguments, messages_on_stderr
+from ..run_settings import RunSettings
+from .common import UsageError, add_engine_arguments, add_ray_arguments, messages_on_stderr, run_settings
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -27,8 +28,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                      "CPUs (or one GPU) each (default: 1)")
     srv.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs each replica holds; its "
                      "engine and its image decoding run that many threads (default: 1)")
-    srv.add_argument("--max-batch-size", type=int, default=8, help="most requests per forward pass "
-                     "(default: 8; 1 turns batching off)")
+    srv.add_argument("--max-batch-size", type=int, default=RunSettings.batch_size, help="most requests per "
+                     f"forward pass (default: {RunSettings.batch_size}; 1 turns batching off)")
     srv.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a request waits for "
                      "others to fill a batch (default: 10)")
     srv.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body in "
@@ -58,13 +59,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as err:  # its message names the extra to install
         raise UsageError(str(err)) from err
 
-    settings = serve.Settings(model=args.model, engine=args.engine, precision=args.precision,
-                              calibration=args.calibration, device=args.device, image_size=args.image_size,
-                              max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-                              max_body_bytes=round(args.max_body_mb * 1e6), header_timeout_s=args.header_timeout_s,
-                              body_timeout_s=args.body_timeout_s, keep_alive_s=args.keep_alive_s,
-                              max_client_requests=args.max_client_requests, replicas=args.replicas,
-                              cpus_per_replica=args.cpus_per_replica)
+    if args.max_batch_size < 1:  # named as the option it is, before it reaches the settings
+        raise UsageError(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
+    settings = serve.Settings.from_run(
+        args.model, run_settings(args, batch_size=args.max_batch_size), batch_wait_ms=args.batch_wait_ms,
+        max_body_bytes=round(args.max_body_mb * 1e6), header_timeout_s=args.header_timeout_s,
+        body_timeout_s=args.body_timeout_s, keep_alive_s=args.keep_alive_s,
+        max_client_requests=args.max_client_requests, replicas=args.replicas,
+        cpus_per_replica=args.cpus_per_replica)
     with messages_on_stderr():
         serve.run(settings, host=args.host, port=args.port, address=args.ray or "local",
                   route_prefix=args.route_prefix, name=args.name)

@@ -11,9 +11,9 @@ import json
 import os
 from pathlib import Path
 
-from ..constants import TRAINING_PRECISIONS
+from ..constants import EVAL_BATCH_SIZE, TRAINING_PRECISIONS
 from ..training.recipes import BOUNDS, RECIPES
-from .common import add_engine_arguments, bounded, messages_on_stderr
+from .common import add_engine_arguments, bounded, messages_on_stderr, run_settings
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -90,8 +90,8 @@ def _add_eval_and_demo(sub: argparse._SubParsersAction) -> None:
                     "preprocessing; needed for a weights file, which carries none)")
     ev.add_argument("--data", required=True, help="folder of class subfolders, or any layout train accepts")
     ev.add_argument("--format", choices=("table", "json"), default="table", help="default: table")
-    ev.add_argument("--batch-size", type=_number("batch_size"), default=64,
-                    help="images per forward pass (default 64)")
+    ev.add_argument("--batch-size", type=_number("batch_size"), default=EVAL_BATCH_SIZE,
+                    help=f"images per forward pass (default {EVAL_BATCH_SIZE})")
     ev.add_argument("--workers", type=_number("workers"), default=min(4, os.cpu_count() or 1),
                     help="DataLoader worker processes decoding images")
     add_engine_arguments(ev)
@@ -140,9 +140,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..training.scoring import evaluate_model
 
     with messages_on_stderr():
-        result = evaluate_model(args.model, args.data, batch_size=args.batch_size,
-                                workers=args.workers, engine=args.engine, precision=args.precision,
-                                calibration=args.calibration, image_size=args.image_size)
+        result = evaluate_model(args.model, args.data, run_settings(args), workers=args.workers)
     if _is_main_process():
         print(json.dumps(result.to_dict(), indent=2) if args.format == "json" else format_table(result))
     return 0

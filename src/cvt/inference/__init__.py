@@ -25,6 +25,7 @@ from ..images import ImageError, ImageInput, split_batch
 from ..modeling import CvtForImageClassification
 from ..images.processing import CvtImageProcessor
 from ..errors import InvalidValueError
+from ..run_settings import RunSettings, positive
 
 TASKS = ("image-classification",)
 Prediction = dict[str, Any]  # {"label": str, "score": float}
@@ -58,30 +59,31 @@ def select_device(device: str | torch.device | None = None) -> torch.device:
 class ImageClassificationPipeline:
     """Top-k labels of images from a `CvtForImageClassification` and its `CvtImageProcessor`.
 
-    The pipeline owns the model: it moves it to `device`, puts it in eval mode and builds
-    `self.engine` from it (`engine`, `precision`, `calibration` and `engine_cache_dir` as
-    `cvt.engines.build_engine`'s `cache_dir`). Scores are a softmax over the classes, or a per-class sigmoid
-    for multi-label models (and single-logit ones).
+    The pipeline owns the model: it moves it to the settings' `device`, puts it in eval mode and
+    builds `self.engine` from it as `settings` say (a `cvt.RunSettings`, changed by `options`
+    such as `top_k=3`). Scores are a softmax over the classes, or a per-class sigmoid for
+    multi-label models (and single-logit ones).
     """
 
-    def __init__(self, model: CvtForImageClassification, image_processor: CvtImageProcessor, *,
-                 device: str | torch.device | None = None, top_k: int = 5, batch_size: int = 8,
-                 engine: str = "auto", precision: str = "fp32",
-                 calibration: str | os.PathLike | None = None,
-                 engine_cache_dir: str | os.PathLike | None = None) -> None:
+    def __init__(self, model: CvtForImageClassification, image_processor: CvtImageProcessor,
+                 settings: RunSettings | None = None, **options: Any) -> None:
         if not isinstance(model, CvtForImageClassification):
             raise TypeError(f"model must be a cvt.CvtForImageClassification, got {type(model).__name__}")
         if not isinstance(image_processor, CvtImageProcessor):
             raise TypeError(f"image_processor must be a cvt.CvtImageProcessor, "
                             f"got {type(image_processor).__name__}")
-        self.top_k = _positive("top_k", top_k)
-        self.batch_size = _positive("batch_size", batch_size)
-        self.device = select_device(device)
+        settings = (settings or RunSettings()).replace(**options)
+        if settings.image_size not in (None, image_processor.size):
+            raise InvalidValueError(f"image_size {settings.image_size} differs from the image processor's "
+                                    f"size, {image_processor.size}: give one of them")
+        self.settings = settings
+        self.top_k, self.batch_size = settings.top_k, settings.batch_size
+        self.device = select_device(settings.device)
         self.model = model.to(self.device).eval()
         self.image_processor = image_processor
-        self.engine = build_engine(self.model, engine, device=self.device, precision=precision,
-                                   image_size=image_processor.size, calibration=calibration,
-                                   processor=image_processor, cache_dir=engine_cache_dir,
+        self.engine = build_engine(self.model, settings.engine, device=self.device, precision=settings.precision,
+                                   image_size=image_processor.size, calibration=settings.calibration,
+                                   processor=image_processor, cache_dir=settings.engine_cache_dir,
                                    batch_size=self.batch_size)
         config = model.config
         self.labels = [config.id2label.get(i, f"LABEL_{i}") for i in range(config.num_labels)]
@@ -97,7 +99,7 @@ class ImageClassificationPipeline:
         items, is_batch = split_batch(images)
         if not items:
             raise InvalidValueError("no images given (an empty list)")
-        size = _positive("batch_size", self.batch_size if batch_size is None else batch_size)
+        size = positive("batch_size", self.batch_size if batch_size is None else batch_size)
         results: list[list[Prediction]] = []
         for start in range(0, len(items), size):
             pixel_values = self.image_processor(items[start:start + size])["pixel_values"]
@@ -106,7 +108,7 @@ class ImageClassificationPipeline:
 
     def classify(self, pixel_values: Tensor, top_k: int | None = None) -> list[list[Prediction]]:
         """The top-k of each image of a preprocessed (B, 3, H, W) batch."""
-        k = min(_positive("top_k", self.top_k if top_k is None else top_k), len(self.labels))
+        k = min(positive("top_k", self.top_k if top_k is None else top_k), len(self.labels))
         logits = self.engine(pixel_values.to(self.device)).float()
         scores = logits.sigmoid() if self.multi_label else logits.softmax(dim=-1)
         values, indices = scores.topk(k, dim=-1)
@@ -124,7 +126,7 @@ class ImageClassificationPipeline:
         a bug). When the caller stops early (Ctrl-C), the threads are not waited for: one may be
         blocked reading a slow file.
         """
-        size = _positive("batch_size", self.batch_size if batch_size is None else batch_size)
+        size = positive("batch_size", self.batch_size if batch_size is None else batch_size)
 
         def prepare(path: Path) -> Tensor | ImageError:
             try:
@@ -138,7 +140,7 @@ class ImageClassificationPipeline:
                                   f"(a bug in cvt, please report it): {err}")
 
         queue = iter(Path(p) for p in paths)
-        pool = ThreadPoolExecutor(max_workers=_positive("workers", workers))
+        pool = ThreadPoolExecutor(max_workers=positive("workers", workers))
         try:
             pending = deque(((path, pool.submit(prepare, path)) for path in _take(queue, 2 * size)))
             done: list[tuple[Path, Tensor | ImageError]] = []
@@ -161,28 +163,27 @@ class ImageClassificationPipeline:
 
 
 def pipeline(task: str, model: str | os.PathLike | CvtForImageClassification, *,
-             image_processor: CvtImageProcessor | None = None, device: str | torch.device | None = None,
-             top_k: int = 5, batch_size: int = 8, engine: str = "auto", precision: str = "fp32",
-             calibration: str | os.PathLike | None = None,
-             engine_cache_dir: str | os.PathLike | None = None, **hub_kwargs: Any) -> ImageClassificationPipeline:
+             image_processor: CvtImageProcessor | None = None, settings: RunSettings | None = None,
+             **options: Any) -> ImageClassificationPipeline:
     """An image-classification pipeline for a checkpoint, which can be given as a folder, a hub id,
     a variant name ("cvt-13" means "microsoft/cvt-13") or a loaded model.
 
-    The checkpoint's own preprocessor_config.json gives the preprocessing unless `image_processor`
-    is given (it must be given with a loaded model or a single weights file). `device` is "cpu",
-    "cuda", "cuda:N" or "mps" (default: CUDA or MPS if available, else the CPU). `engine`
-    ("auto", "torch", "onnxruntime", "openvino"), `precision` ("fp32", "bf16", "int8"),
-    `calibration` (a folder of images, for int8) and `engine_cache_dir` (where built engines are
-    kept) choose how it runs: see `cvt.engines.build_engine`. `revision`, `cache_dir`, `token`
-    and `local_files_only` are passed to the hub.
+    How it runs is `settings` (a `cvt.RunSettings`), changed by the options that name one of its
+    settings (`device`, `top_k`, `batch_size`, `engine`, `precision`, `calibration`, `image_size`,
+    `engine_cache_dir`): `cvt.pipeline("image-classification", "cvt-13", top_k=3)`. The
+    checkpoint's own preprocessor_config.json gives the preprocessing (at `image_size` if given;
+    a single weights file, which carries none, needs `image_size`) unless `image_processor` is
+    given (it must be given with a loaded model). The other options,
+    `revision`, `cache_dir`, `token` and `local_files_only`, are passed to the hub.
     """
+    settings, hub_kwargs = RunSettings.split(settings, options)
     if task not in TASKS:
         raise InvalidValueError(f"unknown task {task!r}; cvt.pipeline supports {', '.join(TASKS)}")
     if not isinstance(model, CvtForImageClassification):
         if isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a cvt.CvtForImageClassification, got {type(model).__name__}")
         if image_processor is None:
-            image_processor = CvtImageProcessor.from_pretrained(model, **hub_kwargs)
+            image_processor = processor_for(model, settings, **hub_kwargs)
         source, model = model, load(model, **hub_kwargs)
         if not isinstance(model, CvtForImageClassification):
             raise InvalidValueError(f"{source} holds a backbone without a classification head; "
@@ -190,15 +191,13 @@ def pipeline(task: str, model: str | os.PathLike | CvtForImageClassification, *,
     elif image_processor is None:
         raise InvalidValueError("with a loaded model, pass image_processor= as well "
                          "(e.g. CvtImageProcessor.from_pretrained('cvt-13'))")
-    return ImageClassificationPipeline(model, image_processor, device=device, top_k=top_k,
-                                       batch_size=batch_size, engine=engine, precision=precision,
-                                       calibration=calibration, engine_cache_dir=engine_cache_dir)
+    return ImageClassificationPipeline(model, image_processor, settings)
 
 
-def _positive(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+def processor_for(model: str | os.PathLike, settings: RunSettings, **hub_kwargs: Any) -> CvtImageProcessor:
+    """The preprocessing a model runs with under `settings`: the one place a run resolves it
+    (`CvtImageProcessor.for_model`: the model's own, at the settings' `image_size` if given)."""
+    return CvtImageProcessor.for_model(model, settings.image_size, **hub_kwargs)
 
 
 def _take(iterator: Iterator[Path], count: int) -> list[Path]:

@@ -37,9 +37,8 @@ from ..constants import PREDICT_FORMATS
 from .. import storage
 from ..images import IMAGE_EXTENSIONS, find_images
 from ..files import TEXT_ERRORS, write_atomic
-from ..inference import pipeline
+from ..inference import RunSettings, pipeline, processor_for
 from ..inference.predictions import ParquetRows, Row, jsonl_line, to_row
-from ..images.processing import CvtImageProcessor
 from ..errors import ClusterLostError, InvalidValueError, short
 
 STREAMING = ("jsonl", "csv", "parquet")  # rows written as they arrive, to a temporary file named at the start
@@ -49,14 +48,14 @@ FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 Outcome = tuple[int, int, BaseException | None]  # files done, how many failed, what stopped the run early
 
 
-def run(model: str, inputs: Sequence[str], *, top_k: int = 5, batch_size: int = 8,
-        device: str | None = None, fmt: str = "table", output: str | None = None,
-        engine: str = "auto", precision: str = "fp32", calibration: str | None = None,
-        image_size: int | None = None, ray: str | None = None, workers: int | None = None,
+def run(model: str, inputs: Sequence[str], settings: RunSettings | None = None, *, fmt: str = "table",
+        output: str | None = None, ray: str | None = None, workers: int | None = None,
         cpus_per_worker: int | None = None) -> int:
-    """Classify every image under `inputs`; with `ray` (an address, or "local" for a private
-    instance) on Ray actors (`workers` of `cpus_per_worker` CPUs; by default one per node, with
-    its CPUs). Returns 0 if all were classified, 1 if some could not be."""
+    """Classify every image under `inputs` as `settings` say (None: the defaults); with `ray` (an
+    address, or "local" for a private instance) on Ray actors (`workers` of `cpus_per_worker`
+    CPUs; by default one per node, with its CPUs). Returns 0 if all were classified, 1 if some
+    could not be."""
+    settings = settings or RunSettings()
     if fmt not in PREDICT_FORMATS:
         raise InvalidValueError(f"unknown format {fmt!r}; choose one of {', '.join(PREDICT_FORMATS)}")
     if fmt == "parquet" and output is None:
@@ -67,17 +66,15 @@ def run(model: str, inputs: Sequence[str], *, top_k: int = 5, batch_size: int = 
     paths = find_inputs(inputs, ray is not None)
     if output is not None:
         check_output(output, model, paths)
-    processor = CvtImageProcessor.for_model(model, image_size)  # checked here, before any work starts
-    settings = dict(top_k=top_k, batch_size=batch_size, device=device, engine=engine,
-                    precision=precision, calibration=calibration)
+    processor = processor_for(model, settings)  # checked here, before any work starts
     if ray is None:
-        classifier = pipeline("image-classification", model, image_processor=processor, **settings)
+        classifier = pipeline("image-classification", model, image_processor=processor, settings=settings)
         rows: Iterable[Row] = (to_row(path, result) for path, result in classifier.classify_files(paths))
     else:
         from .. import ray as on_ray  # the "ray" extra
 
-        rows = on_ray.predict_rows(paths, model, address=ray, workers=workers, cpus_per_worker=cpus_per_worker,
-                                   image_size=image_size, **settings)
+        rows = on_ray.predict_rows(paths, model, settings, address=ray, workers=workers,
+                                   cpus_per_worker=cpus_per_worker)
     done, failures, stopped = _write(rows, paths, fmt, output)
     if output is not None:
         print(f"wrote {fmt} results for {done - failures} of {len(paths)} files to {output}"

@@ -32,8 +32,8 @@ from ..errors import ClusterError, ClusterLostError, InvalidValueError, install_
 from ..files import utf8_text
 from ..images import ImageError, load_image, load_image_bytes
 from ..inference import pipeline
+from ..run_settings import RunSettings
 from ..inference.predictions import Row, arrow_schema, to_row
-from ..images.processing import CvtImageProcessor
 from ..storage import StorageError, is_uri, read_object
 
 try:
@@ -61,8 +61,8 @@ class CvtPredictor:
     """Top-k labels for a batch of images, as a callable class for `Dataset.map_batches`.
 
     Ray builds one per actor, so the model is loaded and its engine built once per actor, in
-    `__init__` (arguments as `cvt.pipeline`'s; `threads`, the engine's threads, is best set to the
-    actor's `num_cpus`). A batch has a `path` column (files read by cvt's bounded loader; URIs
+    `__init__` (a `cvt.RunSettings`, or its settings as keywords, `top_k=3`; `threads`, the engine's
+    threads, is best set to the actor's `num_cpus`). A batch has a `path` column (files read by cvt's bounded loader; URIs
     such as s3://bucket/key are read from object storage through pyarrow) or an `image` column
     (arrays, as `ray.data.read_images` yields; its `path` column, if any, is passed through).
     The result is an Arrow table with one row per input: `path`, `labels` and `scores` (the
@@ -71,15 +71,11 @@ class CvtPredictor:
     names that are not UTF-8, which Arrow strings cannot hold) come back as the same bytes.
     """
 
-    def __init__(self, model: str, *, engine: str = "auto", precision: str = "fp32", top_k: int = 5,
-                 device: str | None = None, batch_size: int = 8, image_size: int | None = None,
-                 calibration: str | None = None, threads: int | None = None) -> None:
+    def __init__(self, model: str, settings: RunSettings | None = None, *, threads: int | None = None,
+                 **options: Any) -> None:
         if threads is not None:  # before the engine is built: every engine runs on torch's thread count
             torch.set_num_threads(threads)
-        processor = CvtImageProcessor.for_model(model, image_size)
-        self.pipeline = pipeline("image-classification", model, image_processor=processor, device=device,
-                                 top_k=top_k, batch_size=batch_size, engine=engine, precision=precision,
-                                 calibration=calibration)
+        self.pipeline = pipeline("image-classification", model, settings=settings, **options)
         self.node = ray.get_runtime_context().get_node_id()
         self.readers = ThreadPoolExecutor(max_workers=READERS)
 
@@ -244,36 +240,38 @@ def cluster_layout(workers: int | None, cpus_per_worker: int | None, gpu: bool) 
     return plan_layout(nodes, ray.cluster_resources().get("GPU", 0) if gpu else 0, workers, cpus_per_worker)
 
 
-def classify_dataset(paths: Sequence[str | bytes], model: str, *, layout: Layout, batch_size: int = 8,
-                     **settings: Any) -> ray.data.Dataset:
+def classify_dataset(paths: Sequence[str | bytes], model: str, settings: RunSettings, *,
+                     layout: Layout) -> ray.data.Dataset:
     """The lazy dataset of `paths`' rows: the list cut into blocks, classified by a pool of
     `CvtPredictor` actors as `layout` says (each node holds those its CPUs fit)."""
+    batch_size = settings.batch_size
     per_block = max(batch_size, math.ceil(len(paths) / MAX_BLOCKS))
     items = ray.data.from_items([{"path": path} for path in paths],
                                 override_num_blocks=math.ceil(len(paths) / per_block))
     return items.map_batches(CvtPredictor, fn_constructor_args=(model,),
-                             fn_constructor_kwargs=dict(batch_size=batch_size, threads=layout.cpus, **settings),
+                             fn_constructor_kwargs={"settings": settings, "threads": layout.cpus},
                              batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=layout.actors),
                              num_cpus=layout.cpus, num_gpus=1 if layout.gpu else None)
 
 
-def predict_rows(paths: Sequence[str | os.PathLike], model: str, *, address: str = "local",
-                 workers: int | None = None, cpus_per_worker: int | None = None,
-                 **settings: Any) -> Iterator[Row]:
+def predict_rows(paths: Sequence[str | os.PathLike], model: str, settings: RunSettings | None = None, *,
+                 address: str = "local", workers: int | None = None, cpus_per_worker: int | None = None,
+                 **options: Any) -> Iterator[Row]:
     """Connect to Ray and classify `paths` there: each file's row (its path as given), in the
-    order they finish. `settings` are `CvtPredictor`'s; `workers` and `cpus_per_worker` shape
+    order they finish, as `settings` (changed by `options`, `top_k=3`) say; `workers` and `cpus_per_worker` shape
     the actors (`plan_layout`; by default one per node, with its CPUs). Local paths (files,
     model folder, calibration folder) go to the cluster absolute and as bytes: each node
     resolves a relative one from its own working directory, and Arrow strings cannot hold a file
     name that is not UTF-8; storage URIs go as they are."""
     check_counts(workers, cpus_per_worker)
     names = {os.fsencode(p if is_uri(p) else Path(p).absolute()): str(p) for p in paths}
-    model, settings["calibration"] = _absolute(model), _absolute(settings.get("calibration"))
+    settings = (settings or RunSettings()).replace(**options)
+    model, settings = _absolute(model), settings.replace(calibration=_absolute(settings.calibration))
     started = connect(address)
     try:
-        layout = cluster_layout(workers, cpus_per_worker, gpu=str(settings.get("device") or "").startswith("cuda"))
+        layout = cluster_layout(workers, cpus_per_worker, gpu=str(settings.device or "").startswith("cuda"))
         ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
-        dataset = classify_dataset(list(names), model, layout=layout, **settings)
+        dataset = classify_dataset(list(names), model, settings, layout=layout)
     except BaseException:
         if started:
             ray.shutdown()

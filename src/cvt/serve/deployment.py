@@ -47,8 +47,8 @@ import torch
 from ..modeling.attention_maps import attention_maps, draw
 from ..errors import InvalidValueError, install_hint, short
 from ..images import ImageError, load_image_bytes
-from ..inference import pipeline
-from ..images.processing import CvtImageProcessor
+from ..inference import pipeline, processor_for
+from ..run_settings import RunSettings
 
 try:  # Ray's packages, and cvt.ray (whose own message names the "ray" extra, which "serve" includes)
     import ray
@@ -96,17 +96,19 @@ class ServiceBusy(Exception):
 class Settings(BaseModel):
     """What the application needs: the replicas' model, engine, checks and resources, and what
     one client may hold of the HTTP proxies. These are the builder's typed arguments: Ray Serve
-    validates `serve run cvt.serve:app key=value` and a config file's `args` against them."""
+    validates `serve run cvt.serve:app key=value` and a config file's `args` against them. How the
+    model runs is `run` (a `cvt.RunSettings`, whose defaults these are, `max_batch_size` its
+    `batch_size`), checked with the rest in `check_settings`; `from_run` makes them from one."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str
-    engine: str = "auto"
-    precision: str = "fp32"
-    calibration: str | None = None
-    device: str | None = None
-    image_size: int | None = None
-    max_batch_size: int = 8
+    engine: str = RunSettings.engine
+    precision: str = RunSettings.precision
+    calibration: str | None = RunSettings.calibration
+    device: str | None = RunSettings.device
+    image_size: int | None = RunSettings.image_size
+    max_batch_size: int = RunSettings.batch_size
     batch_wait_ms: float = 10.0
     max_body_bytes: int = 32_000_000
     header_timeout_s: float = 10.0
@@ -115,6 +117,18 @@ class Settings(BaseModel):
     max_client_requests: int = 32
     replicas: int = 1
     cpus_per_replica: float = 1.0
+
+    @classmethod
+    def from_run(cls, model: str, run: RunSettings, **service: Any) -> "Settings":
+        """The settings serving `model` as `run` says, with `service`'s other settings."""
+        return cls(model=model, engine=run.engine, precision=run.precision, calibration=run.calibration,
+                   device=run.device, image_size=run.image_size, max_batch_size=run.batch_size, **service)
+
+    @property
+    def run(self) -> RunSettings:
+        """How the replicas run the model (an `InvalidValueError` for a bad setting)."""
+        return RunSettings(engine=self.engine, precision=self.precision, calibration=self.calibration,
+                           device=self.device, image_size=self.image_size, batch_size=self.max_batch_size)
 
     @property
     def threads(self) -> int:
@@ -264,10 +278,7 @@ class CvtService:
 
     def __init__(self, settings: Settings) -> None:
         torch.set_num_threads(settings.threads)  # before the engine is built: the runtimes read it
-        processor = CvtImageProcessor.for_model(settings.model, settings.image_size)
-        self.pipeline = pipeline("image-classification", settings.model, image_processor=processor,
-                                 device=settings.device, engine=settings.engine, precision=settings.precision,
-                                 calibration=settings.calibration, batch_size=settings.max_batch_size)
+        self.pipeline = pipeline("image-classification", settings.model, settings=settings.run)
         self.settings = settings
         self.responses: Counter[str] = Counter()
         self.batch_sizes: Counter[int] = Counter()
@@ -388,7 +399,7 @@ def check_settings(settings: Settings) -> None:
     for name, value in limits.items():
         if not value > 0:
             raise InvalidValueError(f"{name} must be positive, got {value}")
-    CvtImageProcessor.for_model(settings.model, settings.image_size)
+    processor_for(settings.model, settings.run)
 
 
 def check_service(port: int, route_prefix: str, name: str | None) -> str:

@@ -18,6 +18,7 @@ from PIL import Image
 
 from ..config import CvtConfig
 from ..inference import pipeline
+from ..run_settings import RunSettings
 from ..modeling import CvtForImageClassification
 from ..errors import InvalidValueError, short
 from ..files import require_folder
@@ -89,7 +90,7 @@ def run_demo(output_dir: Path, epochs: int | None = None, workers: int = 2) -> f
                        epochs=epochs, image_size=IMAGE_SIZE, workers=workers))
 
     best = output_dir / "best"
-    result = evaluate_model(str(best), data / "val", batch_size=128, workers=workers)
+    result = evaluate_model(str(best), data / "val", RunSettings(batch_size=128), workers=workers)
     plot_confusion(result.confusion, result.classes, output_dir / CONFUSION_NAME)
     print(f"\nevaluation of {best} on the held-out digits:")
     print(format_table(result))

@@ -14,9 +14,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..constants import EVAL_BATCH_SIZE
 from ..engines import build_engine
 from ..errors import InvalidValueError
 from ..images.processing import CvtImageProcessor
+from ..inference import processor_for
+from ..run_settings import RunSettings
 from ..modeling import CvtForImageClassification
 from ..modeling.factory import load
 from . import distributed
@@ -71,11 +74,12 @@ def score(logits_of: Callable[[torch.Tensor], torch.Tensor], images: LabelledIma
                       confusion=confusion)
 
 
-def evaluate_model(model_source: str, data: Any, batch_size: int = 64, workers: int | None = None,
-                   engine: str = "auto", precision: str = "fp32", calibration: str | None = None,
-                   image_size: int | None = None) -> EvalResult:
+def evaluate_model(model_source: str, data: Any, settings: RunSettings | None = None,
+                   workers: int | None = None) -> EvalResult:
     """`cvt eval`: score a saved model on a labelled dataset with an inference engine
-    (distributed under torchrun)."""
+    (distributed under torchrun), as `settings` say (None: the defaults, in batches of
+    `EVAL_BATCH_SIZE`); the device is torchrun's (or this process's), and top-5 is always scored."""
+    settings = settings or RunSettings(batch_size=EVAL_BATCH_SIZE)
     ctx = distributed.start()
     try:
         model = load(model_source)
@@ -85,13 +89,13 @@ def evaluate_model(model_source: str, data: Any, batch_size: int = 64, workers: 
         model = model.to(ctx.device)
         classes = [model.config.id2label[i] for i in range(model.config.num_labels)]
         images = load_eval_source(data).relabel(classes, f"{data}")
-        processor = CvtImageProcessor.for_model(model_source, image_size)
-        runner = build_engine(model, engine, device=ctx.device, precision=precision,
-                              image_size=processor.size, calibration=calibration, processor=processor,
-                              batch_size=batch_size)
+        processor = processor_for(model_source, settings)
+        runner = build_engine(model, settings.engine, device=ctx.device, precision=settings.precision,
+                              image_size=processor.size, calibration=settings.calibration, processor=processor,
+                              cache_dir=settings.engine_cache_dir, batch_size=settings.batch_size)
         if runner.report is not None:
-            logger.info("cvt: %s at %s: %s", runner.name, precision, runner.report)
-        return score(runner, images, processor, batch_size,
+            logger.info("cvt: %s at %s: %s", runner.name, settings.precision, runner.report)
+        return score(runner, images, processor, settings.batch_size,
                      min(4, os.cpu_count() or 1) if workers is None else workers, ctx)
     finally:
         distributed.stop(ctx)
