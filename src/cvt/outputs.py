@@ -1,5 +1,6 @@
 """The output container both frameworks return, as transformers' `ModelOutput` reads: by
-attribute, by key, or by position (fields left None are skipped). Free of torch and TensorFlow."""
+attribute, by key, or by position (fields left None are skipped), and `through_layers`, how both
+frameworks' stages collect the attentions it carries. Free of torch and TensorFlow."""
 
 from __future__ import annotations
 
@@ -25,3 +26,15 @@ class ModelOutput:
 
     def __iter__(self):
         return iter(self.keys())
+
+
+def through_layers(layers: Any, x: Any, output_attentions: bool, **kwargs: Any) -> tuple[Any, tuple]:
+    """`x` through each layer in turn, as a stage of either framework runs them: (x, each layer's
+    attention probabilities when `output_attentions`, else an empty tuple)."""
+    attentions = []
+    for layer in layers:
+        x = layer(x, output_attentions=output_attentions, **kwargs)
+        if output_attentions:
+            x, probabilities = x
+            attentions.append(probabilities)
+    return x, tuple(attentions)

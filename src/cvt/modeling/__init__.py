@@ -45,6 +45,7 @@ from . import torch_registry
 from ..checkpoints.load import load_pretrained
 from ..checkpoints.write import save_staged
 from ..config import CvtConfig, pixel_values_problem
+from ..outputs import through_layers
 from ..constants import LAYER_NORM_EPS
 from ..errors import InvalidValueError
 
@@ -331,17 +332,12 @@ class CvtStage(nn.Module):
         x, height, width = self.embedding(feature_map)
         if self.cls_token is not None:
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-        attentions = []
-        for layer in self.layers:
-            x = layer(x, height, width, output_attentions)
-            if output_attentions:
-                x, probabilities = x
-                attentions.append(probabilities)
+        x, attentions = through_layers(self.layers, x, output_attentions, height=height, width=width)
         cls = None
         if self.cls_token is not None:
             cls, x = x[:, :1], x[:, 1:]
         feature_map = tokens_to_map(x, height, width)
-        return (feature_map, cls, tuple(attentions)) if output_attentions else (feature_map, cls)
+        return (feature_map, cls, attentions) if output_attentions else (feature_map, cls)
 
 
 class CvtEncoder(nn.Module):

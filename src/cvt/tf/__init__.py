@@ -80,7 +80,7 @@ from ..checkpoints.load import load_pretrained
 from ..checkpoints.write import save_arrays_pretrained
 from ..config import CvtConfig, conv_output_size, pixel_values_problem
 from ..constants import LAYER_NORM_EPS
-from ..outputs import ModelOutput
+from ..outputs import ModelOutput, through_layers
 from ..images.processing import CvtImageProcessor
 from ..errors import CheckpointError, InvalidValueError
 
@@ -459,17 +459,13 @@ class CvtStage(keras.layers.Layer):
         if self.cls_token is not None:
             cls = tf.tile(tf.cast(self.cls_token, x.dtype), [tf.shape(x)[0], 1, 1])
             x = tf.concat([cls, x], axis=1)
-        attentions = []
-        for layer in self.layers:
-            x = layer(x, height=height, width=width, training=training, output_attentions=output_attentions)
-            if output_attentions:
-                x, probabilities = x
-                attentions.append(probabilities)
+        x, attentions = through_layers(self.layers, x, output_attentions, height=height, width=width,
+                                       training=training)
         cls = None
         if self.cls_token is not None:
             cls, x = x[:, :1], x[:, 1:]
         feature_map = tf.reshape(x, [-1, height, width, self.dim])
-        return (feature_map, cls, tuple(attentions)) if output_attentions else (feature_map, cls)
+        return (feature_map, cls, attentions) if output_attentions else (feature_map, cls)
 
 
 class CvtEncoder(keras.layers.Layer):
