@@ -11,6 +11,7 @@ import sys
 import subprocess
 import os
 import math
+import signal
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,6 +298,12 @@ cvt.training.data.load_image = load_image
 """
 
 
+def as_at_a_terminal() -> None:
+    """`preexec_fn` of a child a test sends Ctrl-C: SIGINT as a terminal leaves it, even when the
+    tests run as a background job (which a shell starts with SIGINT ignored, and children inherit)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_with_a_slow_file(tmp_path: Path, args: list[str]) -> tuple[subprocess.Popen, Path]:
     """`python -m cvt *args` with every file named slow* taking a minute to read; returns the
     process once it has started reading one."""
@@ -305,7 +312,7 @@ def start_with_a_slow_file(tmp_path: Path, args: list[str]) -> tuple[subprocess.
     (site / "sitecustomize.py").write_text(textwrap.dedent(SLOW_LOADER.format(marker=str(marker))))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(Path(cvt.__file__).resolve().parents[1])])}
     process = subprocess.Popen([sys.executable, "-m", "cvt", *args], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, preexec_fn=as_at_a_terminal)
     deadline = time.monotonic() + 120
     while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -30,7 +30,7 @@ from skimage import data as skimage_data
 
 import cvt
 from cvt.cli import main
-from conftest import save_tiny_classifier
+from conftest import as_at_a_terminal, save_tiny_classifier
 
 # one worker runs this module: its Ray clusters are started once, not once per worker
 pytestmark = pytest.mark.xdist_group("ray")
@@ -83,7 +83,7 @@ def folder(tmp_path_factory) -> Path:
 
 def cvt_command(*args: str, **popen) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "cvt", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **popen)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=as_at_a_terminal, **popen)
 
 
 def run_cvt(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -361,7 +361,7 @@ def test_ctrl_c_stops_the_driver_and_its_ray_instance_and_keeps_the_rows(model_d
     child = subprocess.Popen([sys.executable, "-m", "cvt", "predict", str(model_dir), str(photos), "--format",
                               "jsonl", "--output", str(out), "--engine", "onnxruntime", "--ray", "--workers",
                               "2", "--batch-size", "2"], stderr=subprocess.PIPE, text=True,
-                             env=ray_env(secrets.token_hex(16)))
+                             env=ray_env(secrets.token_hex(16)), preexec_fn=as_at_a_terminal)
     tmp = Path(next(m[1] for line in child.stderr if (m := re.search(r"cvt: writing to (\S+)", line))))
     while child.poll() is None and _count_lines(tmp) < 20:
         time.sleep(0.05)
