@@ -15,7 +15,6 @@ moves the numbers. `--files 8` makes a quick check that it works, not a measurem
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import secrets
@@ -29,31 +28,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from cvt.bench import run_record
 from ray_predict import make_photos, measure, random_model
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-def lscpu_model() -> str:
-    """The CPU as `lscpu` names it."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown CPU"
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
-                "unknown CPU")
-
-
-def commit() -> str:
-    """The commit of the checkout this script is in (with "+changes" when it has uncommitted ones)."""
-    here = Path(__file__).parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+changes" if dirty.strip() else "")
 
 
 def _free_port() -> int:
@@ -141,10 +119,11 @@ def main() -> int:
     ratios = {"ray on one machine / cvt predict": _ratio(results["ray, one machine"], results["alone"]),
               "two 1-CPU nodes / one thread": _ratio(results["ray, two 1-CPU nodes"],
                                                      results["one thread (taskset)"])}
-    machine = {"cpu": lscpu_model(), "cores": len(os.sched_getaffinity(0)), "load_before": load_before,
+    record = run_record()  # the CPU, date and commit every results file names
+    machine = {"cpu": record["cpu"], "cores": len(os.sched_getaffinity(0)), "load_before": load_before,
                "load_after": os.getloadavg()}
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": commit(), "files": args.files, "engine": args.engine, "machine": machine}
+    meta = {"date": record["date"], "commit": record["commit"], "files": args.files, "engine": args.engine,
+            "machine": machine}
     print(f"{machine['cpu']}, {machine['cores']} cores; {meta['date']}, commit {meta['commit']}; "
           f"{args.files} files, engine {args.engine}; load average before {load_before[0]:.2f}, "
           f"after {machine['load_after'][0]:.2f}")
