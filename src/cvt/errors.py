@@ -43,7 +43,7 @@ EXTRAS = {
     "tensorflow": "tf", "keras": "tf", "ai_edge_litert": "tf",
     "onnx": "export", "onnxscript": "export", "onnxruntime": "onnxruntime", "openvino": "openvino",
     "nncf": "openvino", "pyarrow": "parquet", "ray": "ray", "fastapi": "serve", "multipart": "serve",
-    "psutil": "serve", "peft": "peft",
+    "psutil": "ray", "peft": "peft",
 }
 
 

@@ -37,6 +37,7 @@ from ..inference.predictions import Row, arrow_schema, to_row
 from ..storage import StorageError, is_uri, read_object
 
 try:
+    import psutil
     import pyarrow as pa
     import ray
     import ray.data
@@ -55,6 +56,7 @@ REACH_TIMEOUT_S = 10  # a cluster address that accepts no connection in this tim
 # a cluster whose GCS accepts no connection for this long is lost: well before Ray's own driver
 # gives up on it (60 s, gcs_rpc_server_reconnect_timeout_s) and ends the process with status 1
 LOST_AFTER_S = 15
+ORPHAN_GRACE_S = 2  # a private instance's process left after ray.shutdown: time to end, then to stop
 
 
 class CvtPredictor:
@@ -153,13 +155,46 @@ def connect(address: str = "local") -> bool:
     except SystemExit as err:  # Ray's handler ran while Ray started: the caller's decides
         if err.code != signal.SIGTERM or not callable(handler):
             raise
-        ray.shutdown()
+        disconnect()
         handler(signal.SIGTERM, None)
         raise
     finally:
         if callable(handler):
             signal.signal(signal.SIGTERM, handler)
     return True
+
+
+def disconnect() -> None:
+    """`ray.shutdown`, after `connect` returned True; a private instance this process started
+    ends with it, and what of it outlives Ray's shutdown is ended here. Ray gives the raylet 1 s
+    after SIGTERM, then SIGKILL: on a busy machine (workers still starting) it has not stopped its
+    agents by then, and these, orphaned, spend up to 60 s reporting its death to a GCS already
+    gone. Stopping the raylet ourselves first cannot help: the driver ends (status 1) when its
+    raylet does."""
+    instance = [process for raylet in psutil.Process().children() if _named(raylet, "raylet")
+                for process in _with_descendants(raylet)]
+    ray.shutdown()
+    left = psutil.wait_procs(instance, timeout=ORPHAN_GRACE_S)[1]
+    for process in left:
+        process.terminate()
+    for process in psutil.wait_procs(left, timeout=ORPHAN_GRACE_S)[1]:
+        process.kill()
+
+
+def _named(process: psutil.Process, name: str) -> bool:
+    """Whether `process` runs the program `name` (False once it has ended)."""
+    try:
+        return process.name() == name
+    except psutil.Error:
+        return False
+
+
+def _with_descendants(process: psutil.Process) -> list[psutil.Process]:
+    """`process` and the processes it started, theirs included (none once it has ended)."""
+    try:
+        return [process, *process.children(recursive=True)]
+    except psutil.Error:
+        return []
 
 
 def use_token_as_ray_start_does() -> None:
@@ -274,7 +309,7 @@ def predict_rows(paths: Sequence[str | os.PathLike], model: str, settings: RunSe
         dataset = classify_dataset(list(names), model, settings, layout=layout)
     except BaseException:
         if started:
-            ray.shutdown()
+            disconnect()
         raise
     log.info("cvt: ray: %d files on %d actors of %d CPUs (and engine threads) each%s", len(paths),
              layout.actors, layout.cpus, " and 1 GPU" if layout.gpu else "")
@@ -368,5 +403,5 @@ def _stream(dataset: ray.data.Dataset, names: dict[bytes, str], started: bool,
         log.info("cvt: ray: files per node: %s", ", ".join(f"{n} {count}" for n, count in per_node.items()))
     finally:
         if started:
-            ray.shutdown()
+            disconnect()
 

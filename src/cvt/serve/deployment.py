@@ -61,7 +61,7 @@ try:  # Ray's packages, and cvt.ray (whose own message names the "ray" extra, wh
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
 
-    from ..ray import connect
+    from ..ray import connect, disconnect
     from .http_limits import HttpLimits
 except ImportError as err:  # absolute imports: Ray's package, never this module
     raise ImportError(f"cvt.serve needs Ray Serve: {install_hint('serve')}") from err
@@ -536,4 +536,4 @@ def _stop(started: bool, private: bool, name: str | None) -> None:
     if ray.is_initialized() and name is not None and not (started and private):
         serve.delete(name)
     if started:
-        ray.shutdown()  # a private instance's processes with it, Serve's included
+        disconnect()  # a private instance's processes with it, Serve's included
