@@ -8,8 +8,10 @@ Two comparisons, each over the same folder of generated photographs with the sam
   pinned to core i with `taskset` when the machine has two cores), against a one-thread
   `cvt predict` pinned to core 0 (`taskset -c 0`, OMP_NUM_THREADS=1).
 The rate is the steady one of `ray_predict.py` (files per second from 10 % of the files to the
-last row); the wall time includes start-up. Run it alone on the machine: anything else running
-moves the numbers. `--files 8` makes a quick check that it works, not a measurement.
+last row); the wall time includes start-up. The cluster run must have results from both nodes
+and the one-thread run's labels for every file, or the script fails: a ratio from one node, or
+from other work, would mislead. Run it alone on the machine: anything else running moves the
+numbers. `--files 200` makes a quick check that it works, not a measurement.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -32,6 +35,8 @@ from cvt.bench import run_record
 from ray_predict import make_photos, measure, random_model
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+MIN_FILES = 16  # two of `cvt predict`'s batches of 8: one for each node
+RUNS = ("alone", "ray, one machine", "one thread (taskset)", "ray, two 1-CPU nodes")
 
 
 def _free_port() -> int:
@@ -87,17 +92,46 @@ def _ratio(a: dict, b: dict) -> float | None:
 
 
 def run_all(model: str, photos: Path, out: Path, files: int, engine: str) -> dict[str, dict]:
-    """The four runs, in a fixed order, each in a fresh process."""
+    """The four runs, in a fixed order, each in a fresh process writing into a folder of its own
+    under `out`; the cluster run checked against the one-thread run (`check_cluster_run`)."""
     base = ["--engine", engine]
     taskset = ["taskset", "-c", str(min(os.sched_getaffinity(0)))]
-    results = {"alone": measure(model, photos, base, out, files),
-               "ray, one machine": measure(model, photos, [*base, "--ray"], out, files),
-               "one thread (taskset)": measure(model, photos, base, out, files, prefix=taskset, env=ONE_THREAD)}
+    folders = {name: out / name.replace(" ", "-").replace(",", "") for name in RUNS}
+    for folder in folders.values():
+        folder.mkdir()
+    results = {"alone": measure(model, photos, base, folders["alone"], files),
+               "ray, one machine": measure(model, photos, [*base, "--ray"], folders["ray, one machine"], files),
+               "one thread (taskset)": measure(model, photos, base, folders["one thread (taskset)"], files,
+                                               prefix=taskset, env=ONE_THREAD)}
     # the cluster's own token (Ray's token authentication), given to its nodes and its driver
     token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
+    cluster = folders["ray, two 1-CPU nodes"]
     with two_one_cpu_nodes({**os.environ, **token}) as address:
-        results["ray, two 1-CPU nodes"] = measure(model, photos, [*base, "--ray", address], out, files, env=token)
+        results["ray, two 1-CPU nodes"] = measure(model, photos, [*base, "--ray", address], cluster, files, env=token)
+    print(check_cluster_run(cluster, folders["one thread (taskset)"]))
     return results
+
+
+def check_cluster_run(cluster: Path, single: Path) -> str:
+    """What the cluster run's folder shows against the one-thread run's (each one output,
+    out-0.jsonl, and its log): results from both nodes, and the same labels and errors for every
+    file. A SystemExit otherwise."""
+    log = (cluster / "out-0.log").read_text()
+    nodes = set(re.findall(r"ray: node ([0-9a-f]+): first results", log))
+    if len(nodes) != 2:
+        raise SystemExit(f"the two-node run had results from {len(nodes)} node(s), not 2:\n{log[-2000:]}")
+    got, want = (_labels(folder / "out-0.jsonl") for folder in (cluster, single))
+    differ = sorted(path for path in want.keys() | got.keys() if got.get(path) != want.get(path))
+    if differ:
+        raise SystemExit(f"the two-node run's labels differ from the one-thread run's for {len(differ)} "
+                         f"files, such as {differ[0]}")
+    return f"two 1-CPU nodes: results from both nodes, the one-thread run's labels for all {len(want)} files"
+
+
+def _labels(output: Path) -> dict[str, tuple]:
+    """Each file's (labels, error) in a jsonl output."""
+    with open(output, encoding="utf-8") as f:
+        return {row["path"]: (row["labels"], row["error"]) for row in map(json.loads, f)}
 
 
 def main() -> int:
@@ -107,6 +141,8 @@ def main() -> int:
     parser.add_argument("--model", help="checkpoint folder or hub id (default: a random-weight CvT-13)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
+    if args.files < MIN_FILES:
+        parser.error(f"--files must be at least {MIN_FILES}: two batches, one for each node")
     with tempfile.TemporaryDirectory(prefix="cvt-ray-scaling-") as tmp:
         work = Path(tmp)
         model = args.model or str(random_model(work / "model"))

@@ -151,9 +151,10 @@ def test_the_json_names_the_cpu_date_and_commit_the_docs_quote(monkeypatch, tmp_
 @pytest.mark.subprocess
 @pytest.mark.xdist_group("ray")
 def test_the_ray_scaling_script_runs_at_a_tiny_size(tmp_path) -> None:
-    """benchmarks/ray_scaling.py on 8 files and a tiny model: its four runs finish (each checks
-    that every file is in its output) and its JSON names the CPU, date, commit and both ratios
-    (whose values, at this size, say nothing)."""
+    """benchmarks/ray_scaling.py on 200 files and a tiny model: its four runs finish (each checks
+    that every file is in its output); the two-node cluster's run has results from both nodes
+    and the one-thread run's labels for every file; its JSON names the CPU, date, commit and both
+    ratios (whose values, at this size, say nothing)."""
     import json
     import os
     import subprocess
@@ -162,7 +163,7 @@ def test_the_ray_scaling_script_runs_at_a_tiny_size(tmp_path) -> None:
     from conftest import REPO_ROOT, save_tiny_classifier
 
     model = save_tiny_classifier(tmp_path / "model")
-    done = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "ray_scaling.py"), "--files", "8",
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "ray_scaling.py"), "--files", "200",
                            "--model", str(model), "--json", str(tmp_path / "out.json")], capture_output=True,
                           text=True, timeout=900, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -171,3 +172,4 @@ def test_the_ray_scaling_script_runs_at_a_tiny_size(tmp_path) -> None:
     assert result["machine"]["cpu"] and result["date"] and result["commit"] and result["engine"] == "torch"
     assert set(result["ratios"]) == {"ray on one machine / cvt predict", "two 1-CPU nodes / one thread"}
     assert "images/s" in done.stdout
+    assert "two 1-CPU nodes: results from both nodes, the one-thread run's labels for all 200 files" in done.stdout

@@ -108,6 +108,7 @@ for block in blocks:
             sys.exit(f"docs block failed: {where}")
     elif subprocess.run(["bash", "-e", "-o", "pipefail", "-c", block["code"]]).returncode != 0:
         sys.exit(f"docs block failed: {where}")
+print(f"--- {page}: all blocks ran in {time.perf_counter() - start:.1f} s", flush=True)
 """
 
 
@@ -218,7 +219,8 @@ def test_docs_page_runs(page, docs_world, tmp_path, request):
         env = {**env, "HF_HUB_CACHE": str(request.getfixturevalue("published_hub"))}
     blocks = code_blocks(text)
     done = run_page(page_id(page), blocks, fresh_workdir(files, tmp_path), env)
-    print(done.stdout[-3000:])  # when each block started: shown with -s, or -rP
+    starts = [line for line in done.stdout.splitlines() if line.startswith("--- ")]
+    print("\n".join(starts))  # when each block started: shown with -s, or -rP
     assert done.returncode == 0, f"{done.stdout[-6000:]}\n{done.stderr[-6000:]}"
 
 
