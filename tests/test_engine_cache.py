@@ -18,7 +18,7 @@ import torch
 
 import cvt
 from cvt import engines
-from cvt.engines import EngineError, auto, build_engine, cache, onnxruntime_engine
+from cvt.engines import EngineError, auto, build_engine, cache, exported, onnxruntime_engine
 
 from conftest import TINY_ARCHITECTURES, randomise_, save_tiny_classifier, write_images
 
@@ -91,6 +91,24 @@ def test_the_weights_digest_is_computed_once_per_model_and_build(monkeypatch) ->
     keys = {store.key(model, runtime=name) for name in ("onnxruntime", "openvino")}
     assert len(keys) == 2 and calls == [model]
     assert store.key(other, runtime="onnxruntime") not in keys and calls == [model, other]
+
+
+@pytest.mark.slow
+def test_auto_builds_both_graph_engines_from_one_trace(tmp_path, monkeypatch, caplog) -> None:
+    """Measuring, auto builds onnxruntime and OpenVINO from one ONNX trace of the model (tracing
+    takes seconds); each is still checked against the plain model, and a later build traces anew."""
+    monkeypatch.setenv("CVT_AUTO_ENGINE", "measure")
+    monkeypatch.setattr(auto, "PAUSE_S", 0.0)
+    traced, trace = [], exported.onnx_bytes
+    monkeypatch.setattr(exported, "onnx_bytes", lambda model, size: traced.append(size) or trace(model, size))
+    model = make(3)
+    with caplog.at_level(logging.INFO, logger="cvt"):
+        build_engine(model, image_size=32, cache_dir=tmp_path)
+    assert traced == [(32, 32)]
+    chose = next(r.getMessage() for r in caplog.records if "auto chose" in r.getMessage())
+    assert "onnxruntime" in chose and "openvino" in chose, chose
+    build_engine(model, "onnxruntime", image_size=40, cache_dir=tmp_path)
+    assert traced == [(32, 32), (40, 40)]
 
 
 # ------------------------------------------------------------------------------ files an entry names

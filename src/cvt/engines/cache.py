@@ -118,13 +118,22 @@ def _file_problem(folder: Path, name: str, record: object) -> str | None:
 
 
 class EngineCache:
-    """The entries under one root folder. The weights' digest is computed once per model for the
-    life of the object (one `build_engine` call, all of auto's candidates): the weights may be
-    changed in place between calls in ways no counter shows (`p.data.copy_`)."""
+    """The entries under one root folder. The weights' digest is computed, and a model traced to
+    ONNX, once per model for the life of the object (one `build_engine` call, all of auto's
+    candidates): the weights may be changed in place between calls in ways no counter shows
+    (`p.data.copy_`)."""
 
     def __init__(self, root: str | os.PathLike | None = None) -> None:
         self.root = cache_root(root)
         self._digests: dict[int, tuple[nn.Module, str]] = {}
+        self._graphs: dict[tuple[int, tuple[int, int]], tuple[nn.Module, bytes]] = {}
+
+    def graph(self, model: nn.Module, image_size: tuple[int, int], trace: Callable[[], bytes]) -> bytes:
+        """`trace()`, the ONNX graph of `model` at `image_size`, traced once: auto builds the
+        onnxruntime and OpenVINO engines from the same graph, and tracing takes seconds."""
+        if (id(model), image_size) not in self._graphs:
+            self._graphs[id(model), image_size] = (model, trace())  # the model kept: its id stays its own
+        return self._graphs[id(model), image_size][1]
 
     def key(self, model: nn.Module, **facts: Any) -> str:
         """The key of a build of `model` that depends on `facts` (runtime, precision, ...)."""

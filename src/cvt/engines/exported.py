@@ -34,7 +34,7 @@ def build_exported(engine_class: type[Engine], model: Model, *, file: str, versi
 
     def make(folder: Path) -> None:
         logger.info("cvt: building the %s engine (%s): exporting to ONNX ...", engine_class.name, precision)
-        write(onnx_bytes(model, image_size), folder)
+        write(cache.graph(model, image_size, lambda: onnx_bytes(model, image_size)), folder)
 
     def load(folder: Path) -> Engine:
         return engine_class(model, folder / file, device=device, precision=precision, image_size=image_size)
