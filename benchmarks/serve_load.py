@@ -6,7 +6,10 @@ threads each send `--photos` of scikit-image's photographs (JPEG, one after anot
 keep-alive connection) to POST /predict; the run is bounded by that count and by --time-limit.
 Reported per configuration: throughput (answers per second, first request sent to last answer),
 p50 and p99 latency, and the mean batch size the replica formed (from /info's counters, read
-before and after the load). Every answer must be a 200 equal to `cvt.pipeline` on the same photo
+before and after the load). The replica gets `--cpus-per-replica` CPUs (default: the machine's
+cores, as a `cvt predict` process has them). The same photographs, as files, then go through
+`cvt predict` with the engine the service used (its steady files per second, as
+`ray_predict.py` measures it), and the batching service's throughput is given as a ratio of it. Every answer must be a 200 equal to `cvt.pipeline` on the same photo
 (labels equal, scores within 1e-5); the script exits 1 otherwise. The CPU, its core count and the
 load average before and after are printed: on a shared machine the numbers are not a benchmark.
 Without --model, a random-weight CvT-13 (speed does not depend on the weights) is saved to a
@@ -20,6 +23,7 @@ import http.client
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,6 +39,7 @@ from PIL import Image
 from skimage import data as skimage_data
 
 from cvt.bench import cpu_name, run_record
+from ray_predict import measure as measure_predict
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "camera", "rocket", "coins", "hubble_deep_field",
           "immunohistochemistry", "page", "moon", "retina", "grass", "brick", "cat")
@@ -172,6 +177,18 @@ def measure(model: str, options: list[str], photos: list[bytes], expected: list,
             "engine": after["engine"], "equal_to_pipeline": not problems, "problems": problems[:10]}
 
 
+def predict_rate(model: str, photos: list[Path], engine: str, args, tmp: Path) -> dict:
+    """`cvt predict` (one process, `engine`) on the photographs the clients sent, as files in the
+    same order: its wall time and steady files per second."""
+    folder, work = tmp / "sent", tmp / "predict"
+    folder.mkdir()
+    work.mkdir()
+    for c in range(args.clients):
+        for i in range(args.photos):
+            shutil.copyfile(photos[(c + i) % len(photos)], folder / f"{c:02}-{i:04}.jpg")
+    return measure_predict(model, folder, ["--engine", engine], work, args.clients * args.photos)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=16)
@@ -180,6 +197,8 @@ def main() -> int:
     parser.add_argument("--engine", default="auto")
     parser.add_argument("--max-batch-size", type=int, default=16, help="with batching on (default: 16)")
     parser.add_argument("--batch-wait-ms", type=float, default=10.0)
+    parser.add_argument("--cpus-per-replica", type=int, default=os.cpu_count(),
+                        help="the replica's CPUs and engine threads (default: the machine's cores)")
     parser.add_argument("--time-limit", type=float, default=900, help="seconds of load per configuration")
     parser.add_argument("--start-timeout", type=float, default=300)
     parser.add_argument("--json", help="also write the results to this file")
@@ -195,10 +214,13 @@ def main() -> int:
         reference = cvt.pipeline("image-classification", model, engine=args.engine)  # fp32
         expected = [reference(str(path)) for path in paths]
         photos = [path.read_bytes() for path in paths]
-        configs = {"no batching": ["--max-batch-size", "1"],
-                   "batching": ["--max-batch-size", str(args.max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms)]}
+        cpus = ["--cpus-per-replica", str(args.cpus_per_replica)]
+        configs = {"no batching": ["--max-batch-size", "1", *cpus],
+                   "batching": ["--max-batch-size", str(args.max_batch_size), "--batch-wait-ms",
+                                str(args.batch_wait_ms), *cpus]}
         results = {name: measure(model, options, photos, expected, args, Path(tmp) / f"serve-{i}.log")
                    for i, (name, options) in enumerate(configs.items())}
+        predict = predict_rate(model, paths, results["batching"]["engine"], args, Path(tmp))
     print(f"load average after: {os.getloadavg()}")
     print(f"{args.clients} clients x {args.photos} photos, 1 replica, engine {results['batching']['engine']}")
     print(f"{'':12} {'answers/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'mean batch':>10} {'200s':>9}  equal to pipeline")
@@ -207,8 +229,13 @@ def main() -> int:
               f"{r['mean_batch_size']:10.2f} {r['ok']:4}/{args.clients * args.photos:<4}  {r['equal_to_pipeline']}")
         for problem in r["problems"]:
             print(f"  {problem}")
+    ratio = results["batching"]["throughput_per_s"] / predict["steady_files_per_s"]
+    print(f"cvt predict, engine {results['batching']['engine']}: {predict['steady_files_per_s']:.2f} files/s; "
+          f"batching service / cvt predict: {ratio:.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps({**run_record(), "cores": os.cpu_count(), **results}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({**run_record(), "cores": os.cpu_count(), **results,
+                                               "cvt predict": predict, "batching / cvt predict": ratio},
+                                              indent=2) + "\n")
     return 0 if all(r["equal_to_pipeline"] for r in results.values()) else 1
 
 

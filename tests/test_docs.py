@@ -41,6 +41,7 @@ FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>```+|~~~+)\s*(?P<lang>[\w+-]*)
 SKIP = re.compile(r"<!--\s*docs-test:\s*skip\s*\((?P<why>[^)]+)\)\s*-->")
 SLOW_PAGE = "<!-- docs-test: slow -->"
 HUB_ID = re.compile(r"\bmicrosoft/(cvt-[\w.-]*\w)")
+VARIANT_NAME = re.compile(r"(?<![\w/-])(cvt-[\w.-]*\w)\b")
 PAGE_TIMEOUT_S = 900
 
 
@@ -177,7 +178,13 @@ def make_hub_cache(cache: Path, ids: set[str], architecture: dict) -> Path:
 
 
 def named_hub_ids(pages: list[Path]) -> set[str]:
-    return {m for page in pages for m in HUB_ID.findall(page.read_text(encoding="utf-8"))}
+    """The hub ids the pages name: `microsoft/cvt-...`, and the variant names ("cvt-13") that
+    `create_model(..., pretrained=True)` and the CLI read from the hub."""
+    from cvt.variants import VARIANTS
+
+    texts = [page.read_text(encoding="utf-8") for page in pages]
+    quoted = {m for text in texts for m in VARIANT_NAME.findall(text)} & set(VARIANTS)
+    return {m for text in texts for m in HUB_ID.findall(text)} | quoted
 
 
 @pytest.fixture(scope="session")
