@@ -158,8 +158,8 @@ def main() -> int:
     record = run_record()  # the CPU, date and commit every results file names
     machine = {"cpu": record["cpu"], "cores": len(os.sched_getaffinity(0)), "load_before": load_before,
                "load_after": os.getloadavg()}
-    meta = {"date": record["date"], "commit": record["commit"], "files": args.files, "engine": args.engine,
-            "machine": machine}
+    meta = {"cpu": record["cpu"], "date": record["date"], "commit": record["commit"], "files": args.files,
+            "engine": args.engine, "machine": machine}
     print(f"{machine['cpu']}, {machine['cores']} cores; {meta['date']}, commit {meta['commit']}; "
           f"{args.files} files, engine {args.engine}; load average before {load_before[0]:.2f}, "
           f"after {machine['load_after'][0]:.2f}")

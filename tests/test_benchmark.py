@@ -169,7 +169,8 @@ def test_the_ray_scaling_script_runs_at_a_tiny_size(tmp_path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "out.json").read_text())
     assert set(result["results"]) == {"alone", "ray, one machine", "one thread (taskset)", "ray, two 1-CPU nodes"}
-    assert result["machine"]["cpu"] and result["date"] and result["commit"] and result["engine"] == "torch"
+    assert result["cpu"] and result["cpu"] == result["machine"]["cpu"]
+    assert result["date"] and result["commit"] and result["engine"] == "torch"
     assert set(result["ratios"]) == {"ray on one machine / cvt predict", "two 1-CPU nodes / one thread"}
     assert "images/s" in done.stdout
     assert "two 1-CPU nodes: results from both nodes, the one-thread run's labels for all 200 files" in done.stdout
