@@ -9,8 +9,9 @@ p50 and p99 latency, and the mean batch size the replica formed (from /info's co
 before and after the load). The replica gets `--cpus-per-replica` CPUs (default: the machine's
 cores, as a `cvt predict` process has them). The same photographs, as files, then go through
 `cvt predict` with the engine the service used (its steady files per second, as
-`ray_predict.py` measures it), and the batching service's throughput is given as a ratio of it. Every answer must be a 200 equal to `cvt.pipeline` on the same photo
-(labels equal, scores within 1e-5); the script exits 1 otherwise. The CPU, its core count and the
+`ray_predict.py` measures it), and the batching service's throughput is given as a ratio of it.
+Every answer must be a 200 equal to `cvt.pipeline` on the same photo (labels equal, scores
+within 1e-5); the script exits 1 otherwise. The CPU, its core count and the
 load average before and after are printed: on a shared machine the numbers are not a benchmark.
 Without --model, a random-weight CvT-13 (speed does not depend on the weights) is saved to a
 temporary folder.
