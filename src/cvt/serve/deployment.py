@@ -2,11 +2,11 @@
 
 Each replica loads the model and builds its engine once. A request's image is decoded and
 preprocessed by cvt's bounded loader in the replica's threads, before it joins a batch, so a bad
-upload fails alone and never reaches the model; `@serve.batch` gathers the good ones into the
-engine's batches. The API speaks Hugging Face's Inference API for image classification (POST the
-bytes, get `[{"label", "score"}, ...]` best first) and serves a page to try the model in a
-browser. Bad input is a 4xx with cvt's message; anything unexpected is a 500 whose traceback goes
-to the replica's log, never to the client.
+upload fails alone and never reaches the model; a `Batcher` gathers the good ones into the
+engine's batches, each formed when the engine is free. The API speaks Hugging Face's Inference API
+for image classification (POST the bytes, get `[{"label", "score"}, ...]` best first) and serves a
+page to try the model in a browser. Bad input is a 4xx with cvt's message; anything unexpected
+is a 500 whose traceback goes to the replica's log, never to the client.
 
 What one client can hold is bounded in the HTTP proxy (`cvt.serve.http_limits`); a replica admits a
 bounded number of images at once and answers the next one 503 with Retry-After, so that a
@@ -49,6 +49,7 @@ from ..errors import InvalidValueError, install_hint, short
 from ..images import ImageError, load_image_bytes
 from ..inference import pipeline, processor_for
 from ..run_settings import RunSettings
+from .batching import Batcher
 
 try:  # Ray's packages, and cvt.ray (whose own message names the "ray" extra, which "serve" includes)
     import ray
@@ -287,8 +288,7 @@ class CvtService:
         # on one batch, the next one's images get ready
         self.decoders = ThreadPoolExecutor(settings.threads, thread_name_prefix="cvt-decode")
         self.engine_thread = ThreadPoolExecutor(1, thread_name_prefix="cvt-engine")
-        self._classify.set_max_batch_size(settings.max_batch_size)
-        self._classify.set_batch_wait_timeout_s(settings.batch_wait_ms / 1000)
+        self.batcher = Batcher(self._classify, settings.max_batch_size, settings.batch_wait_ms / 1000)
 
     @contextlib.contextmanager
     def _admitted(self) -> Iterator[None]:
@@ -305,7 +305,6 @@ class CvtService:
     def _prepare(self, data: bytes) -> torch.Tensor:
         return self.pipeline.image_processor(load_image_bytes(data))["pixel_values"]
 
-    @serve.batch
     async def _classify(self, items: list[tuple[torch.Tensor, int]]) -> list[list[dict[str, Any]]]:
         self.batch_sizes[len(items)] += 1
         pixel_values = torch.cat([values for values, _ in items])
@@ -322,7 +321,7 @@ class CvtService:
             top_k = parse_top_k(parameters.get("top_k", request.query_params.get("top_k")),
                                 len(self.pipeline.labels))
             pixel_values = await asyncio.get_running_loop().run_in_executor(self.decoders, self._prepare, data)
-            return JSONResponse(await self._classify((pixel_values, top_k)))
+            return JSONResponse(await self.batcher.submit((pixel_values, top_k)))
 
     @api.post("/attention")
     @answers
