@@ -75,6 +75,10 @@ MIN_CAPACITY = 32  # images a replica admits at once, at least
 ROOM_FOR_QUICK_REQUESTS = 16  # /health, /info and the page, answered beside a replica's full load of images
 RETRY_AFTER_S = 1
 PROXY_CALLBACK = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "cvt.serve.http_limits:install"}
+# Ray Serve's throughput setting: a replica runs the endpoints on its own event loop rather than
+# on a second one in another thread (a hop each way per request). cvt's endpoints never block it:
+# decoding and the engine run in their threads. A value already in the environment is kept.
+SERVE_THROUGHPUT = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 PARAMETERS = {"top_k", "function_to_apply"}  # the Inference API's, for image classification
 ROUTE_PREFIX = re.compile(r"/|(/[A-Za-z0-9._~-]+)+")  # Ray Serve's rule: "/" or no trailing "/"
 APPLICATION_NAME = re.compile(r"[A-Za-z0-9._-]+")
@@ -507,9 +511,10 @@ def _connect(settings: Settings, address: str) -> None:
 @contextlib.contextmanager
 def proxy_environment(settings: Settings) -> Iterator[None]:
     """The environment a private Ray instance starts with, so that its HTTP proxy bounds what
-    clients send (`cvt.serve.http_limits.install`, with these settings' limits); this process's own
-    environment as it was afterwards."""
-    added = {**PROXY_CALLBACK, **settings.http_limits().to_env()}
+    clients send (`cvt.serve.http_limits.install`, with these settings' limits) and its replicas
+    run as `SERVE_THROUGHPUT` says; this process's own environment as it was afterwards."""
+    added = {**PROXY_CALLBACK, **settings.http_limits().to_env(),
+             **{name: os.environ.get(name, value) for name, value in SERVE_THROUGHPUT.items()}}
     before = {name: os.environ.get(name) for name in added}
     os.environ.update(added)
     try:
