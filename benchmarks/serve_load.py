@@ -5,11 +5,14 @@ Each configuration is a fresh `cvt serve` (a private Ray instance) on 127.0.0.1.
 threads each send `--photos` of scikit-image's photographs (JPEG, one after another, on one
 keep-alive connection) to POST /predict; the run is bounded by that count and by --time-limit.
 Reported per configuration: throughput (answers per second, first request sent to last answer),
-p50 and p99 latency, and the mean batch size the replica formed (from /info's counters, read
-before and after the load). The replica gets `--cpus-per-replica` CPUs (default: the machine's
-cores, as a `cvt predict` process has them). The same photographs, as files, then go through
-`cvt predict` with the engine the service used (its steady files per second, as
-`ray_predict.py` measures it), and the batching service's throughput is given as a ratio of it.
+the steady rate (answers per second from the tenth percentile of answers to the last, as
+`ray_predict.py` measures `cvt predict`), p50 and p99 latency, and the mean batch size the replica
+formed (from /info's counters, read before and after the load). The replica gets
+`--cpus-per-replica` CPUs (default: the machine's cores, as a `cvt predict` process has them).
+The same photographs, as files, also go through `cvt predict` with the engine the service used
+(its steady files per second). The batching service and `cvt predict` alternate for `--rounds`
+rounds, so that a machine whose speed drifts moves both sides of a round alike; each round's
+ratio of steady rates is printed, and their median.
 Every answer must be a 200 equal to `cvt.pipeline` on the same photo (labels equal, scores
 within 1e-5); the script exits 1 otherwise. The CPU, its core count and the
 load average before and after are printed: on a shared machine the numbers are not a benchmark.
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import io
 import json
 import os
 import shutil
@@ -114,7 +116,7 @@ def client(port: int, bodies: list[tuple[int, bytes]], deadline: float, results:
             connection.request("POST", "/predict", body, {"Content-Type": "image/jpeg"})
             answer = connection.getresponse()
             content = answer.read()
-            results.append((index, answer.status, time.perf_counter() - began, content))
+            results.append((index, answer.status, time.perf_counter() - began, content, time.perf_counter()))
     finally:
         connection.close()
 
@@ -134,6 +136,13 @@ def load(url: str, photos: list[bytes], clients: int, per_client: int, time_limi
     return results, time.perf_counter() - began
 
 
+def steady_rate(finished: list[float]) -> float:
+    """Answers per second from the answer at the tenth percentile to the last."""
+    times = sorted(finished)
+    first = len(times) // 10
+    return (len(times) - 1 - first) / (times[-1] - times[first])
+
+
 def mean_batch(before: dict, after: dict) -> float:
     """The mean size of the batches formed between two /info answers."""
     def counts(info: dict) -> dict[int, int]:
@@ -148,7 +157,7 @@ def mean_batch(before: dict, after: dict) -> float:
 def mismatches(results: list, expected: list[list[dict]], expected_count: int) -> list[str]:
     """Why the answers are not all 200s equal to the pipeline's (empty when they are)."""
     problems = [] if len(results) == expected_count else [f"{len(results)} answers of {expected_count}"]
-    for index, status, _, content in results:
+    for index, status, _, content, _ in results:
         if status != 200:
             problems.append(f"{PHOTOS[index]}: status {status}: {content[:200]!r}")
             continue
@@ -169,11 +178,12 @@ def measure(model: str, options: list[str], photos: list[bytes], expected: list,
         after = get_json(f"{url}/info")
     finally:
         stop_service(process)
-    latencies = np.array([latency for _, _, latency, _ in results]) * 1000
+    latencies = np.array([result[2] for result in results]) * 1000
     problems = mismatches(results, expected, args.clients * args.photos)
     return {"options": " ".join(options), "requests": len(results),
-            "ok": sum(status == 200 for _, status, _, _ in results),
-            "throughput_per_s": len(results) / seconds, "p50_ms": float(np.percentile(latencies, 50)),
+            "ok": sum(result[1] == 200 for result in results),
+            "throughput_per_s": len(results) / seconds, "steady_per_s": steady_rate([r[4] for r in results]),
+            "p50_ms": float(np.percentile(latencies, 50)),
             "p99_ms": float(np.percentile(latencies, 99)), "mean_batch_size": mean_batch(before, after),
             "engine": after["engine"], "equal_to_pipeline": not problems, "problems": problems[:10]}
 
@@ -182,7 +192,7 @@ def predict_rate(model: str, photos: list[Path], engine: str, args, tmp: Path) -
     """`cvt predict` (one process, `engine`) on the photographs the clients sent, as files in the
     same order: its wall time and steady files per second."""
     folder, work = tmp / "sent", tmp / "predict"
-    folder.mkdir()
+    folder.mkdir(parents=True)
     work.mkdir()
     for c in range(args.clients):
         for i in range(args.photos):
@@ -200,12 +210,13 @@ def main() -> int:
     parser.add_argument("--batch-wait-ms", type=float, default=10.0)
     parser.add_argument("--cpus-per-replica", type=int, default=os.cpu_count(),
                         help="the replica's CPUs and engine threads (default: the machine's cores)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the batching service and cvt predict")
     parser.add_argument("--time-limit", type=float, default=900, help="seconds of load per configuration")
     parser.add_argument("--start-timeout", type=float, default=300)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
-    if not (1 <= args.clients <= 64 and 1 <= args.photos <= 1000):
-        parser.error("--clients 1-64 and --photos 1-1000 (the load is bounded)")
+    if not (1 <= args.clients <= 64 and 1 <= args.photos <= 1000 and 1 <= args.rounds <= 9):
+        parser.error("--clients 1-64, --photos 1-1000 and --rounds 1-9 (the load is bounded)")
     import cvt
 
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; load average before: {os.getloadavg()}")
@@ -216,28 +227,38 @@ def main() -> int:
         expected = [reference(str(path)) for path in paths]
         photos = [path.read_bytes() for path in paths]
         cpus = ["--cpus-per-replica", str(args.cpus_per_replica)]
-        configs = {"no batching": ["--max-batch-size", "1", *cpus],
-                   "batching": ["--max-batch-size", str(args.max_batch_size), "--batch-wait-ms",
-                                str(args.batch_wait_ms), *cpus]}
-        results = {name: measure(model, options, photos, expected, args, Path(tmp) / f"serve-{i}.log")
-                   for i, (name, options) in enumerate(configs.items())}
-        predict = predict_rate(model, paths, results["batching"]["engine"], args, Path(tmp))
+        batching = ["--max-batch-size", str(args.max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms), *cpus]
+        unbatched = measure(model, ["--max-batch-size", "1", *cpus], photos, expected, args, Path(tmp) / "serve.log")
+        rounds = []
+        for i in range(args.rounds):  # alternating, so that a drifting machine moves both sides alike
+            service = measure(model, batching, photos, expected, args, Path(tmp) / f"serve-{i}.log")
+            predict = predict_rate(model, paths, service["engine"], args, Path(tmp) / f"round-{i}")
+            predict["steady_files_per_s"] = predict["steady_files_per_s"] or float("nan")  # None: too few files
+            rounds.append({"batching": service, "cvt predict": predict, "ratio": service["steady_per_s"] / predict["steady_files_per_s"]})
     print(f"load average after: {os.getloadavg()}")
-    print(f"{args.clients} clients x {args.photos} photos, 1 replica, engine {results['batching']['engine']}")
-    print(f"{'':12} {'answers/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'mean batch':>10} {'200s':>9}  equal to pipeline")
-    for name, r in results.items():
-        print(f"{name:12} {r['throughput_per_s']:10.2f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} "
-              f"{r['mean_batch_size']:10.2f} {r['ok']:4}/{args.clients * args.photos:<4}  {r['equal_to_pipeline']}")
+    report(args, unbatched, rounds)
+    median = float(np.median([r["ratio"] for r in rounds]))
+    if args.json:
+        Path(args.json).write_text(json.dumps({**run_record(), "cores": os.cpu_count(), "no batching": unbatched,
+                                               "rounds": rounds, "median batching / cvt predict": median},
+                                              indent=2) + "\n")
+    return 0 if all(r["equal_to_pipeline"] for r in [unbatched, *(r["batching"] for r in rounds)]) else 1
+
+
+def report(args, unbatched: dict, rounds: list[dict]) -> None:
+    print(f"{args.clients} clients x {args.photos} photos, 1 replica, engine {unbatched['engine']}")
+    print(f"{'':14} {'answers/s':>10} {'steady/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'mean batch':>10} {'200s':>9}"
+          f"  equal to pipeline  {'cvt predict/s':>13}  ratio")
+    rows = [("no batching", unbatched, None)] + [(f"batching, {i + 1}", r["batching"], r) for i, r in enumerate(rounds)]
+    for name, r, round_ in rows:
+        against = (f"  {round_['cvt predict']['steady_files_per_s']:13.2f}  {round_['ratio']:.2f}x" if round_ else "")
+        print(f"{name:14} {r['throughput_per_s']:10.2f} {r['steady_per_s']:9.2f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} "
+              f"{r['mean_batch_size']:10.2f} {r['ok']:4}/{args.clients * args.photos:<4}  {str(r['equal_to_pipeline']):17}"
+              f"{against}")
         for problem in r["problems"]:
             print(f"  {problem}")
-    ratio = results["batching"]["throughput_per_s"] / predict["steady_files_per_s"]
-    print(f"cvt predict, engine {results['batching']['engine']}: {predict['steady_files_per_s']:.2f} files/s; "
-          f"batching service / cvt predict: {ratio:.2f}x")
-    if args.json:
-        Path(args.json).write_text(json.dumps({**run_record(), "cores": os.cpu_count(), **results,
-                                               "cvt predict": predict, "batching / cvt predict": ratio},
-                                              indent=2) + "\n")
-    return 0 if all(r["equal_to_pipeline"] for r in results.values()) else 1
+    print(f"batching service / cvt predict (steady rates), median of {len(rounds)} rounds: "
+          f"{np.median([r['ratio'] for r in rounds]):.2f}x")
 
 
 if __name__ == "__main__":
