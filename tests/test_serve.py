@@ -543,6 +543,15 @@ def test_the_private_ray_instance_asks_for_a_token(service):
     assert len(gcs) == 1 and gcs[0].environ().get("RAY_AUTH_MODE") == "token"
 
 
+def test_the_replicas_run_the_endpoints_on_their_main_event_loop(service):
+    """Ray Serve's throughput setting reaches the replicas of the instance `cvt serve` starts:
+    no second event loop in another thread, and no hop to it and back for each request."""
+    _, process, _ = service
+    replicas = [p for p in psutil.Process(process.pid).children(recursive=True)
+                if "ServeReplica" in " ".join(cmdline(p))]
+    assert replicas and all(p.environ().get("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD") == "0" for p in replicas)
+
+
 def test_an_unexpected_error_is_a_500_without_its_traceback(caplog):
     from starlette.requests import Request
 
