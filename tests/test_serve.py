@@ -544,12 +544,16 @@ def test_the_private_ray_instance_asks_for_a_token(service):
 
 
 def test_the_replicas_run_the_endpoints_on_their_main_event_loop(service):
-    """Ray Serve's throughput setting reaches the replicas of the instance `cvt serve` starts:
-    no second event loop in another thread, and no hop to it and back for each request."""
+    """Ray Serve's throughput settings reach the replicas and the proxy of the instance `cvt serve`
+    starts: no second event loop in another thread (and no hop to it and back for each request),
+    gRPC from the proxy to the replicas."""
     _, process, _ = service
-    replicas = [p for p in psutil.Process(process.pid).children(recursive=True)
-                if "ServeReplica" in " ".join(cmdline(p))]
-    assert replicas and all(p.environ().get("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD") == "0" for p in replicas)
+    serve_actors = [p for p in psutil.Process(process.pid).children(recursive=True)
+                    if "ServeReplica" in " ".join(cmdline(p)) or "ProxyActor" in " ".join(cmdline(p))]
+    assert len(serve_actors) == 2
+    for actor in serve_actors:
+        assert actor.environ().get("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD") == "0"
+        assert actor.environ().get("RAY_SERVE_USE_GRPC_BY_DEFAULT") == "1"
 
 
 def test_an_unexpected_error_is_a_500_without_its_traceback(caplog):

@@ -75,10 +75,14 @@ MIN_CAPACITY = 32  # images a replica admits at once, at least
 ROOM_FOR_QUICK_REQUESTS = 16  # /health, /info and the page, answered beside a replica's full load of images
 RETRY_AFTER_S = 1
 PROXY_CALLBACK = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "cvt.serve.http_limits:install"}
-# Ray Serve's throughput setting: a replica runs the endpoints on its own event loop rather than
-# on a second one in another thread (a hop each way per request). cvt's endpoints never block it:
-# decoding and the engine run in their threads. A value already in the environment is kept.
-SERVE_THROUGHPUT = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+# Ray Serve's throughput settings (those of RAY_SERVE_THROUGHPUT_OPTIMIZED but direct ingress,
+# which would bypass the proxy that bounds clients): a replica runs the endpoints, and its router
+# runs, on its own event loop rather than on others in other threads (a hop each way per request;
+# cvt's endpoints never block it: decoding and the engine run in their threads); the proxy sends
+# requests to replicas over gRPC; the objects made at start-up are left out of garbage collection.
+# A value already in the environment is kept.
+SERVE_THROUGHPUT = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+                    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1", "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1"}
 PARAMETERS = {"top_k", "function_to_apply"}  # the Inference API's, for image classification
 ROUTE_PREFIX = re.compile(r"/|(/[A-Za-z0-9._~-]+)+")  # Ray Serve's rule: "/" or no trailing "/"
 APPLICATION_NAME = re.compile(r"[A-Za-z0-9._-]+")
