@@ -28,12 +28,18 @@ class Engine:
         return [item * 10 for item in items]
 
 
+async def busy(max_size: int, wait_s: float) -> tuple[Engine, Batcher, asyncio.Future]:
+    """A held engine, its batcher, and the call whose batch ([1]) the engine is running."""
+    engine = Engine(hold=True)
+    batcher = Batcher(engine.run, max_size=max_size, wait_s=wait_s)
+    first = asyncio.ensure_future(batcher.submit(1))
+    await engine.running.wait()
+    return engine, batcher, first
+
+
 def test_images_that_wait_while_the_engine_runs_form_the_next_batch():
     async def scenario():
-        engine = Engine(hold=True)
-        batcher = Batcher(engine.run, max_size=4, wait_s=0.001)
-        first = asyncio.ensure_future(batcher.submit(1))
-        await engine.running.wait()  # the engine has [1] and is busy
+        engine, batcher, first = await busy(max_size=4, wait_s=0.001)
         later = []
         for n in range(2, 7):  # one at a time, each after the last one's wait window has closed
             later.append(asyncio.ensure_future(batcher.submit(n)))
@@ -62,10 +68,7 @@ def test_an_image_that_finds_the_engine_idle_waits_for_others_up_to_the_window()
 
 def test_an_error_reaches_every_caller_of_its_batch_and_the_next_batch_still_runs():
     async def scenario():
-        engine = Engine(hold=True)
-        batcher = Batcher(engine.run, max_size=8, wait_s=0)
-        first = asyncio.ensure_future(batcher.submit(1))
-        await engine.running.wait()
+        engine, batcher, first = await busy(max_size=8, wait_s=0)
         bad = [asyncio.ensure_future(batcher.submit(item)) for item in ("bad", 3)]
         engine.released.set()
         outcomes = await asyncio.gather(first, *bad, return_exceptions=True)
@@ -79,10 +82,7 @@ def test_an_error_reaches_every_caller_of_its_batch_and_the_next_batch_still_run
 
 def test_a_caller_that_gave_up_is_left_out_of_the_next_batch():
     async def scenario():
-        engine = Engine(hold=True)
-        batcher = Batcher(engine.run, max_size=8, wait_s=0)
-        first = asyncio.ensure_future(batcher.submit(1))
-        await engine.running.wait()
+        engine, batcher, first = await busy(max_size=8, wait_s=0)
         gone, kept = asyncio.ensure_future(batcher.submit(2)), asyncio.ensure_future(batcher.submit(3))
         await asyncio.sleep(0)
         gone.cancel()  # its client disconnected
