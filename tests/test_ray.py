@@ -473,6 +473,27 @@ def test_ctrl_c_before_the_first_results(model_dir, tmp_path) -> None:
     assert time.monotonic() - started < 300
 
 
+def test_ending_what_outlives_ray_goes_on_past_a_process_that_ended_meanwhile(monkeypatch) -> None:
+    """After Ray's shutdown, a process that ends between the wait and its SIGTERM must not stop
+    the others from being ended (on a busy machine Ray's workers end at any moment)."""
+    from cvt.ray import _end_processes
+
+    children = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
+    try:
+        first, second = (psutil.Process(child.pid) for child in children)
+
+        def ended_meanwhile() -> None:
+            raise psutil.NoSuchProcess(first.pid)
+
+        monkeypatch.setattr(first, "terminate", ended_meanwhile)
+        _end_processes([first, second], 0.2)
+        assert not second.is_running()
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+
+
 @pytest.mark.subprocess
 def test_an_unreachable_address_is_an_error_at_once(model_dir, tmp_path) -> None:
     """--ray HOST:PORT where nothing listens: one line naming the address, exit status 2, well

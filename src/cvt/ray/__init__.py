@@ -10,6 +10,7 @@ run finishes on a cluster with exactly as many CPUs as actors.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -174,11 +175,19 @@ def disconnect() -> None:
     instance = [process for raylet in psutil.Process().children() if _named(raylet, "raylet")
                 for process in _with_descendants(raylet)]
     ray.shutdown()
-    left = psutil.wait_procs(instance, timeout=ORPHAN_GRACE_S)[1]
+    _end_processes(instance, ORPHAN_GRACE_S)
+
+
+def _end_processes(processes: list[psutil.Process], grace_s: float) -> None:
+    """Those of `processes` still alive after `grace_s` get SIGTERM, and SIGKILL `grace_s` later.
+    One that ends on its own in between is passed over, never the end of the others' ending."""
+    left = psutil.wait_procs(processes, timeout=grace_s)[1]
     for process in left:
-        process.terminate()
-    for process in psutil.wait_procs(left, timeout=ORPHAN_GRACE_S)[1]:
-        process.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    for process in psutil.wait_procs(left, timeout=grace_s)[1]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
 
 
 def _named(process: psutil.Process, name: str) -> bool:
