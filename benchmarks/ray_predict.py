@@ -95,7 +95,7 @@ def measure(model: str, photos: Path, extra: list[str], workdir: Path, count: in
     wall = time.monotonic() - start
     if child.returncode not in (0, 1) or sum(1 for _ in open(output)) != count:
         raise SystemExit(f"{' '.join(command)} failed:\n" + "\n".join(log.read_text().splitlines()[-20:]))
-    return {"wall_s": wall, "steady_files_per_s": _steady_rate(arrivals, count),
+    return {"wall_s": wall, "steady_files_per_s": steady_rate(arrivals, count),
             "peak_rss_driver_mb": peak_own / 2**20, "peak_rss_all_mb": peak_total / 2**20}
 
 
@@ -106,7 +106,7 @@ def _lines(path: Path | None) -> int:
         return 0
 
 
-def _steady_rate(arrivals: list[tuple[float, int]], count: int) -> float | None:
+def steady_rate(arrivals: list[tuple[float, int]], count: int) -> float | None:
     """Files per second from the first sample past 10 % of the files to the last sample."""
     later = [(t, n) for t, n in arrivals if n >= count / 10]
     if len(later) < 2 or later[-1][0] == later[0][0]:

@@ -42,7 +42,7 @@ from PIL import Image
 from skimage import data as skimage_data
 
 from cvt.bench import cpu_name, run_record
-from ray_predict import measure as measure_predict
+from ray_predict import measure as measure_predict, steady_rate
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "camera", "rocket", "coins", "hubble_deep_field",
           "immunohistochemistry", "page", "moon", "retina", "grass", "brick", "cat")
@@ -136,11 +136,11 @@ def load(url: str, photos: list[bytes], clients: int, per_client: int, time_limi
     return results, time.perf_counter() - began
 
 
-def steady_rate(finished: list[float]) -> float:
-    """Answers per second from the answer at the tenth percentile to the last."""
-    times = sorted(finished)
-    first = len(times) // 10
-    return (len(times) - 1 - first) / (times[-1] - times[first])
+def answers_steady_rate(results: list) -> float:
+    """Answers per second as `cvt predict`'s steady rate is measured, each answer an arrival (NaN:
+    too few answers to see one)."""
+    finished = sorted(result[4] for result in results)
+    return steady_rate([(t, n) for n, t in enumerate(finished, 1)], len(finished)) or float("nan")
 
 
 def mean_batch(before: dict, after: dict) -> float:
@@ -182,7 +182,7 @@ def measure(model: str, options: list[str], photos: list[bytes], expected: list,
     problems = mismatches(results, expected, args.clients * args.photos)
     return {"options": " ".join(options), "requests": len(results),
             "ok": sum(result[1] == 200 for result in results),
-            "throughput_per_s": len(results) / seconds, "steady_per_s": steady_rate([r[4] for r in results]),
+            "throughput_per_s": len(results) / seconds, "steady_per_s": answers_steady_rate(results),
             "p50_ms": float(np.percentile(latencies, 50)),
             "p99_ms": float(np.percentile(latencies, 99)), "mean_batch_size": mean_batch(before, after),
             "engine": after["engine"], "equal_to_pipeline": not problems, "problems": problems[:10]}
@@ -234,10 +234,11 @@ def main() -> int:
             service = measure(model, batching, photos, expected, args, Path(tmp) / f"serve-{i}.log")
             predict = predict_rate(model, paths, service["engine"], args, Path(tmp) / f"round-{i}")
             predict["steady_files_per_s"] = predict["steady_files_per_s"] or float("nan")  # None: too few files
-            rounds.append({"batching": service, "cvt predict": predict, "ratio": service["steady_per_s"] / predict["steady_files_per_s"]})
+            rounds.append({"batching": service, "cvt predict": predict,
+                           "ratio": service["steady_per_s"] / predict["steady_files_per_s"]})
     print(f"load average after: {os.getloadavg()}")
-    report(args, unbatched, rounds)
     median = float(np.median([r["ratio"] for r in rounds]))
+    report(args, unbatched, rounds, median)
     if args.json:
         Path(args.json).write_text(json.dumps({**run_record(), "cores": os.cpu_count(), "no batching": unbatched,
                                                "rounds": rounds, "median batching / cvt predict": median},
@@ -245,7 +246,7 @@ def main() -> int:
     return 0 if all(r["equal_to_pipeline"] for r in [unbatched, *(r["batching"] for r in rounds)]) else 1
 
 
-def report(args, unbatched: dict, rounds: list[dict]) -> None:
+def report(args, unbatched: dict, rounds: list[dict], median: float) -> None:
     print(f"{args.clients} clients x {args.photos} photos, 1 replica, engine {unbatched['engine']}")
     print(f"{'':14} {'answers/s':>10} {'steady/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'mean batch':>10} {'200s':>9}"
           f"  equal to pipeline  {'cvt predict/s':>13}  ratio")
@@ -253,12 +254,11 @@ def report(args, unbatched: dict, rounds: list[dict]) -> None:
     for name, r, round_ in rows:
         against = (f"  {round_['cvt predict']['steady_files_per_s']:13.2f}  {round_['ratio']:.2f}x" if round_ else "")
         print(f"{name:14} {r['throughput_per_s']:10.2f} {r['steady_per_s']:9.2f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} "
-              f"{r['mean_batch_size']:10.2f} {r['ok']:4}/{args.clients * args.photos:<4}  {str(r['equal_to_pipeline']):17}"
-              f"{against}")
+              f"{r['mean_batch_size']:10.2f} {r['ok']:4}/{args.clients * args.photos:<4}  "
+              f"{str(r['equal_to_pipeline']):17}{against}")
         for problem in r["problems"]:
             print(f"  {problem}")
-    print(f"batching service / cvt predict (steady rates), median of {len(rounds)} rounds: "
-          f"{np.median([r['ratio'] for r in rounds]):.2f}x")
+    print(f"batching service / cvt predict (steady rates), median of {len(rounds)} rounds: {median:.2f}x")
 
 
 if __name__ == "__main__":
