@@ -473,6 +473,37 @@ def test_ctrl_c_before_the_first_results(model_dir, tmp_path) -> None:
     assert time.monotonic() - started < 300
 
 
+@pytest.mark.parametrize("moment", ["as the actors are asked for", "before the first row is written"])
+def test_a_ctrl_c_at_any_moment_after_ray_started_ends_the_private_instance(moment, tmp_path, monkeypatch,
+                                                                             capsys) -> None:
+    """The gaps between start-up steps, where a Ctrl-C on a busy machine once left Ray's agents
+    running (nothing had yet taken charge of shutting the instance down): here each moment's
+    KeyboardInterrupt is raised on purpose, with Ray itself replaced by stand-ins. The instance
+    is ended once, before the command says it was interrupted (not whenever the rows happen to
+    be collected)."""
+    import cvt.predict
+    import cvt.ray
+
+    monkeypatch.setattr(cvt.ray, "connect", lambda address: True)
+    monkeypatch.setattr(cvt.ray, "disconnect", lambda: print("(ray shut down)", file=sys.stderr))
+    monkeypatch.setattr(cvt.ray, "cluster_layout", lambda *args, **kwargs: cvt.ray.Layout(1, 1, False))
+    monkeypatch.setattr(cvt.ray, "classify_dataset", lambda *args, **kwargs: None)
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if moment == "as the actors are asked for":
+        monkeypatch.setattr(cvt.ray.log, "info", ctrl_c)
+    else:
+        monkeypatch.setattr(cvt.predict, "write_atomic", ctrl_c)
+    model = save_tiny_classifier(tmp_path / "model")
+    photos = make_folder(tmp_path / "photos", 2)
+    args = ["predict", str(model), str(photos), "--format", "jsonl", "--output", str(tmp_path / "out.jsonl")]
+    assert main([*args, "--ray"]) == 130
+    stderr = capsys.readouterr().err
+    assert stderr.count("(ray shut down)") == 1 and stderr.index("(ray shut down)") < stderr.index("cvt: interrupted")
+
+
 def test_ending_what_outlives_ray_goes_on_past_a_process_that_ended_meanwhile(monkeypatch) -> None:
     """After Ray's shutdown, a process that ends between the wait and its SIGTERM must not stop
     the others from being ended (on a busy machine Ray's workers end at any moment)."""

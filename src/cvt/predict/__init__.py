@@ -75,7 +75,10 @@ def run(model: str, inputs: Sequence[str], settings: RunSettings | None = None, 
 
         rows = on_ray.predict_rows(paths, model, settings, address=ray, workers=workers,
                                    cpus_per_worker=cpus_per_worker)
-    done, failures, stopped = _write(rows, paths, fmt, output)
+    try:
+        done, failures, stopped = _write(rows, paths, fmt, output)
+    finally:  # even when stopped before the first row was asked for (a Ray instance ends with it)
+        _close(rows)
     if output is not None:
         print(f"wrote {fmt} results for {done - failures} of {len(paths)} files to {output}"
               + (f" ({failures} could not be classified)" if failures else ""))
@@ -200,8 +203,6 @@ def report(rows: Iterable[Row], paths: list[Path | str], fmt: str, out: TextIO |
                 bar.update()
         except (KeyboardInterrupt, ClusterLostError) as err:  # keep what is finished: the caller raises
             stopped = err
-        finally:
-            _close(rows)
     if fmt == "json":
         emit("]")
     elif isinstance(out, ParquetRows):

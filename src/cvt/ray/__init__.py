@@ -174,8 +174,10 @@ def disconnect() -> None:
     raylet does."""
     instance = [process for raylet in psutil.Process().children() if _named(raylet, "raylet")
                 for process in _with_descendants(raylet)]
-    ray.shutdown()
-    _end_processes(instance, ORPHAN_GRACE_S)
+    try:
+        ray.shutdown()
+    finally:
+        _end_processes(instance, ORPHAN_GRACE_S)
 
 
 def _end_processes(processes: list[psutil.Process], grace_s: float) -> None:
@@ -312,18 +314,18 @@ def predict_rows(paths: Sequence[str | os.PathLike], model: str, settings: RunSe
     settings = (settings or RunSettings()).replace(**options)
     model, settings = _absolute(model), settings.replace(calibration=_absolute(settings.calibration))
     started = connect(address)
-    try:
+    try:  # a Ctrl-C at any moment from here on ends a private instance with its agents
         layout = cluster_layout(workers, cpus_per_worker, gpu=str(settings.device or "").startswith("cuda"))
         ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
         dataset = classify_dataset(list(names), model, settings, layout=layout)
+        log.info("cvt: ray: %d files on %d actors of %d CPUs (and engine threads) each%s", len(paths),
+                 layout.actors, layout.cpus, " and 1 GPU" if layout.gpu else "")
+        rows = _stream(dataset, names, started, watch=not address.startswith("ray://"))
+        next(rows)  # into its `try`: closing it from now on shuts Ray down, even before the first row
     except BaseException:
         if started:
             disconnect()
         raise
-    log.info("cvt: ray: %d files on %d actors of %d CPUs (and engine threads) each%s", len(paths),
-             layout.actors, layout.cpus, " and 1 GPU" if layout.gpu else "")
-    rows = _stream(dataset, names, started, watch=not address.startswith("ray://"))
-    next(rows)  # into its `try`: closing it from now on shuts Ray down, even before the first row
     return rows
 
 
@@ -398,8 +400,8 @@ def _stream(dataset: ray.data.Dataset, names: dict[bytes, str], started: bool,
     """The dataset's rows as they arrive (each path as the caller gave it), each node named when
     its first results come; closing it (or Ctrl-C) stops the job, and a private instance is shut
     down. It first yields None, once, when it is ready (`predict_rows` takes that one)."""
-    per_node: dict[str, int] = {}
     try:
+        per_node: dict[str, int] = {}
         yield None
         for table in _batches(dataset, watch):
             for row in table.to_pylist():
