@@ -23,6 +23,7 @@ were done); anything else is a bug: its traceback, exit status 3. A Ray cluster 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import traceback
@@ -102,4 +103,7 @@ def entry() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
+    # torch's and transformers' millions of objects live until the process ends: frozen, the
+    # interpreter's last garbage collections pass over them (about 0.6 s of every command's exit)
+    gc.freeze()
     sys.exit(status)
