@@ -34,6 +34,7 @@ def make(seed: int = 0) -> cvt.CvtForImageClassification:
 
 
 # ------------------------------------------------------------------------------ entries bound to a model
+@pytest.mark.slow  # the fp32 case of test_hostile_runs' rebuild stays in the fast tier
 def test_another_models_int8_entry_with_a_rewritten_manifest_is_rebuilt(tmp_path, monkeypatch, caplog) -> None:
     """Copied under this model's key with its fingerprint rewritten and its recorded check
     loosened a billionfold, another model's int8 engine is still refused: a loaded entry must

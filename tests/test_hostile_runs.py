@@ -40,7 +40,7 @@ def cvt_warnings(caplog) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ the engine cache
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("int8", marks=pytest.mark.slow)])
 def test_another_models_entry_under_this_models_key_is_rebuilt(tmp_path, monkeypatch, caplog, precision) -> None:
     """An entry copied in from another model (its files and manifest whole) is refused by its
     fingerprint, rebuilt with a warning, and the engine computes this model's outputs."""

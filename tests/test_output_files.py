@@ -195,6 +195,7 @@ def test_a_latin1_name_and_a_surrogate_label_on_a_strict_stdout_exit_0(tmp_path)
 
 
 # ------------------------------------------------------------------------------ OpenVINO export
+@pytest.mark.slow
 def test_openvino_export_to_another_file_system_and_a_failed_one_leaves_nothing(
         tmp_path, model_dir, monkeypatch, capsys) -> None:
     """A rename between file systems fails (EXDEV): the export stages its files beside the

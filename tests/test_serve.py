@@ -725,7 +725,8 @@ START_UP_MOMENTS = {
 }
 
 
-@pytest.mark.parametrize("moment", list(START_UP_MOMENTS))
+@pytest.mark.parametrize("moment", [pytest.param(moment, marks=[pytest.mark.slow] if moment == "starting Serve" else [])
+                                    for moment in START_UP_MOMENTS])
 def test_sigterm_during_start_up_exits_0_within_5_s_leaving_no_process(model_dir, reference, tmp_path, moment):
     """SIGTERM while Ray starts (whose own handler would exit with status 15, its processes left
     running) or while Serve deploys: the normal end all the same."""
