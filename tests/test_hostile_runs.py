@@ -100,6 +100,7 @@ def test_a_cache_path_that_is_a_file_is_a_one_line_error(tmp_path, monkeypatch, 
     assert "engine cache" in line and "is a file, not a folder" in line
 
 
+@pytest.mark.slow  # a rebuild: test_another_models_entry_under_this_models_key_is_rebuilt[fp32] is the fast tier's
 def test_a_cache_entry_that_is_a_symlink_is_not_followed_but_rebuilt(tmp_path, caplog) -> None:
     model = randomise_(cvt.CvtForImageClassification(tiny_config()), 4).eval()
     root = tmp_path / "cache"
