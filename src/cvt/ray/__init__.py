@@ -400,8 +400,8 @@ def _stream(dataset: ray.data.Dataset, names: dict[bytes, str], started: bool,
     """The dataset's rows as they arrive (each path as the caller gave it), each node named when
     its first results come; closing it (or Ctrl-C) stops the job, and a private instance is shut
     down. It first yields None, once, when it is ready (`predict_rows` takes that one)."""
+    per_node: dict[str, int] = {}
     try:
-        per_node: dict[str, int] = {}
         yield None
         for table in _batches(dataset, watch):
             for row in table.to_pylist():
