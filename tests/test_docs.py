@@ -12,7 +12,9 @@ How a page runs (the documented fixture, `docs_world`):
   (`HF_HUB_CACHE`) and the hub is offline (`HF_HUB_OFFLINE=1`), so `from_pretrained`,
   `cvt predict microsoft/cvt-13` and friends go through the real hub code path;
 - python blocks share one namespace per page (later blocks use earlier names); bash blocks run
-  in `bash -e -o pipefail` in the same directory, with this interpreter's `cvt` on the PATH.
+  in `bash -e -o pipefail` in the same directory, with this interpreter's `cvt` on the PATH;
+- the page's runner and each `cvt` command start forked from one process that has imported cvt
+  (`forking_cvt`), not paying the ~5 s of imports each: a page's time is its examples' own.
 
 A block that cannot run offline carries, on the line before its fence,
 `<!-- docs-test: skip (why) -->`; a page whose blocks take long carries `<!-- docs-test: slow -->`;
@@ -26,9 +28,12 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,7 +122,9 @@ def run_page(name: str, blocks: list[Block], workdir: Path, env: dict[str, str])
     spec = workdir / ".docs-blocks.json"
     runnable = [b.__dict__ for b in blocks if b.skip is None]
     spec.write_text(json.dumps([name, runnable]), encoding="utf-8")
-    return subprocess.run([sys.executable, "-c", RUNNER, str(spec)], cwd=workdir, env=env,
+    forked = shutil.which(FORKED_PYTHON, path=env.get("PATH"))  # set up by docs_world
+    python = [forked] if forked else [sys.executable, "-c"]
+    return subprocess.run([*python, RUNNER, str(spec)], cwd=workdir, env=env,
                           capture_output=True, text=True, timeout=PAGE_TIMEOUT_S)
 
 
@@ -187,8 +194,119 @@ def named_hub_ids(pages: list[Path]) -> set[str]:
     return {m for text in texts for m in HUB_ID.findall(text)} | quoted
 
 
+# The pages' `cvt` commands, and each page's runner: each would spend ~5 s importing torch and
+# transformers before it does anything. Here they run in processes forked from one that has
+# imported cvt once: the `cvt` first on the pages' PATH (and `python-forked`, which starts a page's
+# RUNNER) hands its arguments, working directory, environment and standard streams to that
+# process, which forks and runs `cvt.cli.entry` (or the code) with them, and answers with the exit
+# status. A command whose environment differs from the one the imports were made in (an `export`
+# in a block, another hub) runs in a fresh interpreter instead. The console script's own start is
+# tested in test_cli_startup.py and test_packaging.py.
+FORKING_CVT = r"""
+import gc, json, os, signal, socket, sys
+import cvt.cli, cvt.modeling  # what every command imports first: imported once for them all
+gc.freeze()  # their objects stay out of the children's collections (which would copy their pages)
+LOCAL = {"PWD", "OLDPWD", "SHLVL", "_"}  # what the shell sets for each command
+home = {k: v for k, v in os.environ.items() if k not in LOCAL}
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+listener.bind(sys.argv[1])
+listener.listen(8)
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the per-request children
+print("ready", flush=True)
+while True:
+    conn, _ = listener.accept()
+    message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+    if os.fork() == 0:
+        break
+    conn.close()
+    for fd in fds:
+        os.close(fd)
+listener.close()
+signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+request = json.loads(message)
+if {k: v for k, v in request["env"].items() if k not in LOCAL} != home:
+    conn.send(b"exec")
+    os._exit(0)
+command = os.fork()
+if command == 0:  # the command: exits as the console script does, through cvt.cli.entry
+    conn.close()
+    for ignored in request["ignored"]:  # as a shell's background job starts
+        signal.signal(ignored, signal.SIG_IGN)
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    sys.argv = request["argv"]
+    if request["code"] is None:
+        cvt.cli.entry()
+    exec(compile(request["code"], "<string>", "exec"), {"__name__": "__main__"})
+    sys.exit(0)
+for fd in fds:
+    os.close(fd)
+conn.send(str(command).encode())  # for the signals sent to the shim
+_, status = os.waitpid(command, 0)
+conn.send(str(os.waitstatus_to_exitcode(status)).encode())
+os._exit(0)
+"""
+
+FORKED_PYTHON = "python-forked"
+CVT_SHIM = r"""#!{python} -S
+import json, os, signal, socket, sys
+fresh = {fresh!r}  # the console script, or the interpreter and "-c"
+code = sys.argv[1] if len(fresh) > 1 else None
+argv = [fresh[-1], *sys.argv[2 if code else 1:]]  # sys.argv as the fresh process would have it
+conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+conn.connect(os.environ["CVT_DOCS_FORKING"])
+forwarded = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT]
+ignored = [int(s) for s in forwarded if signal.getsignal(s) == signal.SIG_IGN]
+request = {{"argv": argv, "code": code, "cwd": os.getcwd(), "env": dict(os.environ), "ignored": ignored}}
+socket.send_fds(conn, [json.dumps(request).encode()], [0, 1, 2])
+answer = conn.recv(64)
+if answer == b"exec":
+    os.execv(fresh[0], [*fresh, *sys.argv[1:]])
+
+def forward(sig, frame, pid=int(answer)):  # a signal to this process goes to the command
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+for sig in set(forwarded) - set(ignored):
+    signal.signal(sig, forward)
+status = int(conn.recv(64))
+sys.exit(status if status >= 0 else 128 - status)
+"""
+
+
+@contextmanager
+def forking_cvt(folder: Path, env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """`env` with a `cvt` first on its PATH (and `python-forked CODE ARGS...`, as `python -c`)
+    that runs each command forked from one process that has imported cvt (FORKING_CVT); that
+    process and whatever it forked end with the block."""
+    import select
+
+    (folder / "bin").mkdir(parents=True)
+    for name, fresh in (("cvt", [shutil.which("cvt", path=env["PATH"])]), (FORKED_PYTHON, [sys.executable, "-c"])):
+        shim = folder / "bin" / name
+        shim.write_text(CVT_SHIM.format(python=sys.executable, fresh=fresh), encoding="utf-8")
+        shim.chmod(0o755)
+    env = {**env, "CVT_DOCS_FORKING": str(folder / "socket"), "PATH": f"{folder / 'bin'}{os.pathsep}{env['PATH']}"}
+    server = subprocess.Popen([sys.executable, "-c", FORKING_CVT, str(folder / "socket")], env=env,
+                              stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        ready, _, _ = select.select([server.stdout], [], [], 300)
+        assert ready and server.stdout.readline() == b"ready\n", "the forking cvt did not start"
+        yield env
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)  # its own session: the server and its children
+        server.wait(timeout=60)
+        server.stdout.close()
+
+
 @pytest.fixture(scope="session")
-def docs_world(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+def docs_world(tmp_path_factory) -> Iterator[tuple[Path, dict[str, str]]]:
     """(a folder of the example files, the environment) shared by every page."""
     from cvt.variants import VARIANTS
 
@@ -201,7 +319,8 @@ def docs_world(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     env = {**os.environ, "HF_HUB_CACHE": str(root / "hub"), "HF_HUB_OFFLINE": "1",
            "CVT_CACHE_DIR": str(root / "engine-cache"), "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return root / "files", env
+    with forking_cvt(root / "forking", env) as env:
+        yield root / "files", env
 
 
 @pytest.fixture(scope="session")
@@ -260,6 +379,31 @@ def test_a_broken_block_fails_its_page(tmp_path):
     done = run_page("broken.md", failing_command, tmp_path, dict(os.environ))
     assert done.returncode != 0 and "docs block failed: broken.md:1" in done.stderr
     assert "never" not in done.stdout
+
+
+def test_the_forked_commands_answer_as_fresh_processes(docs_world):
+    """The pages' `cvt` and page runner (forked from a process that has imported cvt) give what
+    fresh processes give: the same output and exit status for good and failing commands; a
+    signal sent to one reaches the command; another environment gets a fresh interpreter."""
+    files, env = docs_world
+    shims = Path(shutil.which("cvt", path=env["PATH"])).parent
+    fresh_env = {**env, "PATH": env["PATH"].replace(f"{shims}{os.pathsep}", "", 1)}
+    for args in (["--version"], ["info", "cvt-13"], ["info", "no-such-model"]):
+        forked, fresh = (subprocess.run(["cvt", *args], env=e, cwd=files, capture_output=True, text=True, timeout=300)
+                         for e in (env, fresh_env))
+        assert (forked.returncode, forked.stdout, forked.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
+    assert fresh.returncode == 2 and "no-such-model" in fresh.stderr
+
+    def preloaded(environment: dict[str, str]) -> str:
+        return subprocess.run([shims / FORKED_PYTHON, "import sys; print('cvt.modeling' in sys.modules)"],
+                              env=environment, capture_output=True, text=True, timeout=300).stdout
+    assert preloaded(env) == "True\n" and preloaded({**env, "ANOTHER_SETTING": "1"}) == "False\n"
+    sleeper = subprocess.Popen([shims / FORKED_PYTHON, "import time; print('up', flush=True); time.sleep(300)"],
+                               env=env, stdout=subprocess.PIPE, text=True)
+    assert sleeper.stdout.readline() == "up\n"
+    sleeper.terminate()
+    assert sleeper.wait(timeout=60) == 128 + signal.SIGTERM
+    sleeper.stdout.close()
 
 
 def load_hook(name: str):
