@@ -105,9 +105,13 @@ def run_all(model: str, photos: Path, out: Path, files: int, engine: str) -> dic
                                                prefix=taskset, env=ONE_THREAD)}
     # the cluster's own token (Ray's token authentication), given to its nodes and its driver
     token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
+    # the first batch waits for both nodes' actors (Ray Data's setting), so that both nodes work
+    # from the start: else, on a busy machine, the node whose actor started first may take every file
+    both_ready = {"RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "600"}
     cluster = folders["ray, two 1-CPU nodes"]
     with two_one_cpu_nodes({**os.environ, **token}) as address:
-        results["ray, two 1-CPU nodes"] = measure(model, photos, [*base, "--ray", address], cluster, files, env=token)
+        results["ray, two 1-CPU nodes"] = measure(model, photos, [*base, "--ray", address], cluster, files,
+                                                  env={**token, **both_ready})
     print(check_cluster_run(cluster, folders["one thread (taskset)"]))
     return results
 

@@ -25,8 +25,9 @@ from safetensors.torch import load_file
 import cvt
 from cvt import CvtConfig
 
-# The suite runs on two pytest-xdist workers (pyproject's addopts). Each worker, and every process
-# it starts, computes on one thread: two workers of two threads each on two cores would fight.
+# The suite runs on three pytest-xdist workers (pyproject's addopts): one runs the tests that start
+# Ray (xdist_group "ray"), which mostly wait on Ray's processes, while two compute on the two cores.
+# Each worker, and every process it starts, computes on one thread: more would fight for the cores.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"  # for the processes the tests start

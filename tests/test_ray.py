@@ -32,7 +32,8 @@ import cvt
 from cvt.cli import main
 from conftest import as_at_a_terminal, save_tiny_classifier
 
-# one worker runs this module: its Ray clusters are started once, not once per worker
+# one worker runs the tests that start Ray (these, test_serve's, the scaling smoke's): they mostly
+# wait on Ray's processes, and the other workers compute meanwhile
 pytestmark = pytest.mark.xdist_group("ray")
 
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "camera", "rocket", "coins", "hubble_deep_field",

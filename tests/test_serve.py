@@ -40,8 +40,8 @@ import cvt
 from cvt.cli import main
 from conftest import save_tiny_classifier
 
-# one worker runs this module, so its service starts once
-pytestmark = [pytest.mark.subprocess, pytest.mark.xdist_group("serve")]
+# one worker runs this module (so its service starts once) and every other test that starts Ray
+pytestmark = [pytest.mark.subprocess, pytest.mark.xdist_group("ray")]
 
 MAX_BODY_MB = 1  # a low limit, so that the oversized bodies below are quick to send
 START_TIMEOUT_S = 180
