@@ -184,6 +184,10 @@ def engine_cache(tmp_path_factory) -> Path:
 
 
 
+# the mark of every test that starts Ray: one worker runs them all, one at a time (CONTRIBUTING.md)
+RAY_TESTS = pytest.mark.xdist_group("ray")
+
+
 @pytest.fixture(autouse=True)
 def ray_tests_come_first(request):
     """The tests that start Ray (xdist_group "ray") run on one worker beside two computing ones;
@@ -191,7 +195,7 @@ def ray_tests_come_first(request):
     raise its priority back (root), every other test runs at nice 10, and so do the processes it
     starts: they take the cores Ray leaves. Elsewhere every test runs at one priority."""
     marker = request.node.get_closest_marker("xdist_group")
-    if marker and marker.args[0] == "ray" or not os.environ.get("PYTEST_XDIST_WORKER") or os.geteuid() != 0:
+    if marker and marker.args == RAY_TESTS.args or not os.environ.get("PYTEST_XDIST_WORKER") or os.geteuid() != 0:
         yield
         return
     before = os.getpriority(os.PRIO_PROCESS, 0)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from cvt import bench
+from conftest import RAY_TESTS
 
 
 def test_harness_runs_both_sides_on_identical_weights() -> None:
@@ -149,7 +150,7 @@ def test_the_json_names_the_cpu_date_and_commit_the_docs_quote(monkeypatch, tmp_
 
 @pytest.mark.slow
 @pytest.mark.subprocess
-@pytest.mark.xdist_group("ray")
+@RAY_TESTS
 def test_the_ray_scaling_script_runs_at_a_tiny_size(tmp_path) -> None:
     """benchmarks/ray_scaling.py on 200 files and a tiny model: its four runs finish (each checks
     that every file is in its output); the two-node cluster's run has results from both nodes

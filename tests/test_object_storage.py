@@ -21,9 +21,9 @@ from PIL import Image
 from skimage import data as skimage_data
 
 from cvt.cli import main
-from conftest import save_tiny_classifier
+from conftest import RAY_TESTS, save_tiny_classifier
 
-pytestmark = pytest.mark.xdist_group("ray")  # the Ray run below shares the ray tests' worker
+pytestmark = RAY_TESTS  # the Ray run below shares the ray tests' worker
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field")
 BUCKET = "photos-bucket"

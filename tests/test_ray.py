@@ -30,11 +30,11 @@ from skimage import data as skimage_data
 
 import cvt
 from cvt.cli import main
-from conftest import as_at_a_terminal, save_tiny_classifier
+from conftest import RAY_TESTS, as_at_a_terminal, save_tiny_classifier
 
 # one worker runs the tests that start Ray (these, test_serve's, the scaling smoke's): they mostly
 # wait on Ray's processes, and the other workers compute meanwhile
-pytestmark = pytest.mark.xdist_group("ray")
+pytestmark = RAY_TESTS
 
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "camera", "rocket", "coins", "hubble_deep_field",
                   "immunohistochemistry", "page", "moon", "retina", "grass", "brick", "cat")

@@ -38,10 +38,10 @@ from skimage import data as skimage_data
 
 import cvt
 from cvt.cli import main
-from conftest import save_tiny_classifier
+from conftest import RAY_TESTS, save_tiny_classifier
 
 # one worker runs this module (so its service starts once) and every other test that starts Ray
-pytestmark = [pytest.mark.subprocess, pytest.mark.xdist_group("ray")]
+pytestmark = [pytest.mark.subprocess, RAY_TESTS]
 
 MAX_BODY_MB = 1  # a low limit, so that the oversized bodies below are quick to send
 START_TIMEOUT_S = 180
