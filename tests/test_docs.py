@@ -232,6 +232,7 @@ if command == 0:  # the command: exits as the console script does, through cvt.c
     conn.close()
     for ignored in request["ignored"]:  # as a shell's background job starts
         signal.signal(ignored, signal.SIG_IGN)
+    os.setpriority(os.PRIO_PROCESS, 0, request["nice"])  # the caller's, as a fresh process inherits
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
@@ -261,7 +262,8 @@ conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 conn.connect(os.environ["CVT_DOCS_FORKING"])
 forwarded = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT]
 ignored = [int(s) for s in forwarded if signal.getsignal(s) == signal.SIG_IGN]
-request = {{"argv": argv, "code": code, "cwd": os.getcwd(), "env": dict(os.environ), "ignored": ignored}}
+request = {{"argv": argv, "code": code, "cwd": os.getcwd(), "env": dict(os.environ), "ignored": ignored,
+           "nice": os.getpriority(os.PRIO_PROCESS, 0)}}
 socket.send_fds(conn, [json.dumps(request).encode()], [0, 1, 2])
 answer = conn.recv(64)
 if answer == b"exec":
